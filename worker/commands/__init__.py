@@ -1,0 +1,1 @@
+"""One module per `tiktok-worker` sub-command; each exposes `run(args) -> int`."""
