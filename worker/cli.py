@@ -1,0 +1,120 @@
+"""`tiktok-worker` command line: argument parsing, dispatch and exit statuses.
+
+Exit status: 0 success, 2 configuration or usage error, 1 anything else. Errors are one line
+on stderr; a traceback only with `--debug`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+
+from worker import __version__
+from worker.errors import ConfigError, WorkerError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose usage errors are one line and exit with EXIT_CONFIG."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(EXIT_CONFIG)
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        default=os.environ.get("TIKTOK_WORKER_CONFIG"),
+        help="config YAML file (default: $TIKTOK_WORKER_CONFIG)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tiktok-worker", description="Segment events from Kafka to TikTok.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run the worker")
+    _add_config(run)
+
+    check = sub.add_parser("check-config", help="validate and print the effective config")
+    _add_config(check)
+
+    mapping = sub.add_parser("map", help="dry run: Segment JSON lines to TikTok bodies")
+    _add_config(mapping)
+    mapping.add_argument("--input", default="-", help="JSON-lines file (default: stdin)")
+
+    verify = sub.add_parser("verify", help="send one test event per destination")
+    _add_config(verify)
+    verify.add_argument("--destination", help="only this destination")
+
+    dlq = sub.add_parser("dlq", help="inspect or redrive dead letters")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True, parser_class=_Parser)
+    inspect = dlq_sub.add_parser("inspect", help="counts of dead letters")
+    _add_config(inspect)
+    redrive = dlq_sub.add_parser("redrive", help="send dead letters again")
+    _add_config(redrive)
+    redrive.add_argument("--reason", help="only dead letters with this dlq.reason")
+    redrive.add_argument("--destination", help="only dead letters for this destination")
+    redrive.add_argument("--max", type=int, help="stop after this many records")
+
+    fake = sub.add_parser("fake-tiktok", help="local stand-in for the TikTok Events API")
+    fake.add_argument("--port", type=int, required=True)
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--fault-rate", type=float, default=0.0, help="share of requests failing")
+    fake.add_argument("--throttle-qps", type=float, help="answer 40100 above this request rate")
+    fake.add_argument("--token", action="append", help="accepted access token (repeatable)")
+    return parser
+
+
+_COMMAND_MODULES = {
+    "run": "worker.commands.run",
+    "check-config": "worker.commands.check_config",
+    "map": "worker.commands.map",
+    "verify": "worker.commands.verify",
+    "dlq inspect": "worker.commands.dlq_inspect",
+    "dlq redrive": "worker.commands.dlq_redrive",
+    "fake-tiktok": "worker.commands.fake_tiktok",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    name = args.command if args.command != "dlq" else f"dlq {args.dlq_command}"
+    if hasattr(args, "config") and name != "fake-tiktok" and not args.config:
+        sys.stderr.write("tiktok-worker: error: --config is required (or TIKTOK_WORKER_CONFIG)\n")
+        return EXIT_CONFIG
+    try:
+        module = importlib.import_module(_COMMAND_MODULES[name])
+        status: int = module.run(args)
+        return status
+    except ConfigError as exc:
+        _report(args, f"configuration error: {exc}")
+        return EXIT_CONFIG
+    except WorkerError as exc:
+        _report(args, f"error: {exc}")
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last line of defence: one line, no traceback
+        _report(args, f"unexpected error: {type(exc).__name__}: {exc}")
+        return EXIT_FAILURE
+
+
+def _report(args: argparse.Namespace, line: str) -> None:
+    if args.debug:
+        traceback.print_exc()
+    sys.stderr.write(f"tiktok-worker: {line}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
