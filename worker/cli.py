@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # noqa: BLE001 - last line of defence: one line, no traceback
+    except Exception as exc:  # last line of defence: one line, no traceback
         _report(args, f"unexpected error: {type(exc).__name__}: {exc}")
         return EXIT_FAILURE
 
