@@ -1,0 +1,92 @@
+"""The commit arithmetic: contiguous finished offsets, out-of-order completion, gaps."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from worker.offsets import PartitionTracker
+
+
+def test_nothing_begun_nothing_committable() -> None:
+    assert PartitionTracker().committable() is None
+
+
+def test_commits_only_the_contiguous_prefix() -> None:
+    t = PartitionTracker()
+    for o in (10, 11, 12, 13):
+        t.begin(o)
+    t.finish(12)
+    assert t.committable() is None  # 10 is still in flight
+    t.finish(10)
+    assert t.committable() == 11  # 11 in flight: commit "next to read" = 11
+    t.finish(11)
+    assert t.committable() == 13
+    t.finish(13)
+    assert t.committable() == 14
+    assert t.inflight == 0
+
+
+def test_gaps_in_offsets_do_not_block() -> None:
+    t = PartitionTracker()
+    for o in (5, 9, 20):  # compaction or transaction markers leave gaps
+        t.begin(o)
+    t.finish(5)
+    assert t.committable() == 9
+    t.finish(20)
+    t.finish(9)
+    assert t.committable() == 21
+
+
+def test_begin_must_increase() -> None:
+    t = PartitionTracker()
+    t.begin(3)
+    with pytest.raises(ValueError, match="begun after"):
+        t.begin(3)
+
+
+def test_pending_commit_reports_only_movement() -> None:
+    t = PartitionTracker()
+    t.begin(0)
+    t.finish(0)
+    assert t.pending_commit() == 1
+    t.mark_committed(1)
+    assert t.pending_commit() is None
+    t.begin(1)
+    assert t.pending_commit() is None
+    t.finish(1)
+    assert t.pending_commit() == 2
+    t.mark_committed(0)  # a late, older commit never moves the mark backwards
+    assert t.pending_commit() == 2
+
+
+@given(st.lists(st.integers(min_value=1, max_value=3), min_size=1, max_size=200), st.randoms())
+def test_committable_never_passes_an_unfinished_offset(
+    steps: list[int], rnd: random.Random
+) -> None:
+    t = PartitionTracker()
+    offsets: list[int] = []
+    o = 0
+    for step in steps:
+        o += step
+        offsets.append(o)
+        t.begin(o)
+    order = offsets[:]
+    rnd.shuffle(order)
+    finished: set[int] = set()
+    for off in order:
+        t.finish(off)
+        finished.add(off)
+        c = t.committable()
+        unfinished = [x for x in offsets if x not in finished]
+        if c is not None:
+            assert all(x >= c for x in unfinished)
+            assert all(x in finished for x in offsets if x < c)
+        if unfinished:
+            lowest = min(unfinished)
+            # the commit reaches exactly the oldest unfinished offset once anything below is done
+            assert c == (lowest if lowest > offsets[0] else None)
+    assert t.committable() == offsets[-1] + 1
