@@ -178,10 +178,8 @@ class ConsumerThread:
         except BaseException as exc:
             self._log.error("consumer thread failed", error=str(exc))
             self._loop.call_soon_threadsafe(self._sink.on_fatal, exc)
-            try:
+            with contextlib.suppress(Exception):  # the first error is the one reported
                 self._consumer.close()
-            except Exception:  # already failing; the first error is the one reported
-                pass
         finally:
             self.closed.set()
 
