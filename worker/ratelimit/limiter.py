@@ -1,0 +1,270 @@
+"""The limiters the sender uses: local, and Redis with a local fallback.
+
+`acquire(key)` lets one request through in three steps, each a reservation followed by one
+sleep (never a polling loop):
+
+1. a Retry-After pause of the key, if TikTok asked for one;
+2. the adaptive gate (this worker's cap after throttling), if the worker is slowed down;
+3. the shared schedule: Redis (all pods) or the local GCRA (this process).
+
+The gate comes before the shared schedule so that a slowed-down worker does not reserve
+shared slots it would then leave unused while it waits for its own cap.
+
+Redis failover (`RedisRateLimiter`): any Redis error or timeout (short socket timeouts, no
+client-side retries) switches the whole limiter to a local GCRA at `qps / expected_replicas`,
+sets the fallback gauge to 1 and logs once. The request that saw the error is then scheduled
+locally, so no request ever goes out unmetered. While in fallback no request touches Redis; a
+background probe runs the real script every `probe_interval_s` and, once Redis answers, charges
+the local slots still pending to the shared key (so the shared schedule accounts for them),
+switches back, sets the gauge to 0 and logs once. Entering fallback, the local schedule starts
+after the last Redis slot this worker holds, so the two schedules do not overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+
+from worker.metrics import Metrics
+from worker.ratelimit.adaptive import AdaptiveGate, AdaptiveSettings
+from worker.ratelimit.gcra import LocalGcra
+from worker.ratelimit.redis_gcra import RedisGcra, RedisUnavailable
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+
+_stdlib_log = logging.getLogger("worker.ratelimit")
+_PROBE_KEY = "probe"
+
+
+class _Log:
+    """Structlog-style `warning(event, **fields)` on either structlog or stdlib logging."""
+
+    def __init__(self, logger: Any | None) -> None:
+        self._logger = logger
+
+    def info(self, event: str, **fields: Any) -> None:
+        if self._logger is not None:
+            self._logger.info(event, **fields)
+        else:
+            _stdlib_log.info("%s %s", event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        if self._logger is not None:
+            self._logger.warning(event, **fields)
+        else:
+            _stdlib_log.warning("%s %s", event, fields)
+
+
+class _SlotSource(Protocol):
+    async def reserve(self, key: str) -> float: ...
+
+
+class _Limiter:
+    """Pause → adaptive gate → shared slot; the common part of both limiters."""
+
+    def __init__(
+        self,
+        *,
+        qps: float,
+        metrics: Metrics,
+        adaptive: AdaptiveSettings | None,
+        clock: Clock,
+        sleep: Sleep,
+    ) -> None:
+        if not qps > 0:
+            raise ValueError(f"qps must be > 0, got {qps!r}")
+        self._qps = qps
+        self._metrics = metrics
+        self._clock = clock
+        self._sleep = sleep
+        self._gate = AdaptiveGate(max_rate=qps, settings=adaptive)
+
+    @property
+    def gate(self) -> AdaptiveGate:
+        return self._gate
+
+    async def _reserve_shared(self, key: str) -> float:
+        raise NotImplementedError
+
+    async def acquire(self, key: str) -> float:
+        """Wait until one request of `key` may be sent; return the seconds waited.
+
+        Observes `rate_limit_wait_seconds`. Cancelling the call while it waits gives up the
+        slot (the budget is under-used, never exceeded).
+        """
+        start = self._clock()
+        # A pause can be extended by a throttle signal that arrives while we sleep.
+        while (pause := self._gate.paused_for(key, self._clock())) > 0:
+            await self._sleep(pause)
+        gate_wait = self._gate.reserve(key, self._clock())
+        if gate_wait > 0:
+            await self._sleep(gate_wait)
+        shared_wait = await self._reserve_shared(key)
+        if shared_wait > 0:
+            await self._sleep(shared_wait)
+        end = self._clock()
+        self._gate.record_grant(key, end)
+        waited = max(0.0, end - start)
+        self._metrics.rate_limit_wait.observe(waited)
+        return waited
+
+    def throttled(self, key: str, retry_after_s: float | None) -> None:
+        """TikTok answered 40100/429 for `key`: slow this worker down, honour Retry-After."""
+        self._gate.on_throttled(key, retry_after_s, self._clock())
+
+    async def close(self) -> None:
+        return None
+
+
+class LocalRateLimiter(_Limiter):
+    """In-process limiter: a GCRA at `qps` per key for this process alone."""
+
+    def __init__(
+        self,
+        *,
+        qps: float,
+        metrics: Metrics,
+        burst: int = 1,
+        adaptive: AdaptiveSettings | None = None,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        super().__init__(qps=qps, metrics=metrics, adaptive=adaptive, clock=clock, sleep=sleep)
+        self._gcra = LocalGcra(rate=qps, burst=burst)
+        metrics.rate_limit_fallback.set(0)
+
+    async def _reserve_shared(self, key: str) -> float:
+        return self._gcra.reserve(key, self._clock())
+
+
+class RedisRateLimiter(_Limiter):
+    """Limiter shared by every pod through Redis, with a local fallback at qps / replicas."""
+
+    def __init__(
+        self,
+        *,
+        client: aioredis.Redis,
+        qps: float,
+        expected_replicas: int,
+        metrics: Metrics,
+        logger: Any | None = None,
+        burst: int = 1,
+        probe_interval_s: float = 1.0,
+        adaptive: AdaptiveSettings | None = None,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        super().__init__(qps=qps, metrics=metrics, adaptive=adaptive, clock=clock, sleep=sleep)
+        if expected_replicas < 1:
+            raise ValueError(f"expected_replicas must be >= 1, got {expected_replicas!r}")
+        self._redis = RedisGcra(client=client, qps=qps, burst=burst)
+        self._fallback_gcra = LocalGcra(rate=qps / expected_replicas, burst=burst)
+        self._log = _Log(logger)
+        self._probe_interval_s = probe_interval_s
+        self._in_fallback = False
+        self._probe_task: asyncio.Task[None] | None = None
+        self._handover: asyncio.Event | None = None
+        self._closed = False
+        # Per key: the start of the latest Redis slot this worker holds (local clock).
+        self._last_redis_slot: dict[str, float] = {}
+        metrics.rate_limit_fallback.set(0)
+
+    @property
+    def in_fallback(self) -> bool:
+        return self._in_fallback
+
+    @property
+    def fallback_rate(self) -> float:
+        return self._fallback_gcra.rate
+
+    async def _reserve_shared(self, key: str) -> float:
+        if self._handover is not None:
+            await self._handover.wait()
+        if not self._in_fallback:
+            try:
+                wait = await self._redis.reserve(key)
+            except RedisUnavailable as exc:
+                self._enter_fallback(str(exc))
+            else:
+                if not self._in_fallback:
+                    self._last_redis_slot[key] = self._clock() + wait
+                    return wait
+                # Redis answered, but another call already switched to fallback: use the
+                # Redis slot anyway (it is a valid slot) and remember it for the hand-over.
+                self._fallback_gcra.seed(key, self._clock() + wait + self._fallback_gcra.interval)
+                return wait
+        return self._fallback_gcra.reserve(key, self._clock())
+
+    def _enter_fallback(self, reason: str) -> None:
+        if self._in_fallback or self._closed:
+            return
+        self._in_fallback = True
+        now = self._clock()
+        # Start each local schedule after the last Redis slot this worker still holds, so the
+        # requests already scheduled by Redis and the local ones do not bunch up.
+        for key, slot in self._last_redis_slot.items():
+            self._fallback_gcra.seed(key, max(now, slot + self._fallback_gcra.interval))
+        self._last_redis_slot.clear()
+        self._metrics.rate_limit_fallback.set(1)
+        self._log.warning(
+            "rate_limit_fallback_local",
+            reason=reason,
+            fallback_qps=round(self._fallback_gcra.rate, 3),
+        )
+        self._probe_task = asyncio.get_running_loop().create_task(
+            self._probe_until_back(), name="ratelimit-redis-probe"
+        )
+
+    async def _probe_until_back(self) -> None:
+        while self._in_fallback and not self._closed:
+            await self._sleep(self._probe_interval_s)
+            try:
+                await self._redis.reserve(_PROBE_KEY, cost=0)
+            except RedisUnavailable:
+                continue
+            if await self._hand_back():
+                self._log.info("rate_limit_redis_restored")
+
+    async def _hand_back(self) -> bool:
+        """Charge the local slots still pending to the shared keys, then leave fallback.
+
+        Acquirers wait (briefly: one script call per key, bounded by the socket timeout) so
+        that no new local slot is handed out after the count and no Redis slot is handed out
+        before the charge. Returns False, staying in fallback, if Redis fails meanwhile.
+        """
+        handover = self._handover = asyncio.Event()
+        try:
+            now = self._clock()
+            local = self._fallback_gcra
+            charges = {k: local.pending(k, now) for k in local.known_keys()}
+            for key, cost in charges.items():
+                if cost > 0:
+                    await self._redis.reserve(key, cost=cost)
+        except RedisUnavailable:
+            return False
+        else:
+            self._fallback_gcra.forget_idle(self._clock())
+            self._in_fallback = False
+            self._metrics.rate_limit_fallback.set(0)
+            return True
+        finally:
+            self._handover = None
+            handover.set()
+
+    async def close(self) -> None:
+        """Stop the probe and close the Redis connection pool."""
+        self._closed = True
+        task, self._probe_task = self._probe_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(Exception):
+            await self._redis.client.aclose()
