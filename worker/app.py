@@ -1,0 +1,201 @@
+"""Wiring and lifecycle of `tiktok-worker run`.
+
+Start: check Kafka and the dead-letter topic (one-line errors, no hang), then start the
+operations server, the dead-letter producer, the consumer thread and the periodic committer.
+Stop (SIGTERM/SIGINT, or a fatal error): the consumer thread stops consuming and closes the
+consumer, which revokes its partitions; the pipeline drains them within ``drain_timeout_s`` and
+what finished is committed. Exit status 0 after a requested stop, 1 after a fatal error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from typing import Any
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
+
+from worker.batcher import Batcher
+from worker.client import ENDPOINT_PATH, TikTokClient
+from worker.config import Config
+from worker.consumer import ConsumerThread, consumer_config
+from worker.dlq import DeadLetterProducer, producer_config
+from worker.errors import WorkerError
+from worker.health import HealthServer
+from worker.mapping import Mapper
+from worker.metrics import Metrics
+from worker.pipeline import Pipeline
+from worker.ratelimit import build_rate_limiter, rate_limit_key
+from worker.sender import RetryPolicy, Route, Sender
+
+PREFLIGHT_TIMEOUT_S = 15.0
+SHUTDOWN_MARGIN_S = 10.0
+
+
+def preflight(config: Config) -> None:
+    """Fail fast, in one line, when Kafka is unreachable or the dead-letter topic is missing."""
+    conf: dict[str, Any] = {"bootstrap.servers": config.kafka.bootstrap_servers}
+    conf.update(config.kafka.client)
+    try:
+        metadata = AdminClient(conf).list_topics(timeout=PREFLIGHT_TIMEOUT_S)
+    except KafkaException as exc:
+        raise WorkerError(
+            f"cannot reach Kafka at {config.kafka.bootstrap_servers}: {exc.args[0].str()}"
+        ) from None
+    dlq_topic = config.kafka.dead_letter_topic
+    if dlq_topic not in metadata.topics or metadata.topics[dlq_topic].error is not None:
+        raise WorkerError(
+            f"dead-letter topic {dlq_topic!r} does not exist on "
+            f"{config.kafka.bootstrap_servers}: create it before starting the worker"
+        )
+
+
+def build_routes(config: Config) -> dict[str, Route]:
+    return {
+        d.name: Route(
+            destination=d.name,
+            access_token=d.access_token,
+            limiter_key=rate_limit_key(
+                app_id=d.app_id, access_token=d.access_token, endpoint=ENDPOINT_PATH
+            ),
+        )
+        for d in config.destinations
+    }
+
+
+async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None) -> int:
+    """Run until SIGTERM/SIGINT or a fatal error; returns the exit status."""
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, preflight, config)
+    metrics = metrics if metrics is not None else Metrics()
+    kafka, tiktok = config.kafka, config.tiktok
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    pipeline: Pipeline | None = None
+
+    def on_fatal(exc: BaseException) -> None:
+        if pipeline is not None:
+            pipeline.on_fatal(exc)
+
+    client = TikTokClient(
+        base_url=tiktok.base_url,
+        timeout_s=tiktok.request_timeout_s,
+        max_connections=tiktok.max_concurrent_requests,
+    )
+    limiter = build_rate_limiter(
+        backend=config.rate_limit.backend,
+        qps=config.rate_limit.qps,
+        redis_url=config.rate_limit.redis_url,
+        expected_replicas=config.rate_limit.expected_replicas,
+        metrics=metrics,
+        logger=log,
+    )
+    dead_letters = DeadLetterProducer(
+        config=producer_config(kafka.bootstrap_servers, kafka.client),
+        topic=kafka.dead_letter_topic,
+        metrics=metrics,
+        on_fatal=on_fatal,
+    )
+    sender = Sender(
+        client=client,
+        limiter=limiter,
+        routes=build_routes(config),
+        retry=RetryPolicy(
+            initial_backoff_s=tiktok.retry.initial_backoff_s,
+            max_backoff_s=tiktok.retry.max_backoff_s,
+            deadline_s=tiktok.retry.deadline_s,
+        ),
+        max_concurrent_requests=tiktok.max_concurrent_requests,
+        metrics=metrics,
+        log=log,
+        on_delivered=lambda events: pipeline.on_delivered(events) if pipeline else None,
+        on_failed=lambda events, failure: pipeline.on_failed(events, failure) if pipeline else None,
+    )
+    pipeline = Pipeline(
+        mapper=Mapper(config),
+        batcher=Batcher(
+            max_events=tiktok.max_batch_events,
+            linger_s=tiktok.batch_linger_ms / 1000,
+            on_batch=sender.submit,
+        ),
+        dead_letters=dead_letters,
+        metrics=metrics,
+        log=log,
+        max_inflight_messages=kafka.max_inflight_messages,
+        drain_timeout_s=kafka.drain_timeout_s,
+    )
+    consumer = ConsumerThread(
+        config=consumer_config(
+            bootstrap_servers=kafka.bootstrap_servers, group_id=kafka.group_id, client=kafka.client
+        ),
+        topics=kafka.topics,
+        loop=loop,
+        sink=pipeline,
+        metrics=metrics,
+        log=log,
+        drain_timeout_s=kafka.drain_timeout_s,
+    )
+    pipeline.attach(consumer)
+
+    def live() -> tuple[bool, str]:
+        age = time.monotonic() - consumer.heartbeat
+        if age > config.http.liveness_timeout_s:
+            return False, f"consumer loop stuck for {age:.0f}s"
+        return True, "ok"
+
+    def ready() -> tuple[bool, str]:
+        if stop.is_set() or pipeline.fatal is not None:
+            return False, "stopping"
+        if not consumer.alive:
+            return False, "consumer not running"
+        if consumer.brokers_down:
+            return False, "all Kafka brokers down"
+        return True, "ok"
+
+    health = HealthServer(
+        host=config.http.host,
+        port=config.http.port,
+        registry=metrics.registry,
+        live=live,
+        ready=ready,
+    )
+    await health.start()
+    dead_letters.start()
+    consumer.start()
+    committer = loop.create_task(pipeline.run_committer(kafka.commit_interval_s))
+    closed = loop.run_in_executor(None, consumer.closed.wait)
+    log.info(
+        "worker started",
+        topics=list(kafka.topics),
+        group_id=kafka.group_id,
+        destinations=[d.name for d in config.destinations],
+        http_port=health.port,
+    )
+    waiters = [
+        loop.create_task(stop.wait()),
+        loop.create_task(pipeline.fatal_event.wait()),
+    ]
+    await asyncio.wait([*waiters, closed], return_when=asyncio.FIRST_COMPLETED)
+    for waiter in waiters:
+        waiter.cancel()
+    log.info("worker stopping", inflight=pipeline.inflight_messages)
+    consumer.stop()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(closed, kafka.drain_timeout_s + SHUTDOWN_MARGIN_S)
+    committer.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await committer
+    await sender.close()
+    await dead_letters.close()
+    await client.close()
+    await limiter.close()
+    await health.stop()
+    if pipeline.fatal is not None:
+        raise WorkerError(str(pipeline.fatal))
+    log.info("worker stopped", messages=pipeline.messages_finished)
+    return 0
