@@ -1,0 +1,50 @@
+# tiktok-conversions-worker — every target a newcomer needs. `make demo` and `make test` on a
+# fresh machine install everything first (`make setup` is idempotent and fast when cached).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: setup provision lint fmt test test-unit demo bench chaos manifests manifests-check clean
+
+setup: $(VENV)/.installed provision
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test,dev]'
+	touch $@
+
+# Kafka jars from Maven Central, redis-server and prometheus from Debian, Helm via go install.
+provision:
+	./scripts/provision
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check worker tests scripts bench
+	$(BIN)/ruff format --check worker
+	$(BIN)/mypy worker
+
+fmt: $(VENV)/.installed
+	$(BIN)/ruff format worker tests bench
+	$(BIN)/ruff check --fix worker tests bench
+
+# The whole suite, integration tests on real Kafka/Redis/Prometheus included.
+test: setup lint
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+# Unit tests only (no servers): the quick loop while editing.
+test-unit: $(VENV)/.installed
+	$(BIN)/pytest -q -m "not integration" $(PYTEST_ARGS)
+
+demo: setup
+	$(BIN)/python scripts/demo.py
+
+bench: setup
+	$(BIN)/python bench/run.py
+
+chaos: setup
+	$(BIN)/python tests/chaos/run.py --long
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
