@@ -133,9 +133,7 @@ class Metrics:
             "Unix time of the last successful offset commit.",
             registry=r,
         )
-        self.commits = Counter(
-            p + "commits", "Offset commits by result.", ["result"], registry=r
-        )
+        self.commits = Counter(p + "commits", "Offset commits by result.", ["result"], registry=r)
         self.rebalances = Counter(
             p + "rebalances", "Partition assignment changes.", ["kind"], registry=r
         )
