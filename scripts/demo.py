@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.harness import (  # noqa: E402 - the repo root is put on the path first
+from tests.harness import (
     FakeTikTokProcess,
     WorkerProcess,
     committed_offsets,
@@ -27,9 +27,9 @@ from tests.harness import (  # noqa: E402 - the repo root is put on the path fir
     worker_config,
     write_config,
 )
-from tests.infra.kafka import KafkaServer  # noqa: E402
-from tests.infra.redis_server import RedisServer  # noqa: E402
-from worker.sample_events import MALFORMED_VALUES, SampleEvents, encode  # noqa: E402
+from tests.infra.kafka import KafkaServer
+from tests.infra.redis_server import RedisServer
+from worker.sample_events import MALFORMED_VALUES, SampleEvents, encode
 
 EVENTS = 5000
 PARTITIONS = 3
@@ -114,7 +114,8 @@ def main() -> int:
         skipped = metric_value(metrics, "tiktok_worker_events_skipped_total")
         say(
             f"   consumed {consumed:.0f} messages, skipped {skipped:.0f} events that match no "
-            f"subscription, {requests:.0f} requests, mean batch {batch_sum / max(batch_count, 1):.1f} "
+            f"subscription, {requests:.0f} requests, "
+            f"mean batch {batch_sum / max(batch_count, 1):.1f} "
             f"events, {len(accepted) / max(elapsed, 1e-9):.0f} events/s"
         )
 
