@@ -1,0 +1,361 @@
+"""The pipeline's invariants (see ``worker.pipeline``), on the real mapper, batcher, sender,
+HTTP client and an in-process fake TikTok server; Kafka is replaced by in-memory stand-ins so
+every interleaving is under the test's control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from worker.mapping import Mapper
+
+from worker.batcher import Batcher
+from worker.client import ENDPOINT_PATH, TikTokClient
+from worker.config import Config, parse_config
+from worker.dlq import DeadLetterProducer
+from worker.fake_tiktok import FakeTikTok, FaultSpec
+from worker.logs import get_logger
+from worker.metrics import Metrics
+from worker.pipeline import Pipeline
+from worker.ratelimit import build_rate_limiter, rate_limit_key
+from worker.sample_events import SampleEvents, encode
+from worker.sender import RetryPolicy, Route, Sender
+
+TOPIC = "segment"
+PIXEL = "C5PIXEL0000000000001"
+
+
+class FakeMessage:
+    def __init__(self, partition: int, offset: int, value: bytes) -> None:
+        self._partition, self._offset, self._value = partition, offset, value
+
+    def error(self) -> None:
+        return None
+
+    def topic(self) -> str:
+        return TOPIC
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def value(self) -> bytes:
+        return self._value
+
+    def key(self) -> bytes | None:
+        return None
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1764072000000)
+
+
+@dataclass
+class FakeProducer:
+    """Holds delivery reports until the test releases them (``ack``) or fails them."""
+
+    records: list[tuple[bytes | None, dict[str, str]]] = field(default_factory=list)
+    held: list[Callable[[Any, Any], None]] = field(default_factory=list)
+    auto_ack: bool = True
+    fail_with: Any = None
+
+    def produce(self, topic: str, *, value: Any, key: Any, headers: Any, on_delivery: Any) -> None:
+        self.records.append((value, {k: v.decode() for k, v in headers}))
+        self.held.append(on_delivery)
+
+    def poll(self, _timeout: float = 0) -> int:
+        if self.auto_ack:
+            self.ack()
+        return 0
+
+    def ack(self) -> None:
+        held, self.held = self.held, []
+        for callback in held:
+            callback(self.fail_with, None)
+
+    def flush(self, _timeout: float = 0) -> int:
+        return 0
+
+
+@dataclass
+class FakeCommitter:
+    commits: list[dict[tuple[str, int], int]] = field(default_factory=list)
+    paused: list[bool] = field(default_factory=list)
+
+    def commit(self, offsets: dict[tuple[str, int], int]) -> asyncio.Future[None]:
+        self.commits.append(dict(offsets))
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+    def set_paused(self, paused: bool) -> None:
+        self.paused.append(paused)
+
+
+@dataclass
+class Rig:
+    pipeline: Pipeline
+    fake: FakeTikTok
+    producer: FakeProducer
+    committer: FakeCommitter
+    metrics: Metrics
+    sender: Sender
+
+    async def settle(self, within_s: float = 10) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        while self.pipeline.inflight_messages and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+
+    def sample(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+
+def config_for(url: str, **tiktok: Any) -> Config:
+    text = json.dumps(
+        {
+            "tiktok": {"base_url": url, "batch_linger_ms": 20, "request_timeout_s": 1, **tiktok},
+            "rate_limit": {"backend": "local", "qps": 1000},
+            "destinations": [{"name": "web-shop", "pixel_code": PIXEL, "access_token": "tok-1"}],
+        }
+    )
+    return parse_config(text)
+
+
+@pytest.fixture
+async def rig_factory() -> AsyncIterator[Callable[..., Any]]:
+    made: list[Rig] = []
+    fakes: list[FakeTikTok] = []
+    closers: list[Any] = []
+
+    async def make(
+        *,
+        max_inflight: int = 1000,
+        deadline_s: float = 30,
+        drain_timeout_s: float = 5,
+        **tiktok: Any,
+    ) -> Rig:
+        fake = FakeTikTok()
+        fakes.append(fake)
+        url = await fake.start()
+        config = config_for(url, **tiktok)
+        metrics = Metrics()
+        log = get_logger("test")
+        producer = FakeProducer()
+        committer = FakeCommitter()
+        holder: dict[str, Pipeline] = {}
+        dead_letters = DeadLetterProducer(
+            config={},
+            topic="dlq",
+            metrics=metrics,
+            on_fatal=lambda exc: holder["p"].on_fatal(exc),
+            producer=producer,
+        )
+        client = TikTokClient(base_url=url, timeout_s=1, max_connections=8)
+        limiter = build_rate_limiter(
+            backend="local",
+            qps=1000,
+            redis_url="redis://unused",
+            expected_replicas=1,
+            metrics=metrics,
+        )
+        closers.extend([client.close, limiter.close])
+        sender = Sender(
+            client=client,
+            limiter=limiter,
+            routes={
+                "web-shop": Route(
+                    "web-shop",
+                    "tok-1",
+                    rate_limit_key(app_id=None, access_token="tok-1", endpoint=ENDPOINT_PATH),
+                )
+            },
+            retry=RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.05, deadline_s=deadline_s),
+            max_concurrent_requests=4,
+            metrics=metrics,
+            log=log,
+            on_delivered=lambda events: holder["p"].on_delivered(events),
+            on_failed=lambda events, failure: holder["p"].on_failed(events, failure),
+        )
+        closers.append(sender.close)
+        pipeline = Pipeline(
+            mapper=Mapper(config),
+            batcher=Batcher(
+                max_events=config.tiktok.max_batch_events,
+                linger_s=config.tiktok.batch_linger_ms / 1000,
+                on_batch=sender.submit,
+            ),
+            dead_letters=dead_letters,
+            metrics=metrics,
+            log=log,
+            max_inflight_messages=max_inflight,
+            drain_timeout_s=drain_timeout_s,
+        )
+        holder["p"] = pipeline
+        pipeline.attach(committer)
+        pipeline.on_assigned([(TOPIC, 0), (TOPIC, 1)])
+        rig = Rig(pipeline, fake, producer, committer, metrics, sender)
+        made.append(rig)
+        return rig
+
+    yield make
+    for close in closers:
+        await close()
+    for fake in fakes:
+        await fake.stop()
+
+
+def order_events(count: int, prefix: str = "m") -> list[dict[str, Any]]:
+    gen = SampleEvents(seed=3, prefix=prefix)
+    return [gen.track("Order Completed") for _ in range(count)]
+
+
+def messages(events: list[dict[str, Any]], partition: int = 0, start: int = 0) -> list[Any]:
+    return [FakeMessage(partition, start + i, encode(e)) for i, e in enumerate(events)]
+
+
+async def test_commits_only_after_delivery(rig_factory: Any) -> None:
+    rig: Rig = await rig_factory()
+    rig.fake.add_fault(FaultSpec(kind="slow", delay_s=0.3))
+    rig.pipeline.on_messages(messages(order_events(5)))
+    await asyncio.sleep(0.1)  # batch sent, response not back yet
+    assert rig.pipeline.pending_commits() == {}
+    await rig.settle()
+    assert rig.pipeline.pending_commits() == {(TOPIC, 0): 5}
+    assert await rig.pipeline.commit_once() == 1
+    assert rig.committer.commits == [{(TOPIC, 0): 5}]
+    assert await rig.pipeline.commit_once() == 0  # nothing moved since
+
+
+async def test_out_of_order_completion_commits_the_contiguous_prefix(rig_factory: Any) -> None:
+    rig: Rig = await rig_factory(max_batch_events=1)
+    events = order_events(3)
+    rig.fake.add_fault(FaultSpec(kind="slow", delay_s=0.5, event_ids=None, count=1))
+    rig.pipeline.on_messages(messages(events[:1]))  # offset 0: its request is slow
+    await asyncio.sleep(0.05)
+    rig.pipeline.on_messages(messages(events[1:], start=1))  # offsets 1, 2: fast
+    await asyncio.sleep(0.3)
+    assert {e.event_id for e in rig.fake.events()} == {e["messageId"] for e in events[1:]}
+    assert rig.pipeline.pending_commits() == {}  # offset 0 still in flight
+    await rig.settle()
+    assert rig.pipeline.pending_commits() == {(TOPIC, 0): 3}
+
+
+async def test_dead_letter_must_be_acknowledged_before_commit(rig_factory: Any) -> None:
+    rig: Rig = await rig_factory()
+    rig.producer.auto_ack = False
+    rig.pipeline.on_messages([FakeMessage(1, 0, b"not json"), *messages(order_events(1), 1, 1)])
+    await asyncio.sleep(0.2)
+    assert len(rig.producer.records) == 1
+    value, headers = rig.producer.records[0]
+    assert value == b"not json"
+    assert headers["dlq.reason"] == "decode_error"
+    assert headers["dlq.original.partition"] == "1"
+    assert headers["dlq.original.offset"] == "0"
+    assert rig.pipeline.pending_commits() == {}  # delivered offset 1 waits for offset 0's DLQ ack
+    rig.producer.ack()
+    assert rig.pipeline.pending_commits() == {(TOPIC, 1): 2}
+    assert (
+        rig.sample("tiktok_worker_dead_letters_total", reason="decode_error", destination="") == 1
+    )
+
+
+async def test_dead_letter_failure_is_fatal_and_never_committed(rig_factory: Any) -> None:
+    from confluent_kafka import KafkaError
+
+    rig: Rig = await rig_factory()
+    rig.producer.auto_ack = False
+    rig.producer.fail_with = KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)
+    rig.pipeline.on_messages([FakeMessage(0, 0, b"{")])
+    rig.producer.ack()
+    assert rig.pipeline.fatal is not None
+    assert "dead-letter topic" in str(rig.pipeline.fatal)
+    assert rig.pipeline.pending_commits() == {}
+    assert await rig.pipeline.commit_once() == 0
+
+
+async def test_permanent_error_is_bisected_to_the_offending_event(rig_factory: Any) -> None:
+    rig: Rig = await rig_factory(max_batch_events=16)
+    events = order_events(16)
+    bad = events[11]["messageId"]
+    rig.fake.add_fault(FaultSpec(kind="reject_event_ids", event_ids=[bad]))
+    rig.pipeline.on_messages(messages(events))
+    await rig.settle()
+    accepted = {e.event_id for e in rig.fake.events()}
+    assert accepted == {e["messageId"] for e in events} - {bad}
+    assert len(rig.producer.records) == 1
+    value, headers = rig.producer.records[0]
+    assert json.loads(value or b"")["messageId"] == bad
+    assert headers["dlq.reason"] == "permanent_api_error"
+    assert headers["dlq.tiktok.code"] == "40002"
+    assert rig.pipeline.pending_commits() == {(TOPIC, 0): 16}
+
+
+async def test_retryable_errors_are_retried_until_accepted(rig_factory: Any) -> None:
+    rig: Rig = await rig_factory()
+    rig.fake.add_fault(FaultSpec(kind="http_503", count=2))
+    rig.fake.add_fault(FaultSpec(kind="throttle", count=1))
+    events = order_events(4)
+    rig.pipeline.on_messages(messages(events))
+    await rig.settle()
+    assert {e.event_id for e in rig.fake.events()} == {e["messageId"] for e in events}
+    assert rig.producer.records == []
+    assert rig.sample("tiktok_worker_retries_total", destination="web-shop") == 3
+    assert (
+        rig.sample("tiktok_worker_requests_total", destination="web-shop", outcome="throttled") == 1
+    )
+
+
+async def test_retries_stop_at_the_deadline(rig_factory: Any) -> None:
+    rig: Rig = await rig_factory(deadline_s=0.3)
+    rig.fake.add_fault(FaultSpec(kind="http_500"))
+    rig.pipeline.on_messages(messages(order_events(3)))
+    await rig.settle()
+    reasons = [h["dlq.reason"] for _, h in rig.producer.records]
+    assert reasons == ["retries_exhausted"] * 3
+    assert all(int(h["dlq.attempts"]) >= 2 for _, h in rig.producer.records)
+    assert rig.pipeline.pending_commits() == {(TOPIC, 0): 3}
+
+
+async def test_backpressure_pauses_and_resumes(rig_factory: Any) -> None:
+    rig: Rig = await rig_factory(max_inflight=10)
+    rig.fake.add_fault(FaultSpec(kind="slow", delay_s=0.2, count=1))
+    rig.pipeline.on_messages(messages(order_events(12)))
+    assert rig.committer.paused == [True]
+    await rig.settle()
+    assert rig.committer.paused == [True, False]
+
+
+async def test_revoke_drains_and_returns_finished_offsets(rig_factory: Any) -> None:
+    rig: Rig = await rig_factory(batch_linger_ms=5000)  # only the revoke's flush sends them
+    rig.pipeline.on_messages(messages(order_events(3)))
+    offsets = await rig.pipeline.on_revoked([(TOPIC, 0)])
+    assert offsets == {(TOPIC, 0): 3}
+    assert len(rig.fake.events()) == 3
+    assert rig.pipeline.pending_commits() == {}  # the partition is no longer ours
+
+
+async def test_revoke_timeout_returns_only_the_finished_prefix(rig_factory: Any) -> None:
+    rig: Rig = await rig_factory(drain_timeout_s=0.3, max_batch_events=1)
+    events = order_events(3)
+    rig.pipeline.on_messages(messages(events[:2]))
+    await rig.settle()
+    rig.fake.add_fault(FaultSpec(kind="slow", delay_s=5))
+    rig.pipeline.on_messages(messages(events[2:], start=2))
+    offsets = await rig.pipeline.on_revoked([(TOPIC, 0)])
+    assert offsets == {(TOPIC, 0): 2}
+
+
+async def test_skipped_events_finish_immediately(rig_factory: Any) -> None:
+    rig: Rig = await rig_factory()
+    gen = SampleEvents(seed=5)
+    rig.pipeline.on_messages(messages([gen.identify(), gen.identify()]))
+    assert rig.pipeline.pending_commits() == {(TOPIC, 0): 2}
+    assert rig.sample("tiktok_worker_events_skipped_total", reason="no_match") == 2
