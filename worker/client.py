@@ -206,8 +206,8 @@ _ENVELOPE_DECODER = msgspec.json.Decoder(_Envelope)
 
 # Redaction of anything that looks like personal data in a server-provided message.
 _EMAIL_RE = re.compile(r"[^\s@\"']+@[^\s@\"']+")
-# 9+ digits with single space/dash/paren separators; dots excluded so IP addresses survive.
-_PHONE_RE = re.compile(r"\+?\d(?:[\s()-]?\d){8,}")
+# 9+ digits with short space/dash/paren separators; dots excluded so IP addresses survive.
+_PHONE_RE = re.compile(r"\+?\d(?:[\s()-]{0,2}\d){8,}")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")
 
 

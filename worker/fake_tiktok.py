@@ -87,6 +87,10 @@ _MAX_EVENT_NAMES: Final = 1000
 _OTHER_NAMES: Final = "_other"
 
 
+class FakeSpecError(ValueError):
+    """An invalid fault or configuration request; the message starts with the field name."""
+
+
 class FaultSpec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """One injected fault. Applies to matching requests until `count` of them have had it or
     `duration_s` has passed (neither: until deleted).
@@ -111,23 +115,23 @@ class FaultSpec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     def check(self) -> None:
         """Raise ValueError naming the first invalid field."""
         if self.kind not in FAULT_KINDS:
-            raise ValueError(f"kind: must be one of {', '.join(sorted(FAULT_KINDS))}")
+            raise FakeSpecError(f"kind: must be one of {', '.join(sorted(FAULT_KINDS))}")
         if self.count is not None and self.count < 1:
-            raise ValueError("count: must be >= 1")
+            raise FakeSpecError("count: must be >= 1")
         if self.duration_s is not None and self.duration_s <= 0:
-            raise ValueError("duration_s: must be > 0")
+            raise FakeSpecError("duration_s: must be > 0")
         if self.delay_s is not None and self.delay_s < 0:
-            raise ValueError("delay_s: must be >= 0")
+            raise FakeSpecError("delay_s: must be >= 0")
         if self.retry_after_s is not None and self.retry_after_s < 0:
-            raise ValueError("retry_after_s: must be >= 0")
+            raise FakeSpecError("retry_after_s: must be >= 0")
         if not 0.0 <= self.probability <= 1.0:
-            raise ValueError("probability: must be between 0 and 1")
+            raise FakeSpecError("probability: must be between 0 and 1")
         if self.kind == "reject_event_ids" and not self.event_ids:
-            raise ValueError("event_ids: required for reject_event_ids")
+            raise FakeSpecError("event_ids: required for reject_event_ids")
         if self.kind == "code" and self.code is None:
-            raise ValueError("code: required for kind code")
+            raise FakeSpecError("code: required for kind code")
         if self.kind == "slow" and self.delay_s is None:
-            raise ValueError("delay_s: required for kind slow")
+            raise FakeSpecError("delay_s: required for kind slow")
 
 
 class FakeConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -320,7 +324,7 @@ class _QpsLimiter:
 
     def __init__(self, qps: float) -> None:
         if qps <= 0:
-            raise ValueError(f"throttle_qps must be > 0, got {qps}")
+            raise FakeSpecError(f"throttle_qps must be > 0, got {qps}")
         # Below 1 req/s, widen the window so that at least one request fits in it.
         self._window_s = max(1.0, 1.0 / qps)
         self._limit = max(1, int(qps * self._window_s))
@@ -388,7 +392,7 @@ class FakeTikTok:
         seed: int | None = None,
     ) -> None:
         if tokens is not None and any(not t for t in tokens):
-            raise ValueError("tokens must be non-empty strings")
+            raise FakeSpecError("tokens must be non-empty strings")
         self._tokens = frozenset(tokens) if tokens is not None else None
         self._token_pixels = (
             {t: frozenset(p) for t, p in token_pixels.items()} if token_pixels else {}
@@ -445,9 +449,14 @@ class FakeTikTok:
         if self._runner is not None:
             raise RuntimeError("FakeTikTok is already started")
         self._stopping = asyncio.Event()
-        runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            self.build_app(),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=self._shutdown_timeout_s,
+        )
         await runner.setup()
-        site = web.TCPSite(runner, host, port, shutdown_timeout=self._shutdown_timeout_s)
+        site = web.TCPSite(runner, host, port)
         try:
             await site.start()
         except BaseException:
@@ -480,18 +489,18 @@ class FakeTikTok:
         """Apply the given knobs (None fields are left as they are). ValueError if invalid."""
         if config.fault_rate is not None:
             if not 0.0 <= config.fault_rate <= 1.0:
-                raise ValueError("fault_rate: must be between 0 and 1")
+                raise FakeSpecError("fault_rate: must be between 0 and 1")
             self._fault_rate = config.fault_rate
         if config.random_fault_kinds is not None:
             bad = [k for k in config.random_fault_kinds if k not in FAULT_KINDS or k == "slow"]
             if bad or not config.random_fault_kinds:
-                raise ValueError("random_fault_kinds: non-empty list of fault kinds but slow")
+                raise FakeSpecError("random_fault_kinds: non-empty list of fault kinds but slow")
             if {"code", "reject_event_ids"} & set(config.random_fault_kinds):
-                raise ValueError("random_fault_kinds: code and reject_event_ids need parameters")
+                raise FakeSpecError("random_fault_kinds: code and reject_event_ids need parameters")
             self._random_kinds = tuple(config.random_fault_kinds)
         if config.timeout_delay_s is not None:
             if config.timeout_delay_s < 0:
-                raise ValueError("timeout_delay_s: must be >= 0")
+                raise FakeSpecError("timeout_delay_s: must be >= 0")
             self._timeout_delay_s = config.timeout_delay_s
         if config.throttle_qps is not None:
             # 0 switches throttling off (the JSON API has no other way to say "none").
@@ -511,7 +520,7 @@ class FakeTikTok:
         """Queue a fault; returns its id. ValueError if the spec is invalid."""
         spec.check()
         if len(self._faults) >= _MAX_FAULTS:
-            raise ValueError(f"too many active faults (max {_MAX_FAULTS})")
+            raise FakeSpecError(f"too many active faults (max {_MAX_FAULTS})")
         now = time.monotonic()
         fault = _ActiveFault(
             id=self._next_fault_id,
