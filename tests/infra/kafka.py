@@ -233,6 +233,9 @@ class KafkaEndpoint:
         """(name, log file) pairs worth showing when a test fails."""
         return []
 
+    def close(self) -> None:
+        """Release what this object owns (stops a server it started; a no-op otherwise)."""
+
 
 class KafkaServer(KafkaEndpoint):
     """A single-node KRaft broker+controller on 127.0.0.1 (see the module docstring).
@@ -336,6 +339,11 @@ class KafkaServer(KafkaEndpoint):
             "share.coordinator.state.topic.replication.factor": "1",
             "share.coordinator.state.topic.min.isr": "1",
             "share.coordinator.state.topic.num.partitions": "1",
+            # After a SIGKILL the controller keeps the dead broker's registration until its
+            # session expires (default 9s) and refuses the restarted broker until then; chaos
+            # tests kill and restart the broker, so expire sessions sooner.
+            "broker.session.timeout.ms": "3000",
+            "broker.heartbeat.interval.ms": "500",
             # Tests start consumers right away; no reason to wait for more members.
             "group.initial.rebalance.delay.ms": "0",
             # Small files: tests write little and many topics come and go.
@@ -457,6 +465,10 @@ class KafkaServer(KafkaEndpoint):
         """stop() then start(): same ports, same data directory."""
         self.stop()
         self.start()
+
+    def close(self) -> None:
+        """Same as stop()."""
+        self.stop()
 
     def __enter__(self) -> KafkaServer:
         self.start()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
 
@@ -28,6 +28,17 @@ class RedisEndpoint:
     def url(self) -> str:
         raise NotImplementedError
 
+    @property
+    def display_url(self) -> str:
+        """`url` with any password masked, for messages and logs."""
+        parts = urlsplit(self.url)
+        if parts.password is None:
+            return self.url
+        netloc = f"{parts.username or ''}:***@{parts.hostname}"
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+
     def client(self) -> redis.Redis:
         """A new synchronous client for `url` (short timeouts: tests must not hang)."""
         return redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=2)
@@ -42,7 +53,7 @@ class RedisEndpoint:
 
     def _unsupported(self, what: str) -> InfraError:
         return InfraError(
-            f"cannot {what} the Redis at {self.url}: it was not started by tests/infra "
+            f"cannot {what} the Redis at {self.display_url}: it was not started by tests/infra "
             "(unset REDIS_URL / TEST_INFRA to let the tests start their own redis-server)"
         )
 
@@ -61,6 +72,9 @@ class RedisEndpoint:
     def log_sources(self) -> list[tuple[str, Path]]:
         """(name, log file) pairs worth showing when a test fails."""
         return []
+
+    def close(self) -> None:
+        """Release what this object owns (stops a server it started; a no-op otherwise)."""
 
 
 class RedisServer(RedisEndpoint):
@@ -160,6 +174,10 @@ class RedisServer(RedisEndpoint):
         """stop() then start() on the same port (data is gone: nothing is persisted)."""
         self.stop()
         self.start()
+
+    def close(self) -> None:
+        """Same as stop()."""
+        self.stop()
 
     def __enter__(self) -> RedisServer:
         self.start()
