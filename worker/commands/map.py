@@ -1,0 +1,81 @@
+"""`tiktok-worker map`: the dry run. Segment events as JSON lines in, one JSON line out per
+result, no network and no Kafka.
+
+Each non-blank input line is one Kafka message value (an event, an array of events, or a
+batch object); `index` counts non-blank input lines from 0, and events of a multi-event line
+also carry `batch_index`. Output lines:
+
+    {"index": i, "destination": D, "subscription": S, "body": {...}}   one per TikTok event
+    {"index": i, "skipped": REASON}
+    {"index": i, "invalid": REASON, "error": TEXT, "destination": D?}
+
+`body` is the request body the worker would send for this event alone, produced by the
+same `worker.tiktok.build_body` the worker uses for its batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from typing import IO, Any
+
+import msgspec
+
+from worker.config import load_config
+from worker.errors import WorkerError
+from worker.mapping import EventOutcome, Mapper
+from worker.tiktok import build_body
+
+_encode = msgspec.json.Encoder().encode
+
+
+def run(args: argparse.Namespace) -> int:
+    """Exit 0 after mapping all input (invalid events are reported, not fatal)."""
+    mapper = Mapper(load_config(args.config))
+    path = getattr(args, "input", "-") or "-"
+    out = sys.stdout.buffer
+    if path == "-":
+        _map_stream(mapper, sys.stdin.buffer, out)
+    else:
+        try:
+            with open(path, "rb") as fh:
+                _map_stream(mapper, fh, out)
+        except OSError as exc:
+            raise WorkerError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    out.flush()
+    return 0
+
+
+def _map_stream(mapper: Mapper, stream: IO[bytes], out: IO[bytes]) -> None:
+    index = 0
+    for line in stream:
+        value = line.strip()
+        if not value:
+            continue
+        for record in render(index, mapper.map_message(value)):
+            out.write(_encode(record) + b"\n")
+        index += 1
+
+
+def render(index: int, outcomes: list[EventOutcome]) -> Iterator[dict[str, Any]]:
+    """The output records of one input line."""
+    for outcome in outcomes:
+        base: dict[str, Any] = {"index": index}
+        if outcome.multi:
+            base["batch_index"] = outcome.index
+        for m in outcome.mapped:
+            body = msgspec.json.decode(build_body(m.key, [m.payload]))
+            yield {
+                **base,
+                "destination": m.destination,
+                "subscription": m.subscription,
+                "body": body,
+            }
+        for bad in outcome.invalid:
+            record = {**base, "invalid": bad.reason, "error": bad.error}
+            if bad.destination is not None:
+                record["destination"] = bad.destination
+            yield record
+        if outcome.skipped is not None:
+            yield {**base, "skipped": outcome.skipped}

@@ -1,0 +1,119 @@
+"""PII normalisation and SHA-256 hashing, as Segment's TikTok Conversions destination does it.
+
+"Smart hashing" (Segment `hashing-utils.ts`): an empty or whitespace-only input gives `""`;
+an already-hashed input (64 hex characters, any case) passes through; anything else is
+normalised and hashed to lowercase hex SHA-256 of its UTF-8 bytes.
+
+Per field (docs/segment-tiktok-destination.md §5), with the two deliberate improvements of
+SPEC §3 marked:
+- email: trimmed (improvement 1) and lowercased; the pre-hash check sees the normalised value;
+- phone: the pre-hash check sees the raw value; then every non-digit is dropped, `+` is
+  prefixed and the result cut to 15 characters; with a default region (improvement 2) a number
+  without a leading `+` is parsed for that region and formatted E.164 first;
+- external_id: lowercased only (no trim);
+- first_name, last_name, zip_code: all whitespace removed, lowercased;
+- city, state, country: every character outside [A-Za-z0-9] removed, lowercased, NOT hashed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from functools import lru_cache
+from typing import Final
+
+import phonenumbers
+
+__all__ = [
+    "format_address_part",
+    "hash_email",
+    "hash_external_id",
+    "hash_name",
+    "hash_phone",
+    "is_hashed",
+    "normalise_phone",
+    "sha256_hex",
+    "smart_hash",
+]
+
+_HEX64_RE: Final = re.compile(r"[0-9a-fA-F]{64}\Z")
+# JavaScript's \s, so "remove all whitespace" removes exactly what Segment removes.
+_JS_WS_RE: Final = re.compile(
+    "[\t\n\x0b\x0c\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]+"
+)
+_NON_DIGIT_RE: Final = re.compile(r"[^0-9]+")
+_NON_ALNUM_RE: Final = re.compile(r"[^A-Za-z0-9]+")
+_PHONE_MAX_CHARS: Final = 15  # Segment keeps "+" and at most 14 digits
+
+
+def is_hashed(value: str) -> bool:
+    """True for 64 hexadecimal characters (either case): a value that was hashed upstream."""
+    return len(value) == 64 and _HEX64_RE.match(value) is not None
+
+
+def sha256_hex(value: str) -> str:
+    """Lowercase hex SHA-256 of the UTF-8 bytes of `value`."""
+    try:
+        data = value.encode()
+    except UnicodeEncodeError:  # lone surrogates: encode them as U+FFFD like JavaScript does
+        data = value.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def smart_hash(value: str) -> str:
+    """Empty/whitespace -> "", already hashed -> unchanged, otherwise SHA-256."""
+    if not value or value.isspace():
+        return ""
+    if len(value) == 64 and _HEX64_RE.match(value) is not None:
+        return value
+    return sha256_hex(value)
+
+
+def hash_email(value: str, *, trim: bool = True) -> str:
+    """Email: trim (SPEC §3 improvement 1; `trim=False` is Segment's rule) and lowercase."""
+    return smart_hash(value.strip().lower() if trim else value.lower())
+
+
+def hash_external_id(value: str) -> str:
+    """External id: lowercased, not trimmed (Segment's rule, kept for matching parity)."""
+    return smart_hash(value.lower())
+
+
+def hash_name(value: str) -> str:
+    """first_name, last_name and zip_code: every whitespace character removed, lowercased."""
+    return smart_hash(_JS_WS_RE.sub("", value).lower())
+
+
+def format_address_part(value: str) -> str:
+    """city, state, country: only ASCII letters and digits, lowercased. Plain text."""
+    return _NON_ALNUM_RE.sub("", value).lower()
+
+
+def normalise_phone(value: str, region: str | None = None) -> str:
+    """The phone text that gets hashed (before hashing; exposed for tests and docs)."""
+    if region is not None and not value.lstrip().startswith("+"):
+        e164 = _e164(value, region)
+        if e164 is not None:
+            return e164
+    return ("+" + _NON_DIGIT_RE.sub("", value))[:_PHONE_MAX_CHARS]
+
+
+def hash_phone(value: str, region: str | None = None) -> str:
+    """Phone: the pre-hash check looks at the raw value, then normalise and hash."""
+    if not value or value.isspace():
+        return ""
+    if len(value) == 64 and _HEX64_RE.match(value) is not None:
+        return value
+    return sha256_hex(normalise_phone(value, region))
+
+
+@lru_cache(maxsize=8192)
+def _e164(value: str, region: str) -> str | None:
+    """E.164 for a number written without a country code, or None if it is not possible."""
+    try:
+        number = phonenumbers.parse(value, region)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_possible_number(number):
+        return None
+    return str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
