@@ -27,7 +27,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -41,6 +41,10 @@ Sleep = Callable[[float], Awaitable[None]]
 
 _stdlib_log = logging.getLogger("worker.ratelimit")
 _PROBE_KEY = "probe"
+_MAX_SLOT_ATTEMPTS = 3
+# Below 1, to leave room for the error of the slot estimate (half the Redis round trip).
+_LATE_FRACTION = 0.75
+DEFAULT_LATE_TOLERANCE_S = 0.002
 
 
 class _Log:
@@ -62,10 +66,6 @@ class _Log:
             _stdlib_log.warning("%s %s", event, fields)
 
 
-class _SlotSource(Protocol):
-    async def reserve(self, key: str) -> float: ...
-
-
 class _Limiter:
     """Pause → adaptive gate → shared slot; the common part of both limiters."""
 
@@ -75,6 +75,7 @@ class _Limiter:
         qps: float,
         metrics: Metrics,
         adaptive: AdaptiveSettings | None,
+        late_tolerance_s: float,
         clock: Clock,
         sleep: Sleep,
     ) -> None:
@@ -84,13 +85,16 @@ class _Limiter:
         self._metrics = metrics
         self._clock = clock
         self._sleep = sleep
+        self._late_tolerance_s = late_tolerance_s
         self._gate = AdaptiveGate(max_rate=qps, settings=adaptive)
+        self.late_slots_dropped = 0
 
     @property
     def gate(self) -> AdaptiveGate:
         return self._gate
 
-    async def _reserve_shared(self, key: str) -> float:
+    async def _reserve_shared(self, key: str) -> tuple[float, float]:
+        """Reserve one shared slot: (seconds until it starts, current slot interval)."""
         raise NotImplementedError
 
     async def acquire(self, key: str) -> float:
@@ -106,14 +110,38 @@ class _Limiter:
         gate_wait = self._gate.reserve(key, self._clock())
         if gate_wait > 0:
             await self._sleep(gate_wait)
-        shared_wait = await self._reserve_shared(key)
-        if shared_wait > 0:
-            await self._sleep(shared_wait)
+        await self._wait_for_shared_slot(key)
         end = self._clock()
         self._gate.record_grant(key, end)
         waited = max(0.0, end - start)
         self._metrics.rate_limit_wait.observe(waited)
         return waited
+
+    async def _wait_for_shared_slot(self, key: str) -> None:
+        """Reserve a shared slot and sleep until it starts.
+
+        A process that wakes up well after its slot (CPU starvation, a CFS-quota stall, a long
+        GC pause) would send its overdue requests together with the on-time requests of later
+        slots and overfill a 1-second window. As long as every request leaves less than one
+        interval after its slot, a 1-second window still holds at most qps + 1 of them; so a
+        slot missed by more than `_LATE_FRACTION` of an interval (and more than
+        `late_tolerance_s`, the event loop's timer granularity) is given up and a fresh one
+        reserved. After `_MAX_SLOT_ATTEMPTS` the request goes with the last slot it got.
+        """
+        for attempt in range(_MAX_SLOT_ATTEMPTS):
+            before = self._clock()
+            wait, interval = await self._reserve_shared(key)
+            after = self._clock()
+            # The slot was computed while the call was in flight: take the midpoint, so neither
+            # the request's nor the reply's trip (or a stall while reading it) moves the slot.
+            slot = (before + after) / 2 + wait
+            if slot > after:
+                await self._sleep(slot - after)
+            late = self._clock() - slot
+            if late <= max(self._late_tolerance_s, interval * _LATE_FRACTION):
+                return
+            if attempt < _MAX_SLOT_ATTEMPTS - 1:
+                self.late_slots_dropped += 1
 
     def throttled(self, key: str, retry_after_s: float | None) -> None:
         """TikTok answered 40100/429 for `key`: slow this worker down, honour Retry-After."""
@@ -133,15 +161,23 @@ class LocalRateLimiter(_Limiter):
         metrics: Metrics,
         burst: int = 1,
         adaptive: AdaptiveSettings | None = None,
+        late_tolerance_s: float = DEFAULT_LATE_TOLERANCE_S,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
-        super().__init__(qps=qps, metrics=metrics, adaptive=adaptive, clock=clock, sleep=sleep)
+        super().__init__(
+            qps=qps,
+            metrics=metrics,
+            adaptive=adaptive,
+            late_tolerance_s=late_tolerance_s,
+            clock=clock,
+            sleep=sleep,
+        )
         self._gcra = LocalGcra(rate=qps, burst=burst)
         metrics.rate_limit_fallback.set(0)
 
-    async def _reserve_shared(self, key: str) -> float:
-        return self._gcra.reserve(key, self._clock())
+    async def _reserve_shared(self, key: str) -> tuple[float, float]:
+        return self._gcra.reserve(key, self._clock()), self._gcra.interval
 
 
 class RedisRateLimiter(_Limiter):
@@ -158,13 +194,22 @@ class RedisRateLimiter(_Limiter):
         burst: int = 1,
         probe_interval_s: float = 1.0,
         adaptive: AdaptiveSettings | None = None,
+        late_tolerance_s: float = DEFAULT_LATE_TOLERANCE_S,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
-        super().__init__(qps=qps, metrics=metrics, adaptive=adaptive, clock=clock, sleep=sleep)
+        super().__init__(
+            qps=qps,
+            metrics=metrics,
+            adaptive=adaptive,
+            late_tolerance_s=late_tolerance_s,
+            clock=clock,
+            sleep=sleep,
+        )
         if expected_replicas < 1:
             raise ValueError(f"expected_replicas must be >= 1, got {expected_replicas!r}")
         self._redis = RedisGcra(client=client, qps=qps, burst=burst)
+        self._shared_interval = 1.0 / qps
         self._fallback_gcra = LocalGcra(rate=qps / expected_replicas, burst=burst)
         self._log = _Log(logger)
         self._probe_interval_s = probe_interval_s
@@ -184,7 +229,7 @@ class RedisRateLimiter(_Limiter):
     def fallback_rate(self) -> float:
         return self._fallback_gcra.rate
 
-    async def _reserve_shared(self, key: str) -> float:
+    async def _reserve_shared(self, key: str) -> tuple[float, float]:
         if self._handover is not None:
             await self._handover.wait()
         if not self._in_fallback:
@@ -195,12 +240,12 @@ class RedisRateLimiter(_Limiter):
             else:
                 if not self._in_fallback:
                     self._last_redis_slot[key] = self._clock() + wait
-                    return wait
+                    return wait, self._shared_interval
                 # Redis answered, but another call already switched to fallback: use the
                 # Redis slot anyway (it is a valid slot) and remember it for the hand-over.
                 self._fallback_gcra.seed(key, self._clock() + wait + self._fallback_gcra.interval)
-                return wait
-        return self._fallback_gcra.reserve(key, self._clock())
+                return wait, self._shared_interval
+        return self._fallback_gcra.reserve(key, self._clock()), self._fallback_gcra.interval
 
     def _enter_fallback(self, reason: str) -> None:
         if self._in_fallback or self._closed:
