@@ -78,14 +78,19 @@ class RecordingServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]
+        self.port = _bound_port(site)
 
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+def _bound_port(site: web.TCPSite) -> int:
+    server = site._server  # aiohttp exposes the bound port only through the asyncio server
+    sockets = getattr(server, "sockets", None)
+    assert sockets, "the site is not listening"
+    return int(sockets[0].getsockname()[1])
 
 
 def max_in_window(times: Sequence[float], width: float = 1.0) -> int:
