@@ -27,7 +27,7 @@ import re
 import sys
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -65,14 +65,14 @@ class ServerFactory(Generic[_S]):
     """
 
     def __init__(self, cls: type[_S], tmp_path: Path, prefix: str) -> None:
-        self._cls = cls
+        self._cls: type[_S] = cls
         self._tmp_path = tmp_path
         self._prefix = prefix
         self.servers: list[_S] = []
 
     def __call__(self, **kwargs: Any) -> _S:
         kwargs.setdefault("workdir", self._tmp_path / f"{self._prefix}{len(self.servers)}")
-        server = self._cls(**kwargs)
+        server: _S = self._cls(**kwargs)
         self.servers.append(server)
         try:
             server.start()
@@ -259,8 +259,10 @@ def _session_servers_left_running(request: pytest.FixtureRequest) -> Iterator[No
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    report: pytest.TestReport = yield
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
     if report.failed:
         seen: set[Path] = set()
         for value in getattr(item, "funcargs", {}).values():
@@ -273,7 +275,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                 seen.add(path)
                 text = tail(path, _LOG_TAIL_LINES) or "(empty)"
                 report.sections.append((f"{name} log, last {_LOG_TAIL_LINES} lines: {path}", text))
-    return report  # type: ignore[return-value]
+    return report
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:

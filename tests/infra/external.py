@@ -100,7 +100,7 @@ class ExternalRedis(RedisEndpoint):
 def docker_engine_answers() -> bool:
     """True when the Docker SDK (a testcontainers dependency) can ping an engine."""
     try:
-        import docker
+        import docker  # type: ignore[import-untyped,unused-ignore]
 
         client = docker.from_env(timeout=5)
         try:

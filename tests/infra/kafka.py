@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from tests.infra import REPO_ROOT, SETUP_HINT, cache_dir, which
 from tests.infra.errors import InfraError
@@ -69,6 +69,10 @@ logger.statechange.name = state.change.logger
 logger.statechange.level = warn
 logger.request.name = kafka.request.logger
 logger.request.level = warn
+# The effective-config dumps (hundreds of lines per start) would fill every log tail;
+# server.properties beside the log says what was configured.
+logger.config.name = org.apache.kafka.common.config.AbstractConfig
+logger.config.level = warn
 """
 
 _log = logging.getLogger(__name__)

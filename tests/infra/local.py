@@ -46,7 +46,8 @@ class Service:
         return self.state / "pid.json"
 
     def address(self) -> str:
-        return self.make().bootstrap if self.kind == "kafka" else self.make().url
+        server = self.make()
+        return server.bootstrap if isinstance(server, KafkaServer) else server.url
 
     def make(self) -> KafkaServer | RedisServer:
         if self.kind == "kafka":
