@@ -158,6 +158,8 @@ async def rig_factory() -> AsyncIterator[Callable[..., Any]]:
             on_fatal=lambda exc: holder["p"].on_fatal(exc),
             producer=producer,
         )
+        dead_letters.start()
+        closers.append(dead_letters.close)
         client = TikTokClient(base_url=url, timeout_s=1, max_connections=8)
         limiter = build_rate_limiter(
             backend="local",
@@ -242,7 +244,7 @@ async def test_out_of_order_completion_commits_the_contiguous_prefix(rig_factory
     await asyncio.sleep(0.05)
     rig.pipeline.on_messages(messages(events[1:], start=1))  # offsets 1, 2: fast
     await asyncio.sleep(0.3)
-    assert {e.event_id for e in rig.fake.events()} == {e["messageId"] for e in events[1:]}
+    assert {e.event_id for e in rig.fake.events} == {e["messageId"] for e in events[1:]}
     assert rig.pipeline.pending_commits() == {}  # offset 0 still in flight
     await rig.settle()
     assert rig.pipeline.pending_commits() == {(TOPIC, 0): 3}
@@ -288,7 +290,7 @@ async def test_permanent_error_is_bisected_to_the_offending_event(rig_factory: A
     rig.fake.add_fault(FaultSpec(kind="reject_event_ids", event_ids=[bad]))
     rig.pipeline.on_messages(messages(events))
     await rig.settle()
-    accepted = {e.event_id for e in rig.fake.events()}
+    accepted = {e.event_id for e in rig.fake.events}
     assert accepted == {e["messageId"] for e in events} - {bad}
     assert len(rig.producer.records) == 1
     value, headers = rig.producer.records[0]
@@ -305,7 +307,7 @@ async def test_retryable_errors_are_retried_until_accepted(rig_factory: Any) -> 
     events = order_events(4)
     rig.pipeline.on_messages(messages(events))
     await rig.settle()
-    assert {e.event_id for e in rig.fake.events()} == {e["messageId"] for e in events}
+    assert {e.event_id for e in rig.fake.events} == {e["messageId"] for e in events}
     assert rig.producer.records == []
     assert rig.sample("tiktok_worker_retries_total", destination="web-shop") == 3
     assert (
@@ -338,7 +340,7 @@ async def test_revoke_drains_and_returns_finished_offsets(rig_factory: Any) -> N
     rig.pipeline.on_messages(messages(order_events(3)))
     offsets = await rig.pipeline.on_revoked([(TOPIC, 0)])
     assert offsets == {(TOPIC, 0): 3}
-    assert len(rig.fake.events()) == 3
+    assert len(rig.fake.events) == 3
     assert rig.pipeline.pending_commits() == {}  # the partition is no longer ours
 
 
