@@ -176,7 +176,7 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
         destinations=[d.name for d in config.destinations],
         http_port=health.port,
     )
-    waiters = [
+    waiters: list[asyncio.Future[Any]] = [
         loop.create_task(stop.wait()),
         loop.create_task(pipeline.fatal_event.wait()),
     ]
