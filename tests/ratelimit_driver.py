@@ -56,7 +56,8 @@ class RecordingServer:
 
     def __init__(self) -> None:
         self.hits: list[Hit] = []
-        self.throttle_until = -1.0  # monotonic; answer 40100 before this time
+        # [from, until) on time.monotonic(): answer 40100 to requests arriving in it.
+        self.throttle_window = (0.0, 0.0)
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -67,7 +68,7 @@ class RecordingServer:
     async def _hit(self, request: web.Request) -> web.Response:
         now = time.monotonic()  # first thing: the arrival time is what TikTok would count
         body = await request.json()
-        throttled = now < self.throttle_until
+        throttled = self.throttle_window[0] <= now < self.throttle_window[1]
         self.hits.append(Hit(now, float(body["ts"]), int(body["w"]), bool(body["fb"]), throttled))
         return web.json_response(THROTTLED_BODY if throttled else {"code": 0})
 

@@ -356,5 +356,5 @@ async def test_redis_backend_keeps_tls_and_password_from_the_url() -> None:
     assert (kw["host"], kw["port"]) == ("redis.example", 6380)
     assert kw["socket_timeout"] == 0.2
     assert kw["socket_connect_timeout"] == 0.2
-    assert kw["retry"].get_retries() == 0  # fail fast and fall back, no client-side retries
+    assert kw["retry"].get_retries() == 1  # one retry on a closed connection, then fall back
     await client.aclose()

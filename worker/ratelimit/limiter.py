@@ -268,6 +268,10 @@ class RedisRateLimiter(_Limiter):
         )
 
     async def _probe_until_back(self) -> None:
+        # Pooled connections to a Redis that went away are dead (or, after a restart, closed by
+        # the server); start the probe and the return on fresh connections.
+        with contextlib.suppress(Exception):
+            await self._redis.client.connection_pool.disconnect()
         while self._in_fallback and not self._closed:
             await self._sleep(self._probe_interval_s)
             try:

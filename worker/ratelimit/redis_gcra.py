@@ -23,7 +23,7 @@ from typing import Any, Final
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError, RedisError
 
 KEY_PREFIX: Final = "tiktok_worker:ratelimit:"
 
@@ -64,14 +64,16 @@ def connect(url: str, *, timeout_s: float) -> aioredis.Redis:
     """An asyncio Redis client for `url` that fails fast instead of retrying.
 
     `redis://`, `rediss://` (TLS) and passwords in the URL are handled by `from_url`; the
-    options below only add timeouts and disable redis-py's own retries (the limiter falls back
-    to a local schedule instead of stalling requests for seconds).
+    options below only add timeouts and limit redis-py's own retries to one immediate retry
+    on a connection error (a pooled connection that the server closed, e.g. after a Redis
+    restart or its idle `timeout`). Timeouts are not retried: the limiter falls back to a local
+    schedule instead of stalling requests.
     """
     return aioredis.Redis.from_url(
         url,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 0),
+        retry=Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)),
         retry_on_timeout=False,
         health_check_interval=0,
     )

@@ -1,0 +1,367 @@
+"""The shared rate limiter against a real redis-server (SPEC §5, issue 5).
+
+Multi-process tests start `tests/ratelimit_driver.py` pods (each its own interpreter, event
+loop and RedisRateLimiter) that POST to a RecordingServer in this process. Each request
+carries the moment the limiter released it (`time.monotonic()`, one clock for every process on
+Linux) and the server records that and its arrival time. Window bounds are asserted on the
+release times: that is what the limiter controls. Arrival times add this machine's scheduling
+noise (a stall of the recording server bunches requests that were sent on time); they are
+reported in the assertion messages and by `bench/bench_ratelimit.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.infra.redis_server import RedisEndpoint, RedisServer
+from tests.ratelimit_driver import Hit, RecordingServer, count_between, max_in_window
+from worker.metrics import Metrics
+from worker.ratelimit import RedisGcra, RedisRateLimiter
+from worker.ratelimit.redis_gcra import connect
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+DRIVER = ROOT / "tests" / "ratelimit_driver.py"
+STARTUP_S = 3.0  # time for the driver processes to import and connect before the common start
+
+
+@dataclass
+class DriverRun:
+    hits: list[Hit]
+    summaries: list[dict[str, Any]]
+    stderr: list[str]
+    start: float  # time.monotonic() of the common start
+
+    def released(self, worker: int | None = None) -> list[float]:
+        return sorted(h.released for h in self.hits if worker is None or h.worker == worker)
+
+    def arrived(self) -> list[float]:
+        return sorted(h.t for h in self.hits)
+
+
+async def run_drivers(
+    *,
+    processes: int,
+    redis_url: str,
+    qps: float,
+    replicas: int,
+    duration: float,
+    during: Callable[[RecordingServer, float], Awaitable[None]] | None = None,
+    extra: Sequence[str] = (),
+) -> DriverRun:
+    """Run `processes` driver pods on one fresh key against a new RecordingServer."""
+    server = RecordingServer()
+    await server.start()
+    start_wall = time.time() + STARTUP_S
+    start = time.monotonic() + STARTUP_S
+    key = f"app:test-{uuid.uuid4().hex[:8]}:/open_api/v1.3/event/track/"
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        for worker in range(processes):
+            argv = [
+                str(DRIVER),
+                "--url", server.url,
+                "--redis-url", redis_url,
+                "--qps", str(qps),
+                "--replicas", str(replicas),
+                "--worker", str(worker),
+                "--key", key,
+                "--start-at", repr(start_wall),
+                "--duration", str(duration),
+                *extra,
+            ]  # fmt: skip
+            procs.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    *argv,
+                    cwd=ROOT,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                )
+            )
+        outputs = [asyncio.ensure_future(p.communicate()) for p in procs]
+        if during is not None:
+            await during(server, start)
+        done = await asyncio.wait_for(asyncio.gather(*outputs), timeout=STARTUP_S + duration + 30)
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.kill()
+                await p.wait()
+        await server.stop()
+    stderr = [err.decode(errors="replace") for _, err in done]
+    for p, err in zip(procs, stderr, strict=True):
+        assert p.returncode == 0, f"driver exited with {p.returncode}:\n{err[-3000:]}"
+    summaries = [json.loads(out.decode().strip().splitlines()[-1]) for out, _ in done]
+    return DriverRun(server.hits, summaries, stderr, start)
+
+
+async def sleep_until(t: float) -> None:
+    await asyncio.sleep(max(0.0, t - time.monotonic()))
+
+
+# -- the shared budget ------------------------------------------------------------------------
+
+
+async def test_four_processes_share_one_budget_fairly(redis_url: str) -> None:
+    q, duration = 50, 20.0
+    run = await run_drivers(processes=4, redis_url=redis_url, qps=q, replicas=4, duration=duration)
+    released = run.released()
+    note = (
+        f"{len(released)} requests, per worker {[s['sent'] for s in run.summaries]}, "
+        f"worst window at release {max_in_window(released)}, "
+        f"at arrival {max_in_window(run.arrived())}, "
+        f"late slots dropped {[s['late_slots_dropped'] for s in run.summaries]}"
+    )
+    assert max_in_window(released) <= q + 1, note
+    assert len(released) >= 0.95 * q * duration, note
+    for worker in range(4):
+        assert len(run.released(worker)) >= 0.15 * len(released), note
+    assert not any(h.fallback for h in run.hits), "Redis was up: no request may be in fallback"
+
+
+async def test_script_reserves_consecutive_slots_on_redis_clock(redis_url: str) -> None:
+    client = connect(redis_url, timeout_s=1.0)
+    try:
+        gcra = RedisGcra(client=client, qps=10)
+        key = f"slots-{uuid.uuid4().hex[:8]}"
+        waits = [await gcra.reserve(key) for _ in range(5)]
+        # Slots are 100 ms apart on Redis's clock; the calls themselves take a few ms.
+        for i, wait in enumerate(waits):
+            assert i * 0.1 - 0.05 < wait <= i * 0.1 + 1e-6, waits
+        assert await gcra.reserve(key, cost=0) == pytest.approx(0.5, abs=0.05)
+        ttl_ms = await client.pttl(gcra.redis_key(key))
+        assert 1000 < ttl_ms <= 1500 + 10  # state expires soon after the schedule is idle
+        stats = await client.info("commandstats")
+        assert "cmdstat_evalsha" in stats  # the script is cached and run by SHA
+    finally:
+        await client.aclose()
+
+
+# -- Redis failure ----------------------------------------------------------------------------
+
+
+class RecordingLogger:
+    """A structlog-style logger that keeps (level, event, fields)."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, str, dict[str, Any]]] = []
+
+    def info(self, event: str, **fields: Any) -> None:
+        self.records.append(("info", event, fields))
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self.records.append(("warning", event, fields))
+
+    def events(self) -> list[str]:
+        return [event for _, event, _ in self.records]
+
+
+async def test_fallback_in_process_gauge_logs_and_return(
+    redis_factory: Callable[..., RedisServer],
+) -> None:
+    server = redis_factory(password="rl-test-pw")
+    metrics, log = Metrics(), RecordingLogger()
+    limiter = RedisRateLimiter(
+        client=connect(server.url, timeout_s=0.2),
+        qps=100,
+        expected_replicas=4,
+        metrics=metrics,
+        logger=log,
+        probe_interval_s=0.1,
+    )
+
+    def gauge() -> float | None:
+        return metrics.registry.get_sample_value("tiktok_worker_rate_limit_fallback")
+
+    try:
+        for _ in range(5):
+            await limiter.acquire("k")
+        assert gauge() == 0
+        await asyncio.to_thread(server.stop)
+        t0 = time.monotonic()
+        await asyncio.gather(*(limiter.acquire("k") for _ in range(11)))
+        elapsed = time.monotonic() - t0
+        assert gauge() == 1
+        # Never unmetered: 11 requests at the fallback rate 100 / 4 = 25/s take >= 10/25 s.
+        assert elapsed >= 10 / 25 - 0.01
+        await asyncio.to_thread(server.start)  # same port, empty data, empty script cache
+        deadline = time.monotonic() + 5
+        while gauge() != 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert gauge() == 0
+        assert not limiter.in_fallback
+        await limiter.acquire("k")  # the script is loaded again transparently (NOSCRIPT)
+        assert log.events() == ["rate_limit_fallback_local", "rate_limit_redis_restored"]
+        assert "rl-test-pw" not in repr(log.records)
+    finally:
+        await limiter.close()
+
+
+async def test_redis_stopped_mid_run_falls_back_per_worker_then_returns(
+    redis_factory: Callable[..., RedisServer],
+) -> None:
+    redis = redis_factory(password="rl-test-pw")
+    q, replicas, duration = 40, 4, 12.0
+    fallback_qps = q / replicas
+    marks: dict[str, float] = {}
+
+    async def outage(_server: RecordingServer, start: float) -> None:
+        await sleep_until(start + 4.0)
+        marks["stop"] = time.monotonic()
+        await asyncio.to_thread(redis.stop)
+        await sleep_until(start + 8.0)
+        await asyncio.to_thread(redis.start)
+        marks["up"] = time.monotonic()
+
+    run = await run_drivers(
+        processes=4,
+        redis_url=redis.url,
+        qps=q,
+        replicas=replicas,
+        duration=duration,
+        during=outage,
+    )
+    stop, up, end = marks["stop"], marks["up"], run.start + duration
+    settle = 0.5  # slots reserved from Redis before the stop are still being used
+    down = [h for h in run.hits if stop + settle <= h.released < up]
+    assert down
+    assert all(h.fallback for h in down), "the gauge is 1 while Redis is down"
+    for worker in range(4):
+        during_outage = [t for t in run.released(worker) if stop + settle <= t < up]
+        note = f"worker {worker}: {len(during_outage)} requests while Redis was down"
+        assert max_in_window(during_outage) <= fallback_qps + 1, note
+        assert len(during_outage) >= 0.8 * fallback_qps * (up - stop - settle - 1), note
+    back = [h for h in run.hits if h.released >= up + 1.5]
+    assert back
+    assert not any(h.fallback for h in back), "back on Redis: gauge 0"
+    back_times = sorted(h.released for h in back)
+    assert max_in_window(back_times) <= q + 1
+    assert len(back_times) >= 0.85 * q * (end - up - 1.5)
+    assert all(s["fallback"] == 0 for s in run.summaries)
+    for err in run.stderr:  # logged once each way, per worker
+        assert err.count("rate_limit_fallback_local") == 1, err[-2000:]
+        assert err.count("rate_limit_redis_restored") == 1, err[-2000:]
+        assert "rl-test-pw" not in err
+
+
+# -- adaptive slow-down -----------------------------------------------------------------------
+
+
+async def test_throttle_responses_slow_workers_down_then_they_recover(redis_url: str) -> None:
+    q, duration = 40, 10.0
+    marks: dict[str, float] = {}
+
+    async def throttle(server: RecordingServer, start: float) -> None:
+        await sleep_until(start + 3.0)
+        now = time.monotonic()
+        marks["throttle"] = now
+        server.throttle_window = (now, now + 0.3)
+
+    run = await run_drivers(
+        processes=2, redis_url=redis_url, qps=q, replicas=2, duration=duration, during=throttle
+    )
+    t = marks["throttle"]
+    released = run.released()
+
+    def rate(a: float, b: float) -> float:
+        return count_between(released, t + a, t + b) / (b - a)
+
+    rates = {"before": rate(-1.5, 0.0), "slowed": rate(0.5, 1.5), "after": rate(5.5, 7.0)}
+    assert all(s["throttled"] >= 1 for s in run.summaries), run.summaries
+    assert rates["before"] >= 0.85 * q, rates
+    assert rates["slowed"] <= 0.65 * q, rates
+    assert rates["after"] >= 0.85 * q, rates
+
+
+# -- TLS and password -------------------------------------------------------------------------
+
+
+class TlsRedisServer(RedisServer):
+    """redis-server with TLS only (`--port 0 --tls-port`), a password and a self-signed cert."""
+
+    def __init__(self, *, workdir: Path, password: str) -> None:
+        super().__init__(workdir=workdir, password=password)
+        self.cert = workdir / "redis.crt"
+        self.key = workdir / "redis.key"
+
+    @property
+    def url(self) -> str:
+        return f"rediss://:{self.password}@127.0.0.1:{self.port}/0?ssl_ca_certs={self.cert}"
+
+    def argv(self) -> list[str]:
+        argv = super().argv()
+        argv[argv.index("--port") + 1] = "0"
+        return [
+            *argv,
+            "--tls-port", str(self.port),
+            "--tls-cert-file", str(self.cert),
+            "--tls-key-file", str(self.key),
+            "--tls-ca-cert-file", str(self.cert),
+            "--tls-auth-clients", "no",
+        ]  # fmt: skip
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not self.cert.exists():
+            openssl = [
+                "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                "-keyout", str(self.key), "-out", str(self.cert), "-days", "1",
+                "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+            ]  # fmt: skip
+            subprocess.run(
+                openssl,
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+        super().start()
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Any:
+    server = TlsRedisServer(workdir=tmp_path / "tls-redis", password="tls-pw")
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_rediss_url_with_password_uses_tls(tls_redis: RedisEndpoint) -> None:
+    metrics = Metrics()
+    limiter = RedisRateLimiter(
+        client=connect(tls_redis.url, timeout_s=1.0),
+        qps=20,
+        expected_replicas=2,
+        metrics=metrics,
+    )
+    try:
+        waited = [await limiter.acquire("tls") for _ in range(3)]
+        assert not limiter.in_fallback
+        assert metrics.registry.get_sample_value("tiktok_worker_rate_limit_fallback") == 0
+        assert sum(waited) >= 2 * 0.05 - 0.02  # paced by Redis at 20/s
+    finally:
+        await limiter.close()
+    # A wrong password is an unusable Redis: the limiter falls back rather than let it through.
+    wrong = tls_redis.url.replace(":tls-pw@", ":wrong@")
+    metrics = Metrics()
+    limiter = RedisRateLimiter(
+        client=connect(wrong, timeout_s=1.0), qps=20, expected_replicas=2, metrics=metrics
+    )
+    try:
+        await limiter.acquire("tls")
+        assert limiter.in_fallback
+        assert metrics.registry.get_sample_value("tiktok_worker_rate_limit_fallback") == 1
+    finally:
+        await limiter.close()
