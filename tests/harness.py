@@ -78,7 +78,7 @@ class FakeTikTokProcess:
                 self._proc.wait()
 
     def events(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = http_json(self.url + "/_fake/events")["events"]
+        result: list[dict[str, Any]] = http_json(self.url + "/_fake/events")
         return result
 
     def event_ids(self) -> list[str]:
@@ -89,7 +89,7 @@ class FakeTikTokProcess:
         return result
 
     def requests(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = http_json(self.url + "/_fake/requests")["requests"]
+        result: list[dict[str, Any]] = http_json(self.url + "/_fake/requests")
         return result
 
     def fault(self, **spec: Any) -> None:
