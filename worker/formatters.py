@@ -18,9 +18,11 @@ SPEC §3 marked:
 from __future__ import annotations
 
 import hashlib
+import importlib
 import re
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Final
+from typing import Final, Protocol, cast
 
 import phonenumbers
 
@@ -41,9 +43,33 @@ _HEX64_RE: Final = re.compile(r"[0-9a-fA-F]{64}\Z")
 _JS_WS_RE: Final = re.compile(
     "[\t\n\x0b\x0c\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]+"
 )
-_NON_DIGIT_RE: Final = re.compile(r"[^0-9]+")
+_NON_DIGIT_BYTES: Final = bytes(b for b in range(256) if not 0x30 <= b <= 0x39)
 _NON_ALNUM_RE: Final = re.compile(r"[^A-Za-z0-9]+")
+_ASCII_LOWER: Final = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
+_NON_ALNUM_BYTES: Final = bytes(
+    b for b in range(256) if not (0x30 <= b <= 0x39 or 0x41 <= b <= 0x5A or 0x61 <= b <= 0x7A)
+)
 _PHONE_MAX_CHARS: Final = 15  # Segment keeps "+" and at most 14 digits
+
+
+class _Hash(Protocol):
+    def hexdigest(self) -> str: ...
+
+
+def _fastest_sha256() -> Callable[[bytes], _Hash]:
+    """CPython's built-in SHA-256 (`_sha2` in 3.12+, `_sha256` before) is ~20% faster than
+    OpenSSL's for the short inputs hashed here; fall back to hashlib if it is missing."""
+    for module in ("_sha2", "_sha256"):
+        try:
+            candidate = importlib.import_module(module).sha256
+        except (ImportError, AttributeError):
+            continue
+        if candidate(b"abc").hexdigest() == hashlib.sha256(b"abc").hexdigest():
+            return cast(Callable[[bytes], _Hash], candidate)
+    return hashlib.sha256
+
+
+_sha256: Final = _fastest_sha256()
 
 
 def is_hashed(value: str) -> bool:
@@ -57,7 +83,11 @@ def sha256_hex(value: str) -> str:
         data = value.encode()
     except UnicodeEncodeError:  # lone surrogates: encode them as U+FFFD like JavaScript does
         data = value.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode()
-    return hashlib.sha256(data).hexdigest()
+    return _sha256(data).hexdigest()
+
+
+# The functions below are on the per-event hot path: each does its whole job in one call
+# (smart-hash rules inlined) rather than composing helpers.
 
 
 def smart_hash(value: str) -> str:
@@ -71,31 +101,70 @@ def smart_hash(value: str) -> str:
 
 def hash_email(value: str, *, trim: bool = True) -> str:
     """Email: trim (SPEC §3 improvement 1; `trim=False` is Segment's rule) and lowercase."""
-    return smart_hash(value.strip().lower() if trim else value.lower())
+    value = value.strip().lower() if trim else value.lower()
+    if not value or value.isspace():
+        return ""
+    if len(value) == 64 and _HEX64_RE.match(value) is not None:
+        return value
+    try:
+        return _sha256(value.encode()).hexdigest()
+    except UnicodeEncodeError:
+        return sha256_hex(value)
 
 
 def hash_external_id(value: str) -> str:
     """External id: lowercased, not trimmed (Segment's rule, kept for matching parity)."""
-    return smart_hash(value.lower())
+    value = value.lower()
+    if not value or value.isspace():
+        return ""
+    if len(value) == 64 and _HEX64_RE.match(value) is not None:
+        return value
+    return sha256_hex(value)
 
 
 def hash_name(value: str) -> str:
     """first_name, last_name and zip_code: every whitespace character removed, lowercased."""
-    return smart_hash(_JS_WS_RE.sub("", value).lower())
+    if not value.isalnum():  # isalnum(): nothing to remove, the common case
+        value = _JS_WS_RE.sub("", value)
+        if not value:
+            return ""
+    value = value.lower()
+    if len(value) == 64 and _HEX64_RE.match(value) is not None:
+        return value
+    return sha256_hex(value)
 
 
 def format_address_part(value: str) -> str:
     """city, state, country: only ASCII letters and digits, lowercased. Plain text."""
-    return _NON_ALNUM_RE.sub("", value).lower()
+    if value.isascii() and value.isalnum():
+        return value.lower()
+    try:
+        data = value.encode()
+    except UnicodeEncodeError:
+        return _NON_ALNUM_RE.sub("", value).lower()
+    # One pass over the UTF-8 bytes: lowercase A-Z, delete everything but [a-z0-9] (bytes
+    # of multi-byte characters are >= 0x80 and go too, like JavaScript's [^A-Za-z0-9]).
+    return data.translate(_ASCII_LOWER, _NON_ALNUM_BYTES).decode()
 
 
 def normalise_phone(value: str, region: str | None = None) -> str:
     """The phone text that gets hashed (before hashing; exposed for tests and docs)."""
+    return _phone_bytes(value, region).decode()
+
+
+def _phone_bytes(value: str, region: str | None) -> bytes:
     if region is not None and not value.lstrip().startswith("+"):
         e164 = _e164(value, region)
         if e164 is not None:
-            return e164
-    return ("+" + _NON_DIGIT_RE.sub("", value))[:_PHONE_MAX_CHARS]
+            return e164.encode()
+    try:
+        data = value.encode()
+    except UnicodeEncodeError:
+        data = value.encode("utf-8", "replace")
+    # Deleting every byte that is not an ASCII digit from the UTF-8 bytes drops exactly the
+    # characters JavaScript's /\D/g drops (multi-byte characters have no ASCII bytes), and is
+    # several times faster than a regex substitution.
+    return (b"+" + data.translate(None, _NON_DIGIT_BYTES))[:_PHONE_MAX_CHARS]
 
 
 def hash_phone(value: str, region: str | None = None) -> str:
@@ -104,7 +173,7 @@ def hash_phone(value: str, region: str | None = None) -> str:
         return ""
     if len(value) == 64 and _HEX64_RE.match(value) is not None:
         return value
-    return sha256_hex(normalise_phone(value, region))
+    return _sha256(_phone_bytes(value, region)).hexdigest()
 
 
 @lru_cache(maxsize=8192)

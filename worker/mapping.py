@@ -24,18 +24,20 @@ same mapping share one plan, so hashing happens once per event even with two des
 from __future__ import annotations
 
 import math
+import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 import msgspec
 
 from worker.coerce import Uncoercible, coerce, coerce_list, js_number_str, json_kind
 from worker.config import Config, DestinationConfig, LiteralValue, SubscriptionConfig
 from worker.errors import ConfigError
+from worker.extract import Checker, Spec, compile_extractor, compile_function
 from worker.fields import (
     CONTENTS_ITEM_FIELDS,
     FIELDS,
@@ -76,10 +78,10 @@ __all__ = [
 
 INVALID_REASONS: Final = ("decode_error", "invalid_event", "event_too_large")
 _UNSET: Final = msgspec.UNSET
+_encode_event: Final = encode_event
 
 
-@dataclass(frozen=True, slots=True)
-class InvalidEvent:
+class InvalidEvent(msgspec.Struct, frozen=True):
     """Why an event cannot be sent. `destination` is None when it is bad for everyone."""
 
     reason: str  # decode_error | invalid_event | event_too_large
@@ -87,8 +89,7 @@ class InvalidEvent:
     destination: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class MappedEvent:
+class MappedEvent(msgspec.Struct, frozen=True):
     """One TikTok event ready to batch: `payload` is the encoded `data[]` element."""
 
     destination: str
@@ -99,8 +100,7 @@ class MappedEvent:
     payload: bytes
 
 
-@dataclass(slots=True)
-class EventOutcome:
+class EventOutcome(msgspec.Struct):
     """Everything that became of one Segment event of a Kafka message."""
 
     index: int
@@ -121,27 +121,19 @@ class _FieldError(Exception):
         super().__init__(self.text)
 
 
-# --------------------------------------------------------------------------- sources
+# --------------------------------------------------------------------------- fields
 
 
 def _compile_source(source: Source) -> Callable[[SegmentEvent], Any] | None:
-    """event -> raw value (None when absent); None when the field is not mapped."""
+    """event -> raw value (None when absent); None when the field is not mapped.
+
+    Used for `contents` sources; plain fields go through the generated extractor."""
     if source is None:
         return None
     if isinstance(source, Const):
         value = source.value
         return lambda event: value
     getters = [compile_getter(c) for c in source.candidates]
-    if len(getters) == 1:
-        return getters[0]
-    if len(getters) == 2:
-        first, second = getters
-
-        def either(event: SegmentEvent) -> Any:
-            v = first(event)
-            return v if v is not None else second(event)
-
-        return either
 
     def first_present(event: SegmentEvent) -> Any:
         for get in getters:
@@ -150,69 +142,70 @@ def _compile_source(source: Source) -> Callable[[SegmentEvent], Any] | None:
                 return v
         return None
 
-    return first_present
+    return getters[0] if len(getters) == 1 else first_present
 
 
-FieldFn = Callable[[SegmentEvent], Any]
+def _checker(fd: FieldDef, source: Source) -> Checker:
+    """Present raw value -> coerced value, None for a top-level "", or _FieldError."""
+    kind, enum, nested = fd.kind, fd.enum, fd.nested
+    name = fd.name
 
-
-def _absent(event: SegmentEvent) -> Any:
-    return None
-
-
-def _compile_field(fd: FieldDef, source: Source) -> FieldFn:
-    """event -> coerced value, or None when absent (null, missing, or top-level "")."""
-    get = _compile_source(source)
-    if get is None:
-        return _absent
-    name, kind, enum, nested = fd.name, fd.kind, fd.enum, fd.nested
-
-    def fail(exc: Uncoercible) -> _FieldError:
-        return _FieldError(name, source, str(exc))
+    def fail(reason: str) -> _FieldError:
+        return _FieldError(name, source, reason)
 
     if fd.multi:
 
-        def multi(event: SegmentEvent) -> Any:
-            v = get(event)
-            if v is None or (not nested and v == ""):
+        def check_list(v: Any) -> Any:
+            if not nested and v == "":
                 return None
             try:
                 out = coerce_list(v, kind)
             except Uncoercible as exc:
-                raise fail(exc) from None
+                raise fail(str(exc)) from None
             if enum is not None and any(x not in enum for x in out):
-                raise _FieldError(name, source, f"not one of {', '.join(enum)}")
+                raise fail(f"not one of {', '.join(enum)}")
             return out
 
-        return multi
-    if kind == "string" and enum is None and not nested:
+        return check_list
 
-        def plain(event: SegmentEvent) -> Any:
-            v = get(event)
-            if type(v) is str:
-                return v or None
-            if v is None:
-                return None
-            try:
-                return coerce(v, "string")
-            except Uncoercible as exc:
-                raise fail(exc) from None
-
-        return plain
-
-    def scalar(event: SegmentEvent) -> Any:
-        v = get(event)
-        if v is None or (not nested and v == ""):
+    def check(v: Any) -> Any:
+        if not nested and v == "":
             return None
         try:
             out = coerce(v, kind)
         except Uncoercible as exc:
-            raise fail(exc) from None
+            raise fail(str(exc)) from None
         if enum is not None and out not in enum:
-            raise _FieldError(name, source, f"not one of {', '.join(enum)}")
+            raise fail(f"not one of {', '.join(enum)}")
         return out
 
-    return scalar
+    return check
+
+
+def _spec(fd: FieldDef, source: Source) -> Spec:
+    """How the generated code reads one field (see worker.extract.Spec)."""
+    check = _checker(fd, source)
+    string = fd.kind == "string" and fd.enum is None
+    if string and fd.multi and not fd.nested:
+        mode = "multi_string"
+    elif string and not fd.multi:
+        mode = "nested" if fd.nested else "plain"
+    else:
+        mode = "check"
+    if source is None:
+        return (None, None, check, mode)
+    if isinstance(source, Const):
+        # Literals were validated at load: coerce once here, not per event.
+        value = check(source.value) if source.value is not None else None
+        return (None, value, None, mode)
+    return (source.candidates, None, check, mode)
+
+
+def _extractor(
+    defs: Sequence[FieldDef], sources: dict[str, Source]
+) -> Callable[[SegmentEvent], tuple[Any, ...]]:
+    """One generated function reading `defs` (in order) with their mapped sources."""
+    return compile_extractor([_spec(fd, sources[fd.name]) for fd in defs])
 
 
 # --------------------------------------------------------------------------- overrides
@@ -279,21 +272,6 @@ def _check_literal(fd: FieldDef, source: Const, where: str) -> None:
 # --------------------------------------------------------------------------- plan
 
 
-@dataclass(slots=True)
-class _Common:
-    """Everything of one TikTok event except its name and `contents`."""
-
-    user: UserOut
-    properties: dict[str, object]
-    page: PageOut | msgspec.UnsetType
-    lead: Lead | msgspec.UnsetType
-    event_id: str | None
-    event_time: int
-    event_source: str
-    test_event_code: str | None
-    limited_data_use: bool
-
-
 _PROPERTY_FIELDS: Final = (
     "content_type",
     "currency",
@@ -327,180 +305,241 @@ def _timestamp_seconds(value: str) -> int | None:
         return None
 
 
+_SCHEME_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+_HOST_SCHEMES: Final = frozenset(("http", "https", "ws", "wss", "ftp"))
+
+
 def _url_ttclid(url: str) -> str | None:
-    """The first `ttclid` query parameter of an absolute URL ("" if present but empty)."""
+    """The first `ttclid` query parameter of an absolute URL ("" if present but empty).
+
+    A relative or invalid URL is ignored, as Segment's `new URL(...)` ignores it; the query
+    is decoded like URLSearchParams (`+` is a space, percent-escapes are UTF-8)."""
     if "?" not in url:
         return None
-    try:
-        parts = urlsplit(url)
-    except ValueError:
+    m = _SCHEME_RE.match(url)
+    if m is None:
         return None
-    if not parts.scheme or (
-        parts.scheme in ("http", "https", "ws", "wss", "ftp") and not (parts.netloc)
-    ):
-        return None  # a relative or invalid URL is ignored, as with WHATWG `new URL`
-    query = parts.query
-    if "ttclid" not in query and "%" not in query:
+    scheme = url[: m.end() - 1].lower()
+    if scheme in _HOST_SCHEMES:
+        rest = url[m.end() :]
+        if not rest.startswith("//") or rest[2:3] in ("", "/", "?", "#"):
+            return None
+    query = url.partition("#")[0].partition("?")[2]
+    if "%" in query or "+" in query:
+        for name, value in parse_qsl(query, keep_blank_values=True):
+            if name == "ttclid":
+                return value
         return None
-    for name, value in parse_qsl(query, keep_blank_values=True):
+    if "ttclid" not in query:
+        return None
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
         if name == "ttclid":
             return value
     return None
 
 
+_VEHICLE_SPECIAL: Final = frozenset(
+    ("mileage_value", "mileage_unit", "preferred_price_range_min", "preferred_price_range_max")
+)
+# Fields read by the generated `evaluate` (travel/vehicle/lead have their own extractors,
+# called only when the event needs them).
+_MAIN_FIELDS: Final = tuple(
+    n
+    for n in FIELDS
+    if not n.startswith(("contents.", "travel_fields.", "vehicle_fields.", "lead_fields."))
+)
+
+
+def _var(field: str) -> str:
+    """The generated variable holding a field (names come from the fixed field table)."""
+    return "f_" + field.replace(".", "_")
+
+
+# The body of the generated `evaluate(event, now, region)`, after the field reads. It
+# builds what Segment's body builder builds (docs/segment-tiktok-destination.md §4.2).
+_EVALUATE_TAIL: Final = """\
+    event_source = f_event_source or "web"
+    if f_timestamp is None:
+        event_time = _floor(now())
+    else:
+        event_time = _ts(f_timestamp)
+        if event_time is None:
+            raise _ts_error()
+    if f_phone_number:
+        phones = [_hp(x, region) for x in f_phone_number]
+    else:
+        phones = []
+    if not f_email:
+        emails = []
+    elif len(f_email) == 1:
+        emails = [_he(f_email[0])]
+    else:
+        emails = [_he(x) for x in f_email]
+    if not f_external_id:
+        ids = []
+    elif len(f_external_id) == 1:
+        ids = [_hx(f_external_id[0])]
+    else:
+        ids = [_hx(x) for x in f_external_id]
+    user = _UserOut(
+        ids,
+        phones,
+        emails,
+        _hn(f_first_name) if f_first_name is not None else "",
+        _hn(f_last_name) if f_last_name is not None else "",
+        _addr(f_address_city) if f_address_city is not None else "",
+        _addr(f_address_state) if f_address_state is not None else "",
+        _addr(f_address_country) if f_address_country is not None else "",
+        _hn(f_address_zip_code) if f_address_zip_code is not None else "",
+    )
+    url_ttclid = _url_ttclid(f_url) if f_url else None
+    if url_ttclid or f_ttclid:
+        user.ttclid = url_ttclid if url_ttclid is not None else f_ttclid
+    if f_ttp:
+        user.ttp = f_ttp
+    if f_ip:
+        user.ip = f_ip
+    if f_user_agent:
+        user.user_agent = f_user_agent
+    if f_locale:
+        user.locale = f_locale
+    if f_url or f_referrer:
+        page = _PageOut()
+        if f_url:
+            page.url = f_url
+        if f_referrer:
+            page.referrer = f_referrer
+    else:
+        page = _UNSET
+    props = {}
+#PROPERTIES#
+    if event_source == "web":
+        if f_event_spec_type == "travel_fields":
+            _travel(event, props)
+        elif f_event_spec_type == "vehicle_fields":
+            _vehicle(event, props)
+    lead = _lead(event) if event_source == "crm" else _UNSET
+    return _Common(
+        {region: user},
+        f_phone_number,
+        props,
+        page,
+        lead,
+        f_event_id or None,
+        event_time,
+        event_source,
+        f_test_event_code or None,
+        f_limited_data_use is True,
+    )
+"""
+
+
+class _Common(msgspec.Struct):
+    """Everything of one TikTok event except its name and `contents`.
+
+    `users` holds the user object per phone default region (phones are the only user key
+    that depends on the destination); `phones` keeps the raw phones to hash for another."""
+
+    users: dict[str | None, UserOut]
+    phones: list[str] | None
+    properties: dict[str, object]
+    page: PageOut | msgspec.UnsetType
+    lead: Lead | msgspec.UnsetType
+    event_id: str | None
+    event_time: int
+    event_source: str
+    test_event_code: str | None
+    limited_data_use: bool
+
+    def user_for(self, region: str | None) -> UserOut:
+        user = self.users.get(region)
+        if user is None:
+            phones = [hash_phone(p, region) for p in self.phones] if self.phones else []
+            user = self.users[region] = msgspec.structs.replace(
+                next(iter(self.users.values())), phone=phones
+            )
+        return user
+
+
 class _Plan:
-    """The compiled field sources of one mapping (defaults + overrides) and phone region."""
+    """The compiled field sources of one mapping (defaults + overrides).
 
-    def __init__(self, sources: dict[str, Source], region: str | None) -> None:
-        self.region = region
-        fn = {name: _compile_field(FIELDS[name], sources[name]) for name in _PLAN_FIELDS}
-        self._sources = sources
-        self.event_source = fn["event_source"]
-        self.event_spec_type = fn["event_spec_type"]
-        self.event_id = fn["event_id"]
-        self.timestamp = fn["timestamp"]
-        self.phone = fn["phone_number"]
-        self.email = fn["email"]
-        self.external_id = fn["external_id"]
-        self.first_name = fn["first_name"]
-        self.last_name = fn["last_name"]
-        self.city = fn["address.city"]
-        self.state = fn["address.state"]
-        self.country = fn["address.country"]
-        self.zip_code = fn["address.zip_code"]
-        self.ttclid = fn["ttclid"]
-        self.ttp = fn["ttp"]
-        self.ip = fn["ip"]
-        self.user_agent = fn["user_agent"]
-        self.locale = fn["locale"]
-        self.url = fn["url"]
-        self.referrer = fn["referrer"]
-        self.limited_data_use = fn["limited_data_use"]
-        self.test_event_code = fn["test_event_code"]
-        self.lead_id = fn["lead_fields.lead_id"]
-        self.lead_event_source = fn["lead_fields.lead_event_source"]
-        self.properties = tuple(
-            (name, fn[name]) for name in _PROPERTY_FIELDS if sources[name] is not None
-        )
-        self.travel = tuple(
-            (d.name.partition(".")[2], _compile_field(d, sources[d.name]))
-            for d in TRAVEL_FIELDS
-            if sources[d.name] is not None
-        )
-        self.vehicle = tuple(
-            (d.name.partition(".")[2], _compile_field(d, sources[d.name]))
-            for d in VEHICLE_FIELDS
-            if sources[d.name] is not None
+    `evaluate(event, now, region)` is generated code (worker.extract); it raises _FieldError.
+    """
+
+    def __init__(self, sources: dict[str, Source]) -> None:
+        ts_source = sources["timestamp"]
+        travel_names = tuple(d.name.partition(".")[2] for d in TRAVEL_FIELDS)
+        travel = _extractor(TRAVEL_FIELDS, sources)
+        vehicle_names = tuple(d.name.partition(".")[2] for d in VEHICLE_FIELDS)
+        vehicle = _extractor(VEHICLE_FIELDS, sources)
+        lead_fields = _extractor(
+            [FIELDS["lead_fields.lead_id"], FIELDS["lead_fields.lead_event_source"]], sources
         )
 
-    def evaluate(self, event: SegmentEvent, now: Callable[[], float]) -> _Common:
-        """Map and hash the shared part of a TikTok event; raises _FieldError."""
-        event_source = self.event_source(event) or "web"
-        event_id = self.event_id(event)
-        ts = self.timestamp(event)
-        if ts is None:
-            event_time = math.floor(now())
-        else:
-            seconds = _timestamp_seconds(ts)
-            if seconds is None:
-                raise _FieldError(
-                    "timestamp", self._sources["timestamp"], "not an ISO-8601 date-time"
-                )
-            event_time = seconds
+        def add_travel(event: SegmentEvent, props: dict[str, object]) -> None:
+            for name, v in zip(travel_names, travel(event), strict=True):
+                if v is not None:
+                    props[name] = v
 
-        region = self.region
-        phones = self.phone(event)
-        emails = self.email(event)
-        ids = self.external_id(event)
-        first, last = self.first_name(event), self.last_name(event)
-        city, state, country = self.city(event), self.state(event), self.country(event)
-        zip_code = self.zip_code(event)
-        user = UserOut(
-            external_id=[hash_external_id(x) for x in ids] if ids else [],
-            phone=[hash_phone(p, region) for p in phones] if phones else [],
-            email=[hash_email(e) for e in emails] if emails else [],
-            first_name=hash_name(first) if first is not None else "",
-            last_name=hash_name(last) if last is not None else "",
-            city=format_address_part(city) if city is not None else "",
-            state=format_address_part(state) if state is not None else "",
-            country=format_address_part(country) if country is not None else "",
-            zip_code=hash_name(zip_code) if zip_code is not None else "",
+        def add_vehicle(event: SegmentEvent, props: dict[str, object]) -> None:
+            values = dict(zip(vehicle_names, vehicle(event), strict=True))
+            for name, v in values.items():
+                if name == "mileage_value":
+                    unit = values["mileage_unit"]
+                    if unit is not None and v is not None:
+                        props["mileage"] = {"unit": unit, "value": v}
+                elif name == "preferred_price_range_min":
+                    high = values["preferred_price_range_max"]
+                    if v is not None and high is not None:
+                        props["preferred_price_range"] = [v, high]
+                elif name not in _VEHICLE_SPECIAL and v is not None:
+                    props[name] = v
+
+        def lead(event: SegmentEvent) -> Lead | msgspec.UnsetType:
+            lead_id, lead_event_source = lead_fields(event)
+            if type(lead_id) is not str:
+                return _UNSET
+            out = Lead(lead_id=lead_id)
+            if lead_event_source:
+                out.lead_event_source = lead_event_source
+            return out
+
+        def ts_error() -> _FieldError:
+            return _FieldError("timestamp", ts_source, "not an ISO-8601 date-time")
+
+        properties = "\n".join(
+            f"    if {_var(n)} is not None:\n        props[{n!r}] = {_var(n)}"
+            for n in _PROPERTY_FIELDS
+            if sources[n] is not None
         )
-        url = self.url(event)
-        field_ttclid = self.ttclid(event)
-        url_ttclid = _url_ttclid(url) if url else None
-        if url_ttclid or field_ttclid:
-            user.ttclid = url_ttclid if url_ttclid is not None else field_ttclid
-        if ttp := self.ttp(event):
-            user.ttp = ttp
-        if ip := self.ip(event):
-            user.ip = ip
-        if ua := self.user_agent(event):
-            user.user_agent = ua
-        if locale := self.locale(event):
-            user.locale = locale
-
-        referrer = self.referrer(event)
-        page: PageOut | msgspec.UnsetType = _UNSET
-        if url or referrer:
-            page = PageOut()
-            if url:
-                page.url = url
-            if referrer:
-                page.referrer = referrer
-
-        props: dict[str, object] = {}
-        for name, get in self.properties:
-            v = get(event)
-            if v is not None:
-                props[name] = v
-        if event_source == "web":
-            spec = self.event_spec_type(event)
-            if spec == "travel_fields":
-                for name, get in self.travel:
-                    v = get(event)
-                    if v is not None:
-                        props[name] = v
-            elif spec == "vehicle_fields":
-                self._vehicle(event, props)
-        else:
-            self.event_spec_type(event)  # still validated (enum), like Segment
-
-        lead: Lead | msgspec.UnsetType = _UNSET
-        if event_source == "crm":
-            lead_id = self.lead_id(event)
-            if type(lead_id) is str:
-                lead = Lead(lead_id=lead_id)
-                if les := self.lead_event_source(event):
-                    lead.lead_event_source = les
-        return _Common(
-            user=user,
-            properties=props,
-            page=page,
-            lead=lead,
-            event_id=event_id or None,
-            event_time=event_time,
-            event_source=event_source,
-            test_event_code=self.test_event_code(event) or None,
-            limited_data_use=self.limited_data_use(event) is True,
+        self.evaluate: Callable[[SegmentEvent, Callable[[], float], str | None], _Common] = (
+            compile_function(
+                [_spec(FIELDS[n], sources[n]) for n in _MAIN_FIELDS],
+                [_var(n) for n in _MAIN_FIELDS],
+                signature="event, now, region",
+                tail=_EVALUATE_TAIL.replace("#PROPERTIES#", properties or "    pass").splitlines(),
+                namespace={
+                    "_floor": math.floor,
+                    "_ts": _timestamp_seconds,
+                    "_ts_error": ts_error,
+                    "_hp": hash_phone,
+                    "_he": hash_email,
+                    "_hx": hash_external_id,
+                    "_hn": hash_name,
+                    "_addr": format_address_part,
+                    "_url_ttclid": _url_ttclid,
+                    "_UserOut": UserOut,
+                    "_PageOut": PageOut,
+                    "_Common": _Common,
+                    "_UNSET": _UNSET,
+                    "_travel": add_travel,
+                    "_vehicle": add_vehicle,
+                    "_lead": lead,
+                },
+            )
         )
-
-    def _vehicle(self, event: SegmentEvent, props: dict[str, object]) -> None:
-        values = {name: get(event) for name, get in self.vehicle}
-        for name, _ in self.vehicle:
-            v = values[name]
-            if name == "mileage_value":
-                unit = values.get("mileage_unit")
-                if unit is not None and v is not None:
-                    props["mileage"] = {"unit": unit, "value": v}
-            elif name == "preferred_price_range_min":
-                high = values.get("preferred_price_range_max")
-                if v is not None and high is not None:
-                    props["preferred_price_range"] = [v, high]
-            elif name in ("mileage_unit", "preferred_price_range_max"):
-                continue
-            elif v is not None:
-                props[name] = v
 
 
 # --------------------------------------------------------------------------- contents
@@ -508,77 +547,81 @@ class _Plan:
 ContentsFn = Callable[[SegmentEvent], list[dict[str, Any]]]
 
 
-def _constant(value: Any) -> Callable[[Any], Any]:
-    return lambda item: value
+def _item_getter(candidates: tuple[tuple[str, ...], ...]) -> Callable[[Any], Any]:
+    """item -> first present non-null candidate; None if one was null; else MISSING."""
+    getters = [compile_item_getter(c) for c in candidates]
+
+    def get(item: Any) -> Any:
+        result: Any = MISSING
+        for g in getters:
+            v = g(item)
+            if v is not MISSING and v is not None:
+                return v
+            if v is None:
+                result = None
+        return result
+
+    return get
 
 
 def _compile_contents(source: Source, items: dict[str, Source]) -> ContentsFn:
-    """`contents` from `source` (object: one item; array: items), each item mapped."""
-    get = _compile_source(source)
-    if get is None:
+    """`contents` from `source` (an object is one item, an array is many), as generated code.
+
+    Like Segment's `@arrayPath`: a row that is not an object maps to `{}`; a key whose path
+    is missing is omitted; an explicit null is coerced (0 or "") and kept.
+    """
+    if source is None:
         return lambda event: []
-    specs: list[tuple[str, str | None, Callable[[Any], Any], str, Source]] = []
+    names: dict[str, Any] = {"_M": MISSING, "_EMPTY": {}}
+
+    def name(prefix: str, value: Any) -> str:
+        n = f"{prefix}{len(names)}"
+        names[n] = value
+        return n
+
+    def bad_source(value: Any) -> _FieldError:
+        return _FieldError("contents", source, f"expected object or array, got {json_kind(value)}")
+
+    lines = [
+        "    if v is None or v == '':",
+        "        return []",
+        "    if type(v) is dict:",
+        "        rows = (v,)",
+        "    elif type(v) is list:",
+        "        rows = v",
+        "    else:",
+        f"        raise {name('_bad', bad_source)}(v)",
+        "    out = []",
+        "    for row in rows:",
+        "        d = row if type(row) is dict else _EMPTY",
+        "        item = {}",
+    ]
     for fd in CONTENTS_ITEM_FIELDS:
         item_source = items[fd.name]
         if item_source is None:
             continue
-        out_key = fd.name.partition(".")[2]
+        key = fd.name.partition(".")[2]
+        check = name("_c", _checker(fd, item_source))
         if isinstance(item_source, Const):
-            specs.append((out_key, None, _constant(item_source.value), fd.kind, item_source))
+            if item_source.value is not None:
+                lines.append(f"        item[{key!r}] = {name('_k', item_source.value)}")
             continue
-        # Only the first candidate is used for an item path unless it is missing.
-        getters = [compile_item_getter(c) for c in item_source.candidates]
-        simple = (
-            item_source.candidates[0][0]
-            if (len(getters) == 1 and len(item_source.candidates[0]) == 1)
-            else None
-        )
-
-        def item_get(item: Any, gs: list[Callable[[Any], Any]] = getters) -> Any:
-            result: Any = MISSING
-            for g in gs:
-                v = g(item)
-                if v is not MISSING and v is not None:
-                    return v
-                if v is None:
-                    result = None
-            return result
-
-        specs.append((out_key, simple, item_get, fd.kind, item_source))
-    plan = tuple(specs)
-
-    def contents(event: SegmentEvent) -> list[dict[str, Any]]:
-        v = get(event)
-        if v is None or v == "":
-            return []
-        if type(v) is dict:
-            rows: list[Any] = [v]
-        elif type(v) is list:
-            rows = v
+        cands = item_source.candidates
+        if len(cands) == 1 and len(cands[0]) == 1:
+            lines.append(f"        x = d.get({cands[0][0]!r}, _M)")
         else:
-            raise _FieldError("contents", source, f"expected object or array, got {json_kind(v)}")
-        out = []
-        for row in rows:
-            item: dict[str, Any] = {}
-            is_dict = type(row) is dict
-            for key, simple_key, item_get, kind, isrc in plan:
-                if simple_key is not None:
-                    x = row.get(simple_key, MISSING) if is_dict else MISSING
-                else:
-                    x = item_get(row)
-                if x is MISSING:
-                    continue
-                if kind == "string" and type(x) is str:
-                    item[key] = x
-                    continue
-                try:
-                    item[key] = coerce(x, kind)
-                except Uncoercible as exc:
-                    raise _FieldError(f"contents[].{key}", isrc, str(exc)) from None
-            out.append(item)
-        return out
-
-    return contents
+            lines.append(f"        x = {name('_g', _item_getter(cands))}(row)")
+        fast = "type(x) is str" if fd.kind == "string" else "type(x) is int"
+        lines.append("        if x is not _M:")
+        lines.append(f"            item[{key!r}] = x if {fast} else {check}(x)")
+    lines += ["        out.append(item)", "    return out"]
+    spec: Spec = (
+        (None, source.value, None, "raw")
+        if isinstance(source, Const)
+        else (source.candidates, None, None, "raw")
+    )
+    fn: ContentsFn = compile_function([spec], ["v"], tail=lines, namespace=names)
+    return fn
 
 
 _CONTENTS_SOURCES: Final[dict[str, Source]] = {
@@ -615,6 +658,7 @@ class _Destination:
         self.name = dest.name
         self.pixel_code = dest.pixel_code
         self.test_event_code = dest.test_event_code or None
+        self.region = dest.phone_default_region
         self.partner_name = partner_name
         self.when = parse_trigger(dest.when) if dest.when is not None else None
         self.subs = subs
@@ -680,13 +724,12 @@ class Mapper:
             for order, (name, trigger, event, contents, overrides) in enumerate(specs):
                 sources = _default_sources()
                 sources.update({k: v for k, v in overrides.items() if k != "contents"})
-                plan_key = (
-                    tuple(sorted((k, _source_key(v)) for k, v in sources.items())),
-                    dest.phone_default_region,
-                )
+                # Destinations with the same mapping share a plan, so an event is mapped
+                # and hashed once however many destinations it goes to.
+                plan_key = tuple(sorted((k, _source_key(v)) for k, v in sources.items()))
                 plan = plans.get(plan_key)
                 if plan is None:
-                    plan = plans[plan_key] = _Plan(sources, dest.phone_default_region)
+                    plan = plans[plan_key] = _Plan(sources)
                 csource = (
                     overrides["contents"]
                     if "contents" in overrides
@@ -704,6 +747,17 @@ class Mapper:
 
     def map_message(self, value: bytes | None) -> list[EventOutcome]:
         """All outcomes of one Kafka message value. Never raises."""
+        if value and value[:1] == b"{" and b'"batch"' not in value:
+            # The common case, one event per message, without the framing machinery.
+            try:
+                event = decode_event(value)
+            except DecodeFailure as exc:
+                return [_failed(0, False, value, exc.reason, exc.error)]
+            try:
+                return [self.map_event(event, raw=value)]
+            except Exception as exc:  # defensive: a mapper bug must not stop the partition
+                error = f"internal mapping error: {type(exc).__name__}"
+                return [_failed(0, False, value, "invalid_event", error)]
         raw = value if value is not None else b""
         try:
             items = split_message(value)
@@ -756,55 +810,46 @@ class Mapper:
         for sub in dest.candidates(EVENT_TYPES[type(event)], event.event):
             if not sub.trigger.predicate(event):
                 continue
-            try:
-                common = memo.get(id(sub.plan))
-                if common is None:
-                    try:
-                        common = sub.plan.evaluate(event, now)
-                    except _FieldError as exc:
-                        common = exc
-                    memo[id(sub.plan)] = common
-                if isinstance(common, _FieldError):
-                    raise common
-                cid = id(sub.contents)
-                contents = memo.get(cid)
-                if contents is None:
-                    try:
-                        contents = sub.contents(event)
-                    except _FieldError as exc:
-                        contents = exc
-                    memo[cid] = contents
-                if isinstance(contents, _FieldError):
-                    raise contents
-            except _FieldError as exc:
-                failure = InvalidEvent("invalid_event", exc.text, dest.name)
+            plan = sub.plan
+            common: _Common | _FieldError | None = memo.get(id(plan))
+            if common is None:
+                try:
+                    common = plan.evaluate(event, now, dest.region)
+                except _FieldError as exc:
+                    common = exc
+                memo[id(plan)] = common
+            contents_fn = sub.contents
+            contents: list[dict[str, Any]] | _FieldError | None = memo.get(id(contents_fn))
+            if contents is None:
+                try:
+                    contents = contents_fn(event)
+                except _FieldError as exc:
+                    contents = exc
+                memo[id(contents_fn)] = contents
+            if isinstance(common, _FieldError) or isinstance(contents, _FieldError):
+                error = common if isinstance(common, _FieldError) else contents
+                assert isinstance(error, _FieldError)
+                failure = InvalidEvent("invalid_event", error.text, dest.name)
                 if failure not in invalid:
                     invalid.append(failure)
                 continue
             properties: dict[str, object] = {"contents": contents}
             properties.update(common.properties)
-            payload = encode_event(
+            event_id = common.event_id
+            payload = _encode_event(
                 EventOut(
-                    event=sub.event,
-                    event_time=common.event_time,
-                    event_id=common.event_id if common.event_id is not None else _UNSET,
-                    user=common.user,
-                    properties=properties,
-                    page=common.page,
-                    lead=common.lead,
-                    limited_data_use=common.limited_data_use,
+                    sub.event,
+                    common.event_time,
+                    event_id if event_id is not None else _UNSET,
+                    common.user_for(dest.region),
+                    properties,
+                    common.page,
+                    common.lead,
+                    common.limited_data_use,
                 )
             )
-            mapped.append(
-                MappedEvent(
-                    destination=dest.name,
-                    subscription=sub.name,
-                    event=sub.event,
-                    key=dest.key(common.event_source, common.test_event_code),
-                    event_id=common.event_id,
-                    payload=payload,
-                )
-            )
+            key = dest.key(common.event_source, common.test_event_code)
+            mapped.append(MappedEvent(dest.name, sub.name, sub.event, key, event_id, payload))
 
 
 def _source_key(source: Source) -> Any:

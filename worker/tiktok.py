@@ -77,18 +77,19 @@ class Lead(msgspec.Struct, omit_defaults=True):
     lead_event_source: str | msgspec.UnsetType = msgspec.UNSET
 
 
-class EventOut(msgspec.Struct, omit_defaults=True, kw_only=True):
-    """One element of `data[]`, keys in Segment's order. `user`, `properties` and
-    `limited_data_use` are always present; `properties` is a plain dict because its key set
-    varies widely (travel and vehicle fields are flat in it)."""
+class EventOut(msgspec.Struct, omit_defaults=True):
+    """One element of `data[]`, keys in Segment's order. Every field is passed (positional
+    construction is the cheapest); UNSET ones are left out of the JSON. `user`, `properties`
+    and `limited_data_use` are always present; `properties` is a plain dict because its key
+    set varies widely (travel and vehicle fields are flat in it)."""
 
     event: str
     event_time: int
-    event_id: str | msgspec.UnsetType = msgspec.UNSET
+    event_id: str | msgspec.UnsetType
     user: UserOut
     properties: dict[str, object]
-    page: PageOut | msgspec.UnsetType = msgspec.UNSET
-    lead: Lead | msgspec.UnsetType = msgspec.UNSET
+    page: PageOut | msgspec.UnsetType
+    lead: Lead | msgspec.UnsetType
     limited_data_use: bool
 
 

@@ -1,0 +1,152 @@
+"""Decode + map throughput on one core, for a realistic Segment e-commerce mix.
+
+Prints one JSON object: events/s (min/median/max over the rounds) for msgspec typed decode
+alone and for decode + route + map + hash + encode with the `documented` presets, with one
+and with two destinations. Run: `.venv/bin/python bench/bench_mapping.py [--events N]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+import uuid
+from typing import Any
+
+import msgspec
+
+from worker.config import parse_config
+from worker.mapping import Mapper
+from worker.segment import decode_event
+
+_CONFIG = """
+destinations:
+  - name: web-shop
+    pixel_code: COQDA8RC77U2TMR44LI0
+    access_token: token-1
+    presets: documented
+{second}
+"""
+_SECOND = """  - name: web-shop-eu
+    pixel_code: BU35TSQHT2A1QT375OMG
+    access_token: token-2
+    presets: documented
+    phone_default_region: GB
+"""
+
+_AGENT = (
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/124.0.0.0 Safari/537.36"
+)
+_PRODUCTS = [
+    {"product_id": f"sku-{i}", "name": f"Product {i}", "category": "Shoes", "brand": "Brand X",
+     "price": round(10 + i * 3.5, 2), "quantity": 1 + i % 3}
+    for i in range(20)
+]
+
+
+def _context(rng: random.Random, user: int, path: str) -> dict[str, Any]:
+    query = f"?ttclid=E.C.P.{rng.randrange(10**9)}" if rng.random() < 0.2 else ""
+    return {
+        "ip": f"203.0.113.{user % 250}",
+        "userAgent": _AGENT,
+        "locale": "en-US",
+        "library": {"name": "analytics.js", "version": "5.2.0"},
+        "page": {
+            "url": f"https://shop.example.com{path}{query}",
+            "referrer": "https://www.google.com/",
+            "path": path,
+            "title": "Shop",
+        },
+        "traits": {
+            "email": f"User{user}@Example.com",
+            "phone": f"+1 (555) 010-{user % 10000:04d}",
+            "first_name": "Ada",
+            "last_name": "Lovelace",
+            "address": {"city": "San Francisco", "state": "CA", "country": "US",
+                        "postal_code": "94107"},
+        },
+    }
+
+
+def make_events(n: int, seed: int = 7) -> list[bytes]:
+    """A mix: 40% page, 15% identify, 45% track (viewed, added, checkout, order, search)."""
+    rng = random.Random(seed)
+    out: list[bytes] = []
+    for _ in range(n):
+        user = rng.randrange(100_000)
+        base: dict[str, Any] = {
+            "messageId": str(uuid.UUID(int=rng.getrandbits(128))),
+            "timestamp": "2024-05-01T12:%02d:%02d.%03dZ"
+            % (rng.randrange(60), rng.randrange(60), rng.randrange(1000)),
+            "anonymousId": str(uuid.UUID(int=rng.getrandbits(128))),
+            "userId": f"user-{user}",
+        }
+        r = rng.random()
+        if r < 0.40:
+            event = {**base, "type": "page", "name": "Product", "properties": {"path": "/p"},
+                     "context": _context(rng, user, "/products/shoe")}
+        elif r < 0.55:
+            event = {**base, "type": "identify", "traits": {"email": f"user{user}@example.com"},
+                     "context": _context(rng, user, "/account")}
+        else:
+            kind = rng.choice(["Product Viewed", "Product Added", "Checkout Started",
+                               "Order Completed", "Products Searched"])
+            products = rng.sample(_PRODUCTS, rng.randint(1, 4))
+            props: dict[str, Any]
+            if kind in ("Product Viewed", "Product Added"):
+                props = {**products[0], "currency": "USD", "value": products[0]["price"]}
+            elif kind == "Products Searched":
+                props = {"query": "running shoes"}
+            else:
+                total = round(sum(p["price"] * p["quantity"] for p in products), 2)
+                props = {"order_id": f"o-{rng.randrange(10**6)}", "currency": "USD",
+                         "revenue": total, "products": products}
+            event = {**base, "type": "track", "event": kind, "properties": props,
+                     "context": _context(rng, user, "/checkout")}
+        out.append(msgspec.json.encode(event))
+    return out
+
+
+def _rate(fn: Any, events: list[bytes], rounds: int) -> dict[str, float]:
+    rates = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for raw in events:
+            fn(raw)
+        rates.append(len(events) / (time.perf_counter() - start))
+    return {
+        "min": round(min(rates)),
+        "median": round(statistics.median(rates)),
+        "max": round(max(rates)),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    events = make_events(args.events)
+    mapper1 = Mapper(parse_config(_CONFIG.format(second="")), now=lambda: 1.7e9)
+    mapper2 = Mapper(parse_config(_CONFIG.format(second=_SECOND)), now=lambda: 1.7e9)
+    mapped1 = sum(len(o.mapped) for raw in events for o in mapper1.map_message(raw))
+    result = {
+        "events": len(events),
+        "rounds": args.rounds,
+        "mean_event_bytes": round(sum(map(len, events)) / len(events)),
+        "mapped_per_event_1_destination": round(mapped1 / len(events), 3),
+        "decode_only_events_per_s": _rate(decode_event, events, args.rounds),
+        "decode_map_1_destination_events_per_s": _rate(mapper1.map_message, events, args.rounds),
+        "decode_map_2_destinations_events_per_s": _rate(mapper2.map_message, events, args.rounds),
+        "python": sys.version.split()[0],
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
