@@ -1,0 +1,158 @@
+"""`tiktok-worker dlq inspect`: what is in the dead-letter topic, and why.
+
+Reads the topic from the beginning to the high watermarks captured at start (never waits for
+new records, never commits, never joins a group) and prints, in a stable plain-text format:
+the record count, oldest/newest `dlq.failed_at`, counts by reason, destination and TikTok
+code, how many records no redrive has handled yet, and up to three sample `dlq.error` texts
+per reason (most frequent first). Exit 0; 1 when Kafka or the topic is unavailable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Final
+
+from worker.app import preflight
+from worker.config import Config, load_config
+from worker.dlq_reader import BoundedReader, DeadLetterRecord, reader_config
+from worker.errors import WorkerError
+from worker.logs import configure_logging
+from worker.redrive import RedriveLedger
+
+SAMPLES_PER_REASON: Final = 3
+MAX_DISTINCT_ERRORS: Final = 1000  # per reason; bounds memory on a huge, varied topic
+NONE_LABEL: Final = "(none)"
+POLL_BATCH: Final = 1000
+POLL_TIMEOUT_S: Final = 0.5
+
+
+@dataclass(slots=True)
+class Summary:
+    """Aggregates of the dead letters read. `awaiting_redrive` is None when unknown."""
+
+    topic: str
+    partitions: int
+    total: int = 0
+    by_reason: Counter[str] = field(default_factory=Counter)
+    by_destination: Counter[str] = field(default_factory=Counter)
+    by_code: Counter[str] = field(default_factory=Counter)
+    errors: dict[str, Counter[str]] = field(default_factory=dict)
+    oldest: str | None = None
+    newest: str | None = None
+    awaiting_redrive: int | None = None
+    redriven_before: int = 0
+    written_back: int = 0
+
+    def add(self, record: DeadLetterRecord, ledger: RedriveLedger | None) -> None:
+        self.total += 1
+        reason = record.reason or NONE_LABEL
+        self.by_reason[reason] += 1
+        self.by_destination[record.destination or NONE_LABEL] += 1
+        self.by_code[str(record.code) if record.code is not None else NONE_LABEL] += 1
+        errors = self.errors.setdefault(reason, Counter())
+        text = record.error.strip() or "(no dlq.error header)"
+        if text in errors or len(errors) < MAX_DISTINCT_ERRORS:
+            errors[text] += 1
+        when = record.failed_at
+        if when is not None:
+            if self.oldest is None or when < self.oldest:
+                self.oldest = when
+            if self.newest is None or when > self.newest:
+                self.newest = when
+        if record.redrive_count:
+            self.written_back += 1
+        if ledger is not None and self.awaiting_redrive is not None:
+            if ledger.handled_by(record) is None:
+                self.awaiting_redrive += 1
+            else:
+                self.redriven_before += 1
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    configure_logging(level="info" if args.debug else "warning", fmt=config.logging.format)
+    summary = inspect_topic(config)
+    sys.stdout.write(render(summary))
+    sys.stdout.flush()
+    return 0
+
+
+def inspect_topic(config: Config) -> Summary:
+    """Read the whole dead-letter topic once and aggregate it."""
+    preflight(config)
+    kafka = config.kafka
+    ledger: RedriveLedger | None
+    try:
+        ledger = RedriveLedger.load(config)
+    except WorkerError:
+        ledger = None  # no permission to list groups: the count is left out, not guessed
+    reader = BoundedReader(
+        # A group id is required by the client; nothing is ever committed to it.
+        config=reader_config(
+            kafka.bootstrap_servers, kafka.client, kafka.group_id + "-dlq-inspect"
+        ),
+        topic=kafka.dead_letter_topic,
+        from_committed=False,
+    )
+    try:
+        reader.open()
+        summary = Summary(topic=kafka.dead_letter_topic, partitions=len(reader.ranges))
+        if ledger is not None:
+            summary.awaiting_redrive = 0
+        while not reader.done:
+            for record in reader.poll(POLL_BATCH, POLL_TIMEOUT_S):
+                summary.add(record, ledger)
+    finally:
+        reader.close()
+    return summary
+
+
+def _table(title: str, counts: Counter[str]) -> Iterable[str]:
+    yield f"{title}:"
+    width = max((len(k) for k in counts), default=0)
+    # Most frequent first; ties by name so the output is stable.
+    for key, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        yield f"  {key:<{width}}  {count}"
+
+
+def render(summary: Summary) -> str:
+    """The report as text, one trailing newline."""
+    lines = [
+        f"dead-letter topic {summary.topic}: {summary.total} record(s) "
+        f"in {summary.partitions} partition(s)"
+    ]
+    if summary.total == 0:
+        return lines[0] + "\n"
+    lines.append(f"oldest failed_at: {summary.oldest or 'unknown'}")
+    lines.append(f"newest failed_at: {summary.newest or 'unknown'}")
+    if summary.awaiting_redrive is not None:
+        lines.append(
+            f"not yet redriven: {summary.awaiting_redrive} "
+            f"(handled by an earlier redrive: {summary.redriven_before})"
+        )
+    else:
+        lines.append("not yet redriven: unknown (cannot list the redrive consumer groups)")
+    if summary.written_back:
+        lines.append(f"written back by a redrive (failed again): {summary.written_back}")
+    lines.append("")
+    lines.extend(_table("by reason", summary.by_reason))
+    lines.append("")
+    lines.extend(_table("by destination", summary.by_destination))
+    lines.append("")
+    lines.extend(_table("by TikTok code", summary.by_code))
+    lines.append("")
+    lines.append("sample errors:")
+    for reason, _count in sorted(summary.by_reason.items(), key=lambda kv: (-kv[1], kv[0])):
+        lines.append(f"  {reason}:")
+        errors = summary.errors.get(reason, Counter())
+        top = sorted(errors.items(), key=lambda kv: (-kv[1], kv[0]))[:SAMPLES_PER_REASON]
+        for text, count in top:
+            lines.append(f"    {count} x {text}")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["Summary", "inspect_topic", "render", "run"]
