@@ -1,0 +1,220 @@
+"""The container image: the Dockerfile's install steps, replayed without a Docker engine.
+
+The Dockerfile (1) builds the worker's wheel with `pip wheel --no-deps .`, (2) collects the
+dependencies as binary wheels, (3) installs them with `--no-index` into a fresh virtualenv that
+has no pip of its own. These tests run the same steps into a temporary directory and run the
+installed `tiktok-worker` from there, far from the source tree, so a module or dependency missing
+from the package metadata fails here rather than in a cluster. The dependency wheels are
+collected once per pyproject.toml into the cache (the only network use); later runs are offline.
+The Dockerfile's own shape (stages, user, entrypoint) is checked statically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+import venv
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.chart_support import ROOT, cache_root, render
+from worker import __version__
+
+BUILD_REQUIRES = ("setuptools>=68", "wheel")  # pyproject.toml [build-system] requires
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+
+
+def _pip(*args: str, timeout: float = 300) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "--disable-pip-version-check", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, f"pip {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+
+
+def _build_context(dest: Path) -> Path:
+    """The Docker build context: the files .dockerignore lets through (what COPY can see)."""
+    dest.mkdir()
+    shutil.copy2(ROOT / "pyproject.toml", dest)
+    shutil.copy2(ROOT / "README.md", dest)
+    shutil.copytree(
+        ROOT / "worker", dest / "worker", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
+    return dest
+
+
+@dataclass(frozen=True)
+class Image:
+    venv: Path  # the virtualenv the worker was installed into
+    context: Path  # the build context the wheel was built from
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Image:
+    """A fresh virtualenv holding the worker installed as the Dockerfile installs it."""
+    tmp = tmp_path_factory.mktemp("image")
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
+    wheelhouse = cache_root() / f"wheelhouse-{digest}"
+    complete = wheelhouse / ".complete"
+    if not complete.exists():  # the build backend, for an isolated but offline build
+        _pip("download", "--only-binary=:all:", "--dest", str(wheelhouse), *BUILD_REQUIRES)
+    offline = ["--no-index", "--find-links", str(wheelhouse)]
+    # Stage 1: the worker's wheel, built from exactly the build context.
+    dist = tmp / "dist"
+    context = _build_context(tmp / "src")
+    _pip("wheel", "--no-deps", *offline, "--wheel-dir", str(dist), str(context))
+    (wheel,) = dist.glob("tiktok_conversions_worker-*.whl")
+    # Stage 1: every dependency as a binary wheel (collected once per pyproject.toml).
+    if not complete.exists():
+        _pip("wheel", "--only-binary=:all:", "--wheel-dir", str(wheelhouse), str(wheel))
+        for own in wheelhouse.glob("tiktok_conversions_worker-*.whl"):
+            own.unlink()  # pip copies the input wheel; a stale copy must never be installed
+        complete.touch()
+    # Stage 2: a virtualenv without pip, filled offline from the wheels.
+    target = tmp / "venv"
+    venv.EnvBuilder(with_pip=False).create(target)
+    python = str(target / "bin" / "python")
+    _pip("--python", python, "install", *offline, str(wheel))
+    return Image(venv=target, context=context)
+
+
+def _run(venv_dir: Path, *args: str, env: dict[str, str] | None = None, cwd: Path) -> str:
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    proc = subprocess.run(
+        [str(venv_dir / "bin" / "tiktok-worker"), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**clean, "PYTHONDONTWRITEBYTECODE": "1", **(env or {})},
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def test_installed_console_script_reports_the_version(image: Image, tmp_path: Path) -> None:
+    out = _run(image.venv, "--version", cwd=tmp_path)
+    assert out.strip() == f"tiktok-worker {__version__}"
+    assert not (image.venv / "bin" / "pip").exists()  # like the image: no pip in the venv
+
+
+def test_installed_package_is_complete(image: Image, tmp_path: Path) -> None:
+    # Every module of the build context is in the wheel, and every import resolves from the venv.
+    modules = sorted(
+        ".".join(p.relative_to(image.context).with_suffix("").parts)
+        for p in (image.context / "worker").rglob("*.py")
+        if p.name != "__main__.py"
+    )
+    code = (
+        "import importlib, sys, worker\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "assert not worker.__file__.startswith(sys.argv[1]), worker.__file__\n"
+        "print(worker.__file__)"
+    )
+    proc = subprocess.run(
+        [str(image.venv / "bin" / "python"), "-c", code, str(ROOT)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert str(image.venv) in proc.stdout
+
+
+def test_installed_worker_accepts_the_charts_config(image: Image, tmp_path: Path) -> None:
+    (cm,) = [o for o in render() if o["kind"] == "ConfigMap"]
+    path = tmp_path / "config.yaml"
+    path.write_text(cm["data"]["config.yaml"])
+    env = {"TIKTOK_ACCESS_TOKEN": "image-test-token-0123456789", "TIKTOK_PIXEL_CODE": "PIXEL1"}
+    out = _run(image.venv, "check-config", "--config", str(path), env=env, cwd=tmp_path)
+    assert "configuration OK" in out
+    assert "image-test-token-0123456789" not in out
+
+
+# --------------------------------------------------------------------------- static checks
+
+
+def test_build_requirements_match_pyproject() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert tuple(pyproject["build-system"]["requires"]) == BUILD_REQUIRES
+
+
+def _stages() -> list[list[str]]:
+    """Dockerfile instructions (continuations joined), split into build stages."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    stages: list[list[str]] = []
+    for line in lines:
+        if line.upper().startswith("FROM "):
+            stages.append([])
+        if stages:
+            stages[-1].append(line)
+    return stages
+
+
+def test_dockerfile_is_multi_stage_on_slim_python() -> None:
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim", text, flags=re.MULTILINE)
+    build, runtime = _stages()
+    assert build[0] == "FROM ${PYTHON_IMAGE} AS build"
+    assert runtime[0] == "FROM ${PYTHON_IMAGE} AS runtime"
+    assert any("pip wheel --no-deps" in line for line in build)
+
+
+def test_final_stage_runs_tiktok_worker_as_non_root_without_build_tools() -> None:
+    runtime = _stages()[-1]
+    joined = "\n".join(runtime)
+    users = [line.split()[1] for line in runtime if line.startswith("USER ")]
+    assert users == ["10001:10001"]
+    assert 'ENTRYPOINT ["tiktok-worker"]' in runtime
+    assert 'CMD ["run", "--config", "/etc/tiktok-worker/config.yaml"]' in runtime
+    assert "EXPOSE 9464" in runtime
+    assert "--no-index" in joined
+    for tool in ("apt-get", "gcc", "build-essential", "COPY --from=build /wheels"):
+        assert tool not in joined, f"{tool} in the final stage"
+    assert "pip uninstall" in joined
+
+
+def test_dockerignore_sends_only_what_the_build_copies() -> None:
+    lines = [
+        ln.strip()
+        for ln in DOCKERIGNORE.read_text().splitlines()
+        if ln.strip()[:1] not in ("", "#")
+    ]
+    assert lines[0] == "**"
+    allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
+    copied = set()
+    for stage in _stages():
+        for line in stage:
+            if line.startswith("COPY ") and "--from" not in line:
+                copied |= set(line.split()[1:-1])
+    assert copied == allowed == {"pyproject.toml", "README.md", "worker"}
+
+
+def test_chart_default_security_context_matches_the_image() -> None:
+    values = yaml.safe_load(
+        (ROOT / "helm" / "tiktok-conversions-worker" / "values.yaml").read_text()
+    )
+    runtime = _stages()[-1]
+    (user,) = [line.split()[1] for line in runtime if line.startswith("USER ")]
+    uid, gid = (int(x) for x in user.split(":"))
+    assert values["securityContext"]["runAsUser"] == uid
+    assert values["securityContext"]["runAsGroup"] == gid
+    assert values["podSecurityContext"]["fsGroup"] == gid
