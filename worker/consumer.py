@@ -25,6 +25,11 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from worker.metrics import Metrics
 
 CONSUME_TIMEOUT_S: Final = 0.1
+# Batches handed to the event loop and not yet processed. Bounding them keeps the thread from
+# racing ahead of the pipeline, so a pause decided by the pipeline takes effect within about
+# this many batches (memory bound), while still overlapping consume and processing.
+MAX_UNPROCESSED_BATCHES: Final = 2
+HANDOFF_WAIT_S: Final = 0.05
 STATS_INTERVAL_MS: Final = 5000
 TopicPartitionKey = tuple[str, int]
 
@@ -98,6 +103,7 @@ class ConsumerThread:
         config["error_cb"] = self._on_error
         self._consumer = consumer_factory(config)
         self._requests: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._handoff = threading.BoundedSemaphore(MAX_UNPROCESSED_BATCHES)
         self._stop = threading.Event()
         self._pause_wanted = False
         self._paused: set[TopicPartitionKey] = set()
@@ -156,6 +162,13 @@ class ConsumerThread:
                 result[(topic, partition)] = high
         return result
 
+    def _deliver(self, messages: Sequence[Message]) -> None:
+        """On the event loop: hand a batch to the pipeline, then let the thread fetch more."""
+        try:
+            self._sink.on_messages(messages)
+        finally:
+            self._handoff.release()
+
     # -- the thread --------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -169,11 +182,15 @@ class ConsumerThread:
             while not self._stop.is_set():
                 self.heartbeat = time.monotonic()
                 self._serve_requests()
+                if not self._handoff.acquire(timeout=HANDOFF_WAIT_S):
+                    continue  # the pipeline is behind: wait for it before fetching more
                 self._apply_pause()
                 messages = self._consumer.consume(self._batch_size, CONSUME_TIMEOUT_S)
                 if messages:
                     self.brokers_down = False
-                    self._loop.call_soon_threadsafe(self._sink.on_messages, messages)
+                    self._loop.call_soon_threadsafe(self._deliver, messages)
+                else:
+                    self._handoff.release()
             self._shutdown()
         except BaseException as exc:
             self._log.error("consumer thread failed", error=str(exc))

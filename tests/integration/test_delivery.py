@@ -194,8 +194,8 @@ def _end_offsets(s: Scenario) -> dict[int, int]:
 def test_kill_9_and_restart_loses_nothing(scenario: Any) -> None:
     s: Scenario = scenario()
     s.produce_events(4000)
-    s.fake.fault(kind="slow", delay_s=0.05)  # keep the stream going long enough to kill mid-way
-    first = s.start_worker(tiktok={"max_batch_events": 50})
+    s.fake.fault(kind="slow", delay_s=0.1)  # keep the stream going long enough to kill mid-way
+    first = s.start_worker(tiktok={"max_batch_events": 50, "max_concurrent_requests": 1})
     assert wait_until(lambda: len(s.fake.event_ids()) > 300, 60), first.log_tail()
     first.kill()
     delivered_before_restart = len(set(s.fake.event_ids()))
@@ -232,7 +232,10 @@ def test_sigterm_drains_and_commits_only_finished_work(scenario: Any) -> None:
     s: Scenario = scenario()
     s.produce_events(3000)
     s.fake.fault(kind="slow", delay_s=0.2)
-    worker = s.start_worker(tiktok={"max_batch_events": 20, "max_concurrent_requests": 4})
+    worker = s.start_worker(
+        kafka={"drain_timeout_s": 1},  # less than the backlog needs: work is left unfinished
+        tiktok={"max_batch_events": 20, "max_concurrent_requests": 2},
+    )
     assert wait_until(lambda: len(s.fake.event_ids()) > 100, 60), worker.log_tail()
     assert worker.terminate(timeout=40) == 0
     accepted = set(s.fake.event_ids())
@@ -299,8 +302,8 @@ def test_backpressure_bounds_inflight_work(scenario: Any) -> None:
         return paused_seen and len(peaks) > 20
 
     assert wait_until(observe, 60, 0.2), worker.log_tail()
-    # One consume() batch may land after the pause request: the bound holds within it.
-    assert max(peaks) <= bound + 2000
+    # Up to two consume() batches (2000 messages each) may land after the pause request.
+    assert max(peaks) <= bound + 2 * 2000
     s.fake.clear_faults()
     assert wait_until(lambda: s.settled(), 120, 0.5)
     assert worker.terminate() == 0
