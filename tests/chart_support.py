@@ -28,8 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "tiktok-conversions-worker"
 ALL_ON_VALUES = CHART / "ci" / "all-on-values.yaml"
 CRD_VALIDATE_SRC = ROOT / "tests" / "crd_validate"
-# The Kubernetes version the manifests must be valid for (the chart's kubeVersion is >=1.25).
-KUBERNETES_VERSION = "1.30.0"
+# The manifests must be valid for the oldest Kubernetes the chart supports (kubeVersion >=1.25)
+# and for the newest whose schemas kubernetes-validate ships.
+KUBERNETES_VERSIONS = ("1.25.0", "1.37.0")
 CRD_KINDS = frozenset({"ServiceMonitor", "PrometheusRule", "ScaledObject"})
 
 Obj = dict[str, Any]
@@ -116,14 +117,17 @@ def kubernetes_schema_errors(obj: Obj) -> list[str]:
     fields). A kind without a bundled schema is an error too, so nothing passes unchecked."""
     import kubernetes_validate  # type: ignore[import-untyped]
 
-    try:
-        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
-    except kubernetes_validate.ValidationError as exc:
-        where = ".".join(str(p) for p in exc.path)
-        return [f"{obj['kind']}/{obj['metadata']['name']}: {where}: {exc.message}"]
-    except kubernetes_validate.SchemaNotFoundError as exc:
-        return [f"{obj['kind']}/{obj['metadata']['name']}: {exc.message}"]
-    return []
+    name = f"{obj['kind']}/{obj['metadata']['name']}"
+    errors: list[str] = []
+    for version in KUBERNETES_VERSIONS:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            where = ".".join(str(p) for p in exc.path)
+            errors.append(f"{name} (Kubernetes {version}): {where}: {exc.message}")
+        except kubernetes_validate.SchemaNotFoundError as exc:
+            errors.append(f"{name}: {exc.message}")
+    return errors
 
 
 def _crd_validator_dir() -> Path:

@@ -69,7 +69,9 @@ def metric_catalogue() -> dict[str, tuple[str, frozenset[str]]]:
     for value in vars(metrics).values():
         if isinstance(value, MetricWrapperBase):
             # _labelnames/_name/_type are prometheus_client's own record of the definition.
-            out[value._name] = (value._type, frozenset(value._labelnames))
+            kind = value._type
+            assert kind is not None, value._name
+            out[value._name] = (kind, frozenset(value._labelnames))
     return out
 
 

@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -504,3 +505,32 @@ def test_schema_covers_every_value() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert [p for p in _leaf_paths(values) if not known(p)] == []
     assert not known("image.repositry")  # the schema does catch typos
+
+
+def _render_notes(tmp_path: Path, **set_values: str) -> str:
+    """NOTES.txt as `helm install` would print it (helm template skips NOTES, so a copy of the
+    chart carries it as a ConfigMap)."""
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    notes = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "NOTES.txt").unlink()
+    indented = "".join(f"    {line}\n" for line in notes.splitlines())
+    (chart / "templates" / "notes-preview.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n  notes: |\n" + indented
+    )
+    args = ["template", "tw", str(chart), "-n", "streaming", "--show-only"]
+    args.append("templates/notes-preview.yaml")
+    for key, value in set_values.items():
+        args += ["--set", f"{key}={value}"]
+    text: str = yaml.safe_load(helm(*args).stdout)["data"]["notes"]
+    return text
+
+
+def test_notes_guide_the_operator(tmp_path: Path) -> None:
+    notes = _render_notes(tmp_path)
+    assert "WARNING: secret.env is empty" in notes
+    assert "deploy/tw-tiktok-conversions-worker" in notes
+    assert '"segment-events.tiktok-dlq"' in notes
+    notes = _render_notes(tmp_path / "existing", **{"secret.existingSecret": "tokens"})
+    assert "WARNING" not in notes
+    assert 'the existing Secret "tokens"' in notes
