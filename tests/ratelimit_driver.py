@@ -12,7 +12,8 @@ line on stdout. Each POST carries the worker id and the current value of the fal
 so the recording server knows who sent what, in which mode.
 
 Imported (by the tests and `bench/bench_ratelimit.py`): `RecordingServer`, the fake endpoint
-that timestamps every request on one clock, and `max_in_window`.
+that timestamps every request on one clock, `run_drivers()`, which runs N of these processes
+against one, and `max_in_window`.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -33,6 +37,9 @@ from aiohttp import web
 from worker.metrics import Metrics
 from worker.ratelimit import AdaptiveSettings, build_rate_limiter
 
+ROOT = Path(__file__).resolve().parents[1]
+DRIVER = Path(__file__).resolve()
+STARTUP_S = 3.0  # time for driver processes to import and connect before the common start
 THROTTLED_BODY = {"code": 40100, "message": "Too many requests. Please retry in some time."}
 
 
@@ -106,6 +113,84 @@ def max_in_window(times: Sequence[float], width: float = 1.0) -> int:
 def count_between(times: Sequence[float], start: float, end: float) -> int:
     """How many of `times` fall in [start, end)."""
     return sum(1 for t in times if start <= t < end)
+
+
+@dataclass
+class DriverRun:
+    """What the server recorded and what each driver reported."""
+
+    hits: list[Hit]
+    summaries: list[dict[str, Any]]
+    stderr: list[str]
+    start: float  # time.monotonic() of the common start
+
+    def released(self, worker: int | None = None) -> list[float]:
+        return sorted(h.released for h in self.hits if worker is None or h.worker == worker)
+
+    def arrived(self) -> list[float]:
+        return sorted(h.t for h in self.hits)
+
+
+async def run_drivers(
+    *,
+    processes: int,
+    redis_url: str,
+    qps: float,
+    replicas: int,
+    duration: float,
+    during: Callable[[RecordingServer, float], Awaitable[None]] | None = None,
+    extra: Sequence[str] = (),
+) -> DriverRun:
+    """Run `processes` driver pods on one fresh key against a new RecordingServer.
+
+    They start together `STARTUP_S` seconds from now; `during(server, start)` runs meanwhile
+    (to stop Redis, inject throttling, ...). A driver that fails raises AssertionError with its
+    stderr.
+    """
+    server = RecordingServer()
+    await server.start()
+    start_wall = time.time() + STARTUP_S
+    start = time.monotonic() + STARTUP_S
+    key = f"app:run-{uuid.uuid4().hex[:8]}:/open_api/v1.3/event/track/"
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        for worker in range(processes):
+            argv = [
+                str(DRIVER),
+                "--url", server.url,
+                "--redis-url", redis_url,
+                "--qps", str(qps),
+                "--replicas", str(replicas),
+                "--worker", str(worker),
+                "--key", key,
+                "--start-at", repr(start_wall),
+                "--duration", str(duration),
+                *extra,
+            ]  # fmt: skip
+            procs.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    *argv,
+                    cwd=ROOT,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                )
+            )
+        outputs = [asyncio.ensure_future(p.communicate()) for p in procs]
+        if during is not None:
+            await during(server, start)
+        done = await asyncio.wait_for(asyncio.gather(*outputs), timeout=STARTUP_S + duration + 30)
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.kill()
+                await p.wait()
+        await server.stop()
+    stderr = [err.decode(errors="replace") for _, err in done]
+    for p, err in zip(procs, stderr, strict=True):
+        assert p.returncode == 0, f"driver exited with {p.returncode}:\n{err[-3000:]}"
+    summaries = [json.loads(out.decode().strip().splitlines()[-1]) for out, _ in done]
+    return DriverRun(server.hits, summaries, stderr, start)
 
 
 async def _run(args: argparse.Namespace) -> dict[str, object]:

@@ -12,100 +12,27 @@ reported in the assertion messages and by `bench/bench_ratelimit.py`.
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.infra.redis_server import RedisEndpoint, RedisServer
-from tests.ratelimit_driver import Hit, RecordingServer, count_between, max_in_window
+from tests.ratelimit_driver import (
+    RecordingServer,
+    count_between,
+    max_in_window,
+    run_drivers,
+)
 from worker.metrics import Metrics
 from worker.ratelimit import RedisGcra, RedisRateLimiter
 from worker.ratelimit.redis_gcra import connect
 
 pytestmark = pytest.mark.integration
-
-ROOT = Path(__file__).resolve().parents[2]
-DRIVER = ROOT / "tests" / "ratelimit_driver.py"
-STARTUP_S = 3.0  # time for the driver processes to import and connect before the common start
-
-
-@dataclass
-class DriverRun:
-    hits: list[Hit]
-    summaries: list[dict[str, Any]]
-    stderr: list[str]
-    start: float  # time.monotonic() of the common start
-
-    def released(self, worker: int | None = None) -> list[float]:
-        return sorted(h.released for h in self.hits if worker is None or h.worker == worker)
-
-    def arrived(self) -> list[float]:
-        return sorted(h.t for h in self.hits)
-
-
-async def run_drivers(
-    *,
-    processes: int,
-    redis_url: str,
-    qps: float,
-    replicas: int,
-    duration: float,
-    during: Callable[[RecordingServer, float], Awaitable[None]] | None = None,
-    extra: Sequence[str] = (),
-) -> DriverRun:
-    """Run `processes` driver pods on one fresh key against a new RecordingServer."""
-    server = RecordingServer()
-    await server.start()
-    start_wall = time.time() + STARTUP_S
-    start = time.monotonic() + STARTUP_S
-    key = f"app:test-{uuid.uuid4().hex[:8]}:/open_api/v1.3/event/track/"
-    procs: list[asyncio.subprocess.Process] = []
-    try:
-        for worker in range(processes):
-            argv = [
-                str(DRIVER),
-                "--url", server.url,
-                "--redis-url", redis_url,
-                "--qps", str(qps),
-                "--replicas", str(replicas),
-                "--worker", str(worker),
-                "--key", key,
-                "--start-at", repr(start_wall),
-                "--duration", str(duration),
-                *extra,
-            ]  # fmt: skip
-            procs.append(
-                await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    *argv,
-                    cwd=ROOT,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
-                )
-            )
-        outputs = [asyncio.ensure_future(p.communicate()) for p in procs]
-        if during is not None:
-            await during(server, start)
-        done = await asyncio.wait_for(asyncio.gather(*outputs), timeout=STARTUP_S + duration + 30)
-    finally:
-        for p in procs:
-            if p.returncode is None:
-                p.kill()
-                await p.wait()
-        await server.stop()
-    stderr = [err.decode(errors="replace") for _, err in done]
-    for p, err in zip(procs, stderr, strict=True):
-        assert p.returncode == 0, f"driver exited with {p.returncode}:\n{err[-3000:]}"
-    summaries = [json.loads(out.decode().strip().splitlines()[-1]) for out, _ in done]
-    return DriverRun(server.hits, summaries, stderr, start)
 
 
 async def sleep_until(t: float) -> None:
