@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from worker.mapping import Mapper
 
 from worker.batcher import Batcher
 from worker.client import ENDPOINT_PATH, TikTokClient
@@ -20,6 +19,7 @@ from worker.config import Config, parse_config
 from worker.dlq import DeadLetterProducer
 from worker.fake_tiktok import FakeTikTok, FaultSpec
 from worker.logs import get_logger
+from worker.mapping import Mapper
 from worker.metrics import Metrics
 from worker.pipeline import Pipeline
 from worker.ratelimit import build_rate_limiter, rate_limit_key
