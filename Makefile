@@ -46,5 +46,12 @@ bench: setup
 chaos: setup
 	$(BIN)/python tests/chaos/run.py --long
 
+# Plain manifests in deploy/ are rendered from the chart; -check fails when they drift.
+manifests: setup
+	./scripts/render-manifests
+
+manifests-check: setup
+	./scripts/render-manifests --check
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
