@@ -137,6 +137,35 @@ async def test_fallback_in_process_gauge_logs_and_return(
         await limiter.close()
 
 
+async def test_slow_redis_counts_as_down(redis_url: str) -> None:
+    metrics, log = Metrics(), RecordingLogger()
+    limiter = RedisRateLimiter(
+        client=connect(redis_url, timeout_s=0.15),
+        qps=50,
+        expected_replicas=2,
+        metrics=metrics,
+        logger=log,
+        probe_interval_s=0.1,
+    )
+    admin = connect(redis_url, timeout_s=2.0)
+    try:
+        await limiter.acquire("slow")
+        await admin.client_pause(1200, all=True)  # Redis stops answering
+        t0 = time.monotonic()
+        await limiter.acquire("slow")
+        assert time.monotonic() - t0 < 1.0  # gave up after the socket timeout, did not wait
+        assert limiter.in_fallback
+        deadline = time.monotonic() + 5
+        while limiter.in_fallback and time.monotonic() < deadline:
+            await limiter.acquire("slow")
+        assert not limiter.in_fallback  # answered again after the pause
+        assert metrics.registry.get_sample_value("tiktok_worker_rate_limit_fallback") == 0
+        assert log.events() == ["rate_limit_fallback_local", "rate_limit_redis_restored"]
+    finally:
+        await admin.aclose()
+        await limiter.close()
+
+
 async def test_redis_stopped_mid_run_falls_back_per_worker_then_returns(
     redis_factory: Callable[..., RedisServer],
 ) -> None:

@@ -10,14 +10,15 @@ sleep (never a polling loop):
 The gate comes before the shared schedule so that a slowed-down worker does not reserve
 shared slots it would then leave unused while it waits for its own cap.
 
-Redis failover (`RedisRateLimiter`): any Redis error or timeout (short socket timeouts, no
-client-side retries) switches the whole limiter to a local GCRA at `qps / expected_replicas`,
-sets the fallback gauge to 1 and logs once. The request that saw the error is then scheduled
-locally, so no request ever goes out unmetered. While in fallback no request touches Redis; a
-background probe runs the real script every `probe_interval_s` and, once Redis answers, charges
-the local slots still pending to the shared key (so the shared schedule accounts for them),
-switches back, sets the gauge to 0 and logs once. Entering fallback, the local schedule starts
-after the last Redis slot this worker holds, so the two schedules do not overlap.
+Redis failover (`RedisRateLimiter`): any Redis error or timeout (short socket timeouts; only a
+connection the server closed is retried once, on a fresh one) switches the whole limiter to a
+local GCRA at `qps / expected_replicas`, sets the fallback gauge to 1 and logs once. The
+request that saw the error is then scheduled locally, so no request ever goes out unmetered.
+While in fallback no request touches Redis; a background probe runs the real script every
+`probe_interval_s` and, once Redis answers, charges the local slots still pending to the shared
+key (so the shared schedule accounts for them), switches back, sets the gauge to 0 and logs
+once. Entering fallback, the local schedule starts after the last Redis slot this worker holds,
+so the two schedules do not overlap.
 """
 
 from __future__ import annotations
@@ -276,7 +277,7 @@ class RedisRateLimiter(_Limiter):
             await self._sleep(self._probe_interval_s)
             try:
                 await self._redis.reserve(_PROBE_KEY, cost=0)
-            except RedisUnavailable:
+            except Exception:  # RedisUnavailable, or anything else: the probe must not die
                 continue
             if await self._hand_back():
                 self._log.info("rate_limit_redis_restored")
@@ -296,7 +297,7 @@ class RedisRateLimiter(_Limiter):
             for key, cost in charges.items():
                 if cost > 0:
                     await self._redis.reserve(key, cost=cost)
-        except RedisUnavailable:
+        except Exception:  # RedisUnavailable, or anything else: stay in fallback, probe again
             return False
         else:
             self._fallback_gcra.forget_idle(self._clock())
