@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from functools import partial
+from typing import Any, Final, TypeVar
 
 from confluent_kafka import (
     Consumer,
@@ -213,11 +214,9 @@ class BoundedReader:
         partitions = sorted(meta.partitions)
         committed: dict[int, int] = {}
         if self._from_committed:
+            wanted = [TopicPartition(self.topic, p) for p in partitions]
             try:
-                tps = consumer.committed(
-                    [TopicPartition(self.topic, p) for p in partitions],
-                    timeout=METADATA_TIMEOUT_S,
-                )
+                tps = _retrying(lambda: consumer.committed(wanted, timeout=METADATA_TIMEOUT_S))
             except KafkaException as exc:
                 raise WorkerError(f"cannot read committed offsets: {_kafka_text(exc)}") from None
             committed = {tp.partition: tp.offset for tp in tps if tp.offset >= 0}
@@ -313,12 +312,10 @@ class BoundedReader:
         """Commit `offsets` (partition -> next offset to read) to the reader's group."""
         if not offsets:
             return
+        tps = [TopicPartition(self.topic, p, o) for p, o in offsets.items()]
         try:
             with self._lock:
-                self._consumer.commit(
-                    offsets=[TopicPartition(self.topic, p, o) for p, o in offsets.items()],
-                    asynchronous=False,
-                )
+                _retrying(lambda: self._consumer.commit(offsets=tps, asynchronous=False))
         except KafkaException as exc:
             raise WorkerError(f"cannot commit redrive progress: {_kafka_text(exc)}") from None
 
@@ -342,17 +339,14 @@ def list_redrive_progress(
     the topic are left out. Raises WorkerError if the groups cannot be listed."""
     admin = AdminClient(admin_config(bootstrap_servers, client))
     try:
-        listing = admin.list_consumer_groups(request_timeout=timeout_s).result()
+        listing = _retrying(lambda: admin.list_consumer_groups(request_timeout=timeout_s).result())
     except KafkaException as exc:
         raise WorkerError(f"cannot list consumer groups: {_kafka_text(exc)}") from None
     names = sorted(g.group_id for g in listing.valid if g.group_id.startswith(group_prefix))
     result: dict[str, dict[int, int]] = {}
     for name in names:
-        request = [ConsumerGroupTopicPartitions(name)]
         try:
-            answer = admin.list_consumer_group_offsets(request, request_timeout=timeout_s)[
-                name
-            ].result()
+            answer = _retrying(partial(_group_offsets, admin, name, timeout_s))
         except KafkaException as exc:
             raise WorkerError(
                 f"cannot read the offsets of consumer group {name!r}: {_kafka_text(exc)}"
@@ -365,6 +359,41 @@ def list_redrive_progress(
         if offsets:
             result[name] = offsets
     return result
+
+
+def _group_offsets(admin: AdminClient, group: str, timeout_s: float) -> Any:
+    request = [ConsumerGroupTopicPartitions(group)]
+    return admin.list_consumer_group_offsets(request, request_timeout=timeout_s)[group].result()
+
+
+_T = TypeVar("_T")
+# Group coordinator errors right after a broker (or __consumer_offsets) starts, or while the
+# coordinator moves, are transient: librdkafka reports them instead of retrying.
+RETRY_FOR_S: Final = 15.0
+_RETRY_PAUSE_S: Final = 0.25
+
+
+def _retrying(call: Callable[[], _T], *, for_s: float = RETRY_FOR_S) -> _T:
+    """`call()`, again after retriable Kafka errors, for up to `for_s` seconds."""
+    deadline = time.monotonic() + for_s
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            retriable = isinstance(err, KafkaError) and (
+                err.retriable()
+                or err.code()
+                in (
+                    KafkaError.NOT_COORDINATOR,
+                    KafkaError.COORDINATOR_NOT_AVAILABLE,
+                    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                    KafkaError._WAIT_COORD,
+                )
+            )
+            if not retriable or time.monotonic() >= deadline:
+                raise
+            time.sleep(_RETRY_PAUSE_S)
 
 
 def _kafka_text(exc: KafkaException) -> str:

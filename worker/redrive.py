@@ -40,7 +40,7 @@ from typing import Any, Final
 
 from worker.app import build_routes, preflight
 from worker.batcher import Batcher
-from worker.client import TikTokClient
+from worker.client import SendResult, TikTokClient
 from worker.config import Config
 from worker.dlq import HEADER_PREFIX, DeadLetter, DeadLetterProducer, producer_config
 from worker.dlq_reader import (
@@ -62,6 +62,7 @@ GROUP_SUFFIX: Final = "-redrive"
 POLL_BATCH: Final = 500
 POLL_TIMEOUT_S: Final = 0.2
 BACKPRESSURE_SLEEP_S: Final = 0.02
+DRAIN_POLL_S: Final = 0.02
 # A redrive holds at most this many records in flight (each keeps its bytes).
 DEFAULT_MAX_INFLIGHT: Final = 5000
 
@@ -218,6 +219,30 @@ class RedriveDeadLetter(DeadLetter):
         return items
 
 
+class GatedClient(TikTokClient):
+    """The worker's client, plus a gate for stopping: after `close_gate()` no new request
+    starts (the caller waits until cancelled), and `on_wire` counts requests under way."""
+
+    __slots__ = ("_gate_open", "on_wire")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._gate_open = True
+        self.on_wire = 0
+
+    def close_gate(self) -> None:
+        self._gate_open = False
+
+    async def send(self, body: bytes, *, access_token: str) -> SendResult:
+        if not self._gate_open:
+            await asyncio.get_running_loop().create_future()  # until Sender.close() cancels
+        self.on_wire += 1
+        try:
+            return await super().send(body, access_token=access_token)
+        finally:
+            self.on_wire -= 1
+
+
 class _RecordWork(InflightMessage):
     """One dead letter being redriven: its events in flight and the failures seen so far."""
 
@@ -281,14 +306,12 @@ class Redrive:
         self._trackers: dict[int, PartitionTracker] = {}
         self._stop = asyncio.Event()
         self._abandon = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self.fatal: BaseException | None = None
         self.ledger_warning: str | None = None
         self._mapper = Mapper(config)
         self._destinations = {d.name for d in config.destinations}
         tiktok = config.tiktok
-        self._client = TikTokClient(
+        self._client = GatedClient(
             base_url=tiktok.base_url,
             timeout_s=tiktok.request_timeout_s,
             max_connections=tiktok.max_concurrent_requests,
@@ -385,8 +408,9 @@ class Redrive:
     # -- control -------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Stop reading; in-flight records get `kafka.drain_timeout_s` to finish. A second call
-        abandons them at once (they stay uncommitted and are redriven next time)."""
+        """Stop reading and start no new request; requests under way get
+        `kafka.drain_timeout_s` to finish. A second call abandons them at once. Abandoned
+        records stay uncommitted and are redriven next time."""
         if self._stop.is_set():
             self._abandon.set()
         self._stop.set()
@@ -408,23 +432,26 @@ class Redrive:
         try:
             await self._read_loop(loop)
             self._batcher.flush()
-            await self._drain(kafka.drain_timeout_s if self._stop.is_set() else None)
-            self.stats.interrupted = self._stop.is_set() and not self._finished_reading()
+            await self._drain(kafka.drain_timeout_s)
         finally:
             committer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await committer
-            await self._sender.close()
+            await self._sender.close()  # abandons gated or backing-off deliveries
             await self._dead_letters.close(timeout_s=5.0)
             if self.fatal is None:
                 await self._commit_once()
             await loop.run_in_executor(None, self._reader.close)
             await self._client.close()
             await self._limiter.close()
-        if self.stats.inflight:
-            self.stats.interrupted = True
         if self.fatal is not None:
             raise WorkerError(str(self.fatal))
+        self.stats.interrupted = self.stats.inflight > 0 or not self._finished_reading()
+        if self.stats.inflight:
+            self._log.warning(
+                "redrive stopped with records in flight; they will be redriven next time",
+                records=self.stats.inflight,
+            )
         self._progress()
         return self.stats
 
@@ -448,25 +475,25 @@ class Redrive:
                 self._take(record)
             self._progress()
 
-    async def _drain(self, timeout_s: float | None) -> None:
-        """Wait until every record taken is handled (or the timeout / an abandon)."""
-        if not self.stats.inflight:
-            return
-        self._idle.clear()
-        waiters = [
-            asyncio.ensure_future(self._idle.wait()),
-            asyncio.ensure_future(self._abandon.wait()),
-        ]
-        try:
-            await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
-        if self.stats.inflight:
-            self._log.warning(
-                "redrive stopped with records in flight; they will be redriven next time",
-                records=self.stats.inflight,
-            )
+    async def _drain(self, stop_timeout_s: float) -> None:
+        """Wait until every record taken is handled.
+
+        Without a stop request this waits as long as delivery takes (retries end at
+        `tiktok.retry.deadline_s`). After one, no new request is started (the client's gate
+        closes); requests already on the wire and dead letters being written get up to
+        `stop_timeout_s` to finish, and everything else is abandoned, uncommitted.
+        """
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        while self.stats.inflight and not self._abandon.is_set():
+            if self._stop.is_set():
+                if deadline is None:
+                    self._client.close_gate()
+                    deadline = loop.time() + stop_timeout_s
+                quiet = self._client.on_wire == 0 and self._dead_letters.pending == 0
+                if quiet or loop.time() >= deadline:
+                    return
+            await asyncio.sleep(DRAIN_POLL_S)
 
     # -- per record ----------------------------------------------------------------------------
 
@@ -568,8 +595,6 @@ class Redrive:
 
     def _handled(self, work: _RecordWork) -> None:
         work.tracker.finish(work.offset)
-        if not self.stats.inflight:
-            self._idle.set()
         self._progress()
 
     def _progress(self) -> None:
