@@ -42,8 +42,14 @@ _AGENT = (
     "Chrome/124.0.0.0 Safari/537.36"
 )
 _PRODUCTS = [
-    {"product_id": f"sku-{i}", "name": f"Product {i}", "category": "Shoes", "brand": "Brand X",
-     "price": round(10 + i * 3.5, 2), "quantity": 1 + i % 3}
+    {
+        "product_id": f"sku-{i}",
+        "name": f"Product {i}",
+        "category": "Shoes",
+        "brand": "Brand X",
+        "price": round(10 + i * 3.5, 2),
+        "quantity": 1 + i % 3,
+    }
     for i in range(20)
 ]
 
@@ -66,8 +72,12 @@ def _context(rng: random.Random, user: int, path: str) -> dict[str, Any]:
             "phone": f"+1 (555) 010-{user % 10000:04d}",
             "first_name": "Ada",
             "last_name": "Lovelace",
-            "address": {"city": "San Francisco", "state": "CA", "country": "US",
-                        "postal_code": "94107"},
+            "address": {
+                "city": "San Francisco",
+                "state": "CA",
+                "country": "US",
+                "postal_code": "94107",
+            },
         },
     }
 
@@ -80,21 +90,37 @@ def make_events(n: int, seed: int = 7) -> list[bytes]:
         user = rng.randrange(100_000)
         base: dict[str, Any] = {
             "messageId": str(uuid.UUID(int=rng.getrandbits(128))),
-            "timestamp": "2024-05-01T12:%02d:%02d.%03dZ"
-            % (rng.randrange(60), rng.randrange(60), rng.randrange(1000)),
+            "timestamp": f"2024-05-01T12:{rng.randrange(60):02d}:{rng.randrange(60):02d}"
+            f".{rng.randrange(1000):03d}Z",
             "anonymousId": str(uuid.UUID(int=rng.getrandbits(128))),
             "userId": f"user-{user}",
         }
         r = rng.random()
         if r < 0.40:
-            event = {**base, "type": "page", "name": "Product", "properties": {"path": "/p"},
-                     "context": _context(rng, user, "/products/shoe")}
+            event = {
+                **base,
+                "type": "page",
+                "name": "Product",
+                "properties": {"path": "/p"},
+                "context": _context(rng, user, "/products/shoe"),
+            }
         elif r < 0.55:
-            event = {**base, "type": "identify", "traits": {"email": f"user{user}@example.com"},
-                     "context": _context(rng, user, "/account")}
+            event = {
+                **base,
+                "type": "identify",
+                "traits": {"email": f"user{user}@example.com"},
+                "context": _context(rng, user, "/account"),
+            }
         else:
-            kind = rng.choice(["Product Viewed", "Product Added", "Checkout Started",
-                               "Order Completed", "Products Searched"])
+            kind = rng.choice(
+                [
+                    "Product Viewed",
+                    "Product Added",
+                    "Checkout Started",
+                    "Order Completed",
+                    "Products Searched",
+                ]
+            )
             products = rng.sample(_PRODUCTS, rng.randint(1, 4))
             props: dict[str, Any]
             if kind in ("Product Viewed", "Product Added"):
@@ -103,10 +129,19 @@ def make_events(n: int, seed: int = 7) -> list[bytes]:
                 props = {"query": "running shoes"}
             else:
                 total = round(sum(p["price"] * p["quantity"] for p in products), 2)
-                props = {"order_id": f"o-{rng.randrange(10**6)}", "currency": "USD",
-                         "revenue": total, "products": products}
-            event = {**base, "type": "track", "event": kind, "properties": props,
-                     "context": _context(rng, user, "/checkout")}
+                props = {
+                    "order_id": f"o-{rng.randrange(10**6)}",
+                    "currency": "USD",
+                    "revenue": total,
+                    "products": products,
+                }
+            event = {
+                **base,
+                "type": "track",
+                "event": kind,
+                "properties": props,
+                "context": _context(rng, user, "/checkout"),
+            }
         out.append(msgspec.json.encode(event))
     return out
 

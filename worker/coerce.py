@@ -65,11 +65,11 @@ def js_number_str(n: int | float) -> str:
         n = float(n)
     if n != n or n in (float("inf"), float("-inf")):
         return "NaN" if n != n else ("Infinity" if n > 0 else "-Infinity")
-    if n.is_integer() and abs(n) < 1e21:
+    if n.is_integer() and -_MAX_SAFE <= n <= _MAX_SAFE:
         return str(int(n))
-    text = repr(n)
+    text = repr(n)  # the shortest round-trip digits, as JavaScript uses
     if "e" not in text:
-        return text
+        return text.removesuffix(".0")
     mantissa, exp_text = text.split("e")
     exp = int(exp_text)
     if -7 < exp < 21:

@@ -58,7 +58,8 @@ class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     group_id: NonEmptyStr = "tiktok-conversions"
     dead_letter_topic: NonEmptyStr = "segment-events.tiktok-dlq"
     # librdkafka properties passed verbatim (security.protocol, sasl.*, ssl.*, ...).
-    client: dict[str, ClientValue] = msgspec.field(default_factory=dict)
+    # (Values are checked in _check_semantics, so the error can name the property.)
+    client: dict[str, Any] = msgspec.field(default_factory=dict)
     max_inflight_messages: PositiveInt = 20000
     commit_interval_s: PositiveFloat = 1.0
     drain_timeout_s: PositiveFloat = 25.0
@@ -326,7 +327,12 @@ def _check_semantics(config: Config) -> None:
     retry = config.tiktok.retry
     if retry.max_backoff_s < retry.initial_backoff_s:
         raise ConfigError("tiktok.retry.max_backoff_s: must be >= tiktok.retry.initial_backoff_s")
-    for key in config.kafka.client:
+    for key, value in config.kafka.client.items():
+        if not isinstance(value, ClientValue):
+            raise ConfigError(
+                f"kafka.client.{key}: expected a string, number or boolean "
+                "(librdkafka properties are scalars)"
+            )
         if key in ("enable.auto.commit", "enable.auto.offset.store", "group.id"):
             raise ConfigError(
                 f"kafka.client.{key}: managed by the worker; remove it "

@@ -27,7 +27,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Final
 from urllib.parse import parse_qsl
@@ -601,7 +601,7 @@ def _compile_contents(source: Source, items: dict[str, Source]) -> ContentsFn:
         if item_source is None:
             continue
         key = fd.name.partition(".")[2]
-        check = name("_c", _checker(fd, item_source))
+        check = name("_c", _checker(replace(fd, name=f"contents[].{key}"), item_source))
         if isinstance(item_source, Const):
             if item_source.value is not None:
                 lines.append(f"        item[{key!r}] = {name('_k', item_source.value)}")
@@ -753,6 +753,10 @@ class Mapper:
                 event = decode_event(value)
             except DecodeFailure as exc:
                 return [_failed(0, False, value, exc.reason, exc.error)]
+            except Exception as exc:  # defensive, as below
+                return [
+                    _failed(0, False, value, "decode_error", f"unreadable: {type(exc).__name__}")
+                ]
             try:
                 return [self.map_event(event, raw=value)]
             except Exception as exc:  # defensive: a mapper bug must not stop the partition
@@ -789,6 +793,8 @@ class Mapper:
             event = decode_event(raw)
         except DecodeFailure as exc:
             return _failed(index, multi, raw, exc.reason, exc.error)
+        except Exception as exc:  # defensive: decoding must not take the worker down
+            return _failed(index, multi, raw, "decode_error", f"unreadable: {type(exc).__name__}")
         try:
             return self.map_event(event, index=index, multi=multi, raw=raw)
         except Exception as exc:  # defensive: a mapper bug must not stop the partition

@@ -154,13 +154,15 @@ def split_message(value: bytes | None) -> list[Item]:
             parts = _ARRAY_DECODER.decode(value)
         except (msgspec.DecodeError, RecursionError) as exc:
             raise DecodeFailure("decode_error", _decode_text(exc)) from None
+        except UnicodeDecodeError:
+            raise DecodeFailure("decode_error", "not valid UTF-8") from None
         except msgspec.ValidationError as exc:  # pragma: no cover - list[Raw] accepts any array
             raise DecodeFailure("decode_error", _decode_text(exc)) from None
         return [Item(i, bytes(p), True) for i, p in enumerate(parts)]
     if head == b"{" and b'"batch"' in value:
         try:
             envelope = _BATCH_DECODER.decode(value)
-        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError, ValueError):
             envelope = None
         if envelope is not None:
             return [Item(i, bytes(p), True) for i, p in enumerate(envelope.batch)]
@@ -178,6 +180,8 @@ def decode_event(raw: bytes) -> SegmentEvent:
         return _not_an_event(raw, str(exc))
     except msgspec.DecodeError as exc:
         raise DecodeFailure("decode_error", _decode_text(exc)) from None
+    except UnicodeDecodeError:  # msgspec raises it for invalid UTF-8 inside a string
+        raise DecodeFailure("decode_error", "not valid UTF-8") from None
     except RecursionError:
         raise DecodeFailure("decode_error", "JSON nested too deeply") from None
 

@@ -1,0 +1,176 @@
+"""`tiktok-worker map` and `tiktok-worker check-config`, run as the installed command."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXE = Path(sys.executable).parent / "tiktok-worker"
+TOKEN = "tok-SECRET-0123456789"
+CONFIG = """
+kafka:
+  client: {sasl.password: kafka-SECRET}
+rate_limit: {redis_url: "redis://:redis-SECRET@localhost:6379/0"}
+destinations:
+  - name: web-shop
+    pixel_code: COQDA8RC77U2TMR44LI0
+    access_token: ${TT_TOKEN}
+    test_event_code: TEST04030
+  - name: second
+    pixel_code: BU35TSQHT2A1QT375OMG
+    access_token: other-SECRET
+    presets: none
+    subscriptions:
+      - name: Everything tracked
+        trigger: 'type = "track"'
+        event: CustomEvent
+"""
+
+
+def run_cli(
+    *args: str, stdin: str = "", env_token: bool = True
+) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin"}
+    if env_token:
+        env["TT_TOKEN"] = TOKEN
+    return subprocess.run(
+        [str(EXE), *args], input=stdin, capture_output=True, text=True, env=env, timeout=60
+    )
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG)
+    return path
+
+
+def test_map_prints_one_line_per_result(config_file: Path, tmp_path: Path) -> None:
+    events = [
+        {
+            "type": "page",
+            "messageId": "p1",
+            "timestamp": "2024-01-08T13:52:50.212Z",
+            "properties": {"email": "Jane@Example.com"},
+        },
+        {"type": "identify", "userId": "u"},
+        {
+            "type": "track",
+            "event": "Order Completed",
+            "messageId": "o1",
+            "timestamp": "2024-01-08T13:52:50Z",
+            "properties": {"value": "$100"},
+        },
+    ]
+    lines = [json.dumps(e) for e in events] + [
+        "",
+        "this is not json",
+        json.dumps([events[0], {"type": "x"}]),
+    ]
+    input_file = tmp_path / "events.jsonl"
+    input_file.write_text("\n".join(lines) + "\n")
+    result = run_cli("map", "--config", str(config_file), "--input", str(input_file))
+    assert result.returncode == 0, result.stderr
+    out = [json.loads(line) for line in result.stdout.splitlines()]
+    assert out[0]["index"] == 0
+    assert (out[0]["destination"], out[0]["subscription"]) == ("web-shop", "View Content")
+    body = out[0]["body"]
+    assert body["event_source_id"] == "COQDA8RC77U2TMR44LI0"
+    assert body["test_event_code"] == "TEST04030"
+    (data,) = body["data"]
+    assert data["event"] == "ViewContent"
+    assert data["event_id"] == "p1"
+    assert data["event_time"] == 1704721970
+    assert data["user"]["email"] == [hashlib.sha256(b"jane@example.com").hexdigest()]
+    assert out[1] == {"index": 1, "skipped": "no_match"}
+    # Order Completed with an unusable value: invalid for both destinations (both map
+    # `value` with the default paths), one line each.
+    assert [(o["index"], o["destination"], o["invalid"]) for o in out[2:4]] == [
+        (2, "web-shop", "invalid_event"),
+        (2, "second", "invalid_event"),
+    ]
+    assert out[3]["error"].startswith("value ($.properties.value | $.properties.revenue)")
+    assert "$100" not in result.stdout
+    assert out[4] == {"index": 3, "invalid": "decode_error", "error": out[4]["error"]}
+    assert [(o["index"], o["batch_index"]) for o in out[5:]] == [(4, 0), (4, 1)]
+    assert out[5]["subscription"] == "View Content"
+    assert out[6]["invalid"] == "invalid_event"
+    assert len(out) == 7
+    assert "Jane@Example.com" not in result.stdout
+
+
+def test_map_reads_stdin_and_bodies_are_single_event_requests(config_file: Path) -> None:
+    event = json.dumps(
+        {
+            "type": "track",
+            "event": "Checkout Started",
+            "messageId": "c1",
+            "properties": {"products": [{"product_id": "a"}, {"product_id": "b"}]},
+        }
+    )
+    result = run_cli("map", "--config", str(config_file), stdin=event + "\n")
+    assert result.returncode == 0, result.stderr
+    out = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(o["destination"], o["subscription"]) for o in out] == [
+        ("web-shop", "Initiate Checkout"),
+        ("second", "Everything tracked"),
+    ]
+    for o in out:
+        assert len(o["body"]["data"]) == 1
+    assert out[0]["body"]["data"][0]["properties"]["contents"] == [
+        {"content_id": "a"},
+        {"content_id": "b"},
+    ]
+    assert "test_event_code" not in out[1]["body"]
+
+
+def test_map_with_a_bad_config_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("destinations:\n  - name: a\n    access_token: t\n")
+    result = run_cli("map", "--config", str(path), stdin="{}\n")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "tiktok-worker: configuration error: destinations[0].pixel_code: required"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_map_with_a_missing_input_exits_1(config_file: Path, tmp_path: Path) -> None:
+    result = run_cli("map", "--config", str(config_file), "--input", str(tmp_path / "none.jsonl"))
+    assert result.returncode == 1
+    assert "cannot read" in result.stderr
+
+
+def test_check_config_prints_masked_config(config_file: Path) -> None:
+    result = run_cli("check-config", "--config", str(config_file))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("# configuration OK: 2 destination(s): web-shop, second")
+    assert "SECRET" not in result.stdout
+    assert "SECRET" not in result.stderr
+    assert "access_token: '***'" in result.stdout
+    assert "pixel_code: COQDA8RC77U2TMR44LI0" in result.stdout
+    assert "partner_name: Segment" in result.stdout
+
+
+def test_check_config_unset_variable_exits_2_naming_it(config_file: Path) -> None:
+    result = run_cli("check-config", "--config", str(config_file), env_token=False)
+    assert result.returncode == 2
+    assert "destinations[0].access_token: environment variable TT_TOKEN is not set" in result.stderr
+    assert result.stdout == ""
+
+
+def test_check_config_bad_trigger_exits_2_with_position(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "destinations:\n  - name: a\n    pixel_code: P\n    access_token: T\n"
+        "    when: 'type = \"page\" and'\n"
+    )
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("at position 18")
+    assert "destinations[0].when:" in result.stderr
