@@ -5,7 +5,9 @@ What a redrive does (`tiktok-worker dlq redrive`, docs/dead-letters.md):
 - It reads the dead-letter topic with a `BoundedReader`: from its consumer group's committed
   offsets up to the high watermarks captured at start, then stops. It never waits for new
   records, so the dead letters it writes back are left for the next redrive.
-- Each record that passes the filter (`--reason`, `--destination`) is mapped again with the
+- Each record that passes the filter (`--reason`, `--destination`; without `--reason`,
+  `decode_error` and `event_too_large` records are left alone: the same bytes cannot
+  succeed) is mapped again with the
   worker's `Mapper` and sent with the worker's `Batcher`, `Sender` (retries, backoff,
   bisection), rate limiter and `TikTokClient`. A record with a `dlq.destination` goes ONLY to
   that destination, so a destination that already accepted the event does not get it twice.
@@ -70,15 +72,23 @@ DEFAULT_MAX_INFLIGHT: Final = 5000
 # --------------------------------------------------------------------------- filters
 
 
+# The same bytes can never succeed: sent only when asked for by name (`--reason`).
+UNSENDABLE_REASONS: Final = frozenset({"decode_error", "event_too_large"})
+
+
 @dataclass(frozen=True, slots=True)
 class RedriveFilter:
-    """Which dead letters a redrive sends. None means "any"."""
+    """Which dead letters a redrive sends. None means "any", except that without a reason
+    the records that can never succeed (`UNSENDABLE_REASONS`) are left out."""
 
     reason: str | None = None
     destination: str | None = None
 
     def matches(self, record: DeadLetterRecord) -> bool:
-        if self.reason is not None and record.reason != self.reason:
+        if self.reason is None:
+            if record.reason in UNSENDABLE_REASONS:
+                return False
+        elif record.reason != self.reason:
             return False
         return self.destination is None or record.destination == self.destination
 

@@ -282,6 +282,7 @@ def test_redrive_sends_only_to_the_recorded_destination_with_filters(env: Env) -
             letter(encode(n1), reason="invalid_event", dest=None, attempts=0),
             letter(encode(gone), reason="retries_exhausted", dest="old-shop"),
             letter(encode(a2), reason="retries_exhausted", dest="shop-a"),
+            letter(b"not json", reason="decode_error", dest=None, attempts=0),
         ],
     )
     config = env.config_path()
@@ -291,7 +292,7 @@ def test_redrive_sends_only_to_the_recorded_destination_with_filters(env: Env) -
     first = redrive(config, "--reason", "auth_error")
     assert first.returncode == 0, first.stderr
     assert summary(first)["redriven"] == 1
-    assert summary(first)["by_filter"] == 5
+    assert summary(first)["by_filter"] == 6
     assert env.received() == Counter({(PIXEL_B, ids["b2"]): 1})
     assert "redriving reason=auth_error from" in first.stderr
 
@@ -308,6 +309,7 @@ def test_redrive_sends_only_to_the_recorded_destination_with_filters(env: Env) -
     assert third.returncode == 0, third.stderr
     s = summary(third)
     assert (s["redriven"], s["delivered"], s["already_redriven"]) == (2, 2, 3)
+    assert s["by_filter"] == 1  # the decode_error record: only with --reason decode_error
     assert "1 for unconfigured destination old-shop" in third.stdout
     assert "destination 'old-shop'" in third.stderr
     assert env.received() == Counter(
@@ -327,7 +329,17 @@ def test_redrive_sends_only_to_the_recorded_destination_with_filters(env: Env) -
     assert summary(fourth)["read"] == 0
     assert sum(env.received().values()) == 6
     inspect = cli("dlq", "inspect", "--config", str(config))
-    assert "not yet redriven: 0 (handled by an earlier redrive: 6)" in inspect.stdout
+    assert "not yet redriven: 1 (handled by an earlier redrive: 6)" in inspect.stdout
+
+    # Asked for by name, the undecodable record is tried, fails again and is written back.
+    fifth = redrive(config, "--reason", "decode_error")
+    assert fifth.returncode == 1
+    assert (summary(fifth)["redriven"], summary(fifth)["failed_again"]) == (1, 1)
+    back = read_topic(env.kafka.bootstrap, env.dlq, idle_s=0.5)[-1]
+    assert back.value() == b"not json"
+    assert headers_of(back)["dlq.redrive.count"] == "1"
+    assert headers_of(back)["dlq.destination"] == ""
+    assert sum(env.received().values()) == 6
 
 
 def test_redrive_max_then_resume_sends_each_record_once(env: Env) -> None:
