@@ -1,8 +1,12 @@
 """Decode + map throughput on one core, for a realistic Segment e-commerce mix.
 
-Prints one JSON object: events/s (min/median/max over the rounds) for msgspec typed decode
-alone and for decode + route + map + hash + encode with the `documented` presets, with one
-and with two destinations. Run: `.venv/bin/python bench/bench_mapping.py [--events N]`.
+Prints one JSON object: events/s (min/median/max over the rounds, per second of process CPU
+time, so other load on the machine does not count against it) for msgspec typed decode alone
+and for decode + route + map + hash + encode with the `documented` presets, with one and with
+two destinations (the second with another pixel and phone_default_region GB).
+The mix: 40% page, 15% identify, 45% track (Product Viewed, Product Added, Checkout Started,
+Order Completed with 1-4 products, Products Searched), with context, traits and addresses.
+Run: `.venv/bin/python bench/bench_mapping.py [--events N] [--rounds R]`.
 """
 
 from __future__ import annotations
@@ -41,7 +45,10 @@ _AGENT = (
     "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) "
     "Chrome/124.0.0.0 Safari/537.36"
 )
-_PRODUCTS = [
+_FIRST = ["Ada", "Grace", "Alan", "Mary Ann", "Linus", "Margaret", "Dennis", "Barbara"]
+_LAST = ["Lovelace", "Hopper", "Turing", "O'Neil", "Torvalds", "Hamilton", "Ritchie", "Liskov"]
+_CITIES = ["San Francisco", "Oakland", "San José", "Berkeley", "Palo Alto", "Fremont"]
+_PRODUCTS: list[dict[str, Any]] = [
     {
         "product_id": f"sku-{i}",
         "name": f"Product {i}",
@@ -70,13 +77,13 @@ def _context(rng: random.Random, user: int, path: str) -> dict[str, Any]:
         "traits": {
             "email": f"User{user}@Example.com",
             "phone": f"+1 (555) 010-{user % 10000:04d}",
-            "first_name": "Ada",
-            "last_name": "Lovelace",
+            "first_name": _FIRST[user % len(_FIRST)],
+            "last_name": _LAST[user % len(_LAST)],
             "address": {
-                "city": "San Francisco",
+                "city": _CITIES[user % len(_CITIES)],
                 "state": "CA",
                 "country": "US",
-                "postal_code": "94107",
+                "postal_code": f"{94000 + user % 1000}",
             },
         },
     }
@@ -147,16 +154,20 @@ def make_events(n: int, seed: int = 7) -> list[bytes]:
 
 
 def _rate(fn: Any, events: list[bytes], rounds: int) -> dict[str, float]:
-    rates = []
+    """Events per second of CPU time of this process (what one core delivers, whatever else
+    the machine runs), min/median/max over the rounds; plus the median by wall clock."""
+    cpu_rates, wall_rates = [], []
     for _ in range(rounds):
-        start = time.perf_counter()
+        cpu0, wall0 = time.process_time(), time.perf_counter()
         for raw in events:
             fn(raw)
-        rates.append(len(events) / (time.perf_counter() - start))
+        cpu_rates.append(len(events) / (time.process_time() - cpu0))
+        wall_rates.append(len(events) / (time.perf_counter() - wall0))
     return {
-        "min": round(min(rates)),
-        "median": round(statistics.median(rates)),
-        "max": round(max(rates)),
+        "min": round(min(cpu_rates)),
+        "median": round(statistics.median(cpu_rates)),
+        "max": round(max(cpu_rates)),
+        "wall_median": round(statistics.median(wall_rates)),
     }
 
 

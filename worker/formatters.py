@@ -39,6 +39,8 @@ __all__ = [
 ]
 
 _HEX64_RE: Final = re.compile(r"[0-9a-fA-F]{64}\Z")
+_HEX64_BYTES_RE: Final = re.compile(rb"[0-9a-fA-F]{64}\Z")
+_ASCII_JS_WS: Final = b" \t\n\x0b\x0c\r"
 # JavaScript's \s, so "remove all whitespace" removes exactly what Segment removes.
 _JS_WS_RE: Final = re.compile(
     "[\t\n\x0b\x0c\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]+"
@@ -124,11 +126,17 @@ def hash_external_id(value: str) -> str:
 
 def hash_name(value: str) -> str:
     """first_name, last_name and zip_code: every whitespace character removed, lowercased."""
-    if not value.isalnum():  # isalnum(): nothing to remove, the common case
-        value = _JS_WS_RE.sub("", value)
-        if not value:
+    if value.isascii():
+        # One C pass: delete JavaScript's ASCII whitespace and lowercase A-Z.
+        data = value.encode().translate(_ASCII_LOWER, _ASCII_JS_WS)
+        if not data:
             return ""
-    value = value.lower()
+        if len(data) == 64 and _HEX64_BYTES_RE.match(data) is not None:
+            return data.decode()
+        return _sha256(data).hexdigest()
+    value = _JS_WS_RE.sub("", value).lower()
+    if not value:
+        return ""
     if len(value) == 64 and _HEX64_RE.match(value) is not None:
         return value
     return sha256_hex(value)
