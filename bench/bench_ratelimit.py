@@ -34,13 +34,16 @@ from tests.infra.redis_server import RedisServer  # noqa: E402
 from tests.ratelimit_driver import count_between, max_in_window, run_drivers  # noqa: E402
 
 
-async def measure(*, processes: int, redis_url: str, qps: float, duration: float) -> dict[str, Any]:
+async def measure(
+    *, processes: int, redis_url: str, qps: float, duration: float, extra: list[str]
+) -> dict[str, Any]:
     run = await run_drivers(
         processes=processes,
         redis_url=redis_url,
         qps=qps,
         replicas=processes,
         duration=duration,
+        extra=extra,
     )
     released = run.released()
     in_run = count_between(released, run.start, run.start + duration + 1e-3)
@@ -61,6 +64,7 @@ async def measure(*, processes: int, redis_url: str, qps: float, duration: float
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     counts = [int(x) for x in args.processes.split(",") if x.strip()]
+    extra = [] if args.late_tolerance is None else ["--late-tolerance", str(args.late_tolerance)]
     external = os.environ.get("REDIS_URL")
     server: RedisServer | None = None
     if external:
@@ -75,7 +79,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             print(f"bench_ratelimit: {n} process(es), {args.duration}s ...", file=sys.stderr)
             runs.append(
                 await measure(
-                    processes=n, redis_url=redis_url, qps=args.qps, duration=args.duration
+                    processes=n,
+                    redis_url=redis_url,
+                    qps=args.qps,
+                    duration=args.duration,
+                    extra=extra,
                 )
             )
     finally:
@@ -86,6 +94,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "redis": source,
         "budget_qps": args.qps,
         "duration_s": args.duration,
+        "late_tolerance_s": args.late_tolerance,
         "cpu_count": os.cpu_count(),
         "runs": runs,
     }
@@ -96,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--qps", type=float, default=200.0)
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--processes", default="1,2,4")
+    p.add_argument(
+        "--late-tolerance",
+        type=float,
+        default=None,
+        help="seconds a process may wake after its slot before giving it up (library default)",
+    )
     result = asyncio.run(main_async(p.parse_args(argv)))
     print(json.dumps(result))
     return 0

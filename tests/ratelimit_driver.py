@@ -36,6 +36,7 @@ from aiohttp import web
 
 from worker.metrics import Metrics
 from worker.ratelimit import AdaptiveSettings, build_rate_limiter
+from worker.ratelimit.limiter import DEFAULT_LATE_TOLERANCE_S
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = Path(__file__).resolve()
@@ -204,6 +205,7 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
         redis_timeout_s=args.redis_timeout,
         probe_interval_s=args.probe_interval,
         adaptive=AdaptiveSettings(recovery_per_s=args.recovery_per_s),
+        late_tolerance_s=args.late_tolerance,
     )
     key = args.key
     sent = throttled = 0
@@ -259,6 +261,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--redis-timeout", type=float, default=0.25)
     p.add_argument("--probe-interval", type=float, default=0.25)
     p.add_argument("--recovery-per-s", type=float, default=0.25)
+    p.add_argument("--late-tolerance", type=float, default=DEFAULT_LATE_TOLERANCE_S)
     args = p.parse_args(argv)
     if args.start_at <= 0:
         args.start_at = time.time()

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from worker.metrics import Metrics
 from worker.ratelimit.adaptive import AdaptiveGate, AdaptiveSettings
 from worker.ratelimit.gcra import LocalGcra
-from worker.ratelimit.limiter import LocalRateLimiter, RedisRateLimiter
+from worker.ratelimit.limiter import DEFAULT_LATE_TOLERANCE_S, LocalRateLimiter, RedisRateLimiter
 from worker.ratelimit.redis_gcra import RedisGcra, RedisUnavailable, connect
 
 __all__ = [
@@ -81,6 +81,7 @@ def build_rate_limiter(
     redis_timeout_s: float = DEFAULT_REDIS_TIMEOUT_S,
     probe_interval_s: float = 1.0,
     adaptive: AdaptiveSettings | None = None,
+    late_tolerance_s: float = DEFAULT_LATE_TOLERANCE_S,
 ) -> RateLimiter:
     """The limiter for `rate_limit.backend` (`redis` or `local`).
 
@@ -88,7 +89,9 @@ def build_rate_limiter(
     the local schedule if Redis is not there.
     """
     if backend == "local":
-        return LocalRateLimiter(qps=qps, metrics=metrics, adaptive=adaptive)
+        return LocalRateLimiter(
+            qps=qps, metrics=metrics, adaptive=adaptive, late_tolerance_s=late_tolerance_s
+        )
     if backend == "redis":
         return RedisRateLimiter(
             client=connect(redis_url, timeout_s=redis_timeout_s),
@@ -98,5 +101,6 @@ def build_rate_limiter(
             logger=logger,
             probe_interval_s=probe_interval_s,
             adaptive=adaptive,
+            late_tolerance_s=late_tolerance_s,
         )
     raise ValueError(f"rate_limit.backend: unknown backend {backend!r} (expected redis or local)")
