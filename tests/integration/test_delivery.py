@@ -195,13 +195,17 @@ def test_kill_9_and_restart_loses_nothing(scenario: Any) -> None:
     s: Scenario = scenario()
     s.produce_events(4000)
     s.fake.fault(kind="slow", delay_s=0.1)  # keep the stream going long enough to kill mid-way
-    first = s.start_worker(tiktok={"max_batch_events": 50, "max_concurrent_requests": 1})
+    # A killed member keeps its partitions until its session times out: keep that short.
+    fast_failover = {"client": {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}}
+    first = s.start_worker(
+        kafka=fast_failover, tiktok={"max_batch_events": 50, "max_concurrent_requests": 1}
+    )
     assert wait_until(lambda: len(s.fake.event_ids()) > 300, 60), first.log_tail()
     first.kill()
     delivered_before_restart = len(set(s.fake.event_ids()))
     assert delivered_before_restart < len(s.expected_ids())  # it really died mid-stream
     s.fake.clear_faults()
-    s.start_worker()
+    s.start_worker(kafka=fast_failover)
     assert wait_until(lambda: s.settled(), 90, 0.5)
     lost, reasons = reconcile(s, s.dead_letters())
     assert lost == set()
