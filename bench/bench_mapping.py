@@ -5,7 +5,10 @@ time, so other load on the machine does not count against it) for msgspec typed 
 and for decode + route + map + hash + encode with the `documented` presets, with one and with
 two destinations (the second with another pixel and phone_default_region GB).
 The mix: 40% page, 15% identify, 45% track (Product Viewed, Product Added, Checkout Started,
-Order Completed with 1-4 products, Products Searched), with context, traits and addresses.
+Order Completed with 1-4 products, Products Searched), with full web context; half of the
+page/track events come from identified users (userId + context.traits with email, phone,
+names and address: six hashes per TikTok event), half from anonymous visitors. The
+`all_identified` figure is the worst case where every event carries all of that PII.
 Run: `.venv/bin/python bench/bench_mapping.py [--events N] [--rounds R]`.
 """
 
@@ -61,9 +64,9 @@ _PRODUCTS: list[dict[str, Any]] = [
 ]
 
 
-def _context(rng: random.Random, user: int, path: str) -> dict[str, Any]:
+def _context(rng: random.Random, user: int, path: str, identified: bool) -> dict[str, Any]:
     query = f"?ttclid=E.C.P.{rng.randrange(10**9)}" if rng.random() < 0.2 else ""
-    return {
+    context: dict[str, Any] = {
         "ip": f"203.0.113.{user % 250}",
         "userAgent": _AGENT,
         "locale": "en-US",
@@ -74,7 +77,9 @@ def _context(rng: random.Random, user: int, path: str) -> dict[str, Any]:
             "path": path,
             "title": "Shop",
         },
-        "traits": {
+    }
+    if identified:
+        context["traits"] = {
             "email": f"User{user}@Example.com",
             "phone": f"+1 (555) 010-{user % 10000:04d}",
             "first_name": _FIRST[user % len(_FIRST)],
@@ -85,12 +90,16 @@ def _context(rng: random.Random, user: int, path: str) -> dict[str, Any]:
                 "country": "US",
                 "postal_code": f"{94000 + user % 1000}",
             },
-        },
-    }
+        }
+    return context
 
 
-def make_events(n: int, seed: int = 7) -> list[bytes]:
-    """A mix: 40% page, 15% identify, 45% track (viewed, added, checkout, order, search)."""
+def make_events(n: int, seed: int = 7, identified_share: float = 0.5) -> list[bytes]:
+    """A mix: 40% page, 15% identify, 45% track (viewed, added, checkout, order, search).
+
+    `identified_share` of the page/track events come from identified users: `userId` and
+    `context.traits` with email, phone, names and address (six hashes per TikTok event); the
+    others are anonymous visitors (`anonymousId` only, one hash)."""
     rng = random.Random(seed)
     out: list[bytes] = []
     for _ in range(n):
@@ -100,23 +109,25 @@ def make_events(n: int, seed: int = 7) -> list[bytes]:
             "timestamp": f"2024-05-01T12:{rng.randrange(60):02d}:{rng.randrange(60):02d}"
             f".{rng.randrange(1000):03d}Z",
             "anonymousId": str(uuid.UUID(int=rng.getrandbits(128))),
-            "userId": f"user-{user}",
         }
         r = rng.random()
+        identified = r < 0.55 or rng.random() < identified_share
+        if identified:
+            base["userId"] = f"user-{user}"
         if r < 0.40:
             event = {
                 **base,
                 "type": "page",
                 "name": "Product",
                 "properties": {"path": "/p"},
-                "context": _context(rng, user, "/products/shoe"),
+                "context": _context(rng, user, "/products/shoe", identified),
             }
         elif r < 0.55:
             event = {
                 **base,
                 "type": "identify",
                 "traits": {"email": f"user{user}@example.com"},
-                "context": _context(rng, user, "/account"),
+                "context": _context(rng, user, "/account", identified),
             }
         else:
             kind = rng.choice(
@@ -147,7 +158,7 @@ def make_events(n: int, seed: int = 7) -> list[bytes]:
                 "type": "track",
                 "event": kind,
                 "properties": props,
-                "context": _context(rng, user, "/checkout"),
+                "context": _context(rng, user, "/checkout", identified),
             }
         out.append(msgspec.json.encode(event))
     return out
@@ -175,19 +186,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--identified-share",
+        type=float,
+        default=0.5,
+        help="share of page/track events from identified users (default 0.5)",
+    )
     args = parser.parse_args(argv)
-    events = make_events(args.events)
+    events = make_events(args.events, identified_share=args.identified_share)
+    all_identified = make_events(args.events, identified_share=1.0)
     mapper1 = Mapper(parse_config(_CONFIG.format(second="")), now=lambda: 1.7e9)
     mapper2 = Mapper(parse_config(_CONFIG.format(second=_SECOND)), now=lambda: 1.7e9)
     mapped1 = sum(len(o.mapped) for raw in events for o in mapper1.map_message(raw))
     result = {
         "events": len(events),
         "rounds": args.rounds,
+        "identified_share": args.identified_share,
         "mean_event_bytes": round(sum(map(len, events)) / len(events)),
         "mapped_per_event_1_destination": round(mapped1 / len(events), 3),
         "decode_only_events_per_s": _rate(decode_event, events, args.rounds),
         "decode_map_1_destination_events_per_s": _rate(mapper1.map_message, events, args.rounds),
         "decode_map_2_destinations_events_per_s": _rate(mapper2.map_message, events, args.rounds),
+        "decode_map_1_destination_all_identified_events_per_s": _rate(
+            mapper1.map_message, all_identified, args.rounds
+        ),
         "python": sys.version.split()[0],
     }
     print(json.dumps(result))

@@ -863,3 +863,39 @@ def test_fuzz_no_raw_email_or_phone_leaves_the_mapper(email: str, phone: str, wh
                 assert email.upper() not in text
                 assert phone not in text
                 assert re.sub(r"\D", "", phone) not in text
+
+
+def test_generated_reads_handle_indexes_unknown_roots_and_type() -> None:
+    sub = {
+        "name": "paths",
+        "trigger": 'type = "track"',
+        "event": "E",
+        "mapping": {
+            "order_id": "$.properties.items.1.sku",
+            "shop_id": "$.notASegmentField.x",
+            "description": "$.type",
+            "query": ["$.context.missing.deep", "$.event"],
+            "search_string": "$.properties.items.9.sku",
+        },
+    }
+    mapper = mapper_for({"presets": "none", "subscriptions": [sub]})
+    event = {"type": "track", "event": "Q", "properties": {"items": [{"sku": "a"}, {"sku": "b"}]}}
+    props = only_event(mapper, event)["properties"]
+    assert props["order_id"] == "b"
+    assert "shop_id" not in props
+    assert "search_string" not in props
+    assert props["description"] == "track"
+    assert props["query"] == "Q"
+
+
+def test_intermediate_values_that_are_not_objects_read_as_missing() -> None:
+    mapper = mapper_for({})
+    event = {
+        "type": "page",
+        "properties": {"address": "not an object", "email": "a@b.c"},
+        "context": {"traits": ["x"], "page": "nope"},
+    }
+    data = only_event(mapper, event)
+    assert data["user"]["city"] == ""
+    assert data["user"]["email"] == [sha("a@b.c")]
+    assert "page" not in data

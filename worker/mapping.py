@@ -28,7 +28,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 from urllib.parse import parse_qsl
 
@@ -291,6 +291,10 @@ _PLAN_FIELDS: Final = tuple(
 )
 
 
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_SECOND: Final = timedelta(seconds=1)
+
+
 def _timestamp_seconds(value: str) -> int | None:
     """Unix seconds (floor) of an ISO-8601 date-time; a value without offset is UTC."""
     try:
@@ -300,8 +304,8 @@ def _timestamp_seconds(value: str) -> int | None:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     try:
-        return math.floor(dt.timestamp())
-    except (OverflowError, ValueError):  # pragma: no cover - platform limits
+        return (dt - _EPOCH) // _SECOND
+    except OverflowError:  # pragma: no cover - offsets at the edge of datetime's range
         return None
 
 
@@ -366,10 +370,12 @@ _EVALUATE_TAIL: Final = """\
         event_time = _ts(f_timestamp)
         if event_time is None:
             raise _ts_error()
-    if f_phone_number:
-        phones = [_hp(x, region) for x in f_phone_number]
-    else:
+    if not f_phone_number:
         phones = []
+    elif len(f_phone_number) == 1:
+        phones = [_hp(f_phone_number[0], region)]
+    else:
+        phones = [_hp(x, region) for x in f_phone_number]
     if not f_email:
         emails = []
     elif len(f_email) == 1:
@@ -393,7 +399,7 @@ _EVALUATE_TAIL: Final = """\
         _addr(f_address_country) if f_address_country is not None else "",
         _hn(f_address_zip_code) if f_address_zip_code is not None else "",
     )
-    url_ttclid = _url_ttclid(f_url) if f_url else None
+    url_ttclid = _url_ttclid(f_url) if f_url and "?" in f_url else None
     if url_ttclid or f_ttclid:
         user.ttclid = url_ttclid if url_ttclid is not None else f_ttclid
     if f_ttp:
@@ -421,7 +427,9 @@ _EVALUATE_TAIL: Final = """\
             _vehicle(event, props)
     lead = _lead(event) if event_source == "crm" else _UNSET
     return _Common(
-        {region: user},
+        user,
+        region,
+        None,
         f_phone_number,
         props,
         page,
@@ -438,10 +446,12 @@ _EVALUATE_TAIL: Final = """\
 class _Common(msgspec.Struct):
     """Everything of one TikTok event except its name and `contents`.
 
-    `users` holds the user object per phone default region (phones are the only user key
-    that depends on the destination); `phones` keeps the raw phones to hash for another."""
+    `user` was built for phone default region `region`; phones are the only user key that
+    depends on the destination, so `phones` keeps the raw values to hash for another."""
 
-    users: dict[str | None, UserOut]
+    user: UserOut
+    region: str | None
+    other_users: dict[str | None, UserOut] | None
     phones: list[str] | None
     properties: dict[str, object]
     page: PageOut | msgspec.UnsetType
@@ -453,12 +463,14 @@ class _Common(msgspec.Struct):
     limited_data_use: bool
 
     def user_for(self, region: str | None) -> UserOut:
-        user = self.users.get(region)
+        if region == self.region:
+            return self.user
+        if self.other_users is None:
+            self.other_users = {}
+        user = self.other_users.get(region)
         if user is None:
             phones = [hash_phone(p, region) for p in self.phones] if self.phones else []
-            user = self.users[region] = msgspec.structs.replace(
-                next(iter(self.users.values())), phone=phones
-            )
+            user = self.other_users[region] = msgspec.structs.replace(self.user, phone=phones)
         return user
 
 
@@ -847,7 +859,7 @@ class Mapper:
                     sub.event,
                     common.event_time,
                     event_id if event_id is not None else _UNSET,
-                    common.user_for(dest.region),
+                    common.user if common.region == dest.region else common.user_for(dest.region),
                     properties,
                     common.page,
                     common.lead,
