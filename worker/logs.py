@@ -1,43 +1,127 @@
-"""structlog configuration: JSON lines (or console) on stderr, stdlib loggers routed through it.
+"""structlog configuration: JSON lines (or console) on stderr, every other logger routed through it.
 
-Nothing here ever logs a token or raw PII: callers log names, counts and codes only, and the
-``redact`` processor masks any value under a key that names a secret, as a second line of
-defence.
+- `configure_logging(level=, fmt=)`: structlog loggers and the stdlib root logger share one
+  handler and one processor chain, so aiohttp, asyncio, redis and librdkafka (through
+  `kafka_logger()`, given to confluent-kafka clients as their `logger`) print the same JSON
+  lines: `{"event", "level", "timestamp", "logger", ...}`; `fmt="console"` renders them for a
+  terminal instead. Python warnings go through logging too.
+- Context: `structlog.contextvars` are merged into every line (the sender binds a batch id to the
+  task that delivers a batch, so its attempts, halves and dead-lettering share it).
+- Secrets and PII: callers log names, counts and codes only. As a second line of defence the
+  `scrub` processor, which runs after exceptions are formatted and before rendering, masks the
+  value of any secret-looking key, every occurrence of a value given to `register_secrets`
+  (the configured access tokens, SASL passwords) and anything shaped like an email address, in
+  every string of the line, whichever library logged it.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Iterable, MutableMapping
 from typing import Any, Final, TextIO
 
 import structlog
 
+MASK: Final = "***"
+KAFKA_LOGGER_NAME: Final = "kafka"
 _SECRET_KEYS: Final = frozenset(
-    {"access_token", "token", "password", "authorization", "access-token", "sasl.password"}
+    {
+        "access_token",
+        "access-token",
+        "token",
+        "password",
+        "secret",
+        "authorization",
+        "sasl.password",
+        "sasl.oauthbearer.client.secret",
+        "ssl.key.password",
+        "ssl.keystore.password",
+    }
 )
+# Shorter values would mask ordinary words; real tokens and passwords are longer.
+_MIN_SECRET_CHARS: Final = 6
+_EMAIL_RE: Final = re.compile(r"[^\s@\"'<>(),;:]+@[^\s@\"'<>(),;:]+\.[A-Za-z]{2,}")
+_MAX_DEPTH: Final = 4
+
+_secrets: set[str] = set()
 
 
-def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Mask values under secret-looking keys."""
-    for key in list(event):
-        if key.lower() in _SECRET_KEYS:
-            event[key] = "***"
+def register_secrets(values: Iterable[str | None]) -> None:
+    """Mask these values wherever they would appear in a log line (idempotent)."""
+    for value in values:
+        if value and len(value) >= _MIN_SECRET_CHARS:
+            _secrets.add(value)
+
+
+def clear_secrets() -> None:
+    """Forget the registered secrets (tests)."""
+    _secrets.clear()
+
+
+def _is_secret_key(key: object) -> bool:
+    return isinstance(key, str) and key.lower() in _SECRET_KEYS
+
+
+def _scrub_text(text: str) -> str:
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, MASK)
+    if "@" in text:
+        text = _EMAIL_RE.sub("<email>", text)
+    return text
+
+
+def _scrub_value(value: Any, depth: int) -> Any:
+    if isinstance(value, str):
+        return _scrub_text(value)
+    if depth >= _MAX_DEPTH:
+        return value
+    if isinstance(value, dict):
+        return {
+            k: MASK if _is_secret_key(k) else _scrub_value(v, depth + 1) for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_scrub_value(v, depth + 1) for v in value]
+    return value
+
+
+def scrub(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Mask secrets and email addresses in every value of the line (see the module doc)."""
+    for key, value in event.items():
+        if _is_secret_key(key):
+            event[key] = MASK
+        elif key.startswith("_"):
+            continue  # structlog's own bookkeeping (_record, _from_structlog)
+        else:
+            event[key] = _scrub_value(value, 0)
     return event
+
+
+# Kept for callers of the first version.
+redact = scrub
+
+
+def kafka_logger() -> logging.Logger:
+    """The logger to pass as `logger` to confluent-kafka clients, so librdkafka's own log lines
+    come out as JSON instead of raw text on stderr (delivered when the client polls)."""
+    return logging.getLogger(KAFKA_LOGGER_NAME)
 
 
 def configure_logging(
     *, level: str = "info", fmt: str = "json", stream: TextIO | None = None
 ) -> None:
-    """Configure structlog and the stdlib root logger (aiohttp, asyncio, redis) alike."""
+    """Configure structlog and the stdlib root logger (aiohttp, asyncio, redis, kafka) alike."""
     stream = stream if stream is not None else sys.stderr
     numeric_level = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_logger_name,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        redact,
+        structlog.processors.format_exc_info,
+        scrub,
     ]
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=stream.isatty())
@@ -45,11 +129,7 @@ def configure_logging(
         else structlog.processors.JSONRenderer()
     )
     structlog.configure(
-        processors=[
-            *shared,
-            structlog.processors.format_exc_info,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
         cache_logger_on_first_use=False,
@@ -57,14 +137,15 @@ def configure_logging(
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            foreign_pre_chain=shared,
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric_level)
-    # aiohttp's access log would repeat every scrape of /metrics.
+    logging.captureWarnings(True)
+    # aiohttp's access log would repeat every scrape of /metrics and every probe.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 

@@ -3,13 +3,20 @@
 Label values come only from bounded sets: configured destination names, configured TikTok
 event names, topics and partitions of the subscription, and the fixed reason/outcome
 vocabularies below. Never a user id, event id or message content.
+
+Counters and histograms are exposed without their `_created` series (prometheus_client adds one
+per child by default): they would double the series count and no dashboard or rule reads them.
+Who updates what: the pipeline (consumed, mapped, skipped, delivered, in-flight), the sender
+(requests, latency, batch size, retries), the dead-letter producer (dead letters, on broker
+acknowledgement), the rate limiter (wait, fallback), the consumer thread (paused, assigned,
+commits, last commit, rebalances) and `worker.lag` (consumer lag).
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from worker import __version__
 
@@ -32,6 +39,8 @@ REQUEST_OUTCOMES: Final = (
     "permanent_error",
     "auth_error",
 )
+COMMIT_RESULTS: Final = ("ok", "error")
+REBALANCE_KINDS: Final = ("assign", "revoke", "lost")
 
 _LATENCY_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS: Final = (1, 2, 5, 10, 25, 50, 100, 250, 500, 750, 1000)
@@ -42,6 +51,7 @@ class Metrics:
     """The metric catalogue, registered on one (injectable) registry."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # process-wide: module doc
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         p = "tiktok_worker_"
