@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import time
 from typing import Any
 
 from confluent_kafka import KafkaException
@@ -24,7 +23,9 @@ from worker.config import Config
 from worker.consumer import ConsumerThread, consumer_config
 from worker.dlq import DeadLetterProducer, producer_config
 from worker.errors import WorkerError
-from worker.health import HealthServer
+from worker.health import HealthServer, liveness_check
+from worker.lag import LagMonitor
+from worker.logs import kafka_logger, register_secrets
 from worker.mapping import Mapper
 from worker.metrics import Metrics
 from worker.pipeline import Pipeline
@@ -39,6 +40,7 @@ def preflight(config: Config) -> None:
     """Fail fast, in one line, when Kafka is unreachable or the dead-letter topic is missing."""
     conf: dict[str, Any] = {"bootstrap.servers": config.kafka.bootstrap_servers}
     conf.update(config.kafka.client)
+    conf["logger"] = kafka_logger()  # never polled: librdkafka's retries stay off stderr
     try:
         metadata = AdminClient(conf).list_topics(timeout=PREFLIGHT_TIMEOUT_S)
     except KafkaException as exc:
@@ -68,6 +70,10 @@ def build_routes(config: Config) -> dict[str, Route]:
 
 async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None) -> int:
     """Run until SIGTERM/SIGINT or a fatal error; returns the exit status."""
+    register_secrets(
+        [d.access_token for d in config.destinations]
+        + [str(v) for k, v in config.kafka.client.items() if "password" in k or "secret" in k]
+    )
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, preflight, config)
     metrics = metrics if metrics is not None else Metrics()
@@ -96,7 +102,7 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
         logger=log,
     )
     dead_letters = DeadLetterProducer(
-        config=producer_config(kafka.bootstrap_servers, kafka.client),
+        config={**producer_config(kafka.bootstrap_servers, kafka.client), "logger": kafka_logger()},
         topic=kafka.dead_letter_topic,
         metrics=metrics,
         on_fatal=on_fatal,
@@ -130,9 +136,14 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
         drain_timeout_s=kafka.drain_timeout_s,
     )
     consumer = ConsumerThread(
-        config=consumer_config(
-            bootstrap_servers=kafka.bootstrap_servers, group_id=kafka.group_id, client=kafka.client
-        ),
+        config={
+            **consumer_config(
+                bootstrap_servers=kafka.bootstrap_servers,
+                group_id=kafka.group_id,
+                client=kafka.client,
+            ),
+            "logger": kafka_logger(),
+        },
         topics=kafka.topics,
         loop=loop,
         sink=pipeline,
@@ -142,11 +153,15 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
     )
     pipeline.attach(consumer)
 
-    def live() -> tuple[bool, str]:
-        age = time.monotonic() - consumer.heartbeat
-        if age > config.http.liveness_timeout_s:
-            return False, f"consumer loop stuck for {age:.0f}s"
-        return True, "ok"
+    lag = LagMonitor.for_consumer(
+        bootstrap_servers=kafka.bootstrap_servers,
+        group_id=kafka.group_id,
+        client=kafka.client,
+        partitions=consumer.assignment,
+        metrics=metrics,
+        log=log,
+        logger=kafka_logger(),
+    )
 
     def ready() -> tuple[bool, str]:
         if stop.is_set() or pipeline.fatal is not None:
@@ -161,13 +176,16 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
         host=config.http.host,
         port=config.http.port,
         registry=metrics.registry,
-        live=live,
+        live=liveness_check(
+            heartbeat=lambda: consumer.heartbeat, timeout_s=config.http.liveness_timeout_s
+        ),
         ready=ready,
     )
     await health.start()
     dead_letters.start()
     consumer.start()
     committer = loop.create_task(pipeline.run_committer(kafka.commit_interval_s))
+    lag_task = loop.create_task(lag.run())
     closed = loop.run_in_executor(None, consumer.closed.wait)
     log.info(
         "worker started",
@@ -187,9 +205,10 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
     consumer.stop()
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(closed, kafka.drain_timeout_s + SHUTDOWN_MARGIN_S)
-    committer.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await committer
+    for task in (committer, lag_task):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     await sender.close()
     await dead_letters.close()
     await client.close()

@@ -125,6 +125,10 @@ class ConsumerThread:
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
 
+    def assignment(self) -> list[TopicPartitionKey]:
+        """A snapshot of the partitions assigned now (safe from any thread)."""
+        return list(self._assigned)
+
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -284,14 +288,8 @@ class ConsumerThread:
             stats = json.loads(stats_json)
         except ValueError:
             return
-        for topic, tstats in stats.get("topics", {}).items():
-            for pid, pstats in tstats.get("partitions", {}).items():
-                key = (topic, int(pid))
-                if key not in self._assigned:
-                    continue
-                lag = pstats.get("consumer_lag", -1)
-                if lag >= 0:
-                    self._metrics.consumer_lag.labels(topic=topic, partition=pid).set(lag)
+        # Consumer lag is measured by worker.lag (these statistics miss it before the first commit
+        # and freeze it while a partition is paused); they only tell whether a broker is up.
         brokers = stats.get("brokers", {})
         if any(b.get("state") == "UP" for b in brokers.values() if b.get("nodeid", -1) >= 0):
             self.brokers_down = False
