@@ -17,9 +17,12 @@ Outcomes (see ``worker.client.classify``):
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import structlog
 
 from worker.batcher import Batch
 from worker.client import Outcome, SendResult, TikTokClient, backoff_delay
@@ -81,6 +84,7 @@ class Sender:
         self._on_delivered = on_delivered
         self._on_failed = on_failed
         self._tasks: set[asyncio.Task[None]] = set()
+        self._batch_ids = itertools.count(1)
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -121,6 +125,9 @@ class Sender:
     async def _deliver_batch(self, batch: Batch) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._retry.deadline_s
+        # Each batch has its own task, hence its own context: every log line of its attempts,
+        # bisected halves and dead-lettering carries the same batch_id.
+        structlog.contextvars.bind_contextvars(batch_id=next(self._batch_ids))
         await self._deliver(batch.key, batch.events, deadline)
 
     async def _deliver(
