@@ -9,7 +9,7 @@ RedisRateLimiter on one key), runs a backlogged load against a budget of `--qps`
   limiter released them (the limiter's own guarantee: <= qps + 1);
 - `worst_window_arrival`: the same by arrival at the fake server (adds this machine's
   scheduling noise on the request path);
-- per-process shares and slots given up by a late wake-up (`late_slots_dropped`).
+- per-process shares, and slots left empty to make up for late wake-ups (`late_slots_paid`).
 
 Redis: `REDIS_URL`, else a private `redis-server` (tests/infra). Prints one JSON object.
 Run: `.venv/bin/python bench/bench_ratelimit.py [--qps 200] [--duration 10] [--processes 1,2,4]`
@@ -57,7 +57,7 @@ async def measure(
         "per_process_share": [
             round(len(run.released(w)) / max(1, len(released)), 3) for w in range(processes)
         ],
-        "late_slots_dropped": sum(int(s["late_slots_dropped"]) for s in run.summaries),
+        "late_slots_paid": sum(int(s["late_slots_paid"]) for s in run.summaries),
         "fallback_requests": sum(1 for h in run.hits if h.fallback),
     }
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "--late-tolerance",
         type=float,
         default=None,
-        help="seconds a process may wake after its slot before giving it up (library default)",
+        help="seconds a process may wake after its slot before paying a slot (library default)",
     )
     result = asyncio.run(main_async(p.parse_args(argv)))
     print(json.dumps(result))

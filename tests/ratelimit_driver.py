@@ -242,7 +242,7 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
         "sent": sent,
         "throttled": throttled,
         "fallback": fallback(),
-        "late_slots_dropped": getattr(limiter, "late_slots_dropped", 0),
+        "late_slots_paid": getattr(limiter, "late_slots_paid", 0),
     }
 
 

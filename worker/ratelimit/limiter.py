@@ -42,7 +42,6 @@ Sleep = Callable[[float], Awaitable[None]]
 
 _stdlib_log = logging.getLogger("worker.ratelimit")
 _PROBE_KEY = "probe"
-_MAX_SLOT_ATTEMPTS = 2
 # Below 1, to leave room for the error of the slot estimate (half the Redis round trip).
 _LATE_FRACTION = 0.75
 DEFAULT_LATE_TOLERANCE_S = 0.005
@@ -88,7 +87,7 @@ class _Limiter:
         self._sleep = sleep
         self._late_tolerance_s = late_tolerance_s
         self._gate = AdaptiveGate(max_rate=qps, settings=adaptive)
-        self.late_slots_dropped = 0
+        self.late_slots_paid = 0
 
     @property
     def gate(self) -> AdaptiveGate:
@@ -119,33 +118,34 @@ class _Limiter:
         return waited
 
     async def _wait_for_shared_slot(self, key: str) -> None:
-        """Reserve a shared slot and sleep until it starts.
+        """Reserve a shared slot and sleep until it starts; pay for the slot if woken late.
 
         A process that wakes up well after its slot (CPU starvation, a CFS-quota stall, a long
-        GC pause, a busy event loop) would send its overdue requests together with the on-time
-        requests of later slots and overfill a 1-second window. As long as every request leaves
-        less than one interval after its slot, a 1-second window still holds at most qps + 1;
-        so a slot missed by more than `_LATE_FRACTION` of an interval is given up and a fresh
-        one reserved. Lateness up to `late_tolerance_s` (default 5 ms) is always accepted:
-        event-loop lag of a few ms is normal and not worth a slot (at high qps it can add at
-        most qps * late_tolerance_s requests to a window, 0.5 % at the default). Each request
-        gives up at most `_MAX_SLOT_ATTEMPTS - 1` slots, so a starved process wastes a bounded
-        share of the budget; then it goes with the slot it has.
+        GC pause, a busy event loop) sends its request in time that belongs to later slots,
+        which are used on time by others: a 1-second window could then hold more than
+        qps + 1 requests. Lateness below one interval cannot do that; beyond it, the late
+        request still goes at once (no second wait, no cascade of missed slots) but the
+        process reserves one more slot that nobody uses: that gap lies within the queue depth
+        ahead, so every window gaining the late request also holds the gap, and the bound
+        stays qps + 1 (while queue depth plus lateness stay under a second). The cost is one
+        slot per late request, like dropping the late slot, without delaying the request.
+
+        Lateness up to `late_tolerance_s` (default 5 ms) is accepted without paying: a few ms
+        of event-loop lag is normal, and at high qps it adds at most qps * late_tolerance_s
+        requests to a window (0.5 % at the default).
         """
-        for attempt in range(_MAX_SLOT_ATTEMPTS):
-            before = self._clock()
-            wait, interval = await self._reserve_shared(key)
-            after = self._clock()
-            # The slot was computed while the call was in flight: take the midpoint, so neither
-            # the request's nor the reply's trip (or a stall while reading it) moves the slot.
-            slot = (before + after) / 2 + wait
-            if slot > after:
-                await self._sleep(slot - after)
-            late = self._clock() - slot
-            if late <= max(self._late_tolerance_s, interval * _LATE_FRACTION):
-                return
-            if attempt < _MAX_SLOT_ATTEMPTS - 1:
-                self.late_slots_dropped += 1
+        before = self._clock()
+        wait, interval = await self._reserve_shared(key)
+        after = self._clock()
+        # The slot was computed while the call was in flight: take the midpoint, so neither
+        # the request's nor the reply's trip (or a stall while reading it) moves the slot.
+        slot = (before + after) / 2 + wait
+        if slot > after:
+            await self._sleep(slot - after)
+        late = self._clock() - slot
+        if late > max(self._late_tolerance_s, interval * _LATE_FRACTION):
+            self.late_slots_paid += 1
+            await self._reserve_shared(key)  # the gap that makes up for this late request
 
     def throttled(self, key: str, retry_after_s: float | None) -> None:
         """TikTok answered 40100/429 for `key`: slow this worker down, honour Retry-After."""
