@@ -161,6 +161,23 @@ def test_event_and_type_requirements_are_extracted_for_routing() -> None:
     assert parse_trigger("event = 5").event_name is None
 
 
+@pytest.mark.parametrize(
+    ("trigger", "routing_only"),
+    [
+        ('event = "A"', True),
+        ('type = "page"', True),
+        ('type = "track" and event = "A"', True),
+        ('event = "A" and event = "B"', False),
+        ('event = "A" and properties.x = 1', False),
+        ('event = "A" or type = "page"', False),
+        ('!(event = "A")', False),
+        ("event = 5", False),
+    ],
+)
+def test_routing_only_triggers_need_no_evaluation(trigger: str, routing_only: bool) -> None:
+    assert parse_trigger(trigger).routing_only is routing_only
+
+
 def test_keywords_are_only_keywords_as_whole_words() -> None:
     event = decode_event(
         json.dumps({"type": "track", "properties": {"android": 1, "order": 2, "match": 3}}).encode()

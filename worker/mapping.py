@@ -654,6 +654,7 @@ class _Sub:
     trigger: Trigger
     plan: _Plan
     contents: ContentsFn
+    routing_only: bool  # the (type, event) routing already proves the trigger
 
 
 class _Destination:
@@ -676,6 +677,7 @@ class _Destination:
         self.subs = subs
         self._routes: dict[tuple[str, Any], tuple[_Sub, ...]] = {}
         self._keys: dict[tuple[str, str | None], BatchKey] = {}
+        self.web_key = self.key("web", None)  # the common case, without a lookup
 
     def candidates(self, etype: str, name: Any) -> tuple[_Sub, ...]:
         """Subscriptions whose trigger could hold for this (type, event), in order."""
@@ -752,7 +754,8 @@ class Mapper:
                 cfn = contents_fns.get(ckey)
                 if cfn is None:
                     cfn = contents_fns[ckey] = _compile_contents(csource, items)
-                subs.append(_Sub(order, name, event, parse_trigger(trigger), plan, cfn))
+                compiled = parse_trigger(trigger)
+                subs.append(_Sub(order, name, event, compiled, plan, cfn, compiled.routing_only))
             self._destinations.append(_Destination(dest, subs, config.tiktok.partner_name))
 
     # -- public API ---------------------------------------------------------------------
@@ -791,12 +794,21 @@ class Mapper:
         """Map an already decoded event (the `map` command and tests use this)."""
         mapped: list[MappedEvent] = []
         invalid: list[InvalidEvent] = []
-        memo: dict[int, Any] = {}
-        now = self._now
+        # Results shared by subscriptions/destinations with the same plan or contents.
+        memo: dict[Any, Any] = {}
+        etype = EVENT_TYPES[type(event)]
+        name = event.event
         for dest in self._destinations:
-            self._map_destination(dest, event, memo, now, mapped, invalid)
+            if dest.when is not None and not dest.when.predicate(event):
+                continue
+            for sub in dest.candidates(etype, name):
+                if not sub.routing_only and not sub.trigger.predicate(event):
+                    continue
+                self._map_subscription(dest, sub, event, memo, mapped, invalid)
+        mid = event.message_id
+        message_id = mid if type(mid) is str else _message_id(event)
         skipped = None if mapped or invalid else "no_match"
-        return EventOutcome(index, multi, raw, _message_id(event), mapped, invalid, skipped)
+        return EventOutcome(index, multi, raw, message_id, mapped, invalid, skipped)
 
     # -- internals ----------------------------------------------------------------------
 
@@ -814,60 +826,65 @@ class Mapper:
                 index, multi, raw, "invalid_event", f"internal mapping error: {type(exc).__name__}"
             )
 
-    @staticmethod
-    def _map_destination(
+    def _map_subscription(
+        self,
         dest: _Destination,
+        sub: _Sub,
         event: SegmentEvent,
-        memo: dict[int, Any],
-        now: Callable[[], float],
+        memo: dict[Any, Any],
         mapped: list[MappedEvent],
         invalid: list[InvalidEvent],
     ) -> None:
-        if dest.when is not None and not dest.when.predicate(event):
+        plan = sub.plan
+        common: _Common | _FieldError | None = memo.get(id(plan))
+        if common is None:
+            try:
+                common = plan.evaluate(event, self._now, dest.region)
+            except _FieldError as exc:
+                common = exc
+            memo[id(plan)] = common
+        contents_fn = sub.contents
+        contents: list[dict[str, Any]] | _FieldError | None = memo.get(id(contents_fn))
+        if contents is None:
+            try:
+                contents = contents_fn(event)
+            except _FieldError as exc:
+                contents = exc
+            memo[id(contents_fn)] = contents
+        if isinstance(common, _FieldError) or isinstance(contents, _FieldError):
+            error = common if isinstance(common, _FieldError) else contents
+            assert isinstance(error, _FieldError)
+            failure = InvalidEvent("invalid_event", error.text, dest.name)
+            if failure not in invalid:
+                invalid.append(failure)
             return
-        for sub in dest.candidates(EVENT_TYPES[type(event)], event.event):
-            if not sub.trigger.predicate(event):
-                continue
-            plan = sub.plan
-            common: _Common | _FieldError | None = memo.get(id(plan))
-            if common is None:
-                try:
-                    common = plan.evaluate(event, now, dest.region)
-                except _FieldError as exc:
-                    common = exc
-                memo[id(plan)] = common
-            contents_fn = sub.contents
-            contents: list[dict[str, Any]] | _FieldError | None = memo.get(id(contents_fn))
-            if contents is None:
-                try:
-                    contents = contents_fn(event)
-                except _FieldError as exc:
-                    contents = exc
-                memo[id(contents_fn)] = contents
-            if isinstance(common, _FieldError) or isinstance(contents, _FieldError):
-                error = common if isinstance(common, _FieldError) else contents
-                assert isinstance(error, _FieldError)
-                failure = InvalidEvent("invalid_event", error.text, dest.name)
-                if failure not in invalid:
-                    invalid.append(failure)
-                continue
+        event_id = common.event_id
+        region = dest.region
+        # Destinations with the same plan, contents, event name and phone region send the
+        # same bytes: encode once.
+        payload_key = (id(plan), id(contents_fn), sub.event, region)
+        payload: bytes | None = memo.get(payload_key)
+        if payload is None:
             properties: dict[str, object] = {"contents": contents}
             properties.update(common.properties)
-            event_id = common.event_id
             payload = _encode_event(
                 EventOut(
                     sub.event,
                     common.event_time,
                     event_id if event_id is not None else _UNSET,
-                    common.user if common.region == dest.region else common.user_for(dest.region),
+                    common.user if common.region == region else common.user_for(region),
                     properties,
                     common.page,
                     common.lead,
                     common.limited_data_use,
                 )
             )
+            memo[payload_key] = payload
+        if common.event_source == "web" and common.test_event_code is None:
+            key = dest.web_key
+        else:
             key = dest.key(common.event_source, common.test_event_code)
-            mapped.append(MappedEvent(dest.name, sub.name, sub.event, key, event_id, payload))
+        mapped.append(MappedEvent(dest.name, sub.name, sub.event, key, event_id, payload))
 
 
 def _source_key(source: Source) -> Any:

@@ -447,19 +447,32 @@ def _required(node: _Node, key: str) -> str | None:
     return None
 
 
+def _only_routing(node: _Node, event_name: str | None, event_type: str | None) -> bool:
+    """True when `node` holds exactly when `event = event_name` and `type = event_type`:
+    it is nothing but such equalities, and-ed, all naming the same values."""
+    if isinstance(node, _And):
+        return _only_routing(node.left, event_name, event_type) and _only_routing(
+            node.right, event_name, event_type
+        )
+    name, etype = _required(node, "event"), _required(node, "type")
+    return (name is not None and name == event_name) or (etype is not None and etype == event_type)
+
+
 @dataclass(frozen=True, slots=True)
 class Trigger:
     """A compiled trigger. Call it with a decoded event.
 
     `event_name` / `event_type` are set when the trigger can only hold for that Segment
     `event` / `type` (it contains `event = "X"` at its top level, possibly and-ed), which
-    lets the mapper skip it with one dict lookup.
+    lets the mapper skip it with one dict lookup. `routing_only` is true when those
+    equalities are the whole trigger: an event routed by them needs no further evaluation.
     """
 
     source: str
     predicate: Predicate
     event_name: str | None
     event_type: str | None
+    routing_only: bool = False
 
     def __call__(self, event: SegmentEvent) -> bool:
         return bool(self.predicate(event))
@@ -469,9 +482,11 @@ class Trigger:
 def parse_trigger(text: str) -> Trigger:
     """Parse and compile `text`; raises `TriggerSyntaxError`. Results are cached by text."""
     node = _Parser(text).parse()
+    event_name, event_type = _required(node, "event"), _required(node, "type")
     return Trigger(
         source=text,
         predicate=_compile(node),
-        event_name=_required(node, "event"),
-        event_type=_required(node, "type"),
+        event_name=event_name,
+        event_type=event_type,
+        routing_only=_only_routing(node, event_name, event_type),
     )
