@@ -268,6 +268,7 @@ class Pipeline:
             events=len(events),
             code=failure.code,
             attempts=failure.attempts,
+            error=failure.error,
         )
         for event in events:
             message = event.message

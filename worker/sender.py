@@ -195,4 +195,6 @@ class Sender:
             attempt=attempt,
             latency_ms=round(result.latency_s * 1000, 1),
             request_id=result.request_id,
+            # Why it failed, in TikTok's words (sanitised by the client: no token, no PII).
+            **({} if result.outcome is Outcome.SUCCESS else {"message": result.message}),
         )
