@@ -48,7 +48,7 @@ DEFAULT_LATE_TOLERANCE_S = 0.005
 
 
 class _Log:
-    """Structlog-style `warning(event, **fields)` on either structlog or stdlib logging."""
+    """Structlog-style `info`/`warning(event, **fields)` on the given logger, else stdlib."""
 
     def __init__(self, logger: Any | None) -> None:
         self._logger = logger
