@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Annotated, Any, Final, Literal, get_args, get_origin, get_type_hints
 
 import msgspec
@@ -397,8 +397,3 @@ def masked(config: Config) -> dict[str, Any]:
 def _mask_url(url: str) -> str:
     """Hide the password in `scheme://user:password@host/...`."""
     return re.sub(r"^([a-z][a-z0-9+.-]*://)([^:@/]*):([^@/]*)@", rf"\1\2:{_MASK}@", url, flags=re.I)
-
-
-def iter_destinations(config: Config) -> Iterator[DestinationConfig]:
-    """Destinations in configuration order (a convenience for callers)."""
-    yield from config.destinations
