@@ -89,17 +89,23 @@ def test_map_prints_one_line_per_result(config_file: Path, tmp_path: Path) -> No
     assert data["user"]["email"] == [hashlib.sha256(b"jane@example.com").hexdigest()]
     assert out[1] == {"index": 1, "skipped": "no_match"}
     # Order Completed with an unusable value: invalid for both destinations (both map
-    # `value` with the default paths), one line each.
-    assert [(o["index"], o["destination"], o["invalid"]) for o in out[2:4]] == [
-        (2, "web-shop", "invalid_event"),
-        (2, "second", "invalid_event"),
-    ]
-    assert out[3]["error"].startswith("value ($.properties.value | $.properties.revenue)")
-    assert "$100" not in result.stdout
-    assert out[4] == {"index": 3, "invalid": "decode_error", "error": out[4]["error"]}
-    assert [(o["index"], o["batch_index"]) for o in out[5:]] == [(4, 0), (4, 1)]
+    # `value` with the default paths), one line each; stdout keeps the spec's exact shape and
+    # the reasons go to stderr, without the offending value.
+    assert out[2:4] == [{"index": 2, "invalid": "invalid_event"}] * 2
+    errors = result.stderr.splitlines()
+    assert errors[0].startswith("tiktok-worker map: line 2 destination web-shop: invalid_event: ")
+    assert errors[1].startswith(
+        "tiktok-worker map: line 2 destination second: invalid_event: "
+        "value ($.properties.value | $.properties.revenue)"
+    )
+    assert "$100" not in result.stdout + result.stderr
+    assert out[4] == {"index": 3, "invalid": "decode_error"}
+    assert errors[2].startswith("tiktok-worker map: line 3: decode_error: not valid JSON")
+    assert [o["index"] for o in out[5:]] == [4, 4]
     assert out[5]["subscription"] == "View Content"
-    assert out[6]["invalid"] == "invalid_event"
+    assert out[6] == {"index": 4, "invalid": "invalid_event"}
+    assert errors[3].startswith("tiktok-worker map: line 4 event 1: invalid_event: ")
+    assert len(errors) == 4
     assert len(out) == 7
     assert "Jane@Example.com" not in result.stdout
 

@@ -2,12 +2,15 @@
 result, no network and no Kafka.
 
 Each non-blank input line is one Kafka message value (an event, an array of events, or a
-batch object); `index` counts non-blank input lines from 0, and events of a multi-event line
-also carry `batch_index`. Output lines:
+batch object); `index` counts non-blank input lines from 0. Output lines on stdout, exactly the
+shapes of the product spec (§6):
 
     {"index": i, "destination": D, "subscription": S, "body": {...}}   one per TikTok event
     {"index": i, "skipped": REASON}
-    {"index": i, "invalid": REASON, "error": TEXT, "destination": D?}
+    {"index": i, "invalid": REASON}
+
+Why an event is invalid (and, for multi-event lines, which event and destination) goes to
+stderr, one line per invalid event, so stdout stays machine-readable.
 
 `body` is the request body the worker would send for this event alone, produced by the
 same `worker.tiktok.build_body` the worker uses for its batches.
@@ -53,8 +56,11 @@ def _map_stream(mapper: Mapper, stream: IO[bytes], out: IO[bytes]) -> None:
         value = line.strip()
         if not value:
             continue
-        for record in render(index, mapper.map_message(value)):
+        outcomes = mapper.map_message(value)
+        for record in render(index, outcomes):
             out.write(_encode(record) + b"\n")
+        for explanation in explain_invalid(index, outcomes):
+            sys.stderr.write(explanation + "\n")
         index += 1
 
 
@@ -62,8 +68,6 @@ def render(index: int, outcomes: list[EventOutcome]) -> Iterator[dict[str, Any]]
     """The output records of one input line."""
     for outcome in outcomes:
         base: dict[str, Any] = {"index": index}
-        if outcome.multi:
-            base["batch_index"] = outcome.index
         for m in outcome.mapped:
             body = msgspec.json.decode(build_body(m.key, [m.payload]))
             yield {
@@ -73,9 +77,15 @@ def render(index: int, outcomes: list[EventOutcome]) -> Iterator[dict[str, Any]]
                 "body": body,
             }
         for bad in outcome.invalid:
-            record = {**base, "invalid": bad.reason, "error": bad.error}
-            if bad.destination is not None:
-                record["destination"] = bad.destination
-            yield record
+            yield {**base, "invalid": bad.reason}
         if outcome.skipped is not None:
             yield {**base, "skipped": outcome.skipped}
+
+
+def explain_invalid(index: int, outcomes: list[EventOutcome]) -> Iterator[str]:
+    """One stderr line per invalid event: where it is and why (never a value from it)."""
+    for outcome in outcomes:
+        where = f"line {index}" + (f" event {outcome.index}" if outcome.multi else "")
+        for bad in outcome.invalid:
+            target = f" destination {bad.destination}" if bad.destination is not None else ""
+            yield f"tiktok-worker map: {where}{target}: {bad.reason}: {bad.error}"
