@@ -1,0 +1,152 @@
+"""Where a worker's CPU time goes: summarise `py-spy record -f raw --threads` output.
+
+The raw format is one collapsed stack per line (`thread (tid): name;frame;...;frame count`),
+root first. py-spy samples only threads that are running (not idle), so shares are shares of
+CPU time. The summary has:
+
+- `threads`: share of samples per thread (the asyncio main thread, the Kafka consumer thread,
+  librdkafka's threads are native and invisible to py-spy);
+- `buckets`: main-thread samples by pipeline stage: each sample goes to the stage of its
+  deepest frame that names one (so hashing inside mapping counts as hashing), and only
+  samples in none of them go to the asyncio loop / other;
+- `self` and `inclusive`: the top functions by own time and by time including callees.
+
+Run: `.venv/bin/python bench/profile.py PROFILE.raw [--top N]` (prints JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+_LINE_NO = re.compile(r":\d+\)$")
+
+# (stage, test on one frame "func (path:line)"), most specific first within a sample.
+_STAGES: list[tuple[str, Callable[[str], bool]]] = [
+    ("PII hashing and normalisation", lambda f: "formatters.py" in f or "hashlib" in f),
+    ("JSON decode (msgspec, worker/segment.py)", lambda f: "worker/segment.py" in f),
+    ("request body build (worker/tiktok.py)", lambda f: "worker/tiktok.py" in f),
+    (
+        "mapping: routing, triggers, field extraction, coercion",
+        lambda f: any(
+            m in f
+            for m in (
+                "worker/mapping.py",
+                "<worker.extract>",
+                "worker/extract.py",
+                "worker/fields.py",
+                "worker/coerce.py",
+                "worker/triggers.py",
+                "worker/paths.py",
+                "worker/presets.py",
+                "phonenumbers",
+            )
+        ),
+    ),
+    ("metrics (prometheus_client)", lambda f: "prometheus_client" in f or "worker/metrics" in f),
+    ("logging (structlog)", lambda f: "structlog" in f or "worker/logs.py" in f),
+    ("rate limiter", lambda f: "worker/ratelimit" in f),
+    (
+        "HTTP client (aiohttp, worker/client.py)",
+        lambda f: "aiohttp" in f or "worker/client.py" in f or "yarl" in f or "multidict" in f,
+    ),
+    ("delivery bookkeeping (worker/sender.py)", lambda f: "worker/sender.py" in f),
+    ("batcher", lambda f: "worker/batcher.py" in f),
+    (
+        "pipeline bookkeeping (pipeline, inflight, offsets)",
+        lambda f: any(
+            m in f for m in ("worker/pipeline.py", "worker/inflight.py", "worker/offsets.py")
+        ),
+    ),
+    ("Kafka hand-off (worker/consumer.py)", lambda f: "worker/consumer.py" in f),
+    ("dead-letter producer", lambda f: "worker/dlq.py" in f),
+    ("health / metrics HTTP server", lambda f: "worker/health.py" in f),
+]
+_LOOP = "asyncio event loop (scheduling, selectors, sockets)"
+
+
+def _frame_key(frame: str) -> str:
+    return _LINE_NO.sub(")", frame)
+
+
+def parse(path: Path) -> list[tuple[str, list[str], int]]:
+    """(thread name, frames root→leaf, samples) per collapsed stack."""
+    out: list[tuple[str, list[str], int]] = []
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        thread = frames[0]
+        if thread.startswith("thread ("):
+            thread = thread.split(":", 1)[1].strip() if ":" in thread else thread
+            frames = frames[1:]
+        else:
+            thread = "?"
+        out.append((thread, frames, int(count)))
+    return out
+
+
+def stage_of(frames: list[str]) -> str:
+    for frame in reversed(frames):
+        for stage, test in _STAGES:
+            if test(frame):
+                return stage
+    if any("asyncio/" in f or "selectors.py" in f for f in frames):
+        return _LOOP
+    return "other"
+
+
+def summarise(path: Path, top: int = 15) -> dict[str, Any]:
+    stacks = parse(path)
+    total = sum(c for _, _, c in stacks)
+    threads: Counter[str] = Counter()
+    buckets: Counter[str] = Counter()
+    self_time: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    main_total = 0
+    for thread, frames, count in stacks:
+        threads[thread] += count
+        if thread != "MainThread":
+            continue
+        main_total += count
+        buckets[stage_of(frames)] += count
+        if frames:
+            self_time[_frame_key(frames[-1])] += count
+        for key in {_frame_key(f) for f in frames}:
+            inclusive[key] += count
+
+    def share(counter: Counter[str], of: int, n: int | None = None) -> list[list[Any]]:
+        return [[k, round(100 * v / of, 1)] for k, v in counter.most_common(n)] if of else []
+
+    skip = ("<module>", "main (worker/cli.py)", "run (", "Runner.run", "BaseEventLoop.run")
+    inclusive_top = Counter(
+        {k: v for k, v in inclusive.items() if not k.startswith(skip) and "_run_once" not in k}
+    )
+    return {
+        "samples": total,
+        "main_thread_samples": main_total,
+        "threads_pct": share(threads, total),
+        "main_thread_stages_pct": share(buckets, main_total),
+        "self_pct": share(self_time, main_total, top),
+        "inclusive_pct": share(inclusive_top, main_total, top),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("profile", type=Path)
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args(argv)
+    print(json.dumps(summarise(args.profile, args.top), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

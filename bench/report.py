@@ -1,0 +1,233 @@
+"""Ratios, target verdicts and the Markdown table of `make bench` (from results.json data)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+NA = "n/a"
+
+TARGETS: dict[str, float] = {
+    "decode_map_events_per_s": 50_000,
+    "e2e_events_per_s": 40_000,
+    "e2e_over_decode": 0.35,
+    "events_per_request": 500,
+    "ratelimit_utilisation": 0.95,
+    "peak_rss_mb": 200,
+    "latency_p99_over_linger_ms": 100,
+}
+
+
+def dig(data: Any, *keys: str) -> Any:
+    """`data[k1][k2]...`, or None as soon as a level is missing."""
+    for key in keys:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def derive(results: dict[str, Any]) -> dict[str, Any]:
+    """Ratios of medians (see docs/benchmarks.md for what each means)."""
+    raw = dig(results, "raw_consume", "events_per_s", "median")
+    decode = dig(results, "decode_only", "median")
+    decode_map = dig(results, "decode_map", "median")
+    e2e = dig(results, "e2e_1_process", "events_per_s", "median")
+    e2e_cpu = dig(results, "e2e_1_process", "events_per_worker_cpu_s", "median")
+    base = dig(results, "baseline_one_request_per_event", "events_per_s", "median")
+    out: dict[str, Any] = {
+        "e2e_over_raw": _ratio(e2e, raw),
+        "e2e_wall_over_decode": _ratio(e2e, decode),
+        "e2e_per_cpu_over_decode": _ratio(e2e_cpu, decode),
+        "e2e_per_cpu_over_decode_map": _ratio(e2e_cpu, decode_map),
+        "two_over_one_process": _ratio(
+            dig(results, "e2e_2_processes", "events_per_s", "median"), e2e
+        ),
+        "e2e_over_baseline": _ratio(e2e, base),
+    }
+    mapped = dig(results, "topic", "mapped_per_message")
+    per_request = dig(results, "e2e_1_process", "events_per_request", "median")
+    if mapped and per_request:
+        # At TikTok's ~1000 requests/s per app, one event per request caps TikTok events/s at
+        # 1000, i.e. Segment events/s at 1000 / mapped; batching multiplies that by the batch.
+        out["at_tiktok_cap_baseline_events_per_s"] = round(1000 / mapped)
+        out["at_tiktok_cap_batched_events_per_s"] = round(1000 * per_request / mapped)
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return NA
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:.3g}" if abs(value) < 10 else f"{value:,.1f}"
+    return f"{int(value):,}"
+
+
+def _verdict(ok: bool | None) -> str:
+    return NA if ok is None else ("meets" if ok else "**below**")
+
+
+def _at_least(value: float | None, bound: float) -> bool | None:
+    return None if value is None else value >= bound
+
+
+def _at_most(value: float | None, bound: float) -> bool | None:
+    return None if value is None else value <= bound
+
+
+class _Table:
+    def __init__(self) -> None:
+        self.rows = [
+            "| # | figure | min | median | max | unit | target | verdict |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+
+    def add(
+        self,
+        name: str,
+        figures: dict[str, Any] | None,
+        unit: str,
+        target: str = NA,
+        ok: bool | None = None,
+    ) -> None:
+        f = figures or {}
+        cells = " | ".join(_fmt(f.get(k)) for k in ("min", "median", "max"))
+        self.rows.append(f"| {name} | {cells} | {unit} | {target} | {_verdict(ok)} |")
+
+
+def _single(value: float | None) -> dict[str, Any]:
+    return {"min": value, "median": value, "max": value}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The results table (README quotes it) and the ratio table."""
+    t = TARGETS
+    d = results.get("derived") or derive(results)
+    m = results["machine"]
+    r = results
+    table = _Table()
+    table.add(
+        "1 raw consume (confluent-kafka, no processing)",
+        dig(r, "raw_consume", "events_per_s"),
+        "events/s",
+    )
+    table.add("2 decode only (msgspec typed)", dig(r, "decode_only"), "events/CPU-s")
+    table.add(
+        "3 decode + map (1 destination)",
+        dig(r, "decode_map"),
+        "events/CPU-s",
+        f">= {t['decode_map_events_per_s']:,.0f}",
+        _at_least(dig(r, "decode_map", "median"), t["decode_map_events_per_s"]),
+    )
+    e2e = dig(r, "e2e_1_process", "events_per_s")
+    table.add(
+        "4 end to end, 1 worker process",
+        e2e,
+        "events/s",
+        f">= {t['e2e_events_per_s']:,.0f}",
+        _at_least(dig(e2e, "median"), t["e2e_events_per_s"]),
+    )
+    per_cpu = dig(r, "e2e_1_process", "events_per_worker_cpu_s")
+    table.add(
+        "4 same, per CPU-second of the worker",
+        per_cpu,
+        "events/CPU-s",
+        f">= {t['e2e_events_per_s']:,.0f}",
+        _at_least(dig(per_cpu, "median"), t["e2e_events_per_s"]),
+    )
+    table.add(
+        "4 end to end, 2 worker processes", dig(r, "e2e_2_processes", "events_per_s"), "events/s"
+    )
+    table.add(
+        "4 end to end, 1 process, Redis rate limiter",
+        dig(r, "e2e_1_process_redis_limiter", "events_per_s"),
+        "events/s",
+    )
+    table.add(
+        "5 baseline: one request per event",
+        dig(r, "baseline_one_request_per_event", "events_per_s"),
+        "events/s",
+    )
+    per_request = dig(r, "e2e_1_process", "events_per_request")
+    table.add(
+        "5 TikTok events per request under backlog",
+        per_request,
+        "events/request",
+        f">= {t['events_per_request']:.0f}",
+        _at_least(dig(per_request, "median"), t["events_per_request"]),
+    )
+    budget = dig(r, "ratelimit", "budget_qps")
+    for n, rl in (dig(r, "ratelimit", "by_processes") or {}).items():
+        frac = rl["fraction_of_budget"]
+        table.add(
+            f"6 rate limit, {n} process(es): achieved / budget",
+            frac,
+            "fraction",
+            f">= {t['ratelimit_utilisation']}",
+            _at_least(frac["min"], t["ratelimit_utilisation"]),
+        )
+        worst = rl["worst_window_release"]
+        table.add(
+            f"6 rate limit, {n} process(es): worst 1-s window, by release",
+            worst,
+            f"requests (budget {budget:g}/s)",
+            f"<= {budget:g} (+1)",
+            _at_most(worst["max"], budget + 1),
+        )
+        table.add(
+            f"6 rate limit, {n} process(es): worst 1-s window, by arrival",
+            rl["worst_window_arrival"],
+            "requests",
+        )
+    mem = r.get("memory")
+    if mem:
+        done = "drained" if mem["drained"] else f"{mem['messages_done_estimate']:,} done"
+        table.add(
+            f"7 peak RSS, {mem['backlog_messages']:,}-message backlog, slow fake ({done})",
+            _single(mem["peak_rss_mb"]),
+            "MB",
+            f"<= {t['peak_rss_mb']:.0f}",
+            _at_most(mem["peak_rss_mb"], t["peak_rss_mb"]),
+        )
+    lat = r.get("latency")
+    if lat:
+        bound = lat["batch_linger_ms"] + t["latency_p99_over_linger_ms"]
+        rate = f"{lat['rate_events_per_s']:,} events/s"
+        table.add(f"8 latency p50, produce to acceptance, {rate}", lat["p50_ms"], "ms")
+        table.add(
+            f"8 latency p99, produce to acceptance, {rate}",
+            lat["p99_ms"],
+            "ms",
+            f"<= {bound:.0f}",
+            _at_most(dig(lat, "p99_ms", "median"), bound),
+        )
+    header = (
+        f"Measured {r.get('finished_at')} ({r.get('mode')} run, {r.get('duration_s', 0):.0f} s) "
+        f"on {m['cpu_count']} cores ({m['cpu_model']}); Python {m['python']}, "
+        f"confluent-kafka {m['confluent_kafka']} / librdkafka {m['librdkafka']}, "
+        f"Kafka {m['kafka']}, msgspec {m['msgspec']}, aiohttp {m['aiohttp']}. "
+        f"Load average {m['load_average_at_start']} at start; other jobs used a median of "
+        f"{_fmt(dig(r, 'e2e_1_process', 'others_cores', 'median'))} of the 2 cores during the "
+        "1-process end-to-end runs."
+    )
+    ratios = [
+        "| ratio of medians | value | target |",
+        "|---|---|---|",
+        f"| (4) / (1): end to end over raw consume | {_fmt(d.get('e2e_over_raw'))} | {NA} |",
+        "| (4) per worker CPU-s / (2) decode per CPU-s | "
+        f"{_fmt(d.get('e2e_per_cpu_over_decode'))} | >= {t['e2e_over_decode']} |",
+        "| (4) wall clock / (2) decode per CPU-s | "
+        f"{_fmt(d.get('e2e_wall_over_decode'))} | >= {t['e2e_over_decode']} |",
+        "| (4) per worker CPU-s / (3) decode+map per CPU-s | "
+        f"{_fmt(d.get('e2e_per_cpu_over_decode_map'))} | {NA} |",
+        f"| 2 processes / 1 process | {_fmt(d.get('two_over_one_process'))} | {NA} |",
+        "| (4) / (5): batched over one request per event | "
+        f"{_fmt(d.get('e2e_over_baseline'))} | {NA} |",
+        "| at TikTok's 1000 requests/s: baseline vs batched ceiling, Segment events/s | "
+        f"{_fmt(d.get('at_tiktok_cap_baseline_events_per_s'))} vs "
+        f"{_fmt(d.get('at_tiktok_cap_batched_events_per_s'))} | {NA} |",
+    ]
+    return "\n".join([header, "", *table.rows, "", *ratios]) + "\n"

@@ -1,0 +1,424 @@
+"""`make bench`: throughput, batching, rate-limit precision, memory and latency in one run.
+
+Starts its own Kafka broker, Redis and fake TikTok server on 127.0.0.1 (tests/infra and
+tests/harness), fills a benchmark topic with a realistic Segment mix (`bench.bench_mapping.
+make_events`), and measures, each figure as min/median/max over several runs:
+
+ 1. raw ceiling: confluent-kafka batched consume of the topic, no processing (`raw_consume`);
+ 2. decode-only floor and 3. decode+map, in memory over the same messages (`bench_mapping`);
+ 4. end to end, 1 and 2 worker processes, backlog drained into the fake (`e2e`), plus one run
+    with the Redis rate limiter and one profiled with py-spy (`profile`);
+ 5. the Segment-style baseline, one request per event (`baseline`);
+ 6. rate-limit precision for 1, 2 and 4 processes (`bench_ratelimit`, as a subprocess);
+ 7. peak RSS draining a large backlog against a slow fake (`memory`);
+ 8. produce→acceptance latency at 10% of the measured capacity (`latency`).
+
+Writes bench/results.json and bench/results.md (the table the README quotes); docs/benchmarks.md
+explains the method. Figures are reported against the targets of issue #10; nothing fails.
+
+Run: `.venv/bin/python bench/run.py [--quick] [--only SECTIONS] [--out DIR]`
+(`--quick` is a 2-3 minute version with smaller topics and fewer runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import bench_mapping  # noqa: E402
+from bench.baseline import run_baseline  # noqa: E402
+from bench.common import BenchEnv, fill_topic, log, summary, versions  # noqa: E402
+from bench.e2e import WorkerSpec, run_e2e  # noqa: E402
+from bench.latency import run_latency  # noqa: E402
+from bench.memory import run_memory  # noqa: E402
+from bench.profile import summarise  # noqa: E402
+from bench.raw_consume import raw_consume  # noqa: E402
+from bench.report import TARGETS, derive, markdown  # noqa: E402
+from tests.harness import worker_config, write_config  # noqa: E402
+from worker.config import load_config  # noqa: E402
+from worker.mapping import Mapper  # noqa: E402
+from worker.segment import decode_event  # noqa: E402
+
+PARTITIONS = 4
+SECTIONS = (
+    "mapping",
+    "throughput",
+    "redis",
+    "profile",
+    "baseline",
+    "latency",
+    "ratelimit",
+    "memory",
+    "tuning",
+)
+# librdkafka pre-fetches up to queued.max.messages.kbytes (default 65536 KiB) per consumer; the
+# `tuning` section measures throughput and peak RSS with a smaller pre-fetch queue.
+TUNED_CLIENT = {"queued.max.messages.kbytes": 16384}
+
+FULL: dict[str, Any] = {
+    "messages": 300_000,
+    "runs": 3,
+    "mapping_events": 50_000,
+    "mapping_rounds": 5,
+    "baseline_messages": 20_000,
+    "baseline_runs": 3,
+    "ratelimit_runs": 2,
+    "ratelimit_duration_s": 10,
+    "ratelimit_qps": 200,
+    "memory_messages": 1_000_000,
+    "memory_slow_delay_s": 1.0,
+    "memory_max_s": 150,
+    "tuned_memory_max_s": 40,
+    "latency_runs": 3,
+    "latency_duration_s": 20,
+}
+QUICK: dict[str, Any] = {
+    **FULL,
+    "messages": 100_000,
+    "runs": 2,
+    "mapping_events": 20_000,
+    "mapping_rounds": 3,
+    "baseline_messages": 5_000,
+    "baseline_runs": 2,
+    "ratelimit_runs": 1,
+    "ratelimit_duration_s": 5,
+    "memory_messages": 200_000,
+    "memory_max_s": 30,
+    "tuned_memory_max_s": 20,
+    "latency_runs": 1,
+    "latency_duration_s": 10,
+}
+
+
+class Bench:
+    def __init__(self, env: BenchEnv, cfg: dict[str, Any], out: Path) -> None:
+        self.env = env
+        self.cfg = cfg
+        self.out = out
+        self.results: dict[str, Any] = {}
+        self.events: list[bytes] = []
+        self.topic = ""
+        self.mapper: Mapper | None = None
+        self.expected = 0
+        self._memory: tuple[str, int, int] | None = None
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        n = self.cfg["messages"]
+        log(f"generating {n} Segment events (bench_mapping.make_events)")
+        self.events = bench_mapping.make_events(n)
+        self.topic = self.env.new_topic("bench-events", PARTITIONS)
+        count, seconds = fill_topic(self.env.bootstrap, self.topic, self.events)
+        log(f"produced {count} messages to {self.topic} in {seconds:.1f}s")
+        self.mapper = self._mapper()
+        self.expected = self.mapped_count(self.events)
+        self.results["topic"] = {
+            "partitions": PARTITIONS,
+            "messages": count,
+            "mean_message_bytes": round(sum(map(len, self.events)) / count),
+            "tiktok_events": self.expected,
+            "mapped_per_message": round(self.expected / count, 3),
+            "generator": "bench/bench_mapping.py make_events (seed 7)",
+            "destinations": "1 (web-shop, presets: documented)",
+        }
+
+    def _mapper(self) -> Mapper:
+        """The same mapping configuration the bench workers run with."""
+        assert self.env.fake is not None
+        config = worker_config(
+            bootstrap=self.env.bootstrap,
+            topic=self.topic,
+            dlq_topic="unused",
+            base_url=self.env.fake.url,
+        )
+        path = write_config(self.env.workdir / "mapper.yaml", config)
+        return Mapper(load_config(str(path)))
+
+    def mapped_count(self, values: Sequence[bytes]) -> int:
+        assert self.mapper is not None
+        mapper = self.mapper
+        return sum(len(o.mapped) for raw in values for o in mapper.map_message(raw))
+
+    # -- sections --------------------------------------------------------------------------
+
+    def mapping(self) -> None:
+        """(2) and (3): in memory, over the first `mapping_events` messages of the topic."""
+        assert self.mapper is not None
+        sample = self.events[: self.cfg["mapping_events"]]
+        rounds = self.cfg["mapping_rounds"]
+        log(f"decode-only and decode+map over {len(sample)} messages x {rounds} rounds")
+        self.results["decode_only"] = bench_mapping._rate(decode_event, sample, rounds)
+        self.results["decode_map"] = bench_mapping._rate(self.mapper.map_message, sample, rounds)
+        self.results["decode_map"]["note"] = (
+            "events per CPU-second of the bench process (bench_mapping._rate), "
+            "1 destination, documented presets"
+        )
+
+    def throughput(self) -> None:
+        """(1) raw consume and (4) e2e with 1 and 2 processes, interleaved round by round so
+        that every kind of run sees the same background load."""
+        raw: list[dict[str, Any]] = []
+        one: list[dict[str, Any]] = []
+        two: list[dict[str, Any]] = []
+        n = len(self.events)
+        for i in range(self.cfg["runs"]):
+            log(f"round {i + 1}: raw consume")
+            raw.append(
+                raw_consume(self.env.bootstrap, self.topic, n, group=self.env.new_group("raw"))
+            )
+            log(f"round {i + 1}: end to end, 1 worker process")
+            one.append(self._e2e(WorkerSpec(processes=1), f"e2e1-{i}"))
+            log(f"round {i + 1}: end to end, 2 worker processes")
+            two.append(self._e2e(WorkerSpec(processes=2), f"e2e2-{i}"))
+            log(
+                f"round {i + 1}: raw {raw[-1]['events_per_s']}/s, 1 proc "
+                f"{one[-1]['events_per_s']}/s, 2 proc {two[-1]['events_per_s']}/s"
+            )
+        self.results["raw_consume"] = {
+            "events_per_s": summary([r["events_per_s"] for r in raw]),
+            "events_per_cpu_s": summary([r["events_per_cpu_s"] for r in raw]),
+            "runs": raw,
+        }
+        self.results["e2e_1_process"] = self._e2e_summary(one)
+        self.results["e2e_2_processes"] = self._e2e_summary(two)
+
+    def _e2e(self, spec: WorkerSpec, name: str, **kwargs: Any) -> dict[str, Any]:
+        return run_e2e(
+            self.env,
+            topic=self.topic,
+            messages=len(self.events),
+            expected_events=self.expected,
+            spec=spec,
+            name=name,
+            **kwargs,
+        )
+
+    @staticmethod
+    def _e2e_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "events_per_s": summary([r["events_per_s"] for r in runs]),
+            "steady_events_per_s": summary([r["steady_events_per_s"] or 0 for r in runs]),
+            "events_per_worker_cpu_s": summary([r["events_per_worker_cpu_s"] for r in runs]),
+            "events_per_main_thread_cpu_s": summary(
+                [r["events_per_main_thread_cpu_s"] for r in runs]
+            ),
+            "events_per_request": summary([r["events_per_request"] for r in runs], 1),
+            "worker_main_thread_busy": summary([r["worker_main_thread_busy"] for r in runs], 2),
+            "others_cores": summary([r["window_cores"]["others"] for r in runs], 2),
+            "config": WorkerSpec(processes=runs[0]["processes"]).describe() if runs else None,
+            "runs": runs,
+        }
+
+    def redis(self) -> None:
+        log("end to end, 1 worker process, Redis rate limiter (qps 100000)")
+        spec = WorkerSpec(rate_limit={"backend": "redis"})
+        self.results["e2e_1_process_redis_limiter"] = self._e2e_summary(
+            [self._e2e(spec, "e2e-redis")]
+        )
+
+    def profile(self) -> None:
+        out = self.out / "profile-e2e.raw"
+        log(f"end to end, 1 worker process under py-spy (not counted) -> {out}")
+        run = self._e2e(WorkerSpec(), "e2e-profile", profile_to=out)
+        self.results["profile"] = {"run": run, "summary": summarise(out, 20), "file": out.name}
+
+    def baseline(self) -> None:
+        m = self.cfg["baseline_messages"]
+        values = self.events[:m]
+        topic = self.env.new_topic("bench-baseline", PARTITIONS)
+        fill_topic(self.env.bootstrap, topic, values)
+        expected = self.mapped_count(values)
+        runs = []
+        for i in range(self.cfg["baseline_runs"]):
+            log(f"baseline run {i + 1}: one request per event, {m} messages")
+            runs.append(
+                run_baseline(
+                    self.env, topic=topic, messages=m, expected_events=expected, name=f"base-{i}"
+                )
+            )
+            log(f"baseline run {i + 1}: {runs[-1]['events_per_s']}/s")
+        self.results["baseline_one_request_per_event"] = {
+            **self._e2e_summary(runs),
+            "config": WorkerSpec(tiktok={"max_batch_events": 1}).describe(),
+        }
+
+    def latency(self) -> None:
+        e2e = self.results.get("e2e_1_process")
+        capacity = e2e["events_per_s"]["median"] if e2e else 10_000
+        rate = max(500.0, 0.1 * capacity)
+        runs = []
+        for i in range(self.cfg["latency_runs"]):
+            log(f"latency run {i + 1}: {rate:.0f} events/s for {self.cfg['latency_duration_s']}s")
+            runs.append(
+                run_latency(
+                    self.env,
+                    events=self.events[:50_000],
+                    mapped_count=self.mapped_count,
+                    rate=rate,
+                    duration_s=self.cfg["latency_duration_s"],
+                    name=f"lat{i}",
+                )
+            )
+            log(f"latency run {i + 1}: p50 {runs[-1]['p50_ms']} ms, p99 {runs[-1]['p99_ms']} ms")
+        self.results["latency"] = {
+            "capacity_events_per_s": capacity,
+            "rate_events_per_s": round(rate),
+            "batch_linger_ms": 200,
+            "p50_ms": summary([r["p50_ms"] for r in runs], 1),
+            "p99_ms": summary([r["p99_ms"] for r in runs], 1),
+            "runs": runs,
+        }
+
+    def ratelimit(self) -> None:
+        assert self.env.redis is not None
+        runs = []
+        for i in range(self.cfg["ratelimit_runs"]):
+            log(f"rate-limit run {i + 1} (bench/bench_ratelimit.py, processes 1,2,4)")
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    str(ROOT / "bench" / "bench_ratelimit.py"),
+                    "--qps",
+                    str(self.cfg["ratelimit_qps"]),
+                    "--duration",
+                    str(self.cfg["ratelimit_duration_s"]),
+                    "--processes",
+                    "1,2,4",
+                ],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "REDIS_URL": self.env.redis.url},
+                timeout=600,
+                check=False,
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(f"bench_ratelimit failed: {proc.stderr[-2000:]}")
+            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        by_n: dict[int, list[dict[str, Any]]] = {}
+        for run in runs:
+            for r in run["runs"]:
+                by_n.setdefault(r["processes"], []).append(r)
+        self.results["ratelimit"] = {
+            "budget_qps": self.cfg["ratelimit_qps"],
+            "duration_s": self.cfg["ratelimit_duration_s"],
+            "by_processes": {
+                str(n): {
+                    "fraction_of_budget": summary([r["fraction_of_budget"] for r in rs], 4),
+                    "worst_window_release": summary([r["worst_window_release"] for r in rs]),
+                    "worst_window_arrival": summary([r["worst_window_arrival"] for r in rs]),
+                }
+                for n, rs in sorted(by_n.items())
+            },
+            "runs": runs,
+        }
+
+    def _memory_topic(self) -> tuple[str, int, int]:
+        """The large backlog: the bench stream repeated up to `memory_messages` (produced once)."""
+        if self._memory is None:
+            target = self.cfg["memory_messages"]
+            n = len(self.events)
+            topic = self.env.new_topic("bench-memory", PARTITIONS)
+            log(f"memory: producing {target} messages (the bench stream repeated)")
+            count, seconds = fill_topic(
+                self.env.bootstrap, topic, (self.events[i % n] for i in range(target))
+            )
+            log(f"memory: {count} messages in {seconds:.1f}s")
+            expected = self.expected * (target // n) + self.mapped_count(self.events[: target % n])
+            self._memory = (topic, count, expected)
+            self.results["memory_backlog_produce_s"] = round(seconds, 1)
+        return self._memory
+
+    def memory(self) -> None:
+        topic, count, expected = self._memory_topic()
+        log(f"memory: draining {count} messages against a slow fake (product defaults)")
+        result = run_memory(
+            self.env,
+            topic=topic,
+            messages=count,
+            expected_events=expected,
+            slow_delay_s=self.cfg["memory_slow_delay_s"],
+            max_seconds=self.cfg["memory_max_s"],
+            name="memory",
+        )
+        self.results["memory"] = result
+        log(f"memory: peak RSS {result['peak_rss_mb']} MB, drained={result['drained']}")
+
+    def tuning(self) -> None:
+        """One e2e run and one (shorter) memory run with a smaller librdkafka pre-fetch queue."""
+        spec = WorkerSpec(kafka={"client": TUNED_CLIENT})
+        log(f"tuning: end to end with {TUNED_CLIENT}")
+        e2e = self._e2e(spec, "e2e-tuned")
+        topic, count, expected = self._memory_topic()
+        log(f"tuning: memory with {TUNED_CLIENT}")
+        memory = run_memory(
+            self.env,
+            topic=topic,
+            messages=count,
+            expected_events=expected,
+            slow_delay_s=self.cfg["memory_slow_delay_s"],
+            max_seconds=self.cfg["tuned_memory_max_s"],
+            name="memory-tuned",
+            spec=spec,
+        )
+        self.results["tuning"] = {
+            "kafka_client": TUNED_CLIENT,
+            "e2e_1_process": self._e2e_summary([e2e]),
+            "memory": memory,
+        }
+        log(f"tuning: {e2e['events_per_s']}/s, peak RSS {memory['peak_rss_mb']} MB")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2-3 minute version")
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench", help="results directory")
+    args = parser.parse_args(argv)
+    cfg = dict(QUICK if args.quick else FULL)
+    only = [s for s in (args.only or ",".join(SECTIONS)).split(",") if s]
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "mode": "quick" if args.quick else "full",
+        "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "settings": cfg,
+        "targets": TARGETS,
+    }
+    with BenchEnv() as env:
+        results["machine"] = versions()
+        bench = Bench(env, cfg, args.out)
+        bench.results = results
+        bench.prepare()
+        for section in SECTIONS:
+            if section in only:
+                getattr(bench, section)()
+    results["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    results["duration_s"] = round(time.monotonic() - started, 1)
+    results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["derived"] = derive(results)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    table = markdown(results)
+    (args.out / "results.md").write_text(table)
+    print(table)
+    log(f"done in {results['duration_s']:.0f}s: {args.out / 'results.json'}, results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
