@@ -134,7 +134,8 @@ class Metrics:
         )
         self.consumer_lag = Gauge(
             p + "consumer_lag_messages",
-            "Messages behind the high watermark, per assigned partition.",
+            "Messages not yet committed by the group (high watermark - committed offset), per "
+            "partition this worker holds.",
             ["topic", "partition"],
             registry=r,
         )

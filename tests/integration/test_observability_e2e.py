@@ -203,8 +203,9 @@ def test_consumer_lag_matches_kafka_while_paused_and_before_the_first_commit(
 
 
 def test_readyz_follows_the_kafka_connection(
-    stack: Callable[..., Stack], kafka_factory: Callable[..., Any]
+    kafka_factory: Callable[..., Any], stack: Callable[..., Stack]
 ) -> None:
+    # kafka_factory first: fixtures stop in reverse order, so the worker stops before its broker.
     broker = kafka_factory()
     s = stack(broker)
     worker = s.start_worker()
