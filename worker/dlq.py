@@ -13,13 +13,17 @@ import datetime as dt
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from worker.errors import DeadLetterUnavailable
 from worker.metrics import Metrics
 
 HEADER_PREFIX: Final = "dlq."
 POLL_INTERVAL_S: Final = 0.02
+# librdkafka refuses to produce anything over `message.max.bytes` (default 1 MB), but a
+# dead letter carries the original message, which may be larger when the source topic allows
+# it. Let the broker (the dead-letter topic's max.message.bytes) be the judge instead.
+DEFAULT_MESSAGE_MAX_BYTES: Final = 64 * 1024 * 1024
 
 # Producer settings the worker relies on; user properties cannot weaken them.
 _SAFE_PRODUCER_SETTINGS: Final[dict[str, Any]] = {
@@ -96,7 +100,10 @@ class DeadLetter:
 
 def producer_config(bootstrap_servers: str, client: Mapping[str, Any]) -> dict[str, Any]:
     """librdkafka producer settings: the user's client properties, then the safe ones."""
-    conf: dict[str, Any] = {"bootstrap.servers": bootstrap_servers}
+    conf: dict[str, Any] = {
+        "bootstrap.servers": bootstrap_servers,
+        "message.max.bytes": DEFAULT_MESSAGE_MAX_BYTES,
+    }
     conf.update({k: v for k, v in client.items() if not _consumer_only(k)})
     conf.update(_SAFE_PRODUCER_SETTINGS)
     conf["client.id"] = str(client.get("client.id", "tiktok-worker")) + "-dlq"
@@ -167,6 +174,17 @@ class DeadLetterProducer:
             except BufferError:
                 # Local queue full: serve delivery reports to make room, then try again.
                 self._producer.poll(0.05)
+            except KafkaException as exc:
+                # Refused before sending (e.g. over message.max.bytes): like a refusal by the
+                # broker, the worker must stop rather than finish this message. Raising here
+                # instead would abandon the rest of the consumed batch mid-way.
+                self._failed = True
+                self._on_fatal(
+                    DeadLetterUnavailable(
+                        f"cannot write to dead-letter topic {self.topic!r}: {exc.args[0].str()}"
+                    )
+                )
+                return
         self._pending += 1
 
     @property
