@@ -14,6 +14,7 @@ does to a mapped value before the TikTok action sees it.
 from __future__ import annotations
 
 import re
+import sys
 from decimal import Decimal
 from typing import Any, Final
 
@@ -26,6 +27,7 @@ __all__ = [
 ]
 
 _MAX_SAFE: Final = 2**53
+_MAX_DOUBLE: Final = sys.float_info.max
 _NUMBER_RE: Final = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\Z")
 _RADIX_RE: Final = re.compile(r"0[xX][0-9a-fA-F]+\Z|0[oO][0-7]+\Z|0[bB][01]+\Z")
 
@@ -124,6 +126,10 @@ def _scalar(value: Any, kind: str) -> Any:
     elif kind == "number" or kind == "integer":
         result: Any
         if t is int:
+            if not -_MAX_DOUBLE <= value <= _MAX_DOUBLE:
+                # JSON numbers are doubles: like 1e400 (refused by the decoder), an integer
+                # literal beyond the double range is not a number TikTok can take.
+                raise Uncoercible(kind, "number out of range")
             result = value
         elif t is float:
             result = _num(value)
