@@ -358,3 +358,13 @@ def test_config_is_frozen() -> None:
     c = parse_config(MINIMAL, environ={})
     with pytest.raises(AttributeError):
         c.kafka = c.kafka  # type: ignore[misc]
+
+
+def test_liveness_must_outlast_a_drain() -> None:
+    text = """
+kafka: {drain_timeout_s: 30}
+http: {liveness_timeout_s: 35}
+destinations: [{name: a, pixel_code: P, access_token: t}]
+"""
+    with pytest.raises(ConfigError, match=r"^http\.liveness_timeout_s: must be greater than"):
+        parse_config(text)

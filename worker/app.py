@@ -19,7 +19,7 @@ from confluent_kafka.admin import AdminClient
 
 from worker.batcher import Batcher
 from worker.client import ENDPOINT_PATH, TikTokClient
-from worker.config import Config
+from worker.config import Config, secret_values
 from worker.consumer import ConsumerThread, consumer_config
 from worker.dlq import DeadLetterProducer, producer_config
 from worker.errors import WorkerError
@@ -70,10 +70,7 @@ def build_routes(config: Config) -> dict[str, Route]:
 
 async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None) -> int:
     """Run until SIGTERM/SIGINT or a fatal error; returns the exit status."""
-    register_secrets(
-        [d.access_token for d in config.destinations]
-        + [str(v) for k, v in config.kafka.client.items() if "password" in k or "secret" in k]
-    )
+    register_secrets(secret_values(config))
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, preflight, config)
     metrics = metrics if metrics is not None else Metrics()

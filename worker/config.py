@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from typing import Annotated, Any, Final, Literal, get_args, get_origin, get_type_hints
 
@@ -324,6 +325,14 @@ def _check_semantics(config: Config) -> None:
     from worker.presets import preset_names
     from worker.triggers import TriggerSyntaxError, parse_trigger
 
+    # A rebalance or stop blocks the consumer thread (and its heartbeat) for up to the drain
+    # time plus a margin; liveness must not declare that stuck and get the pod restarted.
+    if config.http.liveness_timeout_s <= config.kafka.drain_timeout_s + 10:
+        raise ConfigError(
+            "http.liveness_timeout_s: must be greater than kafka.drain_timeout_s + 10 "
+            f"({config.kafka.drain_timeout_s + 10:g}): draining a revoked partition pauses "
+            "the consumer loop that long"
+        )
     retry = config.tiktok.retry
     if retry.max_backoff_s < retry.initial_backoff_s:
         raise ConfigError("tiktok.retry.max_backoff_s: must be >= tiktok.retry.initial_backoff_s")
@@ -380,6 +389,20 @@ _MASK: Final = "***"
 _SECRET_KEY_RE: Final = re.compile(
     r"password|secret|jaas|token|credential|\.pem$|oauthbearer\.config|api\.key", re.I
 )
+
+
+def secret_values(config: Config) -> list[str]:
+    """Every secret the config holds (tokens, passwords), for log scrubbing."""
+    values = [d.access_token for d in config.destinations]
+    values += [
+        str(v)
+        for k, v in config.kafka.client.items()
+        if any(word in k for word in ("password", "secret", "sasl.oauthbearer"))
+    ]
+    password = urllib.parse.urlsplit(config.rate_limit.redis_url).password
+    if password:
+        values.append(urllib.parse.unquote(password))
+    return values
 
 
 def masked(config: Config) -> dict[str, Any]:

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from worker.app import preflight
-from worker.config import Config, load_config
+from worker.config import Config, load_config, secret_values
 from worker.dlq_reader import BoundedReader, DeadLetterRecord, reader_config
 from worker.errors import WorkerError
-from worker.logs import configure_logging
+from worker.logs import configure_logging, register_secrets
 from worker.redrive import RedriveLedger
 
 SAMPLES_PER_REASON: Final = 3
@@ -75,6 +75,7 @@ class Summary:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     configure_logging(level="info" if args.debug else "warning", fmt=config.logging.format)
+    register_secrets(secret_values(config))
     summary = inspect_topic(config)
     sys.stdout.write(render(summary))
     sys.stdout.flush()

@@ -21,8 +21,8 @@ import sys
 import time
 from typing import Final, TextIO
 
-from worker.config import Config, load_config
-from worker.logs import configure_logging, get_logger
+from worker.config import Config, load_config, secret_values
+from worker.logs import configure_logging, get_logger, register_secrets
 from worker.redrive import Redrive, RedriveFilter, RedriveStats, validate_filter
 
 TTY_REDRAW_S: Final = 0.1
@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     flt = validate_filter(config, args.reason, args.destination)
     configure_logging(level="info" if args.debug else "warning", fmt=config.logging.format)
+    register_secrets(secret_values(config))
     return asyncio.run(_redrive(config, flt, args.max))
 
 

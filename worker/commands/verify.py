@@ -34,9 +34,9 @@ from typing import Final
 import msgspec
 
 from worker.client import Outcome, SendResult, TikTokClient, sanitise_message
-from worker.config import Config, DestinationConfig, load_config
+from worker.config import Config, DestinationConfig, load_config, secret_values
 from worker.errors import ConfigError
-from worker.logs import configure_logging
+from worker.logs import configure_logging, register_secrets
 from worker.mapping import MappedEvent, Mapper
 from worker.tiktok import BatchKey, build_body
 
@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     names = select_destinations(config, getattr(args, "destination", None))
     configure_logging(level="info" if args.debug else "warning", fmt=config.logging.format)
+    register_secrets(secret_values(config))
     results = asyncio.run(verify(config, names))
     for result in results:
         sys.stdout.write(result.line + "\n")
