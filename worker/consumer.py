@@ -302,7 +302,8 @@ class ConsumerThread:
             self._call_on_loop(self._sink.on_fatal, KafkaException(error))
             self._stop.set()
         else:
-            self._log.warning("kafka error", error=error.str())
+            # librdkafka's own logger (routed through structlog) already reports it.
+            self._log.debug("kafka error", error=error.str())
 
     # -- helpers -------------------------------------------------------------------------------
 
