@@ -135,3 +135,19 @@ def test_split_refuses_unframeable_values(value: bytes | None) -> None:
     with pytest.raises(DecodeFailure) as err:
         split_message(value)
     assert err.value.reason == "decode_error"
+
+
+@pytest.mark.parametrize(
+    ("raw", "path"),
+    [
+        pytest.param(b'{"type":"track","event":["Order Completed"]}', "$.event", id="event-list"),
+        pytest.param(b'{"type":"track","event":{"n":1}}', "$.event", id="event-object"),
+        pytest.param(b'{"type":"page","name":5}', "$.name", id="page-name-number"),
+    ],
+)
+def test_event_and_name_must_be_strings(raw: bytes, path: str) -> None:
+    # Triggers compare these names; a non-string one is not a Segment event, not a "no match".
+    with pytest.raises(DecodeFailure) as err:
+        decode_event(raw)
+    assert err.value.reason == "invalid_event"
+    assert str(err.value.error).startswith(path + ": expected str")

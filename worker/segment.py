@@ -45,8 +45,8 @@ class _EventBase(msgspec.Struct, rename="camel", tag_field="type", kw_only=True)
     timestamp: Any = None
     user_id: Any = None
     anonymous_id: Any = None
-    event: Any = None
-    name: Any = None
+    event: str | None = None  # the name triggers compare; a non-string is invalid_event
+    name: str | None = None
     category: Any = None
     group_id: Any = None
     previous_id: Any = None
