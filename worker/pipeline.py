@@ -127,7 +127,11 @@ class Pipeline:
         trackers = {k: t for k in partitions if (t := self._trackers.get(k)) is not None}
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._drain_timeout_s
-        while any(t.inflight for t in trackers.values()) and loop.time() < deadline:
+        while (
+            any(t.inflight for t in trackers.values())
+            and loop.time() < deadline
+            and self.fatal is None  # after a fatal error nothing more will finish: don't wait
+        ):
             await asyncio.sleep(DRAIN_POLL_S)
         offsets: dict[TopicPartitionKey, int] = {}
         abandoned = 0
