@@ -68,7 +68,14 @@ def commit() -> str:
         text=True,
         check=False,
     )
-    return res.stdout.strip() or "unknown"
+    head = res.stdout.strip() or "unknown"
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--", "worker"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return f"{head} (with uncommitted changes in worker/)" if dirty else head
 
 
 def results_markdown(result: ChaosResult) -> str:
@@ -158,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         redis.stop()
         kafka.stop()
+    print("timeline:\n  " + "\n  ".join(result.timeline), flush=True)
     print(result.summary(), flush=True)
     if not args.short and not args.no_write:
         write_report(result)
