@@ -66,6 +66,7 @@ def run_latency(
     duration_s: float,
     name: str,
     warmup_s: float = 2.0,
+    spec: WorkerSpec | None = None,
 ) -> dict[str, Any]:
     """One paced run; returns p50/p90/p99/max latency in ms over the `lat-*` events."""
     fake = env.fake
@@ -82,7 +83,7 @@ def run_latency(
     topic = env.new_topic("bench-latency", 4)
     fake.reset()
     workers = start_workers(
-        env, topic=topic, group=env.new_group(name), spec=WorkerSpec(), name=name
+        env, topic=topic, group=env.new_group(name), spec=spec or WorkerSpec(), name=name
     )
     producer = Producer({"bootstrap.servers": env.bootstrap, "linger.ms": 1, "acks": "1"})
     sent: dict[str, float] = {}

@@ -226,8 +226,70 @@ def markdown(results: dict[str, Any]) -> str:
         f"| 2 processes / 1 process | {_fmt(d.get('two_over_one_process'))} | {NA} |",
         "| (4) / (5): batched over one request per event | "
         f"{_fmt(d.get('e2e_over_baseline'))} | {NA} |",
-        "| at TikTok's 1000 requests/s: baseline vs batched ceiling, Segment events/s | "
+        "| ceiling set by TikTok's 1000 requests/s per app, Segment events/s: "
+        "one request per event vs batched | "
         f"{_fmt(d.get('at_tiktok_cap_baseline_events_per_s'))} vs "
         f"{_fmt(d.get('at_tiktok_cap_batched_events_per_s'))} | {NA} |",
     ]
-    return "\n".join([header, "", *table.rows, "", *ratios]) + "\n"
+    return "\n".join([header, "", *table.rows, "", *ratios, *_what_if(r)]) + "\n"
+
+
+def _what_if(r: dict[str, Any]) -> list[str]:
+    """Stock vs changed figures from the `tuning` and `experiments` sections (single runs)."""
+    rows: list[tuple[str, str, Any, Any]] = []
+    x = r.get("experiments") or {}
+    if x:
+        change = "consumer batch timeout 0.1 s -> 0.01 s"
+        for key in ("p50_ms", "p99_ms"):
+            rows.append(
+                (
+                    change,
+                    f"latency {key[:3]} (ms)",
+                    dig(x, "latency_stock", key),
+                    dig(x, "latency_consume_timeout_10ms", key),
+                )
+            )
+        rows.append(
+            (
+                change,
+                "end to end, events/s",
+                dig(x, "e2e_stock", "events_per_s"),
+                dig(x, "e2e_consume_timeout_10ms", "events_per_s"),
+            )
+        )
+        rows.append(
+            (
+                "gc.set_threshold(50000, 20, 100) + gc.freeze()",
+                "end to end, events per main-thread CPU-s",
+                dig(x, "e2e_stock", "events_per_main_thread_cpu_s"),
+                dig(x, "e2e_gc_threshold_50000_freeze", "events_per_main_thread_cpu_s"),
+            )
+        )
+    tuned = r.get("tuning")
+    if tuned:
+        change = "kafka.client queued.max.messages.kbytes 65536 (default) -> 16384"
+        rows.append(
+            (
+                change,
+                "peak RSS (MB), slow fake",
+                dig(r, "memory", "peak_rss_mb"),
+                dig(tuned, "memory", "peak_rss_mb"),
+            )
+        )
+        rows.append(
+            (
+                change,
+                "end to end, events/s",
+                dig(r, "e2e_1_process", "events_per_s", "median"),
+                dig(tuned, "e2e_1_process", "events_per_s", "median"),
+            )
+        )
+    if not rows:
+        return []
+    out = [
+        "",
+        "| what if (single runs, same bench) | figure | stock | changed |",
+        "|---|---|---|---|",
+    ]
+    out += [f"| {c} | {f} | {_fmt(a)} | {_fmt(b)} |" for c, f, a, b in rows]
+    return out

@@ -62,7 +62,9 @@ SECTIONS = (
     "ratelimit",
     "memory",
     "tuning",
+    "experiments",
 )
+QUICK_SKIPS = ("experiments",)
 # librdkafka pre-fetches up to queued.max.messages.kbytes (default 65536 KiB) per consumer; the
 # `tuning` section measures throughput and peak RSS with a smaller pre-fetch queue.
 TUNED_CLIENT = {"queued.max.messages.kbytes": 16384}
@@ -93,10 +95,10 @@ QUICK: dict[str, Any] = {
     "baseline_messages": 5_000,
     "baseline_runs": 2,
     "ratelimit_runs": 1,
-    "ratelimit_duration_s": 5,
+    "ratelimit_duration_s": 4,
     "memory_messages": 200_000,
-    "memory_max_s": 30,
-    "tuned_memory_max_s": 20,
+    "memory_max_s": 20,
+    "tuned_memory_max_s": 15,
     "latency_runs": 1,
     "latency_duration_s": 10,
 }
@@ -356,6 +358,31 @@ class Bench:
         self.results["memory"] = result
         log(f"memory: peak RSS {result['peak_rss_mb']} MB, drained={result['drained']}")
 
+    def experiments(self) -> None:
+        """What-if runs (bench/patched_worker.py): each change next to a stock run, same round."""
+        out: dict[str, Any] = {}
+        e2e = self.results.get("e2e_1_process")
+        rate = max(500.0, 0.1 * (e2e["events_per_s"]["median"] if e2e else 10_000))
+        for label, patch in (("stock", None), ("consume_timeout_10ms", "consume_timeout_s=0.01")):
+            log(f"experiment: latency, {label}")
+            out[f"latency_{label}"] = run_latency(
+                self.env,
+                events=self.events[:50_000],
+                mapped_count=self.mapped_count,
+                rate=rate,
+                duration_s=self.cfg["latency_duration_s"],
+                name=f"x-lat-{label}",
+                spec=WorkerSpec(patch=patch),
+            )
+        for label, patch in (
+            ("stock", None),
+            ("consume_timeout_10ms", "consume_timeout_s=0.01"),
+            ("gc_threshold_50000_freeze", "gc_threshold=50000"),
+        ):
+            log(f"experiment: end to end, {label}")
+            out[f"e2e_{label}"] = self._e2e(WorkerSpec(patch=patch), f"x-e2e-{label}")
+        self.results["experiments"] = out
+
     def tuning(self) -> None:
         """One e2e run and one (shorter) memory run with a smaller librdkafka pre-fetch queue."""
         spec = WorkerSpec(kafka={"client": TUNED_CLIENT})
@@ -388,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench", help="results directory")
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
-    only = [s for s in (args.only or ",".join(SECTIONS)).split(",") if s]
+    default = [s for s in SECTIONS if not (args.quick and s in QUICK_SKIPS)]
+    only = [s for s in (args.only or ",".join(default)).split(",") if s]
     unknown = set(only) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
@@ -408,6 +436,10 @@ def main(argv: list[str] | None = None) -> int:
         for section in SECTIONS:
             if section in only:
                 getattr(bench, section)()
+                results.setdefault("sections_done", []).append(section)
+                # A crash later on keeps what was measured so far.
+                (args.out / "results.partial.json").write_text(json.dumps(results, indent=1))
+    (args.out / "results.partial.json").unlink(missing_ok=True)
     results["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     results["duration_s"] = round(time.monotonic() - started, 1)
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
