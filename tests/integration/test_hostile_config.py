@@ -8,6 +8,7 @@ falls back to a local limiter and reports it in a metric. Every run is bounded b
 
 from __future__ import annotations
 
+import base64
 import os
 import socket
 import subprocess
@@ -17,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import Producer
 
 from tests.harness import (
     WORKER_CMD,
     FakeTikTokProcess,
     WorkerProcess,
+    committed_offsets,
     destination,
     metric_value,
     produce,
@@ -207,3 +210,40 @@ def test_unreachable_redis_at_start_falls_back_to_the_local_limiter(
         finally:
             worker.stop()
     assert "Traceback" not in worker.log_path.read_text()
+
+
+# -- a dead-letter topic that cannot take a record: stop, never skip ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("client", "dlq_limit"),
+    [({"message.max.bytes": 1_000_000}, 4 * 1024 * 1024), ({}, 1024 * 1024)],
+    ids=["producer-limit", "broker-topic-limit"],
+)
+def test_dead_letter_refused_stops_the_worker_without_committing(
+    kafka: Any, tmp_path: Path, client: dict[str, Any], dlq_limit: int
+) -> None:
+    # A 1.5 MiB event is dead-lettered as event_too_large; here the dead letter is refused,
+    # by the worker's own producer limit or by the dead-letter topic. The dead-letter topic is
+    # the last place an event can go (SPEC §4): the worker must exit 1 with one line and leave
+    # the message uncommitted, not skip it and not stall.
+    suffix = uuid.uuid4().hex[:8]
+    topic, dlq, group = f"refused-{suffix}", f"refused-{suffix}.dlq", f"refused-{suffix}"
+    big = {"max.message.bytes": str(4 * 1024 * 1024), "segment.bytes": str(16 * 1024 * 1024)}
+    kafka.create_topic(topic, partitions=1, config=big)
+    kafka.create_topic(dlq, partitions=1, config={**big, "max.message.bytes": str(dlq_limit)})
+    event = SampleEvents(seed=9, prefix=f"big{suffix}").track("Order Completed")
+    # Random text: the dead-letter producer compresses, and a repeated character would
+    # shrink below the topic's limit.
+    event["properties"]["description"] = base64.b64encode(os.urandom(1152 * 1024)).decode()
+    producer = Producer(
+        {"bootstrap.servers": kafka.bootstrap, "message.max.bytes": 8 * 1024 * 1024}
+    )
+    producer.produce(topic, value=encode(event))
+    assert producer.flush(30) == 0
+    config = base_config(kafka, (topic, dlq), group_id=group, kafka={"client": client})
+    status, stderr, _ = run_worker(write_config(tmp_path / "w.yaml", config))
+    assert status == 1, stderr
+    assert_one_line_error(stderr, "cannot write to dead-letter topic", dlq)
+    committed = committed_offsets(kafka.bootstrap, group, topic)
+    assert committed.get(0, -1) < 1  # the refused message stays to be read again
