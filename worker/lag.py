@@ -7,7 +7,10 @@ is under-reported exactly when backpressure says the worker is behind.
 
 `LagMonitor` asks the brokers every `interval_s` with its own AdminClient, batched: ListOffsets
 (earliest and latest) and the group's OffsetFetch, for the partitions this worker currently
-holds. Per partition:
+holds. The OffsetFetch goes through a consumer of its own that never subscribes (so it never
+joins the group): librdkafka 2.16's AdminClient `list_consumer_group_offsets` aborts the
+whole process (`rd_kafka_enq_once_del_source_return` assertion) when the broker goes away
+while a request is pending, which the chaos suite hit on broker restarts. Per partition:
 
     lag = latest - clamp(committed, earliest, latest)
     no committed offset: latest - earliest when `auto.offset.reset` is earliest (the worker's
@@ -32,6 +35,7 @@ from concurrent.futures import Future
 from typing import Any, Final
 
 from confluent_kafka import (
+    Consumer,
     ConsumerGroupTopicPartitions,
     IsolationLevel,
     KafkaException,
@@ -103,7 +107,9 @@ class LagMonitor:
 
     `partitions()` returns the partitions this worker holds now (callable from the event loop).
     `admin` is a confluent_kafka AdminClient (or a stand-in with `list_offsets`,
-    `list_consumer_group_offsets` and `poll`).
+    `list_consumer_group_offsets` and `poll`). `offsets_reader`, when given, is a consumer
+    that never subscribes (or a stand-in with a blocking `committed(partitions, timeout)`);
+    it then reads the group's committed offsets instead of the admin client.
     """
 
     def __init__(
@@ -118,8 +124,10 @@ class LagMonitor:
         timeout_s: float | None = None,
         reset_to_latest: bool = False,
         read_committed: bool = True,
+        offsets_reader: Any | None = None,
     ) -> None:
         self._admin = admin
+        self._offsets_reader = offsets_reader
         self._group_id = group_id
         self._partitions = partitions
         self._gauge = metrics.consumer_lag
@@ -152,8 +160,19 @@ class LagMonitor:
         admin = AdminClient(
             admin_config(bootstrap_servers=bootstrap_servers, client=client, logger=logger)
         )
+        reader_conf: dict[str, Any] = {"bootstrap.servers": bootstrap_servers, **client}
+        reader_conf.update(
+            {
+                "group.id": group_id,
+                "enable.auto.commit": False,
+                "client.id": str(client.get("client.id", "tiktok-worker")) + "-lag-offsets",
+            }
+        )
+        if logger is not None:
+            reader_conf["logger"] = logger
         return cls(
             admin=admin,
+            offsets_reader=Consumer(reader_conf),
             group_id=group_id,
             partitions=partitions,
             metrics=metrics,
@@ -244,9 +263,19 @@ class LagMonitor:
         return result
 
     async def _committed(self, keys: list[TopicPartitionKey]) -> dict[TopicPartitionKey, int]:
-        request = ConsumerGroupTopicPartitions(
-            self._group_id, [TopicPartition(t, p) for t, p in keys]
-        )
+        tps = [TopicPartition(t, p) for t, p in keys]
+        if self._offsets_reader is not None:
+            reader = self._offsets_reader
+            loop = asyncio.get_running_loop()
+            found = await loop.run_in_executor(
+                None, lambda: reader.committed(tps, timeout=self._timeout_s)
+            )
+            return {
+                (tp.topic, tp.partition): int(tp.offset)
+                for tp in found
+                if tp.error is None and tp.offset >= 0
+            }
+        request = ConsumerGroupTopicPartitions(self._group_id, tps)
         futures: dict[str, Future[Any]] = self._admin.list_consumer_group_offsets(
             [request], request_timeout=self._timeout_s
         )
