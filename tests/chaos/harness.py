@@ -253,6 +253,12 @@ class ChaosResult:
     workdir: str = ""
 
     @property
+    def crashes(self) -> dict[str, int]:
+        """Worker exits the harness did not cause, except start-ups refused while the broker
+        was down (the preflight check's one-line exit 1, which is the intended behaviour)."""
+        return {k: v for k, v in self.worker_exits.items() if "cannot reach Kafka" not in k}
+
+    @property
     def ok(self) -> bool:
         return (
             not self.lost
@@ -260,6 +266,8 @@ class ChaosResult:
             and self.malformed_lost == 0
             and self.malformed_wrong_reason == 0
             and self.drain_s is not None
+            and not self.crashes
+            and self.final_exit_codes == [0] * self.plan.workers
         )
 
     def summary(self) -> str:

@@ -78,16 +78,16 @@ def commit() -> str:
     return f"{head} (with uncommitted changes in worker/)" if dirty else head
 
 
-def results_markdown(result: ChaosResult) -> str:
+def results_markdown(result: ChaosResult, revision: str) -> str:
     r = result
     drain = f"{r.drain_s:.1f} s" if r.drain_s is not None else "did not drain"
     faults = "<br>".join(f"{k} x {v}" for k, v in sorted(r.faults.items()))
     applied = ", ".join(f"{k} {v}" for k, v in sorted(r.fake_faults_applied.items()))
     exits = ", ".join(f"{k} x {v}" for k, v in sorted(r.worker_exits.items())) or "none"
     rows = [
-        ("Result", "**PASS**" if r.ok else "**FAIL**"),
+        ("Result", "**PASS**" if r.ok else "**FAIL**" + _why(r)),
         ("Date (UTC)", r.started_at),
-        ("Commit", commit()),
+        ("Commit", revision),
         ("Machine", machine()),
         ("Servers", versions()),
         ("Plan", "<br>".join(r.plan.describe())),
@@ -125,11 +125,28 @@ def results_markdown(result: ChaosResult) -> str:
     )
 
 
-def write_report(result: ChaosResult) -> None:
+def _why(r: ChaosResult) -> str:
+    reasons = []
+    if r.lost:
+        reasons.append(f"{len(r.lost)} lost")
+    if r.wrongly_dead_lettered:
+        reasons.append(f"{len(r.wrongly_dead_lettered)} wrongly dead-lettered")
+    if r.malformed_lost or r.malformed_wrong_reason:
+        reasons.append("malformed input not dead-lettered as expected")
+    if r.drain_s is None:
+        reasons.append("did not drain")
+    if r.crashes:
+        reasons.append(f"{sum(r.crashes.values())} worker crash(es), see Worker starts")
+    if r.final_exit_codes != [0] * r.plan.workers:
+        reasons.append("a worker did not exit 0 on SIGTERM")
+    return " (" + "; ".join(reasons) + ")" if reasons else ""
+
+
+def write_report(result: ChaosResult, revision: str) -> None:
     """Replace the results section of docs/reliability.md (everything after the marker)."""
     text = REPORT.read_text() if REPORT.exists() else ""
     head = text.split(REPORT_MARKER, 1)[0].rstrip() if text else "# Reliability"
-    REPORT.write_text(head + "\n\n" + results_markdown(result))
+    REPORT.write_text(head + "\n\n" + results_markdown(result, revision))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.duration is not None:
             kwargs["duration_s"] = args.duration
         plan = ChaosPlan.long(**kwargs)  # type: ignore[arg-type]
+    revision = commit()  # what runs is the tree as it is now
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix=f"chaos-{plan.name}-"))
     print(f"chaos: {plan.name} run, logs in {workdir}", flush=True)
     for line in plan.describe():
@@ -168,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     print("timeline:\n  " + "\n  ".join(result.timeline), flush=True)
     print(result.summary(), flush=True)
     if not args.short and not args.no_write:
-        write_report(result)
+        write_report(result, revision)
         print(f"chaos: results written to {REPORT.relative_to(REPO)} "
               f"({dt.datetime.now(dt.UTC):%Y-%m-%d})")  # fmt: skip
     return 0 if result.ok else 1
