@@ -22,7 +22,7 @@ from worker.client import ENDPOINT_PATH, TikTokClient
 from worker.config import Config, secret_values
 from worker.consumer import ConsumerThread, consumer_config
 from worker.dlq import DeadLetterProducer, producer_config
-from worker.errors import WorkerError
+from worker.errors import ConfigError, WorkerError
 from worker.health import HealthServer, liveness_check
 from worker.lag import LagMonitor
 from worker.logs import kafka_logger, register_secrets
@@ -42,7 +42,11 @@ def preflight(config: Config) -> None:
     conf.update(config.kafka.client)
     conf["logger"] = kafka_logger()  # never polled: librdkafka's retries stay off stderr
     try:
-        metadata = AdminClient(conf).list_topics(timeout=PREFLIGHT_TIMEOUT_S)
+        admin = AdminClient(conf)
+    except KafkaException as exc:  # a property librdkafka refuses: a configuration error
+        raise ConfigError(f"kafka.client: {exc.args[0].str()}") from None
+    try:
+        metadata = admin.list_topics(timeout=PREFLIGHT_TIMEOUT_S)
     except KafkaException as exc:
         raise WorkerError(
             f"cannot reach Kafka at {config.kafka.bootstrap_servers}: {exc.args[0].str()}"
