@@ -135,13 +135,22 @@ def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
     assert_one_line_error(stderr, "nowhere.yaml")
 
 
-def test_unknown_librdkafka_property_is_reported_in_one_line(
-    kafka: Any, topics: tuple[str, str], tmp_path: Path
+@pytest.mark.parametrize(
+    ("client", "fragment"),
+    [
+        ({"no.such.property": "1"}, "no.such.property"),
+        ({"security.protocol": "bogus"}, "security.protocol"),
+    ],
+    ids=["unknown-property", "invalid-value"],
+)
+def test_librdkafka_property_refused_is_a_config_error(
+    kafka: Any, topics: tuple[str, str], tmp_path: Path, client: dict[str, str], fragment: str
 ) -> None:
-    config = base_config(kafka, topics, kafka={"client": {"no.such.property": "1"}})
+    config = base_config(kafka, topics, kafka={"client": client})
     status, stderr, _ = run_worker(write_config(tmp_path / "w.yaml", config))
-    assert status in (1, 2), stderr
-    assert_one_line_error(stderr, "no.such.property")
+    assert status == 2, stderr
+    line = assert_one_line_error(stderr, "configuration error: kafka.client", fragment)
+    assert "cannot reach Kafka" not in line
 
 
 # -- unreachable or missing infrastructure: exit 1, bounded ------------------------------------
