@@ -31,7 +31,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Final
 from urllib.parse import parse_qsl
 
@@ -273,10 +273,6 @@ _PLAN_FIELDS: Final = tuple(
 )
 
 
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_SECOND: Final = timedelta(seconds=1)
-
-
 def _timestamp_seconds(value: str) -> int | None:
     """Unix seconds (floor) of an ISO-8601 date-time; a value without offset is UTC."""
     try:
@@ -286,8 +282,8 @@ def _timestamp_seconds(value: str) -> int | None:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     try:
-        return (dt - _EPOCH) // _SECOND
-    except OverflowError:  # pragma: no cover - offsets at the edge of datetime's range
+        return math.floor(dt.timestamp())  # a float is exact to the microsecond here
+    except (OverflowError, ValueError, OSError):  # pragma: no cover - edges of the range
         return None
 
 

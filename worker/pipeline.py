@@ -72,8 +72,8 @@ class Pipeline:
         self._paused = False
         self._committer: Committer | None = None
         self._batcher = batcher
-        self._mapped_counters: dict[tuple[str, str], Any] = {}
-        self._skipped_counters: dict[str, Any] = {}
+        self._mapped_counts: dict[tuple[str, str], int] = {}
+        self._skipped_counts: dict[str, int] = {}
         self.fatal: BaseException | None = None
         self.fatal_event = asyncio.Event()
         self.messages_finished = 0
@@ -108,6 +108,7 @@ class Pipeline:
             self._process(msg, topic, partition, offset)
         for topic, count in consumed.items():
             self._metrics.messages_consumed.labels(topic=topic).inc(count)
+        self._flush_counts()
         self._metrics.inflight_messages.set(self._inflight)
         if not self._paused and self._inflight >= self._max_inflight:
             self._set_paused(True)
@@ -212,17 +213,23 @@ class Pipeline:
             tracker=tracker,
             on_finished=self._message_finished,
         )
-        inflight.add_work()  # held while dispatching, so nothing finishes the message early
-        for outcome in self._mapper.map_message(msg.value()):
+        outcomes = self._mapper.map_message(msg.value())
+        # One unit per event outcome plus one held while dispatching, so nothing finishes the
+        # message before all of its work is registered.
+        inflight.add_work(1 + sum(len(o.mapped) + len(o.invalid) for o in outcomes))
+        mapped_counts = self._mapped_counts
+        batcher_add = self._batcher.add
+        for outcome in outcomes:
             for mapped in outcome.mapped:
-                inflight.add_work()
-                self._count_mapped(mapped.destination, mapped.event)
-                self._batcher.add(mapped.key, PendingEvent(inflight, outcome, mapped))
+                label = (mapped.destination, mapped.event)
+                mapped_counts[label] = mapped_counts.get(label, 0) + 1
+                batcher_add(mapped.key, PendingEvent(inflight, outcome, mapped))
             for invalid in outcome.invalid:
-                inflight.add_work()
                 self._dead_letter_invalid(inflight, outcome, invalid)
             if outcome.skipped is not None:
-                self._count_skipped(outcome.skipped)
+                self._skipped_counts[outcome.skipped] = (
+                    self._skipped_counts.get(outcome.skipped, 0) + 1
+                )
         inflight.finish_one()
 
     def _message_finished(self, message: InflightMessage) -> None:
@@ -239,20 +246,14 @@ class Pipeline:
             self._committer.set_paused(paused)
         self._log.info("backpressure " + ("on" if paused else "off"), inflight=self._inflight)
 
-    def _count_mapped(self, destination: str, event: str) -> None:
-        counter = self._mapped_counters.get((destination, event))
-        if counter is None:
-            counter = self._metrics.events_mapped.labels(destination=destination, event=event)
-            self._mapped_counters[(destination, event)] = counter
-        counter.inc()
-
-    def _count_skipped(self, reason: str) -> None:
-        counter = self._skipped_counters.get(reason)
-        if counter is None:
-            counter = self._skipped_counters[reason] = self._metrics.events_skipped.labels(
-                reason=reason
-            )
-        counter.inc()
+    def _flush_counts(self) -> None:
+        """Add the per-batch event counts to the counters (one locked inc per label set)."""
+        for (destination, event), count in self._mapped_counts.items():
+            self._metrics.events_mapped.labels(destination=destination, event=event).inc(count)
+        for reason, count in self._skipped_counts.items():
+            self._metrics.events_skipped.labels(reason=reason).inc(count)
+        self._mapped_counts.clear()
+        self._skipped_counts.clear()
 
     # -- outcomes ------------------------------------------------------------------------------
 
