@@ -194,7 +194,24 @@ def versions(kafka_server_version: str | None = None) -> dict[str, Any]:
         "redis_server": cmd("redis-server", "--version"),
         "java": cmd("java", "-version"),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "code": code_state(),
     }
+
+
+def code_state() -> dict[str, Any]:
+    """The commit measured, and worker/ files that differ from it (uncommitted edits)."""
+
+    def git(*argv: str) -> str:
+        try:
+            out = subprocess.run(
+                ["git", *argv], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
+            )
+        except OSError:
+            return ""
+        return out.stdout.strip()
+
+    dirty = [line[3:] for line in git("status", "--porcelain", "--", "worker").splitlines()]
+    return {"commit": git("rev-parse", "--short", "HEAD") or None, "worker_uncommitted": dirty}
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -36,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import DLQ_TOPIC, ROOT, BenchEnv, CpuMeter
-from tests import harness
 from tests.harness import WorkerProcess, metric_value, worker_config, write_config
 
 PRODUCT_TIKTOK = {
@@ -46,7 +44,6 @@ PRODUCT_TIKTOK = {
     "max_concurrent_requests": 64,
 }
 THROUGHPUT_RATE_LIMIT = {"qps": 100000, "backend": "local"}
-PATCHED_WORKER = ROOT / "bench" / "patched_worker.py"
 
 
 @dataclass
@@ -58,8 +55,6 @@ class WorkerSpec:
     rate_limit: Mapping[str, Any] | None = None
     kafka: Mapping[str, Any] | None = None
     log_level: str = "warning"
-    #: BENCH_PATCH for bench/patched_worker.py (None: the stock `tiktok-worker`)
-    patch: str | None = None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -68,7 +63,6 @@ class WorkerSpec:
             "rate_limit": {**THROUGHPUT_RATE_LIMIT, **(self.rate_limit or {})},
             "kafka": dict(self.kafka or {}),
             "log_level": self.log_level,
-            **({"patch": self.patch} if self.patch else {}),
         }
 
 
@@ -94,16 +88,7 @@ def start_workers(
         )
         config["logging"] = {"level": spec.log_level, "format": "json"}
         path = write_config(env.workdir / f"{name}-{index}.yaml", config)
-        if spec.patch is None:
-            workers.append(WorkerProcess(path).start())
-            continue
-        # WorkerProcess runs tests.harness.WORKER_CMD; swap it for this one start only.
-        stock = list(harness.WORKER_CMD)
-        harness.WORKER_CMD[:] = [sys.executable, str(PATCHED_WORKER)]
-        try:
-            workers.append(WorkerProcess(path, env={"BENCH_PATCH": spec.patch}).start())
-        finally:
-            harness.WORKER_CMD[:] = stock
+        workers.append(WorkerProcess(path).start())
     for worker in workers:
         worker.wait_ready(90)
     return workers

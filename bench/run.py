@@ -61,13 +61,7 @@ SECTIONS = (
     "latency",
     "ratelimit",
     "memory",
-    "tuning",
-    "experiments",
 )
-QUICK_SKIPS = ("experiments",)
-# librdkafka pre-fetches up to queued.max.messages.kbytes (default 65536 KiB) per consumer; the
-# `tuning` section measures throughput and peak RSS with a smaller pre-fetch queue.
-TUNED_CLIENT = {"queued.max.messages.kbytes": 16384}
 
 FULL: dict[str, Any] = {
     "messages": 300_000,
@@ -82,7 +76,6 @@ FULL: dict[str, Any] = {
     "memory_messages": 1_000_000,
     "memory_slow_delay_s": 1.0,
     "memory_max_s": 150,
-    "tuned_memory_max_s": 40,
     "latency_runs": 3,
     "latency_duration_s": 20,
 }
@@ -98,7 +91,6 @@ QUICK: dict[str, Any] = {
     "ratelimit_duration_s": 4,
     "memory_messages": 200_000,
     "memory_max_s": 20,
-    "tuned_memory_max_s": 15,
     "latency_runs": 1,
     "latency_duration_s": 10,
 }
@@ -358,55 +350,6 @@ class Bench:
         self.results["memory"] = result
         log(f"memory: peak RSS {result['peak_rss_mb']} MB, drained={result['drained']}")
 
-    def experiments(self) -> None:
-        """What-if runs (bench/patched_worker.py): each change next to a stock run, same round."""
-        out: dict[str, Any] = {}
-        e2e = self.results.get("e2e_1_process")
-        rate = max(500.0, 0.1 * (e2e["events_per_s"]["median"] if e2e else 10_000))
-        for label, patch in (("stock", None), ("consume_timeout_10ms", "consume_timeout_s=0.01")):
-            log(f"experiment: latency, {label}")
-            out[f"latency_{label}"] = run_latency(
-                self.env,
-                events=self.events[:50_000],
-                mapped_count=self.mapped_count,
-                rate=rate,
-                duration_s=self.cfg["latency_duration_s"],
-                name=f"x-lat-{label}",
-                spec=WorkerSpec(patch=patch),
-            )
-        for label, patch in (
-            ("stock", None),
-            ("consume_timeout_10ms", "consume_timeout_s=0.01"),
-            ("gc_threshold_50000_freeze", "gc_threshold=50000"),
-        ):
-            log(f"experiment: end to end, {label}")
-            out[f"e2e_{label}"] = self._e2e(WorkerSpec(patch=patch), f"x-e2e-{label}")
-        self.results["experiments"] = out
-
-    def tuning(self) -> None:
-        """One e2e run and one (shorter) memory run with a smaller librdkafka pre-fetch queue."""
-        spec = WorkerSpec(kafka={"client": TUNED_CLIENT})
-        log(f"tuning: end to end with {TUNED_CLIENT}")
-        e2e = self._e2e(spec, "e2e-tuned")
-        topic, count, expected = self._memory_topic()
-        log(f"tuning: memory with {TUNED_CLIENT}")
-        memory = run_memory(
-            self.env,
-            topic=topic,
-            messages=count,
-            expected_events=expected,
-            slow_delay_s=self.cfg["memory_slow_delay_s"],
-            max_seconds=self.cfg["tuned_memory_max_s"],
-            name="memory-tuned",
-            spec=spec,
-        )
-        self.results["tuning"] = {
-            "kafka_client": TUNED_CLIENT,
-            "e2e_1_process": self._e2e_summary([e2e]),
-            "memory": memory,
-        }
-        log(f"tuning: {e2e['events_per_s']}/s, peak RSS {memory['peak_rss_mb']} MB")
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -415,8 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench", help="results directory")
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
-    default = [s for s in SECTIONS if not (args.quick and s in QUICK_SKIPS)]
-    only = [s for s in (args.only or ",".join(default)).split(",") if s]
+    only = [s for s in (args.only or ",".join(SECTIONS)).split(",") if s]
     unknown = set(only) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
