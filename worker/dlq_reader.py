@@ -26,7 +26,6 @@ from typing import Any, Final, TypeVar
 
 from confluent_kafka import (
     Consumer,
-    ConsumerGroupTopicPartitions,
     KafkaError,
     KafkaException,
     Message,
@@ -346,24 +345,38 @@ def list_redrive_progress(
     result: dict[str, dict[int, int]] = {}
     for name in names:
         try:
-            answer = _retrying(partial(_group_offsets, admin, name, timeout_s))
+            offsets = _retrying(
+                partial(_group_offsets, bootstrap_servers, client, name, topic, timeout_s)
+            )
         except KafkaException as exc:
             raise WorkerError(
                 f"cannot read the offsets of consumer group {name!r}: {_kafka_text(exc)}"
             ) from None
-        offsets = {
-            tp.partition: tp.offset
-            for tp in answer.topic_partitions or ()
-            if tp.topic == topic and tp.offset >= 0 and tp.error is None
-        }
         if offsets:
             result[name] = offsets
     return result
 
 
-def _group_offsets(admin: AdminClient, group: str, timeout_s: float) -> Any:
-    request = [ConsumerGroupTopicPartitions(group)]
-    return admin.list_consumer_group_offsets(request, request_timeout=timeout_s)[group].result()
+def _group_offsets(
+    bootstrap_servers: str,
+    client: Mapping[str, Any],
+    group: str,
+    topic: str,
+    timeout_s: float,
+) -> dict[int, int]:
+    """The group's committed offsets on `topic`, read by a consumer that never joins it.
+
+    Not `AdminClient.list_consumer_group_offsets`: librdkafka 2.16 aborts the process when
+    the broker goes away during that request (found by the chaos suite).
+    """
+    reader = Consumer(reader_config(bootstrap_servers, client, group))
+    try:
+        metadata = reader.list_topics(topic, timeout=timeout_s)
+        partitions = [TopicPartition(topic, p) for p in metadata.topics[topic].partitions]
+        found = reader.committed(partitions, timeout=timeout_s)
+    finally:
+        reader.close()
+    return {tp.partition: tp.offset for tp in found if tp.error is None and tp.offset >= 0}
 
 
 _T = TypeVar("_T")
