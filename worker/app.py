@@ -17,10 +17,9 @@ from typing import Any
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from worker.batcher import Batcher
-from worker.client import ENDPOINT_PATH, TikTokClient
 from worker.config import Config, secret_values
 from worker.consumer import ConsumerThread, consumer_config
+from worker.delivery import build_delivery
 from worker.dlq import DeadLetterProducer, producer_config
 from worker.errors import ConfigError, WorkerError
 from worker.health import HealthServer, liveness_check
@@ -29,8 +28,6 @@ from worker.logs import kafka_logger, register_secrets
 from worker.mapping import Mapper
 from worker.metrics import Metrics
 from worker.pipeline import Pipeline
-from worker.ratelimit import build_rate_limiter, rate_limit_key
-from worker.sender import RetryPolicy, Route, Sender
 
 PREFLIGHT_TIMEOUT_S = 15.0
 SHUTDOWN_MARGIN_S = 10.0
@@ -59,26 +56,13 @@ def preflight(config: Config) -> None:
         )
 
 
-def build_routes(config: Config) -> dict[str, Route]:
-    return {
-        d.name: Route(
-            destination=d.name,
-            access_token=d.access_token,
-            limiter_key=rate_limit_key(
-                app_id=d.app_id, access_token=d.access_token, endpoint=ENDPOINT_PATH
-            ),
-        )
-        for d in config.destinations
-    }
-
-
 async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None) -> int:
     """Run until SIGTERM/SIGINT or a fatal error; returns the exit status."""
     register_secrets(secret_values(config))
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, preflight, config)
     metrics = metrics if metrics is not None else Metrics()
-    kafka, tiktok = config.kafka, config.tiktok
+    kafka = config.kafka
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -89,35 +73,14 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
         if pipeline is not None:
             pipeline.on_fatal(exc)
 
-    client = TikTokClient(
-        base_url=tiktok.base_url,
-        timeout_s=tiktok.request_timeout_s,
-        max_connections=tiktok.max_concurrent_requests,
-    )
-    limiter = build_rate_limiter(
-        backend=config.rate_limit.backend,
-        qps=config.rate_limit.qps,
-        redis_url=config.rate_limit.redis_url,
-        expected_replicas=config.rate_limit.expected_replicas,
-        metrics=metrics,
-        logger=log,
-    )
     dead_letters = DeadLetterProducer(
         config={**producer_config(kafka.bootstrap_servers, kafka.client), "logger": kafka_logger()},
         topic=kafka.dead_letter_topic,
         metrics=metrics,
         on_fatal=on_fatal,
     )
-    sender = Sender(
-        client=client,
-        limiter=limiter,
-        routes=build_routes(config),
-        retry=RetryPolicy(
-            initial_backoff_s=tiktok.retry.initial_backoff_s,
-            max_backoff_s=tiktok.retry.max_backoff_s,
-            deadline_s=tiktok.retry.deadline_s,
-        ),
-        max_concurrent_requests=tiktok.max_concurrent_requests,
+    delivery = build_delivery(
+        config,
         metrics=metrics,
         log=log,
         on_delivered=lambda events: pipeline.on_delivered(events) if pipeline else None,
@@ -125,11 +88,7 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
     )
     pipeline = Pipeline(
         mapper=Mapper(config),
-        batcher=Batcher(
-            max_events=tiktok.max_batch_events,
-            linger_s=tiktok.batch_linger_ms / 1000,
-            on_batch=sender.submit,
-        ),
+        batcher=delivery.batcher,
         dead_letters=dead_letters,
         metrics=metrics,
         log=log,
@@ -210,10 +169,8 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    await sender.close()
+    await delivery.close()
     await dead_letters.close()
-    await client.close()
-    await limiter.close()
     await health.stop()
     if pipeline.fatal is not None:
         raise WorkerError(str(pipeline.fatal))

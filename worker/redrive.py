@@ -40,10 +40,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from worker.app import build_routes, preflight
-from worker.batcher import Batcher
+from worker.app import preflight
 from worker.client import SendResult, TikTokClient
 from worker.config import Config
+from worker.delivery import build_delivery
 from worker.dlq import HEADER_PREFIX, DeadLetter, DeadLetterProducer, producer_config
 from worker.dlq_reader import (
     REDRIVE_COUNT_HEADER,
@@ -57,8 +57,7 @@ from worker.inflight import InflightMessage, PendingEvent
 from worker.mapping import EventOutcome, Mapper
 from worker.metrics import DLQ_REASONS, Metrics
 from worker.offsets import PartitionTracker
-from worker.ratelimit import build_rate_limiter
-from worker.sender import Failure, RetryPolicy, Sender
+from worker.sender import Failure
 
 GROUP_SUFFIX: Final = "-redrive"
 POLL_BATCH: Final = 500
@@ -320,45 +319,23 @@ class Redrive:
         self.ledger_warning: str | None = None
         self._mapper = Mapper(config)
         self._destinations = {d.name for d in config.destinations}
-        tiktok = config.tiktok
-        self._client = GatedClient(
-            base_url=tiktok.base_url,
-            timeout_s=tiktok.request_timeout_s,
-            max_connections=tiktok.max_concurrent_requests,
-        )
-        self._limiter = build_rate_limiter(
-            backend=config.rate_limit.backend,
-            qps=config.rate_limit.qps,
-            redis_url=config.rate_limit.redis_url,
-            expected_replicas=config.rate_limit.expected_replicas,
+        self._delivery = build_delivery(
+            config,
             metrics=metrics,
-            logger=log,
+            log=log,
+            on_delivered=self._on_delivered,
+            on_failed=self._on_failed,
+            client_factory=GatedClient,
         )
+        client = self._delivery.client
+        assert isinstance(client, GatedClient)  # built by client_factory above
+        self._client = client
+        self._batcher = self._delivery.batcher
         self._dead_letters = DeadLetterProducer(
             config=producer_config(config.kafka.bootstrap_servers, config.kafka.client),
             topic=config.kafka.dead_letter_topic,
             metrics=metrics,
             on_fatal=self._on_fatal,
-        )
-        self._sender = Sender(
-            client=self._client,
-            limiter=self._limiter,
-            routes=build_routes(config),
-            retry=RetryPolicy(
-                initial_backoff_s=tiktok.retry.initial_backoff_s,
-                max_backoff_s=tiktok.retry.max_backoff_s,
-                deadline_s=tiktok.retry.deadline_s,
-            ),
-            max_concurrent_requests=tiktok.max_concurrent_requests,
-            metrics=metrics,
-            log=log,
-            on_delivered=self._on_delivered,
-            on_failed=self._on_failed,
-        )
-        self._batcher = Batcher(
-            max_events=tiktok.max_batch_events,
-            linger_s=tiktok.batch_linger_ms / 1000,
-            on_batch=self._sender.submit,
         )
 
     @classmethod
@@ -447,13 +424,12 @@ class Redrive:
             committer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await committer
-            await self._sender.close()  # abandons gated or backing-off deliveries
+            await self._delivery.sender.close()  # abandons gated or backing-off deliveries
             await self._dead_letters.close(timeout_s=5.0)
             if self.fatal is None:
                 await self._commit_once()
             await loop.run_in_executor(None, self._reader.close)
-            await self._client.close()
-            await self._limiter.close()
+            await self._delivery.close()
         if self.fatal is not None:
             raise WorkerError(str(self.fatal))
         self.stats.interrupted = self.stats.inflight > 0 or not self._finished_reading()
