@@ -4,8 +4,10 @@ The raw format is one collapsed stack per line (`thread (tid): name;frame;...;fr
 root first. py-spy samples only threads that are running (not idle), so shares are shares of
 CPU time. The summary has:
 
-- `threads`: share of samples per thread (the asyncio main thread, the Kafka consumer thread,
-  librdkafka's threads are native and invisible to py-spy);
+- `threads_pct`: share of samples per thread, and of that how much was a blocking wait
+  (librdkafka's threads are native and invisible to py-spy). py-spy's idle filter drops a
+  thread sleeping in epoll, but counts timed lock and condition waits (the consumer thread's
+  hand-off semaphore, executor threads) as active, so those are reported apart;
 - `buckets`: main-thread samples by pipeline stage: each sample goes to the stage of its
   deepest frame that names one (so hashing inside mapping counts as hashing), and only
   samples in none of them go to the asyncio loop / other;
@@ -69,6 +71,17 @@ _STAGES: list[tuple[str, Callable[[str], bool]]] = [
     ("health / metrics HTTP server", lambda f: "worker/health.py" in f),
 ]
 _LOOP = "asyncio event loop (scheduling, selectors, sockets)"
+# Leaf frames of a thread that is blocked, not computing.
+_WAITS = (
+    "Condition.wait (threading.py",
+    "Event.wait (threading.py",
+    "_worker (concurrent/futures/thread.py",
+    "select (selectors.py",
+)
+
+
+def is_wait(frames: list[str]) -> bool:
+    return bool(frames) and frames[-1].startswith(_WAITS)
 
 
 def _frame_key(frame: str) -> str:
@@ -107,12 +120,16 @@ def summarise(path: Path, top: int = 15) -> dict[str, Any]:
     stacks = parse(path)
     total = sum(c for _, _, c in stacks)
     threads: Counter[str] = Counter()
+    waits: Counter[str] = Counter()
     buckets: Counter[str] = Counter()
     self_time: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     main_total = 0
     for thread, frames, count in stacks:
         threads[thread] += count
+        if is_wait(frames):
+            waits[thread] += count
+            continue
         if thread != "MainThread":
             continue
         main_total += count
@@ -132,7 +149,11 @@ def summarise(path: Path, top: int = 15) -> dict[str, Any]:
     return {
         "samples": total,
         "main_thread_samples": main_total,
-        "threads_pct": share(threads, total),
+        "threads_pct": [
+            [name, round(100 * n / total, 1), round(100 * waits[name] / total, 1)]
+            for name, n in threads.most_common()
+        ],
+        "threads_pct_columns": ["thread", "all samples", "of which blocking waits"],
         "main_thread_stages_pct": share(buckets, main_total),
         "self_pct": share(self_time, main_total, top),
         "inclusive_pct": share(inclusive_top, main_total, top),
