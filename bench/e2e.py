@@ -102,14 +102,16 @@ def stop_workers(workers: Sequence[WorkerProcess]) -> None:
 class Profiler:
     """`py-spy record` (collapsed stacks) attached to one process until `stop()`."""
 
-    def __init__(self, pid: int, out: Path, *, rate: int = 97, native: bool = False) -> None:
+    def __init__(
+        self, pid: int, out: Path, *, log: Path, rate: int = 97, native: bool = False
+    ) -> None:
         py_spy = Path(os.environ.get("PY_SPY", str(ROOT / ".venv" / "bin" / "py-spy")))
         argv = [str(py_spy), "record", "-p", str(pid), "-o", str(out), "-f", "raw"]
         argv += ["-r", str(rate), "--threads"]
         if native:
             argv.append("--native")
         self.out = out
-        self._log = out.with_suffix(".log").open("wb")
+        self._log = log.open("wb")
         self._proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT)
 
     def stop(self) -> Path:
@@ -149,7 +151,11 @@ def run_e2e(
     whole = CpuMeter(pids)
     whole.start()
     window = CpuMeter(pids)
-    profiler = Profiler(workers[0].pid, profile_to) if profile_to is not None else None
+    profiler = (
+        Profiler(workers[0].pid, profile_to, log=env.workdir / f"{name}-py-spy.log")
+        if profile_to is not None
+        else None
+    )
     deadline = time.monotonic() + timeout_s
     accepted = 0
     started = False
