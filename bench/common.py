@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -73,6 +74,7 @@ class BenchEnv:
     kafka: KafkaServer | None = None
     redis: RedisServer | None = None
     fake: FakeTikTokProcess | None = None
+    keep: bool = False
     _topic_counter: int = 0
 
     def start(self) -> BenchEnv:
@@ -100,8 +102,11 @@ class BenchEnv:
     def __enter__(self) -> BenchEnv:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self.stop()
+        # The broker's data is over 1 GB after a full run; keep it only to debug a failure.
+        if exc_type is None and not self.keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     @property
     def bootstrap(self) -> str:

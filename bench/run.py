@@ -356,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2-3 minute version")
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--out", type=Path, default=ROOT / "bench", help="results directory")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the servers' work directory (logs, data)"
+    )
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     only = [s for s in (args.only or ",".join(SECTIONS)).split(",") if s]
@@ -370,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": cfg,
         "targets": TARGETS,
     }
-    with BenchEnv() as env:
+    with BenchEnv(keep=args.keep) as env:
         results["machine"] = versions()
         bench = Bench(env, cfg, args.out)
         bench.results = results
