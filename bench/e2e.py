@@ -26,15 +26,17 @@ and topics.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import DLQ_TOPIC, ROOT, BenchEnv, CpuMeter
+from bench.common import DLQ_TOPIC, BenchEnv, CpuMeter
 from tests.harness import WorkerProcess, metric_value, worker_config, write_config
 
 PRODUCT_TIKTOK = {
@@ -99,13 +101,26 @@ def stop_workers(workers: Sequence[WorkerProcess]) -> None:
         worker.stop()
 
 
+def py_spy_path() -> Path | None:
+    """$PY_SPY, else py-spy next to this interpreter, else on PATH (None: not installed)."""
+    env = os.environ.get("PY_SPY")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(sys.executable).parent / "py-spy")
+    found = shutil.which("py-spy")
+    if found:
+        candidates.append(Path(found))
+    return next((c for c in candidates if c.is_file()), None)
+
+
 class Profiler:
     """`py-spy record` (collapsed stacks) attached to one process until `stop()`."""
 
     def __init__(
         self, pid: int, out: Path, *, log: Path, rate: int = 97, native: bool = False
     ) -> None:
-        py_spy = Path(os.environ.get("PY_SPY", str(ROOT / ".venv" / "bin" / "py-spy")))
+        py_spy = py_spy_path()
+        if py_spy is None:
+            raise RuntimeError("py-spy not found")
         argv = [str(py_spy), "record", "-p", str(pid), "-o", str(out), "-f", "raw"]
         argv += ["-r", str(rate), "--threads"]
         if native:

@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:
 from bench import bench_mapping  # noqa: E402
 from bench.baseline import run_baseline  # noqa: E402
 from bench.common import BenchEnv, fill_topic, log, summary, versions  # noqa: E402
-from bench.e2e import WorkerSpec, run_e2e  # noqa: E402
+from bench.e2e import WorkerSpec, py_spy_path, run_e2e  # noqa: E402
 from bench.latency import run_latency  # noqa: E402
 from bench.memory import run_memory  # noqa: E402
 from bench.profile import summarise  # noqa: E402
@@ -224,6 +224,10 @@ class Bench:
         )
 
     def profile(self) -> None:
+        if py_spy_path() is None:
+            log("profile: py-spy not installed (.venv/bin/pip install py-spy); skipped")
+            self.results["profile"] = {"skipped": "py-spy not installed: pip install py-spy"}
+            return
         out = self.out / "profile-e2e.raw"
         log(f"end to end, 1 worker process under py-spy (not counted) -> {out}")
         run = self._e2e(WorkerSpec(), "e2e-profile", profile_to=out)
