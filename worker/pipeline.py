@@ -202,6 +202,17 @@ class Pipeline:
         if tracker is None:  # assignment is announced before messages; defensive only
             tracker = self._trackers[key] = PartitionTracker()
         tracker.begin(offset)
+        outcomes = self._mapper.map_message(msg.value())
+        work = sum(len(o.mapped) + len(o.invalid) for o in outcomes)
+        if work == 0:  # nothing to send or dead-letter: finished right away
+            for outcome in outcomes:
+                if outcome.skipped is not None:
+                    self._skipped_counts[outcome.skipped] = (
+                        self._skipped_counts.get(outcome.skipped, 0) + 1
+                    )
+            tracker.finish(offset)
+            self.messages_finished += 1
+            return
         self._inflight += 1
         _ts_type, timestamp_ms = msg.timestamp()
         inflight = InflightMessage(
@@ -213,10 +224,9 @@ class Pipeline:
             tracker=tracker,
             on_finished=self._message_finished,
         )
-        outcomes = self._mapper.map_message(msg.value())
         # One unit per event outcome plus one held while dispatching, so nothing finishes the
         # message before all of its work is registered.
-        inflight.add_work(1 + sum(len(o.mapped) + len(o.invalid) for o in outcomes))
+        inflight.add_work(1 + work)
         mapped_counts = self._mapped_counts
         batcher_add = self._batcher.add
         for outcome in outcomes:
