@@ -32,7 +32,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 
 from tests.infra import REPO_ROOT, SETUP_HINT, cache_dir, which
 from tests.infra.errors import InfraError
-from tests.infra.procs import LOOPBACK, ManagedProcess, free_ports
+from tests.infra.procs import LOOPBACK, ManagedProcess, UnmanagedLifecycle, free_ports
 
 __all__ = [
     "DEFAULT_JVM_FLAGS",
@@ -112,7 +112,7 @@ def new_cluster_id() -> str:
             return cid
 
 
-class KafkaEndpoint:
+class KafkaEndpoint(UnmanagedLifecycle):
     """Topic helpers for any broker reachable at `bootstrap` (ours or an external one)."""
 
     #: replication factor for new topics; -1 = the broker's default.replication.factor
@@ -220,25 +220,6 @@ class KafkaEndpoint:
             f"cannot {what} the Kafka at {self.bootstrap}: it was not started by tests/infra "
             "(unset KAFKA_BOOTSTRAP_SERVERS / TEST_INFRA to let the tests start their own broker)"
         )
-
-    def start(self) -> None:
-        raise self._unsupported("start")
-
-    def stop(self, timeout: float = 20.0) -> None:
-        raise self._unsupported("stop")
-
-    def kill(self) -> None:
-        raise self._unsupported("kill")
-
-    def restart(self) -> None:
-        raise self._unsupported("restart")
-
-    def log_sources(self) -> list[tuple[str, Path]]:
-        """(name, log file) pairs worth showing when a test fails."""
-        return []
-
-    def close(self) -> None:
-        """Release what this object owns (stops a server it started; a no-op otherwise)."""
 
 
 class KafkaServer(KafkaEndpoint):

@@ -184,3 +184,31 @@ class ManagedProcess:
                     f"log {self.log_path}:\n{tail(self.log_path)}"
                 )
             time.sleep(interval)
+
+
+class UnmanagedLifecycle:
+    """Lifecycle of a server the tests reach by address only (an external one, or a base
+    class before a subclass manages a process): start/stop/kill/restart refuse with
+    `_unsupported`, which each endpoint phrases for its own server and environment variable."""
+
+    def _unsupported(self, what: str) -> InfraError:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        raise self._unsupported("start")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        raise self._unsupported("stop")
+
+    def kill(self) -> None:
+        raise self._unsupported("kill")
+
+    def restart(self) -> None:
+        raise self._unsupported("restart")
+
+    def log_sources(self) -> list[tuple[str, Path]]:
+        """(name, log file) pairs worth showing when a test fails."""
+        return []
+
+    def close(self) -> None:
+        """Release what this object owns (stops a server it started; a no-op otherwise)."""

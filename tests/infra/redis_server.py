@@ -16,12 +16,12 @@ import redis
 
 from tests.infra import SETUP_HINT, which
 from tests.infra.errors import InfraError
-from tests.infra.procs import LOOPBACK, ManagedProcess, free_port
+from tests.infra.procs import LOOPBACK, ManagedProcess, UnmanagedLifecycle, free_port
 
 __all__ = ["RedisEndpoint", "RedisServer"]
 
 
-class RedisEndpoint:
+class RedisEndpoint(UnmanagedLifecycle):
     """What tests need from any Redis: its URL and a client. Lifecycle is for ours only."""
 
     @property
@@ -56,25 +56,6 @@ class RedisEndpoint:
             f"cannot {what} the Redis at {self.display_url}: it was not started by tests/infra "
             "(unset REDIS_URL / TEST_INFRA to let the tests start their own redis-server)"
         )
-
-    def start(self) -> None:
-        raise self._unsupported("start")
-
-    def stop(self, timeout: float = 10.0) -> None:
-        raise self._unsupported("stop")
-
-    def kill(self) -> None:
-        raise self._unsupported("kill")
-
-    def restart(self) -> None:
-        raise self._unsupported("restart")
-
-    def log_sources(self) -> list[tuple[str, Path]]:
-        """(name, log file) pairs worth showing when a test fails."""
-        return []
-
-    def close(self) -> None:
-        """Release what this object owns (stops a server it started; a no-op otherwise)."""
 
 
 class RedisServer(RedisEndpoint):
