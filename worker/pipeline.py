@@ -206,10 +206,7 @@ class Pipeline:
         work = sum(len(o.mapped) + len(o.invalid) for o in outcomes)
         if work == 0:  # nothing to send or dead-letter: finished right away
             for outcome in outcomes:
-                if outcome.skipped is not None:
-                    self._skipped_counts[outcome.skipped] = (
-                        self._skipped_counts.get(outcome.skipped, 0) + 1
-                    )
+                self._count_skip(outcome)
             tracker.finish(offset)
             self.messages_finished += 1
             return
@@ -236,10 +233,7 @@ class Pipeline:
                 batcher_add(mapped.key, PendingEvent(inflight, outcome, mapped))
             for invalid in outcome.invalid:
                 self._dead_letter_invalid(inflight, outcome, invalid)
-            if outcome.skipped is not None:
-                self._skipped_counts[outcome.skipped] = (
-                    self._skipped_counts.get(outcome.skipped, 0) + 1
-                )
+            self._count_skip(outcome)
         inflight.finish_one()
 
     def _message_finished(self, message: InflightMessage) -> None:
@@ -255,6 +249,11 @@ class Pipeline:
         if self._committer is not None:
             self._committer.set_paused(paused)
         self._log.info("backpressure " + ("on" if paused else "off"), inflight=self._inflight)
+
+    def _count_skip(self, outcome: EventOutcome) -> None:
+        if outcome.skipped is not None:
+            counts = self._skipped_counts
+            counts[outcome.skipped] = counts.get(outcome.skipped, 0) + 1
 
     def _flush_counts(self) -> None:
         """Add the per-batch event counts to the counters (one locked inc per label set)."""
@@ -286,38 +285,49 @@ class Pipeline:
             error=failure.error,
         )
         for event in events:
-            message = event.message
-            letter = DeadLetter(
+            self._dead_letter(
+                event.message,
+                event.outcome,
                 reason=failure.reason,
                 error=failure.error,
-                original_topic=message.topic,
-                original_partition=message.partition,
-                original_offset=message.offset,
-                original_timestamp_ms=message.timestamp_ms,
                 destination=event.mapped.destination,
                 code=failure.code,
                 attempts=failure.attempts,
-                batch_index=event.outcome.index if event.outcome.multi else None,
-            )
-            self._dead_letters.send(
-                value=event.outcome.raw,
-                key=message.key,
-                letter=letter,
-                on_written=message.finish_one,
             )
 
     def _dead_letter_invalid(
         self, message: InflightMessage, outcome: EventOutcome, invalid: InvalidEvent
     ) -> None:
-        letter = DeadLetter(
+        self._dead_letter(
+            message,
+            outcome,
             reason=invalid.reason,
             error=invalid.error,
+            destination=invalid.destination,
+        )
+
+    def _dead_letter(
+        self,
+        message: InflightMessage,
+        outcome: EventOutcome,
+        *,
+        reason: str,
+        error: str,
+        destination: str | None,
+        code: int | None = None,
+        attempts: int = 0,
+    ) -> None:
+        """Write the event's own bytes with its provenance; the ack finishes one unit of work."""
+        letter = DeadLetter(
+            reason=reason,
+            error=error,
             original_topic=message.topic,
             original_partition=message.partition,
             original_offset=message.offset,
             original_timestamp_ms=message.timestamp_ms,
-            destination=invalid.destination,
-            attempts=0,
+            destination=destination,
+            code=code,
+            attempts=attempts,
             batch_index=outcome.index if outcome.multi else None,
         )
         self._dead_letters.send(
