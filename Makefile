@@ -10,10 +10,13 @@ PYTEST_ARGS ?=
 
 setup: $(VENV)/.installed provision
 
-$(VENV)/.installed: pyproject.toml
+# The repository root goes on the venv's path (devtools.pth), so the developer tooling that is
+# kept out of the wheel (devkit/, bench/, tests/) imports the same way from every process.
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test,dev]'
+	$(BIN)/python -c 'import sysconfig; print("$(CURDIR)", file=open(sysconfig.get_paths()["purelib"] + "/devtools.pth", "w"))'
 	touch $@
 
 # Kafka jars from Maven Central, redis-server and prometheus from Debian, Helm via go install.
@@ -21,7 +24,7 @@ provision:
 	./scripts/provision
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check worker tests scripts bench
+	$(BIN)/ruff check worker devkit tests scripts bench
 	$(BIN)/ruff format --check worker
 	$(BIN)/mypy worker
 
@@ -44,7 +47,7 @@ bench: setup
 	$(BIN)/python bench/run.py
 
 chaos: setup
-	$(BIN)/python tests/chaos/run.py --long
+	$(BIN)/python devkit/chaos/run.py --long
 
 # Plain manifests in deploy/ are rendered from the chart; -check fails when they drift.
 manifests: setup

@@ -27,8 +27,8 @@ from typing import Any
 import msgspec
 
 from worker.config import parse_config
-from worker.mapping import Mapper
-from worker.segment import decode_event
+from worker.mapping.mapper import Mapper
+from worker.mapping.segment import decode_event
 
 _CONFIG = """
 destinations:

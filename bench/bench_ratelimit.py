@@ -26,12 +26,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from devkit.infra.redis_server import RedisServer
+from devkit.ratelimit_driver import count_between, max_in_window, run_drivers
 
-from tests.infra.redis_server import RedisServer  # noqa: E402
-from tests.ratelimit_driver import count_between, max_in_window, run_drivers  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 async def measure(

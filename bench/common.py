@@ -1,7 +1,7 @@
 """Shared pieces of `make bench`: the bench environment, topic filling and small statistics.
 
 `BenchEnv` owns a private Kafka broker (tests/infra `KafkaServer`), a private Redis
-(`RedisServer`) and the fake TikTok server (`tiktok-worker fake-tiktok`, as a process), all on
+(`RedisServer`) and the fake TikTok server (`python -m devkit.fake_tiktok`, as a process), all on
 127.0.0.1, and a scratch directory for configs and logs. Every process it starts it stops.
 """
 
@@ -21,15 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import Producer
+
+from devkit.harness import FakeTikTokProcess
+from devkit.infra.kafka import KafkaServer, kafka_version
+from devkit.infra.redis_server import RedisServer
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from confluent_kafka import Producer  # noqa: E402
-
-from tests.harness import FakeTikTokProcess  # noqa: E402
-from tests.infra.kafka import KafkaServer, kafka_version  # noqa: E402
-from tests.infra.redis_server import RedisServer  # noqa: E402
 
 # Bench topics hold hundreds of MB; big segments keep the broker's file count small.
 TOPIC_CONFIG = {"segment.bytes": str(256 * 1024 * 1024), "retention.ms": "-1"}

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import DLQ_TOPIC, BenchEnv, CpuMeter
-from tests.harness import WorkerProcess, metric_value, worker_config, write_config
+from devkit.harness import WorkerProcess, metric_value, worker_config, write_config
 
 PRODUCT_TIKTOK = {
     "max_batch_events": 1000,

@@ -18,7 +18,7 @@ from typing import Any
 
 from bench.common import BenchEnv
 from bench.e2e import WorkerSpec, start_workers, stop_workers
-from tests.harness import metric_value
+from devkit.harness import metric_value
 
 
 def _status_kb(pid: int) -> dict[str, int]:

@@ -40,7 +40,7 @@ _STAGES: list[tuple[str, Callable[[str], bool]]] = [
             m in f
             for m in (
                 "worker/mapping.py",
-                "<worker.extract>",
+                "<worker.mapping.codegen>",
                 "worker/extract.py",
                 "worker/fields.py",
                 "worker/coerce.py",

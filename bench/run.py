@@ -33,23 +33,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench import bench_mapping
+from bench.baseline import run_baseline
+from bench.common import BenchEnv, fill_topic, log, summary, versions
+from bench.e2e import WorkerSpec, py_spy_path, run_e2e
+from bench.latency import run_latency
+from bench.memory import run_memory
+from bench.profile import summarise
+from bench.raw_consume import raw_consume
+from bench.report import TARGETS, derive, markdown
+from devkit.harness import worker_config, write_config
+from worker.config import load_config
+from worker.mapping.mapper import Mapper
+from worker.mapping.segment import decode_event
 
-from bench import bench_mapping  # noqa: E402
-from bench.baseline import run_baseline  # noqa: E402
-from bench.common import BenchEnv, fill_topic, log, summary, versions  # noqa: E402
-from bench.e2e import WorkerSpec, py_spy_path, run_e2e  # noqa: E402
-from bench.latency import run_latency  # noqa: E402
-from bench.memory import run_memory  # noqa: E402
-from bench.profile import summarise  # noqa: E402
-from bench.raw_consume import raw_consume  # noqa: E402
-from bench.report import TARGETS, derive, markdown  # noqa: E402
-from tests.harness import worker_config, write_config  # noqa: E402
-from worker.config import load_config  # noqa: E402
-from worker.mapping import Mapper  # noqa: E402
-from worker.segment import decode_event  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PARTITIONS = 4
 SECTIONS = (

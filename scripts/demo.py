@@ -14,9 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tests.harness import (
+from devkit.harness import (
     PIXEL,
     WORKER_CMD,
     FakeTikTokProcess,
@@ -31,9 +29,9 @@ from tests.harness import (
     worker_config,
     write_config,
 )
-from tests.infra.kafka import KafkaServer
-from tests.infra.redis_server import RedisServer
-from worker.sample_events import MALFORMED_VALUES, SampleEvents, encode
+from devkit.infra.kafka import KafkaServer
+from devkit.infra.redis_server import RedisServer
+from devkit.sample_events import MALFORMED_VALUES, SampleEvents, encode
 
 EVENTS = 5000
 PARTITIONS = 3

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import uuid
 import warnings
 from collections.abc import Generator, Iterator
@@ -33,24 +32,19 @@ from typing import Any, Generic, TypeVar
 
 import pytest
 
-# Make `tests.infra` importable however pytest was started (tests/ is not a package).
-_ROOT = str(Path(__file__).resolve().parent.parent)
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from tests.infra import fail  # noqa: E402
-from tests.infra.errors import InfraError  # noqa: E402
-from tests.infra.external import (  # noqa: E402
+from devkit.infra import fail
+from devkit.infra.errors import InfraError
+from devkit.infra.external import (
     ExternalKafka,
     ExternalRedis,
     docker_engine_answers,
     start_docker_kafka,
     start_docker_redis,
 )
-from tests.infra.kafka import KafkaEndpoint, KafkaServer  # noqa: E402
-from tests.infra.procs import tail  # noqa: E402
-from tests.infra.prometheus import PrometheusServer  # noqa: E402
-from tests.infra.redis_server import RedisEndpoint, RedisServer  # noqa: E402
+from devkit.infra.kafka import KafkaEndpoint, KafkaServer
+from devkit.infra.procs import tail
+from devkit.infra.prometheus import PrometheusServer
+from devkit.infra.redis_server import RedisEndpoint, RedisServer
 
 _LOG_TAIL_LINES = 60
 _STARTUP_KEY = pytest.StashKey[dict[str, float]]()

@@ -13,7 +13,8 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from worker.client import (
+from devkit.fake_tiktok.server import FakeTikTok, FaultSpec
+from worker.delivery.client import (
     ENDPOINT_PATH,
     Outcome,
     SendResult,
@@ -23,7 +24,6 @@ from worker.client import (
     parse_retry_after,
     sanitise_message,
 )
-from worker.fake_tiktok import FakeTikTok, FaultSpec
 
 TOKEN = "tok-SECRET-0123456789abcdef"
 PIXEL = "COQDA8RC77U2TMR44LI0"
@@ -113,7 +113,7 @@ def test_outcome_retryable(outcome: Outcome, retryable: bool) -> None:
 
 
 def test_outcome_values_are_the_metric_vocabulary() -> None:
-    from worker.metrics import REQUEST_OUTCOMES
+    from worker.observability.metrics import REQUEST_OUTCOMES
 
     assert sorted(o.value for o in Outcome) == sorted(REQUEST_OUTCOMES)
 

@@ -10,6 +10,7 @@ import yaml
 
 from worker.config import Config, load_config, masked, parse_config
 from worker.errors import ConfigError
+from worker.mapping.mapper import Mapper
 
 MINIMAL = """
 destinations:
@@ -20,8 +21,9 @@ destinations:
 
 
 def config_error(text: str, environ: dict[str, str] | None = None) -> str:
+    """The one-line error start-up gives: the config is parsed, then its mapping compiled."""
     with pytest.raises(ConfigError) as err:
-        parse_config(textwrap.dedent(text), environ=environ or {})
+        Mapper(parse_config(textwrap.dedent(text), environ=environ or {}))
     message = str(err.value)
     assert "\n" not in message
     return message

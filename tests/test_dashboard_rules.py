@@ -1,7 +1,8 @@
 """The Grafana dashboard and the alert rules the chart ships, checked as code.
 
 - promtool: the rules file is valid, its unit tests pass, and every dashboard expression parses.
-- Drift: every metric and label the dashboard and the rules use exists in `worker.metrics`,
+- Drift: every metric and label the dashboard and the rules use exists in
+  `worker.observability.metrics`,
   and every metric family of the worker is shown on the dashboard.
 - Conventions: dashboard variables and selectors; each alert's severity, summary, description,
   runbook section, and a firing and a non-firing promtool case.
@@ -35,7 +36,7 @@ from tests.dashboard_exprs import (
     rule_expressions,
     substitute,
 )
-from worker.metrics import DLQ_REASONS, REQUEST_OUTCOMES, SKIP_REASONS, Metrics
+from worker.observability.metrics import DLQ_REASONS, REQUEST_OUTCOMES, SKIP_REASONS, Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMTOOL_TEST = ROOT / "tests" / "promtool" / "rules_test.yaml"
@@ -63,7 +64,7 @@ def run_promtool(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def metric_catalogue() -> dict[str, tuple[str, frozenset[str]]]:
-    """Family name -> (type, label names) of every metric `worker.metrics.Metrics` defines."""
+    """Family name -> (type, label names) of every metric `Metrics` defines."""
     metrics = Metrics(CollectorRegistry())
     out: dict[str, tuple[str, frozenset[str]]] = {}
     for value in vars(metrics).values():

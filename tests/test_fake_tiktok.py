@@ -1,7 +1,7 @@
 """The fake TikTok server: validation like TikTok, recording, fault injection, control API, CLI.
 
 HTTP goes through a plain aiohttp session so that the fake is tested independently of
-`worker.client`.
+`worker.delivery.client`.
 """
 
 from __future__ import annotations
@@ -16,16 +16,15 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import msgspec
 import pytest
 
-from worker.client import ENDPOINT_PATH
-from worker.fake_tiktok import FakeSpecError, FakeTikTok, FaultSpec, _QpsLimiter
-from worker.fake_tiktok_validate import ValidationPolicy, validate
+from devkit.fake_tiktok.server import FakeSpecError, FakeTikTok, FaultSpec, _QpsLimiter
+from devkit.fake_tiktok.validate import ValidationPolicy, validate
+from worker.delivery.client import ENDPOINT_PATH
 
 TOKEN = "test-token"
 PIXEL = "COQDA8RC77U2TMR44LI0"
@@ -613,8 +612,7 @@ async def test_throttle_qps_answers_40100(http: aiohttp.ClientSession) -> None:
 
 
 def _cli() -> list[str]:
-    exe = Path(sys.executable).with_name("tiktok-worker")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "worker"]
+    return [sys.executable, "-m", "devkit.fake_tiktok"]
 
 
 def _post(url: str, body: bytes, token: str) -> dict[str, Any]:
@@ -631,7 +629,7 @@ def _post(url: str, body: bytes, token: str) -> dict[str, Any]:
 
 def test_cli_serves_until_sigterm() -> None:
     proc = subprocess.Popen(
-        [*_cli(), "fake-tiktok", "--port", "0", "--token", "cli-token"],
+        [*_cli(), "--port", "0", "--token", "cli-token"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -665,7 +663,7 @@ def test_cli_serves_until_sigterm() -> None:
 )
 def test_cli_rejects_bad_options(extra: list[str], status: int, needle: str) -> None:
     done = subprocess.run(
-        [*_cli(), "fake-tiktok", "--port", "0", *extra],
+        [*_cli(), "--port", "0", *extra],
         capture_output=True,
         text=True,
         timeout=60,
@@ -681,7 +679,7 @@ def test_cli_port_in_use_exits_1() -> None:
         sock.listen()
         port = sock.getsockname()[1]
         done = subprocess.run(
-            [*_cli(), "fake-tiktok", "--port", str(port)],
+            [*_cli(), "--port", str(port)],
             capture_output=True,
             text=True,
             timeout=60,

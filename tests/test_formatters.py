@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from worker.formatters import (
+from worker.mapping.hashing import (
     format_address_part,
     hash_email,
     hash_external_id,

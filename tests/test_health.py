@@ -14,10 +14,10 @@ import pytest
 from confluent_kafka import KafkaError
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.consumer_fakes import consumer_thread, eventually, stop
+from tests.fakes import consumer_thread, eventually, stop
 from worker import __version__
-from worker.health import HealthCheck, HealthServer, liveness_check
-from worker.metrics import Metrics
+from worker.observability.health import HealthCheck, HealthServer, liveness_check
+from worker.observability.metrics import Metrics
 
 
 class Clock:

@@ -19,18 +19,18 @@ import pytest
 import structlog
 from confluent_kafka import Producer
 
-from tests.infra.procs import free_port
+from devkit.fake_tiktok.server import FaultSpec
+from devkit.infra.procs import free_port
+from devkit.sample_events import SampleEvents
 from tests.test_pipeline import Rig, messages, order_events
 from tests.test_pipeline import rig_factory as rig_factory  # the fixture
-from worker.fake_tiktok import FaultSpec
-from worker.logs import (
+from worker.observability.logs import (
     clear_secrets,
     configure_logging,
     get_logger,
     kafka_logger,
     register_secrets,
 )
-from worker.sample_events import SampleEvents
 
 Capture = Callable[..., io.StringIO]
 

@@ -13,12 +13,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from worker.coerce import Uncoercible, coerce, coerce_list, js_number_str
 from worker.config import Config, parse_config
 from worker.errors import ConfigError
-from worker.mapping import EventOutcome, Mapper
-from worker.presets import PRESET_SETS
-from worker.tiktok import BatchKey, build_body
+from worker.mapping.body import BatchKey, build_body
+from worker.mapping.coerce import Uncoercible, coerce, coerce_list, js_number_str
+from worker.mapping.mapper import EventOutcome, Mapper
+from worker.mapping.presets import PRESET_SETS
 
 GOLDEN = sorted((Path(__file__).parent / "data" / "golden").glob("*.json"))
 NOW = 1_700_000_000.0
@@ -709,8 +709,9 @@ def test_build_body_without_partner_or_test_code() -> None:
 )
 def test_bad_mapping_overrides_are_config_errors(mapping: dict[str, Any], message: str) -> None:
     sub = {"name": "s", "trigger": 'type = "track"', "event": "E", "mapping": mapping}
+    config = make_config([{"subscriptions": [sub]}])
     with pytest.raises(ConfigError) as err:
-        make_config([{"subscriptions": [sub]}])
+        Mapper(config)
     assert str(err.value) == f"destinations[0].subscriptions[0].{message}" or str(
         err.value
     ).startswith(f"destinations[0].subscriptions[0].{message}")

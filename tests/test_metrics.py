@@ -16,14 +16,15 @@ from confluent_kafka import KafkaError, KafkaException
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.consumer_fakes import consumer_thread, eventually, stop
+from devkit.fake_tiktok.server import FaultSpec
+from devkit.sample_events import SampleEvents, encode
+from tests.fakes import consumer_thread, eventually, stop
 from tests.test_pipeline import TOPIC, FakeMessage, Rig, messages, order_events
 from tests.test_pipeline import rig_factory as rig_factory  # the fixture
 from worker import __version__
-from worker.fake_tiktok import FaultSpec
-from worker.lag import LagMonitor, admin_config, compute_lag
-from worker.logs import get_logger
-from worker.metrics import (
+from worker.kafka.lag import LagMonitor, admin_config, compute_lag
+from worker.observability.logs import get_logger
+from worker.observability.metrics import (
     COMMIT_RESULTS,
     DLQ_REASONS,
     REBALANCE_KINDS,
@@ -31,7 +32,6 @@ from worker.metrics import (
     SKIP_REASONS,
     Metrics,
 )
-from worker.sample_events import SampleEvents, encode
 
 # SPEC §7: family (as exposed) -> (type, labels).
 SPEC_METRICS = {

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.offsets import PartitionTracker
+from worker.kafka.offsets import PartitionTracker
 
 
 def test_nothing_begun_nothing_committable() -> None:

@@ -1,6 +1,6 @@
-"""The pipeline's invariants (see ``worker.pipeline``), on the real mapper, batcher, sender,
-HTTP client and an in-process fake TikTok server; Kafka is replaced by in-memory stand-ins so
-every interleaving is under the test's control.
+"""The pipeline's invariants (see ``worker.pipeline.pipeline``), on the real mapper, batcher,
+sender, HTTP client and an in-process fake TikTok server; Kafka is replaced by in-memory stand-ins
+so every interleaving is under the test's control.
 """
 
 from __future__ import annotations
@@ -13,18 +13,18 @@ from typing import Any
 
 import pytest
 
-from worker.batcher import Batcher
-from worker.client import ENDPOINT_PATH, TikTokClient
+from devkit.fake_tiktok.server import FakeTikTok, FaultSpec
+from devkit.sample_events import SampleEvents, encode
 from worker.config import Config, parse_config
-from worker.dlq import DeadLetterProducer
-from worker.fake_tiktok import FakeTikTok, FaultSpec
-from worker.logs import get_logger
-from worker.mapping import Mapper
-from worker.metrics import Metrics
-from worker.pipeline import Pipeline
-from worker.ratelimit import build_rate_limiter, rate_limit_key
-from worker.sample_events import SampleEvents, encode
-from worker.sender import RetryPolicy, Route, Sender
+from worker.delivery.batcher import Batcher
+from worker.delivery.client import ENDPOINT_PATH, TikTokClient
+from worker.delivery.ratelimit import build_rate_limiter, rate_limit_key
+from worker.delivery.sender import RetryPolicy, Route, Sender
+from worker.kafka.deadletters import DeadLetterProducer
+from worker.mapping.mapper import Mapper
+from worker.observability.logs import get_logger
+from worker.observability.metrics import Metrics
+from worker.pipeline.pipeline import Pipeline
 
 TOPIC = "segment"
 PIXEL = "C5PIXEL0000000000001"

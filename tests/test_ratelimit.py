@@ -18,9 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.asyncio.connection import SSLConnection
 
-from tests.ratelimit_driver import max_in_window
-from worker.metrics import Metrics
-from worker.ratelimit import (
+from devkit.ratelimit_driver import max_in_window
+from worker.delivery.ratelimit import (
     AdaptiveGate,
     AdaptiveSettings,
     LocalGcra,
@@ -29,7 +28,8 @@ from worker.ratelimit import (
     build_rate_limiter,
     rate_limit_key,
 )
-from worker.ratelimit.redis_gcra import connect
+from worker.delivery.ratelimit.redis_gcra import connect
+from worker.observability.metrics import Metrics
 
 TOKEN = "0123456789abcdef0123456789abcdef01234567"
 ENDPOINT = "/open_api/v1.3/event/track/"

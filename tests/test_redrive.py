@@ -13,11 +13,11 @@ import yaml
 
 from worker.commands.dlq_redrive import Progress, summary_line
 from worker.config import parse_config
-from worker.dlq import DeadLetter
-from worker.dlq_reader import DeadLetterRecord, decode_headers, parse_record
 from worker.errors import ConfigError
-from worker.redrive import RedriveDeadLetter, RedriveFilter, RedriveLedger, RedriveStats
-from worker.redrive import validate_filter as check_filter
+from worker.kafka.deadletters import DeadLetter
+from worker.kafka.dlq_reader import DeadLetterRecord, decode_headers, parse_record
+from worker.redrive.engine import RedriveDeadLetter, RedriveFilter, RedriveLedger, RedriveStats
+from worker.redrive.engine import validate_filter as check_filter
 
 
 class FakeMessage:

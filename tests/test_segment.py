@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from worker.segment import (
+from worker.mapping.segment import (
     MAX_EVENT_BYTES,
     Alias,
     DecodeFailure,

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from worker.segment import decode_event
-from worker.triggers import TriggerSyntaxError, parse_trigger
+from worker.mapping.segment import decode_event
+from worker.mapping.triggers import TriggerSyntaxError, parse_trigger
 
 EVENT: dict[str, Any] = {
     "type": "track",

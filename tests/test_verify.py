@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import yaml
 
+from devkit.fake_tiktok.server import FakeTikTok, FaultSpec
 from worker.commands.verify import VerifyResult, select_destinations, verify
 from worker.config import Config, parse_config
 from worker.errors import ConfigError
-from worker.fake_tiktok import FakeTikTok, FaultSpec
 
 GOOD = "good-token-0123456789abcdef"
 OTHER = "other-token-0123456789abcdef"
@@ -163,7 +163,7 @@ async def test_busy_or_unreachable_tiktok(fake: FakeTikTok, fault: FaultSpec, wh
 
 
 async def test_unreachable_host() -> None:
-    from tests.infra.procs import free_port
+    from devkit.infra.procs import free_port
 
     result = await one(config(f"http://127.0.0.1:{free_port()}", dest()))
     assert not result.ok

@@ -18,16 +18,16 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from worker.config import Config, secret_values
-from worker.consumer import ConsumerThread, consumer_config
-from worker.delivery import build_delivery
-from worker.dlq import DeadLetterProducer, producer_config
+from worker.delivery.factory import build_delivery
 from worker.errors import ConfigError, WorkerError
-from worker.health import HealthServer, liveness_check
-from worker.lag import LagMonitor
-from worker.logs import kafka_logger, register_secrets
-from worker.mapping import Mapper
-from worker.metrics import Metrics
-from worker.pipeline import Pipeline
+from worker.kafka.consumer import ConsumerThread, consumer_config
+from worker.kafka.deadletters import DeadLetterProducer, producer_config
+from worker.kafka.lag import LagMonitor
+from worker.mapping.mapper import Mapper
+from worker.observability.health import HealthServer, liveness_check
+from worker.observability.logs import kafka_logger, register_secrets
+from worker.observability.metrics import Metrics
+from worker.pipeline.pipeline import Pipeline
 
 PREFLIGHT_TIMEOUT_S = 15.0
 SHUTDOWN_MARGIN_S = 10.0

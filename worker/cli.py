@@ -67,12 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     redrive.add_argument("--destination", help="only dead letters for this destination")
     redrive.add_argument("--max", type=int, help="stop after this many records")
 
-    fake = sub.add_parser("fake-tiktok", help="local stand-in for the TikTok Events API")
-    fake.add_argument("--port", type=int, required=True)
-    fake.add_argument("--host", default="127.0.0.1")
-    fake.add_argument("--fault-rate", type=float, default=0.0, help="share of requests failing")
-    fake.add_argument("--throttle-qps", type=float, help="answer 40100 above this request rate")
-    fake.add_argument("--token", action="append", help="accepted access token (repeatable)")
     return parser
 
 
@@ -83,14 +77,13 @@ _COMMAND_MODULES = {
     "verify": "worker.commands.verify",
     "dlq inspect": "worker.commands.dlq_inspect",
     "dlq redrive": "worker.commands.dlq_redrive",
-    "fake-tiktok": "worker.commands.fake_tiktok",
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     name = args.command if args.command != "dlq" else f"dlq {args.dlq_command}"
-    if hasattr(args, "config") and name != "fake-tiktok" and not args.config:
+    if hasattr(args, "config") and not args.config:
         sys.stderr.write("tiktok-worker: error: --config is required (or TIKTOK_WORKER_CONFIG)\n")
         return EXIT_CONFIG
     try:

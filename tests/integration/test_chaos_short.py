@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.chaos.harness import ChaosPlan, ChaosRun
+from devkit.chaos.harness import ChaosPlan, ChaosRun
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

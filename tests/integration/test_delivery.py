@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import (
+from devkit.harness import (
     TOKEN,
     FakeTikTokProcess,
     WorkerProcess,
@@ -31,7 +31,7 @@ from tests.harness import (
     worker_config,
     write_config,
 )
-from worker.sample_events import DOCUMENTED_TRACK_EVENTS, MALFORMED_VALUES, SampleEvents, encode
+from devkit.sample_events import DOCUMENTED_TRACK_EVENTS, MALFORMED_VALUES, SampleEvents, encode
 
 pytestmark = pytest.mark.integration
 

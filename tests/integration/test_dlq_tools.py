@@ -1,6 +1,7 @@
 """`tiktok-worker dlq inspect` and `dlq redrive` as processes, on real Kafka and the fake TikTok.
 
-Dead letters are produced with the worker's own header builder (`worker.dlq.DeadLetter`), or
+Dead letters are produced with the worker's own header builder
+(`worker.kafka.deadletters.DeadLetter`), or
 by the worker itself (the end-to-end test), and reconciled by Segment messageId against what
 the fake TikTok accepted, per pixel.
 """
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from tests.harness import (
+from devkit.harness import (
     WORKER_CMD,
     FakeTikTokProcess,
     WorkerProcess,
@@ -33,8 +34,8 @@ from tests.harness import (
     worker_config,
     write_config,
 )
-from worker.dlq import DeadLetter
-from worker.sample_events import SampleEvents, encode
+from devkit.sample_events import SampleEvents, encode
+from worker.kafka.deadletters import DeadLetter
 
 pytestmark = pytest.mark.integration
 

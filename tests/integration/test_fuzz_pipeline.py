@@ -29,7 +29,8 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from tests.harness import (
+from devkit.fake_tiktok.validate import validate
+from devkit.harness import (
     PIXEL,
     TOKEN,
     FakeTikTokProcess,
@@ -42,11 +43,10 @@ from tests.harness import (
     worker_config,
     write_config,
 )
+from devkit.sample_events import DOCUMENTED_TRACK_EVENTS, SampleEvents, encode
 from worker.config import parse_config
-from worker.fake_tiktok_validate import validate
-from worker.mapping import Mapper
-from worker.sample_events import DOCUMENTED_TRACK_EVENTS, SampleEvents, encode
-from worker.tiktok import build_body
+from worker.mapping.body import build_body
+from worker.mapping.mapper import Mapper
 
 pytestmark = pytest.mark.integration
 

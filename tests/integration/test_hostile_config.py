@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from tests.harness import (
+from devkit.harness import (
     WORKER_CMD,
     FakeTikTokProcess,
     WorkerProcess,
@@ -32,8 +32,8 @@ from tests.harness import (
     worker_config,
     write_config,
 )
-from tests.infra.procs import free_port
-from worker.sample_events import SampleEvents, encode
+from devkit.infra.procs import free_port
+from devkit.sample_events import SampleEvents, encode
 
 pytestmark = pytest.mark.integration
 

@@ -18,11 +18,11 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from tests.infra import InfraError, require
-from tests.infra.external import ExternalKafka
-from tests.infra.kafka import KafkaEndpoint, kafka_libs_dir
-from tests.infra.prometheus import PrometheusError, promtool_check_rules
-from tests.infra.redis_server import RedisEndpoint
+from devkit.infra import InfraError, require
+from devkit.infra.external import ExternalKafka
+from devkit.infra.kafka import KafkaEndpoint, kafka_libs_dir
+from devkit.infra.prometheus import PrometheusError, promtool_check_rules
+from devkit.infra.redis_server import RedisEndpoint
 
 pytestmark = pytest.mark.integration
 

@@ -24,14 +24,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from tests.dashboard_exprs import (
-    DATA_PANELS,
-    RULES,
-    dashboard_expressions,
-    metric_names,
-    rule_expressions,
-)
-from tests.harness import (
+from devkit.harness import (
     TOKEN,
     FakeTikTokProcess,
     WorkerProcess,
@@ -42,9 +35,16 @@ from tests.harness import (
     worker_config,
     write_config,
 )
-from tests.infra.kafka import KafkaEndpoint
-from tests.infra.prometheus import PrometheusServer
-from worker.sample_events import MALFORMED_VALUES, SampleEvents, encode
+from devkit.infra.kafka import KafkaEndpoint
+from devkit.infra.prometheus import PrometheusServer
+from devkit.sample_events import MALFORMED_VALUES, SampleEvents, encode
+from tests.dashboard_exprs import (
+    DATA_PANELS,
+    RULES,
+    dashboard_expressions,
+    metric_names,
+    rule_expressions,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -21,16 +21,16 @@ from typing import Any
 
 import pytest
 
-from tests.infra.redis_server import RedisEndpoint, RedisServer
-from tests.ratelimit_driver import (
+from devkit.infra.redis_server import RedisEndpoint, RedisServer
+from devkit.ratelimit_driver import (
     RecordingServer,
     count_between,
     max_in_window,
     run_drivers,
 )
-from worker.metrics import Metrics
-from worker.ratelimit import RedisGcra, RedisRateLimiter
-from worker.ratelimit.redis_gcra import connect
+from worker.delivery.ratelimit import RedisGcra, RedisRateLimiter
+from worker.delivery.ratelimit.redis_gcra import connect
+from worker.observability.metrics import Metrics
 
 pytestmark = pytest.mark.integration
 

@@ -30,7 +30,7 @@ import pytest
 from aiohttp import ClientSession, ClientTimeout, web
 from confluent_kafka import KafkaException
 
-from tests.harness import (
+from devkit.harness import (
     PIXEL,
     WORKER_CMD,
     FakeTikTokProcess,
@@ -44,9 +44,9 @@ from tests.harness import (
     worker_config,
     write_config,
 )
-from tests.infra.procs import free_port
-from worker.client import ENDPOINT_PATH
-from worker.formatters import hash_email, hash_external_id, hash_name, hash_phone
+from devkit.infra.procs import free_port
+from worker.delivery.client import ENDPOINT_PATH
+from worker.mapping.hashing import hash_email, hash_external_id, hash_name, hash_phone
 
 pytestmark = pytest.mark.integration
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from tests.harness import WORKER_CMD, FakeTikTokProcess, destination, worker_config, write_config
-from tests.infra.procs import free_port
+from devkit.harness import WORKER_CMD, FakeTikTokProcess, destination, worker_config, write_config
+from devkit.infra.procs import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ import sys
 import yaml
 
 from worker.config import load_config, masked
-from worker.mapping import Mapper
+from worker.mapping.mapper import Mapper
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,10 +18,10 @@ from typing import Final
 
 from worker.app import preflight
 from worker.config import Config, load_config, secret_values
-from worker.dlq_reader import BoundedReader, DeadLetterRecord, reader_config
 from worker.errors import WorkerError
-from worker.logs import configure_logging, register_secrets
-from worker.redrive import RedriveLedger
+from worker.kafka.dlq_reader import BoundedReader, DeadLetterRecord, reader_config
+from worker.observability.logs import configure_logging, register_secrets
+from worker.redrive.engine import RedriveLedger
 
 SAMPLES_PER_REASON: Final = 3
 MAX_DISTINCT_ERRORS: Final = 1000  # per reason; bounds memory on a huge, varied topic

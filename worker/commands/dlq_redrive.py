@@ -1,4 +1,4 @@
-"""`tiktok-worker dlq redrive`: send dead letters again (see `worker.redrive`).
+"""`tiktok-worker dlq redrive`: send dead letters again (see `worker.redrive.engine`).
 
 Output: progress on stderr (a bar redrawn in place on a terminal; otherwise a plain line every
 few seconds), then one summary line on stdout:
@@ -22,8 +22,8 @@ import time
 from typing import Final, TextIO
 
 from worker.config import Config, load_config, secret_values
-from worker.logs import configure_logging, get_logger, register_secrets
-from worker.redrive import Redrive, RedriveFilter, RedriveStats, validate_filter
+from worker.observability.logs import configure_logging, get_logger, register_secrets
+from worker.redrive.engine import Redrive, RedriveFilter, RedriveStats, validate_filter
 
 TTY_REDRAW_S: Final = 0.1
 PLAIN_EVERY_S: Final = 5.0

@@ -13,7 +13,7 @@ Why an event is invalid (and, for multi-event lines, which event and destination
 stderr, one line per invalid event, so stdout stays machine-readable.
 
 `body` is the request body the worker would send for this event alone, produced by the
-same `worker.tiktok.build_body` the worker uses for its batches.
+same `worker.mapping.body.build_body` the worker uses for its batches.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import msgspec
 
 from worker.config import load_config
 from worker.errors import WorkerError
-from worker.mapping import EventOutcome, Mapper
-from worker.tiktok import build_body
+from worker.mapping.body import build_body
+from worker.mapping.mapper import EventOutcome, Mapper
 
 _encode = msgspec.json.Encoder().encode
 

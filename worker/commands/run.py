@@ -8,7 +8,7 @@ import gc
 
 from worker.app import run_worker
 from worker.config import load_config
-from worker.logs import configure_logging, get_logger
+from worker.observability.logs import configure_logging, get_logger
 
 
 def run(args: argparse.Namespace) -> int:

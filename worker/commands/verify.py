@@ -33,12 +33,12 @@ from typing import Final
 
 import msgspec
 
-from worker.client import Outcome, SendResult, TikTokClient, sanitise_message
 from worker.config import Config, DestinationConfig, load_config, secret_values
+from worker.delivery.client import Outcome, SendResult, TikTokClient, sanitise_message
 from worker.errors import ConfigError
-from worker.logs import configure_logging, register_secrets
-from worker.mapping import MappedEvent, Mapper
-from worker.tiktok import BatchKey, build_body
+from worker.mapping.body import BatchKey, build_body
+from worker.mapping.mapper import MappedEvent, Mapper
+from worker.observability.logs import configure_logging, register_secrets
 
 VERIFY_MESSAGE_PREFIX: Final = "tiktok-worker-verify-"
 VERIFY_PAGE_URL: Final = "https://example.com/tiktok-worker-verify"

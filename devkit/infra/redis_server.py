@@ -1,0 +1,168 @@
+"""A real Redis for tests and the demo: the Debian `redis-server` binary as a child process.
+
+No persistence (`--save '' --appendonly no`), bound to 127.0.0.1 on a free port (or the one
+given), working directory in a temp dir. `restart()` and `start()` after `stop()`/`kill()`
+reuse the same port, so the same URL works again (with empty data: nothing is persisted).
+Ready means PING is answered.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import redis
+
+from devkit.infra import SETUP_HINT, which
+from devkit.infra.errors import InfraError
+from devkit.infra.procs import LOOPBACK, ManagedProcess, UnmanagedLifecycle, free_port
+
+__all__ = ["RedisEndpoint", "RedisServer"]
+
+
+class RedisEndpoint(UnmanagedLifecycle):
+    """What tests need from any Redis: its URL and a client. Lifecycle is for ours only."""
+
+    @property
+    def url(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def display_url(self) -> str:
+        """`url` with any password masked, for messages and logs."""
+        parts = urlsplit(self.url)
+        if parts.password is None:
+            return self.url
+        netloc = f"{parts.username or ''}:***@{parts.hostname}"
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+
+    def client(self) -> redis.Redis:
+        """A new synchronous client for `url` (short timeouts: tests must not hang)."""
+        return redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=2)
+
+    def ping(self) -> bool:
+        """True when PING is answered."""
+        try:
+            with self.client() as c:
+                return bool(c.ping())
+        except (redis.ConnectionError, redis.TimeoutError):
+            return False
+
+    def _unsupported(self, what: str) -> InfraError:
+        return InfraError(
+            f"cannot {what} the Redis at {self.display_url}: it was not started by tests/infra "
+            "(unset REDIS_URL / TEST_INFRA to let the tests start their own redis-server)"
+        )
+
+
+class RedisServer(RedisEndpoint):
+    """`redis-server` on 127.0.0.1:`port` (free port by default), optionally with a password."""
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        workdir: Path | None = None,
+        password: str | None = None,
+        binary: str = "redis-server",
+        startup_timeout: float = 15.0,
+        die_with_parent: bool = True,
+    ) -> None:
+        self.port = port if port is not None else free_port()
+        self.workdir = workdir if workdir is not None else Path(tempfile.mkdtemp(prefix="redis-"))
+        self.password = password
+        self.binary = binary
+        self.startup_timeout = startup_timeout
+        self.die_with_parent = die_with_parent
+        self._proc: ManagedProcess | None = None
+
+    @property
+    def host(self) -> str:
+        return LOOPBACK
+
+    @property
+    def url(self) -> str:
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}{LOOPBACK}:{self.port}/0"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "redis.log"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.running
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.running else None
+
+    def log_sources(self) -> list[tuple[str, Path]]:
+        return [("redis", self.log_path)]
+
+    def argv(self) -> list[str]:
+        binary = which(self.binary, f"{SETUP_HINT} or set REDIS_URL")
+        argv = [
+            binary,
+            "--bind", LOOPBACK,
+            "--port", str(self.port),
+            "--dir", str(self.workdir),
+            "--save", "",
+            "--appendonly", "no",
+            "--daemonize", "no",
+            "--logfile", "",  # stdout, which goes to the log file
+            "--databases", "16",
+        ]  # fmt: skip
+        if self.password:
+            argv += ["--requirepass", self.password]
+        return argv
+
+    def start(self) -> None:
+        """Start redis-server and wait for PING. InfraError with the log tail on failure."""
+        if self.running:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._proc = ManagedProcess(
+            name=f"redis-server {LOOPBACK}:{self.port}",
+            argv=self.argv(),
+            log_path=self.log_path,
+            cwd=self.workdir,
+            die_with_parent=self.die_with_parent,
+        )
+        self._proc.start()
+        try:
+            self._proc.wait_until(
+                self.ping, timeout=self.startup_timeout, what="answering PING", interval=0.02
+            )
+        except InfraError:
+            self._proc.kill()
+            raise
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (redis exits at once without persistence), SIGKILL after `timeout`."""
+        if self._proc is not None:
+            self._proc.stop(timeout=timeout)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self._proc is not None:
+            self._proc.kill()
+
+    def restart(self) -> None:
+        """stop() then start() on the same port (data is gone: nothing is persisted)."""
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        """Same as stop()."""
+        self.stop()
+
+    def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,33 @@
+"""The configuration file: its schema, `${VAR}` interpolation, validation and masking."""
+
+from worker.config.schema import (
+    Config,
+    HttpConfig,
+    KafkaConfig,
+    LoggingConfig,
+    RateLimitConfig,
+    RetryConfig,
+    TikTokConfig,
+    load_config,
+    masked,
+    parse_config,
+    secret_values,
+)
+from worker.mapping.spec import DestinationConfig, LiteralValue, SubscriptionConfig
+
+__all__ = [
+    "Config",
+    "DestinationConfig",
+    "HttpConfig",
+    "KafkaConfig",
+    "LiteralValue",
+    "LoggingConfig",
+    "RateLimitConfig",
+    "RetryConfig",
+    "SubscriptionConfig",
+    "TikTokConfig",
+    "load_config",
+    "masked",
+    "parse_config",
+    "secret_values",
+]

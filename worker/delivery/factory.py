@@ -1,0 +1,96 @@
+"""The delivery stack built from the config: TikTok client, rate limiter, sender, batcher.
+
+The worker and `tiktok-worker dlq redrive` deliver through this same stack, so both batch per
+pixel, share the rate limit, retry, bisect and dead-letter in exactly the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from worker.config import Config
+from worker.delivery.batcher import Batcher
+from worker.delivery.client import ENDPOINT_PATH, TikTokClient
+from worker.delivery.inflight import PendingEvent
+from worker.delivery.ratelimit import RateLimiter, build_rate_limiter, rate_limit_key
+from worker.delivery.sender import Failure, RetryPolicy, Route, Sender
+from worker.observability.metrics import Metrics
+
+
+def build_routes(config: Config) -> dict[str, Route]:
+    """Each destination's token and rate-limit key, by destination name."""
+    return {
+        d.name: Route(
+            destination=d.name,
+            access_token=d.access_token,
+            limiter_key=rate_limit_key(
+                app_id=d.app_id, access_token=d.access_token, endpoint=ENDPOINT_PATH
+            ),
+        )
+        for d in config.destinations
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """The parts that turn mapped events into requests; ``batcher.add`` is the entry point."""
+
+    client: TikTokClient
+    limiter: RateLimiter
+    sender: Sender
+    batcher: Batcher
+
+    async def close(self) -> None:
+        """Abandon deliveries still running, then release connections (idempotent)."""
+        await self.sender.close()
+        await self.client.close()
+        await self.limiter.close()
+
+
+def build_delivery(
+    config: Config,
+    *,
+    metrics: Metrics,
+    log: Any,
+    on_delivered: Callable[[Sequence[PendingEvent]], None],
+    on_failed: Callable[[Sequence[PendingEvent], Failure], None],
+    client_factory: Callable[..., TikTokClient] = TikTokClient,
+) -> Delivery:
+    """Build the stack; callbacks report each event's fate (on the event loop)."""
+    tiktok, rate_limit = config.tiktok, config.rate_limit
+    client = client_factory(
+        base_url=tiktok.base_url,
+        timeout_s=tiktok.request_timeout_s,
+        max_connections=tiktok.max_concurrent_requests,
+    )
+    limiter = build_rate_limiter(
+        backend=rate_limit.backend,
+        qps=rate_limit.qps,
+        redis_url=rate_limit.redis_url,
+        expected_replicas=rate_limit.expected_replicas,
+        metrics=metrics,
+        logger=log,
+    )
+    sender = Sender(
+        client=client,
+        limiter=limiter,
+        routes=build_routes(config),
+        retry=RetryPolicy(
+            initial_backoff_s=tiktok.retry.initial_backoff_s,
+            max_backoff_s=tiktok.retry.max_backoff_s,
+            deadline_s=tiktok.retry.deadline_s,
+        ),
+        max_concurrent_requests=tiktok.max_concurrent_requests,
+        metrics=metrics,
+        log=log,
+        on_delivered=on_delivered,
+        on_failed=on_failed,
+    )
+    batcher = Batcher(
+        max_events=tiktok.max_batch_events,
+        linger_s=tiktok.batch_linger_ms / 1000,
+        on_batch=sender.submit,
+    )
+    return Delivery(client=client, limiter=limiter, sender=sender, batcher=batcher)

@@ -1,0 +1,340 @@
+"""The Kafka consumer, owned by one dedicated thread.
+
+Every ``confluent_kafka.Consumer`` call (consume, pause, resume, commit, close) happens on this
+thread; the asyncio pipeline talks to it only through thread-safe requests. Batches of
+messages are handed to the event loop with ``call_soon_threadsafe``; rebalance callbacks run
+here, inside ``consume()``, and block on the pipeline's drain coroutine (bounded by a timeout)
+before committing what the revoked partitions finished. The drain must never wait on this
+thread, or the two would deadlock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import queue
+import threading
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from concurrent.futures import Future
+from typing import Any, Final, Protocol
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from worker.observability.metrics import Metrics
+
+CONSUME_TIMEOUT_S: Final = 0.1
+# Batches handed to the event loop and not yet processed. Bounding them keeps the thread from
+# racing ahead of the pipeline, so a pause decided by the pipeline takes effect within about
+# this many batches (memory bound), while still overlapping consume and processing.
+MAX_UNPROCESSED_BATCHES: Final = 2
+HANDOFF_WAIT_S: Final = 0.05
+STATS_INTERVAL_MS: Final = 5000
+TopicPartitionKey = tuple[str, int]
+
+# Settings at-least-once depends on; user properties cannot override them.
+_FORCED_SETTINGS: Final[dict[str, Any]] = {
+    "enable.auto.commit": False,
+    "enable.auto.offset.store": False,
+    "partition.assignment.strategy": "cooperative-sticky",
+}
+
+
+def consumer_config(
+    *, bootstrap_servers: str, group_id: str, client: Mapping[str, Any]
+) -> dict[str, Any]:
+    """librdkafka consumer settings: defaults, the user's properties, then the forced ones."""
+    conf: dict[str, Any] = {
+        "bootstrap.servers": bootstrap_servers,
+        "group.id": group_id,
+        "auto.offset.reset": "earliest",
+        "client.id": "tiktok-worker",
+        "statistics.interval.ms": STATS_INTERVAL_MS,
+        "max.poll.interval.ms": 300000,
+        "session.timeout.ms": 45000,
+        # librdkafka pre-fetches up to 64 MiB by default; 16 MiB keeps a pod's memory low
+        # without slowing consumption (the pipeline, not the fetch, is the bottleneck).
+        "queued.max.messages.kbytes": 16384,
+        # With the smaller queue librdkafka backs off 1 s whenever it fills; 20 ms keeps
+        # fetching close behind consumption (measured by `make bench`).
+        "fetch.queue.backoff.ms": 20,
+    }
+    conf.update(client)
+    conf.update(_FORCED_SETTINGS)
+    return conf
+
+
+class ConsumerSink(Protocol):
+    """What the consumer thread calls on the pipeline (all on the event loop)."""
+
+    def on_messages(self, messages: Sequence[Message]) -> None: ...
+
+    def on_assigned(self, partitions: Sequence[TopicPartitionKey]) -> None: ...
+
+    async def on_revoked(
+        self, partitions: Sequence[TopicPartitionKey]
+    ) -> dict[TopicPartitionKey, int]: ...
+
+    def on_lost(self, partitions: Sequence[TopicPartitionKey]) -> None: ...
+
+    def on_fatal(self, error: BaseException) -> None: ...
+
+
+class ConsumerThread:
+    """Runs the consume loop on its own thread and serves requests from the event loop."""
+
+    def __init__(
+        self,
+        *,
+        config: dict[str, Any],
+        topics: Sequence[str],
+        loop: asyncio.AbstractEventLoop,
+        sink: ConsumerSink,
+        metrics: Metrics,
+        log: Any,
+        drain_timeout_s: float,
+        batch_size: int = 2000,
+        consumer_factory: Callable[[dict[str, Any]], Any] = Consumer,
+    ) -> None:
+        self._topics = list(topics)
+        self._loop = loop
+        self._sink = sink
+        self._metrics = metrics
+        self._log = log
+        self._drain_timeout_s = drain_timeout_s
+        self._batch_size = batch_size
+        config = dict(config)
+        config["stats_cb"] = self._on_stats
+        config["error_cb"] = self._on_error
+        self._consumer = consumer_factory(config)
+        self._requests: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._handoff = threading.BoundedSemaphore(MAX_UNPROCESSED_BATCHES)
+        self._stop = threading.Event()
+        self._pause_wanted = False
+        self._paused: set[TopicPartitionKey] = set()
+        self._assigned: set[TopicPartitionKey] = set()
+        self._thread = threading.Thread(target=self._run, name="kafka-consumer", daemon=True)
+        self.heartbeat = time.monotonic()  # read by /healthz
+        self.brokers_down = False  # read by /readyz
+        self.closed = threading.Event()
+
+    # -- requests from the event loop ------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop consuming; the thread drains, commits, closes the consumer and exits."""
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def assignment(self) -> list[TopicPartitionKey]:
+        """A snapshot of the partitions assigned now (safe from any thread)."""
+        return list(self._assigned)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def set_paused(self, paused: bool) -> None:
+        """Backpressure: pause (or resume) every assigned partition; keeps polling either way."""
+        self._pause_wanted = paused
+
+    def commit(self, offsets: Mapping[TopicPartitionKey, int]) -> asyncio.Future[None]:
+        """Commit ``offsets`` synchronously on the consumer thread; the future resolves after."""
+        future: asyncio.Future[None] = self._loop.create_future()
+
+        def run() -> None:
+            try:
+                self._commit(offsets)
+            except BaseException as exc:  # reported to the awaiting coroutine
+                self._loop.call_soon_threadsafe(_set_exception, future, exc)
+            else:
+                self._loop.call_soon_threadsafe(_set_result, future)
+
+        self._requests.put(run)
+        return future
+
+    def watermarks(self) -> dict[TopicPartitionKey, int]:
+        """High watermarks of assigned partitions (cached, no network)."""
+        result: dict[TopicPartitionKey, int] = {}
+        for topic, partition in list(self._assigned):
+            try:
+                _low, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(topic, partition), cached=True
+                )
+            except KafkaException:
+                continue
+            if high >= 0:
+                result[(topic, partition)] = high
+        return result
+
+    def _deliver(self, messages: Sequence[Message]) -> None:
+        """On the event loop: hand a batch to the pipeline, then let the thread fetch more."""
+        try:
+            self._sink.on_messages(messages)
+        finally:
+            self._handoff.release()
+
+    # -- the thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._consumer.subscribe(
+                self._topics,
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+                on_lost=self._on_lost,
+            )
+            while not self._stop.is_set():
+                self.heartbeat = time.monotonic()
+                self._serve_requests()
+                if not self._handoff.acquire(timeout=HANDOFF_WAIT_S):
+                    continue  # the pipeline is behind: wait for it before fetching more
+                self._apply_pause()
+                # consume(n, timeout) waits the whole timeout unless n messages are ready, so
+                # wait for the first message only, then take whatever else is already queued.
+                messages = self._consumer.consume(1, CONSUME_TIMEOUT_S)
+                if messages and self._batch_size > 1:
+                    messages += self._consumer.consume(self._batch_size - 1, 0)
+                if messages:
+                    self.brokers_down = False
+                    self._loop.call_soon_threadsafe(self._deliver, messages)
+                else:
+                    self._handoff.release()
+            self._shutdown()
+        except BaseException as exc:
+            self._log.error("consumer thread failed", error=str(exc))
+            self._loop.call_soon_threadsafe(self._sink.on_fatal, exc)
+            with contextlib.suppress(Exception):  # the first error is the one reported
+                self._consumer.close()
+        finally:
+            self.closed.set()
+
+    def _shutdown(self) -> None:
+        # Close triggers on_revoke for the remaining assignment: it drains and commits there.
+        self._log.info("consumer closing", assigned=len(self._assigned))
+        self._consumer.close()
+        self._serve_requests()
+
+    def _serve_requests(self) -> None:
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            request()
+
+    def _apply_pause(self) -> None:
+        if self._pause_wanted:
+            todo = self._assigned - self._paused
+            if todo:
+                self._consumer.pause([TopicPartition(t, p) for t, p in todo])
+                self._paused |= todo
+        elif self._paused:
+            todo = self._paused & self._assigned
+            if todo:
+                self._consumer.resume([TopicPartition(t, p) for t, p in todo])
+            self._paused.clear()
+        self._metrics.paused_partitions.set(len(self._paused))
+
+    def _commit(self, offsets: Mapping[TopicPartitionKey, int]) -> None:
+        owned = {tp: o for tp, o in offsets.items() if tp in self._assigned}
+        if not owned:
+            return
+        try:
+            self._consumer.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in owned.items()],
+                asynchronous=False,
+            )
+        except KafkaException:
+            self._metrics.commits.labels(result="error").inc()
+            raise
+        self._metrics.commits.labels(result="ok").inc()
+        self._metrics.last_commit_timestamp.set(time.time())
+
+    # -- librdkafka callbacks (on this thread, inside consume/close) ----------------------------
+
+    def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        keys = [(tp.topic, tp.partition) for tp in partitions]
+        self._assigned.update(keys)
+        self._metrics.rebalances.labels(kind="assign").inc()
+        self._metrics.assigned_partitions.set(len(self._assigned))
+        self._log.info("partitions assigned", partitions=_fmt(keys))
+        self._call_on_loop(self._sink.on_assigned, keys)
+
+    def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        keys = [(tp.topic, tp.partition) for tp in partitions]
+        self._metrics.rebalances.labels(kind="revoke").inc()
+        try:
+            offsets = self._await_on_loop(self._sink.on_revoked(keys), self._drain_timeout_s + 5)
+            self._commit(offsets)
+            self._log.info("partitions revoked", partitions=_fmt(keys), committed=len(offsets))
+        except Exception as exc:  # the next owner re-reads from the last commit: at-least-once
+            self._log.warning("revoke without final commit", error=str(exc))
+        finally:
+            self._forget(keys)
+
+    def _on_lost(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        keys = [(tp.topic, tp.partition) for tp in partitions]
+        self._metrics.rebalances.labels(kind="lost").inc()
+        self._log.warning("partitions lost", partitions=_fmt(keys))
+        self._call_on_loop(self._sink.on_lost, keys)
+        self._forget(keys)
+
+    def _forget(self, keys: Sequence[TopicPartitionKey]) -> None:
+        self._assigned.difference_update(keys)
+        self._paused.difference_update(keys)
+        self._metrics.assigned_partitions.set(len(self._assigned))
+        for topic, partition in keys:
+            with contextlib.suppress(KeyError):
+                self._metrics.consumer_lag.remove(topic, str(partition))
+
+    def _on_stats(self, stats_json: str) -> None:
+        try:
+            stats = json.loads(stats_json)
+        except ValueError:
+            return
+        # Consumer lag is measured by worker.kafka.lag (these statistics miss it before the
+        # first commit and freeze it while a partition is paused); they only tell whether a
+        # broker is up.
+        brokers = stats.get("brokers", {})
+        if any(b.get("state") == "UP" for b in brokers.values() if b.get("nodeid", -1) >= 0):
+            self.brokers_down = False
+
+    def _on_error(self, error: KafkaError) -> None:
+        if error.code() == KafkaError._ALL_BROKERS_DOWN:
+            self.brokers_down = True
+        if error.fatal():
+            self._log.error("kafka fatal error", error=error.str())
+            self._call_on_loop(self._sink.on_fatal, KafkaException(error))
+            self._stop.set()
+        else:
+            # librdkafka's own logger (routed through structlog) already reports it.
+            self._log.debug("kafka error", error=error.str())
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _call_on_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        self._loop.call_soon_threadsafe(fn, *args)
+
+    def _await_on_loop(self, coro: Coroutine[Any, Any, Any], timeout: float) -> Any:
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result(timeout)
+
+
+def _fmt(keys: Sequence[TopicPartitionKey]) -> str:
+    return ",".join(f"{t}[{p}]" for t, p in sorted(keys))
+
+
+def _set_result(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _set_exception(future: asyncio.Future[None], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

@@ -1,0 +1,923 @@
+"""The mapping engine: Kafka message value -> TikTok `data[]` elements, per destination.
+
+Contract of `Mapper.map_message(value)`:
+- it never raises, whatever the bytes;
+- it returns one `EventOutcome` per Segment event in the message (SPEC §3 framing), at least
+  one: a value that is not JSON gives one outcome with `decode_error`; an empty array or
+  batch gives one outcome skipped as `no_match`;
+- an outcome carries the TikTok events it produced (`mapped`, one per matching
+  (destination, subscription)), the failures (`invalid`, with `destination=None` when the
+  event is bad for everyone, or the destination whose mapping failed), and `skipped` (a
+  `worker.observability.metrics.SKIP_REASONS` value) only when nothing was mapped and nothing
+  was invalid;
+- error texts name a path and an expectation, never a value: no PII, no token.
+
+Mapping follows Segment's Report Web Event action (docs/segment-tiktok-destination.md §3-5):
+field defaults with `@if exists` fallbacks, removal of null and top-level "", Ajv-style
+coercion, enum checks, then the body builder's rules (which keys are always present, which
+only when truthy), ttclid resolution and PII hashing (worker.mapping.hashing).
+
+Speed (the hot path of the worker): field reads are generated code, one straight-line
+function per plan (worker.mapping.codegen); work shared between subscriptions and destinations is
+computed once per event: every subscription points at an interned `_Plan` (its field
+sources) and contents function, destinations with the same mapping share them, and equal
+payloads (same plan, contents, event name and phone region) are encoded once. Subscriptions
+whose trigger is only `event = "X"` / `type = "Y"` are routed by one dict lookup.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any, Final, Protocol
+from urllib.parse import parse_qsl
+
+import msgspec
+
+from worker.errors import ConfigError
+from worker.mapping.body import BatchKey, EventOut, Lead, PageOut, UserOut, encode_event
+from worker.mapping.codegen import Checker, Spec, compile_extractor, compile_function
+from worker.mapping.coerce import Uncoercible, coerce, coerce_list, js_number_str, json_kind
+from worker.mapping.fields import (
+    CONTENTS_ITEM_FIELDS,
+    FIELDS,
+    TRAVEL_FIELDS,
+    VEHICLE_FIELDS,
+    Const,
+    FieldDef,
+    Paths,
+    Source,
+)
+from worker.mapping.hashing import (
+    format_address_part,
+    hash_email,
+    hash_external_id,
+    hash_name,
+    hash_phone,
+)
+from worker.mapping.paths import MISSING, compile_item_getter, parse_mapping_path
+from worker.mapping.presets import preset_names, presets_for
+from worker.mapping.segment import (
+    EVENT_TYPES,
+    DecodeFailure,
+    SegmentEvent,
+    decode_event,
+    split_message,
+)
+from worker.mapping.spec import DestinationConfig, LiteralValue, SubscriptionConfig
+from worker.mapping.triggers import Trigger, TriggerSyntaxError, parse_trigger
+
+__all__ = [
+    "INVALID_REASONS",
+    "EventOutcome",
+    "InvalidEvent",
+    "MappedEvent",
+    "Mapper",
+    "compile_subscription_mapping",
+]
+
+INVALID_REASONS: Final = ("decode_error", "invalid_event", "event_too_large")
+_UNSET: Final = msgspec.UNSET
+_encode_event: Final = encode_event
+
+
+class InvalidEvent(msgspec.Struct, frozen=True):
+    """Why an event cannot be sent. `destination` is None when it is bad for everyone."""
+
+    reason: str  # decode_error | invalid_event | event_too_large
+    error: str  # a path and an expectation; never a value from the event
+    destination: str | None = None
+
+
+class MappedEvent(msgspec.Struct, frozen=True):
+    """One TikTok event ready to batch: `payload` is the encoded `data[]` element."""
+
+    destination: str
+    subscription: str
+    event: str
+    key: BatchKey
+    event_id: str | None
+    payload: bytes
+
+
+class EventOutcome(msgspec.Struct):
+    """Everything that became of one Segment event of a Kafka message."""
+
+    index: int
+    multi: bool
+    raw: bytes  # the event's own JSON if multi, else the whole message value
+    message_id: str | None
+    mapped: list[MappedEvent]
+    invalid: list[InvalidEvent]
+    skipped: str | None
+
+
+class _FieldError(Exception):
+    """A mapped value that cannot be used; `text` is the InvalidEvent error."""
+
+    def __init__(self, field: str, source: Source, reason: str) -> None:
+        where = source.text() if source is not None else "unmapped"
+        self.text = f"{field} ({where}): {reason}"
+        super().__init__(self.text)
+
+
+# --------------------------------------------------------------------------- fields
+
+
+def _checker(fd: FieldDef, source: Source) -> Checker:
+    """Present raw value -> coerced value, None for a top-level "", or _FieldError."""
+    kind, enum, nested = fd.kind, fd.enum, fd.nested
+    name = fd.name
+
+    def fail(reason: str) -> _FieldError:
+        return _FieldError(name, source, reason)
+
+    if fd.multi:
+
+        def check_list(v: Any) -> Any:
+            if not nested and v == "":
+                return None
+            try:
+                out = coerce_list(v, kind)
+            except Uncoercible as exc:
+                raise fail(str(exc)) from None
+            if enum is not None and any(x not in enum for x in out):
+                raise fail(f"not one of {', '.join(enum)}")
+            return out
+
+        return check_list
+
+    def check(v: Any) -> Any:
+        if not nested and v == "":
+            return None
+        try:
+            out = coerce(v, kind)
+        except Uncoercible as exc:
+            raise fail(str(exc)) from None
+        if enum is not None and out not in enum:
+            raise fail(f"not one of {', '.join(enum)}")
+        return out
+
+    return check
+
+
+def _spec(fd: FieldDef, source: Source) -> Spec:
+    """How the generated code reads one field (see worker.mapping.codegen.Spec)."""
+    check = _checker(fd, source)
+    string = fd.kind == "string" and fd.enum is None
+    if string and fd.multi and not fd.nested:
+        mode = "multi_string"
+    elif string and not fd.multi:
+        mode = "nested" if fd.nested else "plain"
+    else:
+        mode = "check"
+    if source is None:
+        return (None, None, check, mode)
+    if isinstance(source, Const):
+        # Literals were validated at load: coerce once here, not per event.
+        value = check(source.value) if source.value is not None else None
+        return (None, value, None, mode)
+    return (source.candidates, None, check, mode)
+
+
+def _extractor(
+    defs: Sequence[FieldDef], sources: dict[str, Source]
+) -> Callable[[SegmentEvent], tuple[Any, ...]]:
+    """One generated function reading `defs` (in order) with their mapped sources."""
+    return compile_extractor([_spec(fd, sources[fd.name]) for fd in defs])
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def _parse_source(fd_name: str, raw: Any, where: str) -> Source:
+    """A `mapping` value from the config -> Source; raises ConfigError naming `where`."""
+    if raw is None:
+        return None
+    if isinstance(raw, LiteralValue):
+        value = raw.value
+        return Const(value, msgspec.json.encode(value))
+    paths = (raw,) if isinstance(raw, str) else tuple(raw)
+    if not paths:
+        raise ConfigError(f"{where}: an empty list of paths maps nothing; use null")
+    candidates = []
+    for i, text in enumerate(paths):
+        try:
+            keys = parse_mapping_path(text)
+        except ValueError as exc:
+            suffix = f"[{i}]" if not isinstance(raw, str) else ""
+            raise ConfigError(f"{where}{suffix}: {exc}") from None
+        if not keys and fd_name != "contents" and not fd_name.startswith("contents."):
+            raise ConfigError(f"{where}: '$' (the whole event) is not a field value")
+        candidates.append(keys)
+    return Paths(tuple(candidates))
+
+
+def compile_subscription_mapping(sub: SubscriptionConfig, *, where: str) -> dict[str, Source]:
+    """Validate a subscription's `mapping` overrides and return them as Sources.
+
+    Keys are field names (worker.mapping.fields), plus `contents` (the path of the items: an object
+    is one item, an array is many). Literals are checked against the field's type and enum.
+    """
+    out: dict[str, Source] = {}
+    for key, raw in sub.mapping.items():
+        kwhere = f"{where}.{key}"
+        if key == "contents":
+            out[key] = _parse_source(key, raw, kwhere)
+            continue
+        fd = FIELDS.get(key)
+        if fd is None:
+            raise ConfigError(f"{kwhere}: unknown field (see docs/configuration.md, Fields)")
+        source = _parse_source(key, raw, kwhere)
+        if isinstance(source, Const):
+            _check_literal(fd, source, kwhere)
+        out[key] = source
+    return out
+
+
+def _check_literal(fd: FieldDef, source: Const, where: str) -> None:
+    value = source.value
+    if value is None or (value == "" and not fd.nested):
+        return
+    try:
+        out = coerce_list(value, fd.kind) if fd.multi else coerce(value, fd.kind)
+    except Uncoercible as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    values = out if isinstance(out, list) else [out]
+    if fd.enum is not None and any(v not in fd.enum for v in values):
+        raise ConfigError(f"{where}: must be one of: {', '.join(fd.enum)}")
+
+
+# --------------------------------------------------------------------------- plan
+
+
+_PROPERTY_FIELDS: Final = (
+    "content_type",
+    "currency",
+    "value",
+    "query",
+    "description",
+    "order_id",
+    "shop_id",
+    "content_ids",
+    "delivery_category",
+    "num_items",
+    "predicted_ltv",
+    "search_string",
+)
+_PLAN_FIELDS: Final = tuple(
+    n for n in FIELDS if not n.startswith(("contents.", "travel_fields.", "vehicle_fields."))
+)
+
+
+def _timestamp_seconds(value: str) -> int | None:
+    """Unix seconds (floor) of an ISO-8601 date-time; a value without offset is UTC."""
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    try:
+        return math.floor(dt.timestamp())  # a float is exact to the microsecond here
+    except (OverflowError, ValueError, OSError):  # pragma: no cover - edges of the range
+        return None
+
+
+_SCHEME_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+_HOST_SCHEMES: Final = frozenset(("http", "https", "ws", "wss", "ftp"))
+
+
+def _url_ttclid(url: str) -> str | None:
+    """The first `ttclid` query parameter of an absolute URL ("" if present but empty).
+
+    A relative or invalid URL is ignored, as Segment's `new URL(...)` ignores it; the query
+    is decoded like URLSearchParams (`+` is a space, percent-escapes are UTF-8)."""
+    if "?" not in url:
+        return None
+    m = _SCHEME_RE.match(url)
+    if m is None:
+        return None
+    scheme = url[: m.end() - 1].lower()
+    if scheme in _HOST_SCHEMES:
+        rest = url[m.end() :]
+        if not rest.startswith("//") or rest[2:3] in ("", "/", "?", "#"):
+            return None
+    query = url.partition("#")[0].partition("?")[2]
+    if "%" in query or "+" in query:
+        for name, value in parse_qsl(query, keep_blank_values=True):
+            if name == "ttclid":
+                return value
+        return None
+    if "ttclid" not in query:
+        return None
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        if name == "ttclid":
+            return value
+    return None
+
+
+_VEHICLE_SPECIAL: Final = frozenset(
+    ("mileage_value", "mileage_unit", "preferred_price_range_min", "preferred_price_range_max")
+)
+# Fields read by the generated `evaluate` (travel/vehicle/lead have their own extractors,
+# called only when the event needs them).
+_MAIN_FIELDS: Final = tuple(
+    n
+    for n in FIELDS
+    if not n.startswith(("contents.", "travel_fields.", "vehicle_fields.", "lead_fields."))
+)
+
+
+def _var(field: str) -> str:
+    """The generated variable holding a field (names come from the fixed field table)."""
+    return "f_" + field.replace(".", "_")
+
+
+# The body of the generated `evaluate(event, now, region)`, after the field reads. It
+# builds what Segment's body builder builds (docs/segment-tiktok-destination.md §4.2).
+_EVALUATE_TAIL: Final = """\
+    event_source = f_event_source or "web"
+    if f_timestamp is None:
+        event_time = _floor(now())
+    else:
+        event_time = _ts(f_timestamp)
+        if event_time is None:
+            raise _ts_error()
+    if not f_phone_number:
+        phones = []
+    elif len(f_phone_number) == 1:
+        phones = [_hp(f_phone_number[0], region)]
+    else:
+        phones = [_hp(x, region) for x in f_phone_number]
+    if not f_email:
+        emails = []
+    elif len(f_email) == 1:
+        emails = [_he(f_email[0])]
+    else:
+        emails = [_he(x) for x in f_email]
+    if not f_external_id:
+        ids = []
+    elif len(f_external_id) == 1:
+        ids = [_hx(f_external_id[0])]
+    else:
+        ids = [_hx(x) for x in f_external_id]
+    user = _UserOut(
+        ids,
+        phones,
+        emails,
+        _hn(f_first_name) if f_first_name is not None else "",
+        _hn(f_last_name) if f_last_name is not None else "",
+        _addr(f_address_city) if f_address_city is not None else "",
+        _addr(f_address_state) if f_address_state is not None else "",
+        _addr(f_address_country) if f_address_country is not None else "",
+        _hn(f_address_zip_code) if f_address_zip_code is not None else "",
+    )
+    url_ttclid = _url_ttclid(f_url) if f_url and "?" in f_url else None
+    if url_ttclid or f_ttclid:
+        user.ttclid = url_ttclid if url_ttclid is not None else f_ttclid
+    if f_ttp:
+        user.ttp = f_ttp
+    if f_ip:
+        user.ip = f_ip
+    if f_user_agent:
+        user.user_agent = f_user_agent
+    if f_locale:
+        user.locale = f_locale
+    if f_url or f_referrer:
+        page = _PageOut()
+        if f_url:
+            page.url = f_url
+        if f_referrer:
+            page.referrer = f_referrer
+    else:
+        page = _UNSET
+    props = {}
+#PROPERTIES#
+    if event_source == "web":
+        if f_event_spec_type == "travel_fields":
+            _travel(event, props)
+        elif f_event_spec_type == "vehicle_fields":
+            _vehicle(event, props)
+    lead = _lead(event) if event_source == "crm" else _UNSET
+    return _Common(
+        user,
+        region,
+        None,
+        f_phone_number,
+        props,
+        page,
+        lead,
+        f_event_id or None,
+        event_time,
+        event_source,
+        f_test_event_code or None,
+        f_limited_data_use is True,
+    )
+"""
+
+
+class _Common(msgspec.Struct):
+    """Everything of one TikTok event except its name and `contents`.
+
+    `user` was built for phone default region `region`; phones are the only user key that
+    depends on the destination, so `phones` keeps the raw values to hash for another."""
+
+    user: UserOut
+    region: str | None
+    other_users: dict[str | None, UserOut] | None
+    phones: list[str] | None
+    properties: dict[str, object]
+    page: PageOut | msgspec.UnsetType
+    lead: Lead | msgspec.UnsetType
+    event_id: str | None
+    event_time: int
+    event_source: str
+    test_event_code: str | None
+    limited_data_use: bool
+
+    def user_for(self, region: str | None) -> UserOut:
+        if region == self.region:
+            return self.user
+        if self.other_users is None:
+            self.other_users = {}
+        user = self.other_users.get(region)
+        if user is None:
+            phones = [hash_phone(p, region) for p in self.phones] if self.phones else []
+            user = self.other_users[region] = msgspec.structs.replace(self.user, phone=phones)
+        return user
+
+
+class _Plan:
+    """The compiled field sources of one mapping (defaults + overrides).
+
+    `evaluate(event, now, region)` is generated code (worker.mapping.codegen); it raises
+    _FieldError.
+    """
+
+    def __init__(self, sources: dict[str, Source]) -> None:
+        ts_source = sources["timestamp"]
+        travel_names = tuple(d.name.partition(".")[2] for d in TRAVEL_FIELDS)
+        travel = _extractor(TRAVEL_FIELDS, sources)
+        vehicle_names = tuple(d.name.partition(".")[2] for d in VEHICLE_FIELDS)
+        vehicle = _extractor(VEHICLE_FIELDS, sources)
+        lead_fields = _extractor(
+            [FIELDS["lead_fields.lead_id"], FIELDS["lead_fields.lead_event_source"]], sources
+        )
+
+        def add_travel(event: SegmentEvent, props: dict[str, object]) -> None:
+            for name, v in zip(travel_names, travel(event), strict=True):
+                if v is not None:
+                    props[name] = v
+
+        def add_vehicle(event: SegmentEvent, props: dict[str, object]) -> None:
+            values = dict(zip(vehicle_names, vehicle(event), strict=True))
+            for name, v in values.items():
+                if name == "mileage_value":
+                    unit = values["mileage_unit"]
+                    if unit is not None and v is not None:
+                        props["mileage"] = {"unit": unit, "value": v}
+                elif name == "preferred_price_range_min":
+                    high = values["preferred_price_range_max"]
+                    if v is not None and high is not None:
+                        props["preferred_price_range"] = [v, high]
+                elif name not in _VEHICLE_SPECIAL and v is not None:
+                    props[name] = v
+
+        def lead(event: SegmentEvent) -> Lead | msgspec.UnsetType:
+            lead_id, lead_event_source = lead_fields(event)
+            if type(lead_id) is not str:
+                return _UNSET
+            out = Lead(lead_id=lead_id)
+            if lead_event_source:
+                out.lead_event_source = lead_event_source
+            return out
+
+        def ts_error() -> _FieldError:
+            return _FieldError("timestamp", ts_source, "not an ISO-8601 date-time")
+
+        properties = "\n".join(
+            f"    if {_var(n)} is not None:\n        props[{n!r}] = {_var(n)}"
+            for n in _PROPERTY_FIELDS
+            if sources[n] is not None
+        )
+        self.evaluate: Callable[[SegmentEvent, Callable[[], float], str | None], _Common] = (
+            compile_function(
+                [_spec(FIELDS[n], sources[n]) for n in _MAIN_FIELDS],
+                [_var(n) for n in _MAIN_FIELDS],
+                signature="event, now, region",
+                tail=_EVALUATE_TAIL.replace("#PROPERTIES#", properties or "    pass").splitlines(),
+                namespace={
+                    "_floor": math.floor,
+                    "_ts": _timestamp_seconds,
+                    "_ts_error": ts_error,
+                    "_hp": hash_phone,
+                    "_he": hash_email,
+                    "_hx": hash_external_id,
+                    "_hn": hash_name,
+                    "_addr": format_address_part,
+                    "_url_ttclid": _url_ttclid,
+                    "_UserOut": UserOut,
+                    "_PageOut": PageOut,
+                    "_Common": _Common,
+                    "_UNSET": _UNSET,
+                    "_travel": add_travel,
+                    "_vehicle": add_vehicle,
+                    "_lead": lead,
+                },
+            )
+        )
+
+
+# --------------------------------------------------------------------------- contents
+
+ContentsFn = Callable[[SegmentEvent], list[dict[str, Any]]]
+
+
+def _item_getter(candidates: tuple[tuple[str, ...], ...]) -> Callable[[Any], Any]:
+    """item -> first present non-null candidate; None if one was null; else MISSING."""
+    getters = [compile_item_getter(c) for c in candidates]
+
+    def get(item: Any) -> Any:
+        result: Any = MISSING
+        for g in getters:
+            v = g(item)
+            if v is not MISSING and v is not None:
+                return v
+            if v is None:
+                result = None
+        return result
+
+    return get
+
+
+def _compile_contents(source: Source, items: dict[str, Source]) -> ContentsFn:
+    """`contents` from `source` (an object is one item, an array is many), as generated code.
+
+    Like Segment's `@arrayPath`: a row that is not an object maps to `{}`; a key whose path
+    is missing is omitted; an explicit null is coerced (0 or "") and kept.
+    """
+    if source is None:
+        return lambda event: []
+    names: dict[str, Any] = {"_M": MISSING, "_EMPTY": {}}
+
+    def name(prefix: str, value: Any) -> str:
+        n = f"{prefix}{len(names)}"
+        names[n] = value
+        return n
+
+    def bad_source(value: Any) -> _FieldError:
+        return _FieldError("contents", source, f"expected object or array, got {json_kind(value)}")
+
+    lines = [
+        "    if v is None or v == '':",
+        "        return []",
+        "    if type(v) is dict:",
+        "        rows = (v,)",
+        "    elif type(v) is list:",
+        "        rows = v",
+        "    else:",
+        f"        raise {name('_bad', bad_source)}(v)",
+        "    out = []",
+        "    for row in rows:",
+        "        d = row if type(row) is dict else _EMPTY",
+        "        item = {}",
+    ]
+    for fd in CONTENTS_ITEM_FIELDS:
+        item_source = items[fd.name]
+        if item_source is None:
+            continue
+        key = fd.name.partition(".")[2]
+        check = name("_c", _checker(replace(fd, name=f"contents[].{key}"), item_source))
+        if isinstance(item_source, Const):
+            if item_source.value is not None:
+                lines.append(f"        item[{key!r}] = {name('_k', item_source.value)}")
+            continue
+        cands = item_source.candidates
+        if len(cands) == 1 and len(cands[0]) == 1:
+            lines.append(f"        x = d.get({cands[0][0]!r}, _M)")
+        else:
+            lines.append(f"        x = {name('_g', _item_getter(cands))}(row)")
+        fast = "type(x) is str" if fd.kind == "string" else "type(x) is int"
+        lines.append("        if x is not _M:")
+        lines.append(f"            item[{key!r}] = x if {fast} else {check}(x)")
+    lines += ["        out.append(item)", "    return out"]
+    spec: Spec = (
+        (None, source.value, None, "raw")
+        if isinstance(source, Const)
+        else (source.candidates, None, None, "raw")
+    )
+    fn: ContentsFn = compile_function([spec], ["v"], tail=lines, namespace=names)
+    return fn
+
+
+_CONTENTS_SOURCES: Final[dict[str, Source]] = {
+    "single": Paths((("properties",),)),
+    "multi": Paths((("properties", "products"),)),
+    "none": None,
+}
+
+
+# --------------------------------------------------------------------------- routing
+
+
+@dataclass(frozen=True, slots=True)
+class _Sub:
+    order: int
+    name: str
+    event: str
+    trigger: Trigger
+    plan: _Plan
+    contents: ContentsFn
+    routing_only: bool  # the (type, event) routing already proves the trigger
+
+
+class _Destination:
+    """One configured destination: its filter, subscriptions and batch keys."""
+
+    _MAX_ROUTES: Final = 4096  # bound on the (type, event) -> candidates cache
+
+    def __init__(
+        self,
+        dest: DestinationConfig,
+        when: Trigger | None,
+        subs: list[_Sub],
+        partner_name: str | None,
+    ) -> None:
+        self.name = dest.name
+        self.pixel_code = dest.pixel_code
+        self.test_event_code = dest.test_event_code or None
+        self.region = dest.phone_default_region
+        self.partner_name = partner_name
+        self.when = when
+        self.subs = subs
+        self._routes: dict[tuple[str, Any], tuple[_Sub, ...]] = {}
+        self._keys: dict[tuple[str, str | None], BatchKey] = {}
+        self.web_key = self.key("web", None)  # the common case, without a lookup
+
+    def candidates(self, etype: str, name: Any) -> tuple[_Sub, ...]:
+        """Subscriptions whose trigger could hold for this (type, event), in order."""
+        route = (etype, name if type(name) is str else None)
+        found = self._routes.get(route)
+        if found is None:
+            found = tuple(
+                s
+                for s in self.subs
+                if (s.trigger.event_name is None or s.trigger.event_name == route[1])
+                and (s.trigger.event_type is None or s.trigger.event_type == etype)
+            )
+            if len(self._routes) >= self._MAX_ROUTES:
+                self._routes.clear()  # event names are unbounded input
+            self._routes[route] = found
+        return found
+
+    def key(self, event_source: str, test_event_code: str | None) -> BatchKey:
+        code = test_event_code or self.test_event_code
+        k = self._keys.get((event_source, code))
+        if k is None:
+            k = BatchKey(
+                destination=self.name,
+                pixel_code=self.pixel_code,
+                event_source=event_source,
+                test_event_code=code,
+                partner_name=self.partner_name,
+            )
+            self._keys[(event_source, code)] = k
+        return k
+
+
+def _default_sources() -> dict[str, Source]:
+    return {name: fd.default for name, fd in FIELDS.items()}
+
+
+class _PartnerSettings(Protocol):
+    @property
+    def partner_name(self) -> str | None: ...
+
+
+class MappingConfig(Protocol):
+    """The part of `worker.config.Config` the Mapper reads (the mapping never imports config)."""
+
+    @property
+    def destinations(self) -> Sequence[DestinationConfig]: ...
+
+    @property
+    def tiktok(self) -> _PartnerSettings: ...
+
+
+def _compile_trigger(text: str, where: str) -> Trigger:
+    try:
+        return parse_trigger(text)
+    except TriggerSyntaxError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+class Mapper:
+    """Maps Kafka message values to TikTok events for every configured destination.
+
+    Build once per process (compiles triggers, paths and plans); `map_message` is then a
+    pure function of the bytes and the clock (`now`, used when an event has no timestamp).
+    """
+
+    def __init__(self, config: MappingConfig, *, now: Callable[[], float] = time.time) -> None:
+        """Compile every destination once; a bad trigger, duplicate subscription name or mapping
+        override raises `ConfigError` naming its key path (`destinations[0].when: ...`)."""
+        self._now = now
+        plans: dict[tuple[Any, ...], _Plan] = {}
+        contents_fns: dict[tuple[Any, ...], ContentsFn] = {}
+        self._destinations: list[_Destination] = []
+        for i, dest in enumerate(config.destinations):
+            where = f"destinations[{i}]"
+            when = _compile_trigger(dest.when, f"{where}.when") if dest.when is not None else None
+            subs: list[_Sub] = []
+            specs: list[tuple[str, Trigger, str, str, dict[str, Source]]] = [
+                (p.name, parse_trigger(p.trigger), p.event, p.contents, {})
+                for p in presets_for(dest.presets)
+            ]
+            names = set(preset_names(dest.presets))
+            for j, sub in enumerate(dest.subscriptions):
+                swhere = f"{where}.subscriptions[{j}]"
+                if sub.name in names:
+                    raise ConfigError(
+                        f"{swhere}.name: duplicate subscription name {sub.name!r} "
+                        f"(presets {dest.presets!r} or an earlier subscription use it)"
+                    )
+                names.add(sub.name)
+                trigger = _compile_trigger(sub.trigger, f"{swhere}.trigger")
+                overrides = compile_subscription_mapping(sub, where=f"{swhere}.mapping")
+                specs.append((sub.name, trigger, sub.event, sub.contents, overrides))
+            for order, (name, compiled, event, contents, overrides) in enumerate(specs):
+                sources = _default_sources()
+                sources.update({k: v for k, v in overrides.items() if k != "contents"})
+                # Destinations with the same mapping share a plan, so an event is mapped
+                # and hashed once however many destinations it goes to.
+                plan_key = tuple(sorted((k, _source_key(v)) for k, v in sources.items()))
+                plan = plans.get(plan_key)
+                if plan is None:
+                    plan = plans[plan_key] = _Plan(sources)
+                csource = (
+                    overrides["contents"]
+                    if "contents" in overrides
+                    else (_CONTENTS_SOURCES[contents])
+                )
+                items = {fd.name: sources[fd.name] for fd in CONTENTS_ITEM_FIELDS}
+                ckey = (_source_key(csource), tuple(_source_key(v) for v in items.values()))
+                cfn = contents_fns.get(ckey)
+                if cfn is None:
+                    cfn = contents_fns[ckey] = _compile_contents(csource, items)
+                subs.append(_Sub(order, name, event, compiled, plan, cfn, compiled.routing_only))
+            self._destinations.append(_Destination(dest, when, subs, config.tiktok.partner_name))
+
+    # -- public API ---------------------------------------------------------------------
+
+    def map_message(self, value: bytes | None) -> list[EventOutcome]:
+        """All outcomes of one Kafka message value. Never raises."""
+        if value and value[:1] == b"{" and b'"batch"' not in value:
+            # The common case, one event per message, without the framing machinery.
+            try:
+                event = decode_event(value)
+            except DecodeFailure as exc:
+                return [_failed(0, False, value, exc.reason, exc.error)]
+            except Exception as exc:  # defensive, as below
+                return [
+                    _failed(0, False, value, "decode_error", f"unreadable: {type(exc).__name__}")
+                ]
+            try:
+                return [self.map_event(event, raw=value)]
+            except Exception as exc:  # defensive: a mapper bug must not stop the partition
+                error = f"internal mapping error: {type(exc).__name__}"
+                return [_failed(0, False, value, "invalid_event", error)]
+        raw = value if value is not None else b""
+        try:
+            items = split_message(value)
+        except DecodeFailure as exc:
+            return [_failed(0, False, raw, exc.reason, exc.error)]
+        except Exception as exc:  # defensive: framing must not take the worker down
+            return [_failed(0, False, raw, "decode_error", f"unreadable: {type(exc).__name__}")]
+        if not items:
+            return [EventOutcome(0, True, raw, None, [], [], "no_match")]
+        return [self._map_item(item.index, item.multi, item.raw) for item in items]
+
+    def map_event(
+        self, event: SegmentEvent, *, index: int = 0, multi: bool = False, raw: bytes = b""
+    ) -> EventOutcome:
+        """Map an already decoded event (the `map` command and tests use this)."""
+        mapped: list[MappedEvent] = []
+        invalid: list[InvalidEvent] = []
+        # Results shared by subscriptions/destinations with the same plan or contents.
+        memo: dict[Any, Any] = {}
+        etype = EVENT_TYPES[type(event)]
+        name = event.event
+        for dest in self._destinations:
+            if dest.when is not None and not dest.when.predicate(event):
+                continue
+            for sub in dest.candidates(etype, name):
+                if not sub.routing_only and not sub.trigger.predicate(event):
+                    continue
+                self._map_subscription(dest, sub, event, memo, mapped, invalid)
+        mid = event.message_id
+        message_id = mid if type(mid) is str else _message_id(event)
+        skipped = None if mapped or invalid else "no_match"
+        return EventOutcome(index, multi, raw, message_id, mapped, invalid, skipped)
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _map_item(self, index: int, multi: bool, raw: bytes) -> EventOutcome:
+        try:
+            event = decode_event(raw)
+        except DecodeFailure as exc:
+            return _failed(index, multi, raw, exc.reason, exc.error)
+        except Exception as exc:  # defensive: decoding must not take the worker down
+            return _failed(index, multi, raw, "decode_error", f"unreadable: {type(exc).__name__}")
+        try:
+            return self.map_event(event, index=index, multi=multi, raw=raw)
+        except Exception as exc:  # defensive: a mapper bug must not stop the partition
+            return _failed(
+                index, multi, raw, "invalid_event", f"internal mapping error: {type(exc).__name__}"
+            )
+
+    def _map_subscription(
+        self,
+        dest: _Destination,
+        sub: _Sub,
+        event: SegmentEvent,
+        memo: dict[Any, Any],
+        mapped: list[MappedEvent],
+        invalid: list[InvalidEvent],
+    ) -> None:
+        plan = sub.plan
+        common: _Common | _FieldError | None = memo.get(id(plan))
+        if common is None:
+            try:
+                common = plan.evaluate(event, self._now, dest.region)
+            except _FieldError as exc:
+                common = exc
+            memo[id(plan)] = common
+        contents_fn = sub.contents
+        contents: list[dict[str, Any]] | _FieldError | None = memo.get(id(contents_fn))
+        if contents is None:
+            try:
+                contents = contents_fn(event)
+            except _FieldError as exc:
+                contents = exc
+            memo[id(contents_fn)] = contents
+        if isinstance(common, _FieldError) or isinstance(contents, _FieldError):
+            error = common if isinstance(common, _FieldError) else contents
+            assert isinstance(error, _FieldError)
+            failure = InvalidEvent("invalid_event", error.text, dest.name)
+            if failure not in invalid:
+                invalid.append(failure)
+            return
+        event_id = common.event_id
+        region = dest.region
+        # Destinations with the same plan, contents, event name and phone region send the
+        # same bytes: encode once.
+        payload_key = (id(plan), id(contents_fn), sub.event, region)
+        payload: bytes | None = memo.get(payload_key)
+        if payload is None:
+            properties: dict[str, object] = {"contents": contents}
+            properties.update(common.properties)
+            payload = _encode_event(
+                EventOut(
+                    sub.event,
+                    common.event_time,
+                    event_id if event_id is not None else _UNSET,
+                    common.user if common.region == region else common.user_for(region),
+                    properties,
+                    common.page,
+                    common.lead,
+                    common.limited_data_use,
+                )
+            )
+            memo[payload_key] = payload
+        if common.event_source == "web" and common.test_event_code is None:
+            key = dest.web_key
+        else:
+            key = dest.key(common.event_source, common.test_event_code)
+        mapped.append(MappedEvent(dest.name, sub.name, sub.event, key, event_id, payload))
+
+
+def _source_key(source: Source) -> Any:
+    if source is None:
+        return None
+    if isinstance(source, Const):
+        return ("const", source.key)
+    return ("paths", source.candidates)
+
+
+def _failed(index: int, multi: bool, raw: bytes, reason: str, error: str) -> EventOutcome:
+    return EventOutcome(index, multi, raw, None, [], [InvalidEvent(reason, error)], None)
+
+
+def _message_id(event: SegmentEvent) -> str | None:
+    mid = event.message_id
+    if type(mid) is str:
+        return mid
+    if type(mid) is int or type(mid) is float:
+        return js_number_str(mid)
+    return None

@@ -1,0 +1,1 @@
+"""The asyncio pipeline that joins consumer, mapper, delivery and offset commits."""

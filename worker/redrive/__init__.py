@@ -1,0 +1,1 @@
+"""`dlq redrive`: dead letters sent again through the worker's own delivery path."""

@@ -1,0 +1,610 @@
+"""The redrive engine: send dead letters again through the worker's own delivery path.
+
+What a redrive does (`tiktok-worker dlq redrive`, docs/dead-letters.md):
+
+- It reads the dead-letter topic with a `BoundedReader`: from its consumer group's committed
+  offsets up to the high watermarks captured at start, then stops. It never waits for new
+  records, so the dead letters it writes back are left for the next redrive.
+- Each record that passes the filter (`--reason`, `--destination`; without `--reason`,
+  `decode_error` and `event_too_large` records are left alone: the same bytes cannot
+  succeed) is mapped again with the
+  worker's `Mapper` and sent with the worker's `Batcher`, `Sender` (retries, backoff,
+  bisection), rate limiter and `TikTokClient`. A record with a `dlq.destination` goes ONLY to
+  that destination, so a destination that already accepted the event does not get it twice.
+  A record without one (decode_error / invalid_event that failed for every destination) is
+  mapped for every destination, like the worker would.
+- A record that fails again is written back to the dead-letter topic (same value, key and
+  `dlq.original.*` / `dlq.batch_index` headers; new reason, error, code and `failed_at`;
+  `dlq.attempts` = previous attempts + this redrive's requests; `dlq.redrive.count` + 1),
+  scoped to the destination that failed.
+- A record is *handled* when it was delivered, written back and acknowledged by the broker,
+  no longer mapped to its destination, or skipped. Only contiguous handled offsets are
+  committed (`worker.kafka.offsets.PartitionTracker`), so an interrupted redrive resumes without
+  resending what succeeded.
+
+Progress and filters: every filter combination is its own consumer group
+(`RedriveFilter.group_id`), so records one filter skips stay available to another. Before
+sending, a record is checked against the committed offsets of every other redrive group: if a
+group whose filter matches the record has committed past it, that redrive already handled it
+and it is skipped ("already redriven"). So a dead letter is redriven once, whichever filters
+are used, as long as two redrives do not run at the same time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from worker.app import preflight
+from worker.config import Config
+from worker.delivery.client import SendResult, TikTokClient
+from worker.delivery.factory import build_delivery
+from worker.delivery.inflight import InflightMessage, PendingEvent
+from worker.delivery.sender import Failure
+from worker.errors import ConfigError, WorkerError
+from worker.kafka.deadletters import HEADER_PREFIX, DeadLetter, DeadLetterProducer, producer_config
+from worker.kafka.dlq_reader import (
+    REDRIVE_COUNT_HEADER,
+    BoundedReader,
+    DeadLetterRecord,
+    list_redrive_progress,
+    reader_config,
+)
+from worker.kafka.offsets import PartitionTracker
+from worker.mapping.mapper import EventOutcome, Mapper
+from worker.observability.metrics import DLQ_REASONS, Metrics
+
+GROUP_SUFFIX: Final = "-redrive"
+POLL_BATCH: Final = 500
+POLL_TIMEOUT_S: Final = 0.2
+BACKPRESSURE_SLEEP_S: Final = 0.02
+DRAIN_POLL_S: Final = 0.02
+# A redrive holds at most this many records in flight (each keeps its bytes).
+DEFAULT_MAX_INFLIGHT: Final = 5000
+
+
+# --------------------------------------------------------------------------- filters
+
+
+# The same bytes can never succeed: sent only when asked for by name (`--reason`).
+UNSENDABLE_REASONS: Final = frozenset({"decode_error", "event_too_large"})
+
+
+@dataclass(frozen=True, slots=True)
+class RedriveFilter:
+    """Which dead letters a redrive sends. None means "any", except that without a reason
+    the records that can never succeed (`UNSENDABLE_REASONS`) are left out."""
+
+    reason: str | None = None
+    destination: str | None = None
+
+    def matches(self, record: DeadLetterRecord) -> bool:
+        if self.reason is None:
+            if record.reason in UNSENDABLE_REASONS:
+                return False
+        elif record.reason != self.reason:
+            return False
+        return self.destination is None or record.destination == self.destination
+
+    def group_id(self, base: str) -> str:
+        """The consumer group keeping this filter's progress on the dead-letter topic:
+        `<base>-redrive`, plus `--reason=<R>` and/or `--destination=<D>`."""
+        name = base + GROUP_SUFFIX
+        if self.reason is not None:
+            name += f"--reason={self.reason}"
+        if self.destination is not None:
+            name += f"--destination={self.destination}"
+        return name
+
+    @classmethod
+    def from_group_id(cls, base: str, group_id: str) -> RedriveFilter | None:
+        """The filter a redrive group id stands for; None if it is not one of `base`'s."""
+        prefix = base + GROUP_SUFFIX
+        if not group_id.startswith(prefix):
+            return None
+        m = _GROUP_RE.fullmatch(group_id[len(prefix) :])
+        if m is None:
+            return None
+        return cls(reason=m.group("reason"), destination=m.group("destination"))
+
+    def describe(self) -> str:
+        parts = []
+        if self.reason is not None:
+            parts.append(f"reason={self.reason}")
+        if self.destination is not None:
+            parts.append(f"destination={self.destination}")
+        return ", ".join(parts) if parts else "all dead letters"
+
+
+_GROUP_RE: Final = re.compile(
+    r"(?:--reason=(?P<reason>[a-z_]+))?(?:--destination=(?P<destination>.+))?"
+)
+
+
+def validate_filter(config: Config, reason: str | None, destination: str | None) -> RedriveFilter:
+    """Check `--reason` / `--destination` against the known reasons and configured
+    destinations; raise ConfigError (exit 2) with one line otherwise."""
+    if reason is not None and reason not in DLQ_REASONS:
+        raise ConfigError(f"--reason: unknown reason {reason!r} (one of: {', '.join(DLQ_REASONS)})")
+    names = [d.name for d in config.destinations]
+    if destination is not None and destination not in names:
+        raise ConfigError(
+            f"--destination: no destination named {destination!r} (configured: {', '.join(names)})"
+        )
+    return RedriveFilter(reason=reason, destination=destination)
+
+
+class RedriveLedger:
+    """What earlier redrives handled: the committed offsets of every redrive group.
+
+    A record at (partition, offset) was handled by group G when G's filter matches it and G's
+    committed offset on that partition is above `offset`.
+    """
+
+    def __init__(self, groups: Mapping[str, tuple[RedriveFilter, Mapping[int, int]]]) -> None:
+        self._groups = dict(groups)
+
+    @classmethod
+    def from_offsets(cls, base: str, offsets: Mapping[str, Mapping[int, int]]) -> RedriveLedger:
+        groups: dict[str, tuple[RedriveFilter, Mapping[int, int]]] = {}
+        for group_id, committed in offsets.items():
+            flt = RedriveFilter.from_group_id(base, group_id)
+            if flt is not None:
+                groups[group_id] = (flt, committed)
+        return cls(groups)
+
+    @classmethod
+    def load(cls, config: Config) -> RedriveLedger:
+        kafka = config.kafka
+        offsets = list_redrive_progress(
+            bootstrap_servers=kafka.bootstrap_servers,
+            client=kafka.client,
+            topic=kafka.dead_letter_topic,
+            group_prefix=kafka.group_id + GROUP_SUFFIX,
+        )
+        return cls.from_offsets(kafka.group_id, offsets)
+
+    @property
+    def groups(self) -> dict[str, tuple[RedriveFilter, Mapping[int, int]]]:
+        return dict(self._groups)
+
+    def handled_by(self, record: DeadLetterRecord, *, exclude: str | None = None) -> str | None:
+        """The redrive group that already handled `record`, or None."""
+        for group_id, (flt, committed) in self._groups.items():
+            if group_id == exclude:
+                continue
+            if record.offset < committed.get(record.partition, 0) and flt.matches(record):
+                return group_id
+        return None
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(slots=True)
+class RedriveStats:
+    """Counts of one redrive run. Every record read ends in exactly one of: delivered,
+    failed_again, unmapped, skipped_filter, skipped_redriven, skipped_unconfigured; records
+    still in flight when a run is interrupted are in none of them."""
+
+    to_read: int = 0
+    read: int = 0
+    redriven: int = 0
+    delivered: int = 0
+    failed_again: int = 0
+    unmapped: int = 0
+    skipped_filter: int = 0
+    skipped_redriven: int = 0
+    skipped_unconfigured: dict[str, int] = field(default_factory=dict)
+    events_sent: int = 0
+    interrupted: bool = False
+
+    @property
+    def skipped(self) -> int:
+        return self.skipped_filter + self.skipped_redriven + sum(self.skipped_unconfigured.values())
+
+    @property
+    def inflight(self) -> int:
+        return self.redriven - self.delivered - self.failed_again - self.unmapped
+
+
+class RedriveDeadLetter(DeadLetter):
+    """A dead letter written back by a redrive: the SPEC header set plus `dlq.redrive.count`."""
+
+    __slots__ = ("redrive_count",)
+
+    def __init__(self, *, redrive_count: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.redrive_count = redrive_count
+
+    def headers(self, *, now: dt.datetime | None = None) -> list[tuple[str, str | bytes | None]]:
+        items = super().headers(now=now)
+        items.append((HEADER_PREFIX + REDRIVE_COUNT_HEADER, str(self.redrive_count).encode()))
+        return items
+
+
+class GatedClient(TikTokClient):
+    """The worker's client, plus a gate for stopping: after `close_gate()` no new request
+    starts (the caller waits until cancelled), and `on_wire` counts requests under way."""
+
+    __slots__ = ("_gate_open", "on_wire")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._gate_open = True
+        self.on_wire = 0
+
+    def close_gate(self) -> None:
+        self._gate_open = False
+
+    async def send(self, body: bytes, *, access_token: str) -> SendResult:
+        if not self._gate_open:
+            await asyncio.get_running_loop().create_future()  # until Sender.close() cancels
+        self.on_wire += 1
+        try:
+            return await super().send(body, access_token=access_token)
+        finally:
+            self.on_wire -= 1
+
+
+class _RecordWork(InflightMessage):
+    """One dead letter being redriven: its events in flight and the failures seen so far."""
+
+    __slots__ = ("failures", "record", "sent")
+
+    def __init__(
+        self,
+        record: DeadLetterRecord,
+        tracker: PartitionTracker,
+        on_finished: Callable[[InflightMessage], None],
+    ) -> None:
+        super().__init__(
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            timestamp_ms=record.timestamp_ms,
+            key=record.key,
+            tracker=tracker,
+            on_finished=on_finished,
+        )
+        self.record = record
+        self.sent = 0
+        # (destination, outcome index) -> (outcome, failure): one write-back per pair.
+        self.failures: dict[tuple[str | None, int], tuple[EventOutcome, Failure]] = {}
+
+    def fail(self, destination: str | None, outcome: EventOutcome, failure: Failure) -> None:
+        self.failures.setdefault((destination, outcome.index), (outcome, failure))
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class Redrive:
+    """One redrive run. Build with `Redrive.create(...)` inside a running event loop."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        flt: RedriveFilter,
+        max_records: int | None,
+        reader: BoundedReader,
+        ledger: RedriveLedger,
+        group_id: str,
+        metrics: Metrics,
+        log: Any,
+        on_progress: Callable[[RedriveStats], None] | None = None,
+        max_inflight: int = DEFAULT_MAX_INFLIGHT,
+    ) -> None:
+        self._config = config
+        self._filter = flt
+        self._max = max_records
+        self._reader = reader
+        self._ledger = ledger
+        self.group_id = group_id
+        self._metrics = metrics
+        self._log = log
+        self._on_progress = on_progress
+        self._max_inflight = max_inflight
+        self.stats = RedriveStats(to_read=reader.total)
+        self._trackers: dict[int, PartitionTracker] = {}
+        self._stop = asyncio.Event()
+        self._abandon = asyncio.Event()
+        self.fatal: BaseException | None = None
+        self.ledger_warning: str | None = None
+        self._mapper = Mapper(config)
+        self._destinations = {d.name for d in config.destinations}
+        self._delivery = build_delivery(
+            config,
+            metrics=metrics,
+            log=log,
+            on_delivered=self._on_delivered,
+            on_failed=self._on_failed,
+            client_factory=GatedClient,
+        )
+        client = self._delivery.client
+        assert isinstance(client, GatedClient)  # built by client_factory above
+        self._client = client
+        self._batcher = self._delivery.batcher
+        self._dead_letters = DeadLetterProducer(
+            config=producer_config(config.kafka.bootstrap_servers, config.kafka.client),
+            topic=config.kafka.dead_letter_topic,
+            metrics=metrics,
+            on_fatal=self._on_fatal,
+        )
+
+    @classmethod
+    async def create(
+        cls,
+        config: Config,
+        flt: RedriveFilter,
+        *,
+        max_records: int | None,
+        log: Any,
+        on_progress: Callable[[RedriveStats], None] | None = None,
+        metrics: Metrics | None = None,
+    ) -> Redrive:
+        """Check Kafka and the topic, load the other redrives' progress and open the reader."""
+        if max_records is not None and max_records < 1:
+            raise ConfigError("--max: must be >= 1")
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, preflight, config)
+        kafka = config.kafka
+        group_id = flt.group_id(kafka.group_id)
+        warning: str | None = None
+        try:
+            ledger = await loop.run_in_executor(None, RedriveLedger.load, config)
+        except WorkerError as exc:
+            # Without the other groups' progress a record another filter already redrove
+            # may be sent again: harmless for TikTok (event_id dedup), so warn and go on.
+            ledger = RedriveLedger({})
+            warning = f"{exc}; records redriven under another filter may be sent again"
+        reader = BoundedReader(
+            config=reader_config(kafka.bootstrap_servers, kafka.client, group_id),
+            topic=kafka.dead_letter_topic,
+            from_committed=True,
+        )
+        try:
+            await loop.run_in_executor(None, reader.open)
+        except BaseException:
+            reader.close()
+            raise
+        try:
+            redrive = cls(
+                config=config,
+                flt=flt,
+                max_records=max_records,
+                reader=reader,
+                ledger=ledger,
+                group_id=group_id,
+                metrics=metrics if metrics is not None else Metrics(),
+                log=log,
+                on_progress=on_progress,
+            )
+        except BaseException:
+            reader.close()
+            raise
+        redrive.ledger_warning = warning
+        return redrive
+
+    # -- control -------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop reading and start no new request; requests under way get
+        `kafka.drain_timeout_s` to finish. A second call abandons them at once. Abandoned
+        records stay uncommitted and are redriven next time."""
+        if self._stop.is_set():
+            self._abandon.set()
+        self._stop.set()
+
+    def _on_fatal(self, exc: BaseException) -> None:
+        if self.fatal is None:
+            self.fatal = exc
+        self._stop.set()
+        self._abandon.set()
+
+    # -- the run -------------------------------------------------------------------------------
+
+    async def run(self) -> RedriveStats:
+        """Redrive until the captured ends, `--max`, a stop request or a fatal error."""
+        loop = asyncio.get_running_loop()
+        kafka = self._config.kafka
+        self._dead_letters.start()
+        committer = loop.create_task(self._commit_forever(kafka.commit_interval_s))
+        try:
+            await self._read_loop(loop)
+            self._batcher.flush()
+            await self._drain(kafka.drain_timeout_s)
+        finally:
+            committer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await committer
+            await self._delivery.sender.close()  # abandons gated or backing-off deliveries
+            await self._dead_letters.close(timeout_s=5.0)
+            if self.fatal is None:
+                await self._commit_once()
+            await loop.run_in_executor(None, self._reader.close)
+            await self._delivery.close()
+        if self.fatal is not None:
+            raise WorkerError(str(self.fatal))
+        self.stats.interrupted = self.stats.inflight > 0 or not self._finished_reading()
+        if self.stats.inflight:
+            self._log.warning(
+                "redrive stopped with records in flight; they will be redriven next time",
+                records=self.stats.inflight,
+            )
+        self._progress()
+        return self.stats
+
+    def _finished_reading(self) -> bool:
+        return self._reader.done or self._max_reached()
+
+    def _max_reached(self) -> bool:
+        return self._max is not None and self.stats.redriven >= self._max
+
+    async def _read_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        while not self._stop.is_set() and not self._finished_reading():
+            if self.stats.inflight >= self._max_inflight:
+                await asyncio.sleep(BACKPRESSURE_SLEEP_S)
+                continue
+            records = await loop.run_in_executor(
+                None, self._reader.poll, POLL_BATCH, POLL_TIMEOUT_S
+            )
+            for record in records:
+                if self._stop.is_set() or self._max_reached():
+                    break  # not begun, so not committed: the next run reads it again
+                self._take(record)
+            self._progress()
+
+    async def _drain(self, stop_timeout_s: float) -> None:
+        """Wait until every record taken is handled.
+
+        Without a stop request this waits as long as delivery takes (retries end at
+        `tiktok.retry.deadline_s`). After one, no new request is started (the client's gate
+        closes); requests already on the wire and dead letters being written get up to
+        `stop_timeout_s` to finish, and everything else is abandoned, uncommitted.
+        """
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        while self.stats.inflight and not self._abandon.is_set():
+            if self._stop.is_set():
+                if deadline is None:
+                    self._client.close_gate()
+                    deadline = loop.time() + stop_timeout_s
+                quiet = self._client.on_wire == 0 and self._dead_letters.pending == 0
+                if quiet or loop.time() >= deadline:
+                    return
+            await asyncio.sleep(DRAIN_POLL_S)
+
+    # -- per record ----------------------------------------------------------------------------
+
+    def _take(self, record: DeadLetterRecord) -> None:
+        stats = self.stats
+        tracker = self._trackers.get(record.partition)
+        if tracker is None:
+            tracker = self._trackers[record.partition] = PartitionTracker()
+        tracker.begin(record.offset)
+        stats.read += 1
+        if not self._filter.matches(record):
+            stats.skipped_filter += 1
+            tracker.finish(record.offset)
+            return
+        if self._ledger.handled_by(record, exclude=self.group_id) is not None:
+            stats.skipped_redriven += 1
+            tracker.finish(record.offset)
+            return
+        target = record.destination
+        if target is not None and target not in self._destinations:
+            stats.skipped_unconfigured[target] = stats.skipped_unconfigured.get(target, 0) + 1
+            tracker.finish(record.offset)
+            return
+        stats.redriven += 1
+        work = _RecordWork(record, tracker, self._record_finished)
+        work.add_work()  # held while dispatching, so nothing finishes the record early
+        for outcome in self._mapper.map_message(record.value):
+            for mapped in outcome.mapped:
+                if target is not None and mapped.destination != target:
+                    continue  # that destination already has it (or never failed)
+                work.add_work()
+                work.sent += 1
+                stats.events_sent += 1
+                self._batcher.add(mapped.key, PendingEvent(work, outcome, mapped))
+            for invalid in outcome.invalid:
+                if target is not None and invalid.destination not in (None, target):
+                    continue
+                failure = Failure(invalid.reason, invalid.error, None, 0)
+                work.fail(target if target is not None else invalid.destination, outcome, failure)
+        work.finish_one()
+
+    def _on_delivered(self, events: Sequence[PendingEvent]) -> None:
+        for event in events:
+            event.message.finish_one()
+
+    def _on_failed(self, events: Sequence[PendingEvent], failure: Failure) -> None:
+        for event in events:
+            work = event.message
+            assert isinstance(work, _RecordWork)
+            work.fail(event.mapped.destination, event.outcome, failure)
+            work.finish_one()
+
+    def _record_finished(self, message: InflightMessage) -> None:
+        assert isinstance(message, _RecordWork)
+        work = message
+        if not work.failures:
+            if work.sent:
+                self.stats.delivered += 1
+            else:
+                self.stats.unmapped += 1
+            self._handled(work)
+            return
+        pending = len(work.failures)
+
+        def written() -> None:
+            nonlocal pending
+            pending -= 1
+            if pending == 0:
+                self.stats.failed_again += 1
+                self._handled(work)
+
+        record = work.record
+        for (destination, _index), (outcome, failure) in work.failures.items():
+            letter = RedriveDeadLetter(
+                redrive_count=record.redrive_count + 1,
+                reason=failure.reason,
+                error=failure.error,
+                original_topic=record.original_topic or record.topic,
+                original_partition=(
+                    record.original_partition
+                    if record.original_partition is not None
+                    else record.partition
+                ),
+                original_offset=(
+                    record.original_offset if record.original_offset is not None else record.offset
+                ),
+                original_timestamp_ms=record.original_timestamp_ms,
+                destination=destination,
+                code=failure.code,
+                attempts=record.attempts + failure.attempts,
+                batch_index=outcome.index if outcome.multi else record.batch_index,
+            )
+            self._dead_letters.send(
+                value=outcome.raw if outcome.multi else record.value,
+                key=record.key,
+                letter=letter,
+                on_written=written,
+            )
+
+    def _handled(self, work: _RecordWork) -> None:
+        work.tracker.finish(work.offset)
+        self._progress()
+
+    def _progress(self) -> None:
+        if self._on_progress is not None:
+            self._on_progress(self.stats)
+
+    # -- commits -------------------------------------------------------------------------------
+
+    async def _commit_once(self) -> None:
+        offsets: dict[int, int] = {}
+        for partition, tracker in self._trackers.items():
+            offset = tracker.pending_commit()
+            if offset is not None:
+                offsets[partition] = offset
+        if not offsets:
+            return
+        await asyncio.get_running_loop().run_in_executor(None, self._reader.commit, offsets)
+        for partition, offset in offsets.items():
+            self._trackers[partition].mark_committed(offset)
+
+    async def _commit_forever(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self._commit_once()
+            except WorkerError as exc:  # retried at the next interval; at-least-once holds
+                self._log.warning("redrive commit failed", error=str(exc))
