@@ -1,6 +1,6 @@
 """How well N worker processes share one Redis rate-limit budget.
 
-For 1, 2 and 4 processes (tests/ratelimit_driver.py, each its own interpreter, event loop and
+For 1, 2 and 4 processes (devkit/ratelimit_driver.py, each its own interpreter, event loop and
 RedisRateLimiter on one key), runs a backlogged load against a budget of `--qps` for
 `--duration` seconds and measures at a fake endpoint that timestamps every request:
 
@@ -11,7 +11,7 @@ RedisRateLimiter on one key), runs a backlogged load against a budget of `--qps`
   scheduling noise on the request path);
 - per-process shares, and slots left empty to make up for late wake-ups (`late_slots_paid`).
 
-Redis: `REDIS_URL`, else a private `redis-server` (tests/infra). Prints one JSON object.
+Redis: `REDIS_URL`, else a private `redis-server` (devkit/infra). Prints one JSON object.
 Run: `.venv/bin/python bench/bench_ratelimit.py [--qps 200] [--duration 10] [--processes 1,2,4]`
 """
 
@@ -70,7 +70,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     else:
         server = RedisServer(workdir=Path(tempfile.mkdtemp(prefix="bench-redis-")))
         await asyncio.to_thread(server.start)
-        redis_url, source = server.url, "redis-server (tests/infra)"
+        redis_url, source = server.url, "redis-server (devkit/infra)"
     try:
         runs = []
         for n in counts:

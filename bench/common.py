@@ -1,6 +1,6 @@
 """Shared pieces of `make bench`: the bench environment, topic filling and small statistics.
 
-`BenchEnv` owns a private Kafka broker (tests/infra `KafkaServer`), a private Redis
+`BenchEnv` owns a private Kafka broker (devkit/infra `KafkaServer`), a private Redis
 (`RedisServer`) and the fake TikTok server (`python -m devkit.fake_tiktok`, as a process), all on
 127.0.0.1, and a scratch directory for configs and logs. Every process it starts it stops.
 """

@@ -1,7 +1,7 @@
 """`make bench`: throughput, batching, rate-limit precision, memory and latency in one run.
 
-Starts its own Kafka broker, Redis and fake TikTok server on 127.0.0.1 (tests/infra and
-tests/harness), fills a benchmark topic with a realistic Segment mix (`bench.bench_mapping.
+Starts its own Kafka broker, Redis and fake TikTok server on 127.0.0.1 (devkit/infra and
+devkit/harness), fills a benchmark topic with a realistic Segment mix (`bench.bench_mapping.
 make_events`), and measures, each figure as min/median/max over several runs:
 
  1. raw ceiling: confluent-kafka batched consume of the topic, no processing (`raw_consume`);

@@ -2,7 +2,7 @@
 
 Run as a script (one process = one pod, its own event loop and limiter):
 
-    python tests/ratelimit_driver.py --url http://127.0.0.1:P/hit --redis-url redis://... \\
+    python devkit/ratelimit_driver.py --url http://127.0.0.1:P/hit --redis-url redis://... \\
         --qps 50 --replicas 4 --worker 0 --start-at <unix time> --duration 20
 
 It starts at `--start-at` (wall clock, so several processes start together), runs

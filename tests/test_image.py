@@ -140,6 +140,22 @@ def test_installed_package_is_complete(image: Image, tmp_path: Path) -> None:
     assert str(image.venv) in proc.stdout
 
 
+def test_installed_package_holds_no_developer_tooling(image: Image) -> None:
+    # The fake Events API, the sample events and the test/bench harnesses live in devkit/,
+    # which is neither in the wheel nor in the image.
+    site = next((image.venv / "lib").glob("python*/site-packages"))
+    installed = [p.relative_to(site).as_posix() for p in site.rglob("*.py")]
+    assert any(p.startswith("worker/") for p in installed)
+    leaked = [
+        p
+        for p in installed
+        if p.startswith(("devkit/", "tests/", "bench/"))
+        or "fake_tiktok" in p
+        or "sample_events" in p
+    ]
+    assert leaked == []
+
+
 def test_installed_worker_accepts_the_charts_config(image: Image, tmp_path: Path) -> None:
     (cm,) = [o for o in render() if o["kind"] == "ConfigMap"]
     path = tmp_path / "config.yaml"

@@ -14,46 +14,20 @@ import contextlib
 import signal
 from typing import Any
 
-from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient
-
 from worker.config import Config, secret_values
 from worker.delivery.factory import build_delivery
-from worker.errors import ConfigError, WorkerError
+from worker.errors import WorkerError
 from worker.kafka.consumer import ConsumerThread, consumer_config
 from worker.kafka.deadletters import DeadLetterProducer, producer_config
 from worker.kafka.lag import LagMonitor
+from worker.kafka.preflight import preflight
 from worker.mapping.mapper import Mapper
 from worker.observability.health import HealthServer, liveness_check
 from worker.observability.logs import kafka_logger, register_secrets
 from worker.observability.metrics import Metrics
 from worker.pipeline.pipeline import Pipeline
 
-PREFLIGHT_TIMEOUT_S = 15.0
 SHUTDOWN_MARGIN_S = 10.0
-
-
-def preflight(config: Config) -> None:
-    """Fail fast, in one line, when Kafka is unreachable or the dead-letter topic is missing."""
-    conf: dict[str, Any] = {"bootstrap.servers": config.kafka.bootstrap_servers}
-    conf.update(config.kafka.client)
-    conf["logger"] = kafka_logger()  # never polled: librdkafka's retries stay off stderr
-    try:
-        admin = AdminClient(conf)
-    except KafkaException as exc:  # a property librdkafka refuses: a configuration error
-        raise ConfigError(f"kafka.client: {exc.args[0].str()}") from None
-    try:
-        metadata = admin.list_topics(timeout=PREFLIGHT_TIMEOUT_S)
-    except KafkaException as exc:
-        raise WorkerError(
-            f"cannot reach Kafka at {config.kafka.bootstrap_servers}: {exc.args[0].str()}"
-        ) from None
-    dlq_topic = config.kafka.dead_letter_topic
-    if dlq_topic not in metadata.topics or metadata.topics[dlq_topic].error is not None:
-        raise WorkerError(
-            f"dead-letter topic {dlq_topic!r} does not exist on "
-            f"{config.kafka.bootstrap_servers}: create it before starting the worker"
-        )
 
 
 async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None) -> int:

@@ -718,7 +718,7 @@ class ChaosRun:
     def _run_faults(self, start: float, supervisor: Supervisor, fake: FakeTikTokProcess) -> None:
         """Run the schedule on this (the main) thread.
 
-        Servers are stopped and started here, never on a short-lived thread: tests/infra
+        Servers are stopped and started here, never on a short-lived thread: devkit/infra
         starts them with a parent-death signal, which fires when the starting thread exits."""
         plan = self.plan
         actions: list[tuple[float, Callable[[], None]]] = []

@@ -5,7 +5,7 @@
     python devkit/chaos/run.py --long --duration 120 --seed 3 --no-write
 
 Starts its own Kafka broker and Redis (it stops and kills them on purpose), the fake TikTok
-server and three workers (see tests/chaos/harness.py). Exit status 0 when nothing was lost
+server and three workers (see devkit/chaos/harness.py). Exit status 0 when nothing was lost
 and nothing was wrongly dead-lettered, 1 otherwise.
 """
 

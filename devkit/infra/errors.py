@@ -1,4 +1,4 @@
-"""The one exception type of tests/infra.
+"""The one exception type of devkit/infra.
 
 Kept free of pytest so the same classes serve `scripts/local-kafka` and friends; the pytest
 fixtures turn an InfraError into a test failure (never a skip) with the same message.

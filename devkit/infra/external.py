@@ -4,7 +4,7 @@ testcontainers when TEST_INFRA=docker and a Docker engine answers.
 
 They offer `bootstrap`/`create_topic`/`delete_topic` (Kafka) and `url`/`client` (Redis);
 `start/stop/kill/restart` raise InfraError saying the test needs infrastructure started by
-tests/infra. `close()` releases what the stand-in owns (a container), nothing else.
+devkit/infra. `close()` releases what the stand-in owns (a container), nothing else.
 """
 
 from __future__ import annotations

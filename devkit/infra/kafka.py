@@ -10,7 +10,7 @@ librdkafka AdminClient succeeds and lists the broker.
 directory, so committed offsets and topic data survive, as chaos tests need.
 
 `KafkaEndpoint` holds the topic helpers shared with the external stand-ins
-(tests/infra/external.py).
+(devkit/infra/external.py).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ DEFAULT_JVM_FLAGS: tuple[str, ...] = (
 )
 
 _LOG4J2 = """\
-# Written by tests/infra/kafka.py: everything to stdout, which goes to the server log file.
+# Written by devkit/infra/kafka.py: everything to stdout, which goes to the server log file.
 status = warn
 appender.out.type = Console
 appender.out.name = out
@@ -217,7 +217,7 @@ class KafkaEndpoint(UnmanagedLifecycle):
     # Lifecycle: only servers this process started can be stopped; stand-ins override nothing.
     def _unsupported(self, what: str) -> InfraError:
         return InfraError(
-            f"cannot {what} the Kafka at {self.bootstrap}: it was not started by tests/infra "
+            f"cannot {what} the Kafka at {self.bootstrap}: it was not started by devkit/infra "
             "(unset KAFKA_BOOTSTRAP_SERVERS / TEST_INFRA to let the tests start their own broker)"
         )
 
@@ -348,7 +348,7 @@ class KafkaServer(KafkaEndpoint):
 
     def _write_config(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        lines = ["# Written by tests/infra/kafka.py"]
+        lines = ["# Written by devkit/infra/kafka.py"]
         lines += [f"{k}={v}" for k, v in self.server_properties().items()]
         self.properties_path.write_text("\n".join(lines) + "\n")
         (self.workdir / "log4j2.properties").write_text(_LOG4J2)

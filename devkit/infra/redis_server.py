@@ -53,7 +53,7 @@ class RedisEndpoint(UnmanagedLifecycle):
 
     def _unsupported(self, what: str) -> InfraError:
         return InfraError(
-            f"cannot {what} the Redis at {self.display_url}: it was not started by tests/infra "
+            f"cannot {what} the Redis at {self.display_url}: it was not started by devkit/infra "
             "(unset REDIS_URL / TEST_INFRA to let the tests start their own redis-server)"
         )
 

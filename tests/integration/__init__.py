@@ -1,1 +1,1 @@
-"""Integration tests: real Kafka, Redis and Prometheus started by tests/infra (see conftest)."""
+"""Integration tests: real Kafka, Redis and Prometheus started by devkit/infra (see conftest)."""

@@ -1,4 +1,4 @@
-"""The short chaos run (tests/chaos/harness.py) as part of `make test`: about a minute of
+"""The short chaos run (devkit/chaos/harness.py) as part of `make test`: about a minute of
 kill -9s, a broker stop, a Redis stop and fake TikTok error bursts against three workers.
 
 SPEC §4: nothing is lost and nothing good is dead-lettered, whatever fails; malformed input

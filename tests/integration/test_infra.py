@@ -172,7 +172,7 @@ def test_external_stand_in_offers_topics_but_refuses_lifecycle(kafka: KafkaEndpo
     assert name in ext.topics()
     ext.delete_topic(name)
     assert name not in ext.topics()
-    with pytest.raises(InfraError, match="not started by tests/infra"):
+    with pytest.raises(InfraError, match="not started by devkit/infra"):
         ext.restart()
 
 

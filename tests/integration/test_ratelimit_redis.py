@@ -1,6 +1,6 @@
 """The shared rate limiter against a real redis-server (SPEC §5, issue 5).
 
-Multi-process tests start `tests/ratelimit_driver.py` pods (each its own interpreter, event
+Multi-process tests start `devkit/ratelimit_driver.py` pods (each its own interpreter, event
 loop and RedisRateLimiter) that POST to a RecordingServer in this process. Each request
 carries the moment the limiter released it (`time.monotonic()`, one clock for every process on
 Linux) and the server records that and its arrival time. Window bounds are asserted on the

@@ -1,4 +1,4 @@
-"""`tiktok-worker verify` as a process against `tiktok-worker fake-tiktok`: exit statuses,
+"""`tiktok-worker verify` as a process against `python -m devkit.fake_tiktok`: exit statuses,
 one line per destination, one-line errors, and never the token."""
 
 from __future__ import annotations

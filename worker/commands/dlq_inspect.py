@@ -16,10 +16,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
-from worker.app import preflight
 from worker.config import Config, load_config, secret_values
 from worker.errors import WorkerError
 from worker.kafka.dlq_reader import BoundedReader, DeadLetterRecord, reader_config
+from worker.kafka.preflight import preflight
 from worker.observability.logs import configure_logging, register_secrets
 from worker.redrive.engine import RedriveLedger
 

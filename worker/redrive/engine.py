@@ -40,7 +40,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from worker.app import preflight
 from worker.config import Config
 from worker.delivery.client import SendResult, TikTokClient
 from worker.delivery.factory import build_delivery
@@ -56,6 +55,7 @@ from worker.kafka.dlq_reader import (
     reader_config,
 )
 from worker.kafka.offsets import PartitionTracker
+from worker.kafka.preflight import preflight
 from worker.mapping.mapper import EventOutcome, Mapper
 from worker.observability.metrics import DLQ_REASONS, Metrics
 
