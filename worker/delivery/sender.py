@@ -12,7 +12,9 @@ Response classes (`worker.delivery.client.classify_answer`, `worker.delivery.cod
 - retryable (5xx, 5xxxx, timeouts, connection errors): capped exponential backoff with full
   jitter until `retry.deadline_s` after the batch's first attempt, then `retries_exhausted`.
   A batch of several events that failed `SPLIT_AFTER_FAILURES` times in a row is split in
-  halves, so one poison event cannot hold the others back;
+  halves, so one poison event cannot hold the others back; a half splits again only once its
+  sibling got through, so an outage of the whole destination costs two requests per batch,
+  not one per event;
 - request-level (auth codes, a 40002 on a top-level field, HTTP 3xx/404/405): the whole batch
   fails at once (`auth_error` or `permanent_api_error`), never bisected;
 - permanent per event: when TikTok's text names the event (`data[3]`, `Batch.3.`) that one is
@@ -70,6 +72,21 @@ class LanePolicy:
     concurrency: int
     max_concurrent_requests: int
     max_bytes: int = DEFAULT_MAX_BATCH_BYTES
+
+
+class _Halves:
+    """The two halves of a batch split after retryable failures.
+
+    A half splits again only once its sibling was delivered: then the failure follows some
+    events (a poison event) and splitting isolates them. When neither half gets through, the
+    destination itself is failing (an outage), and splitting further would only multiply
+    requests against an app budget other destinations share.
+    """
+
+    __slots__ = ("delivered",)
+
+    def __init__(self) -> None:
+        self.delivered = False
 
 
 def _live(events: Sequence[PendingEvent]) -> list[PendingEvent]:
@@ -241,12 +258,14 @@ class Sender:
         holding: bool = False,
         attempt: int = 0,
         repeat_of: tuple[int | None, int | None, str] | None = None,
+        halves: _Halves | None = None,
     ) -> SendResult | None:
         """Deliver `events` until each is delivered or failed.
 
         `holding`: a lane permit and a slot are already held for the first request.
         `repeat_of`: when the first permanent answer is exactly this error, hand it back to
         the caller (bisection decides) instead of handling it. Returns None otherwise.
+        `halves`: set when `events` is half of a batch split after retryable failures.
         """
         route = self._routes[lane.key.destination]
         loop = asyncio.get_running_loop()
@@ -278,6 +297,8 @@ class Sender:
                 return None
             outcome = result.outcome
             if outcome is Outcome.SUCCESS:
+                if halves is not None:
+                    halves.delivered = True
                 self._delivered(events)
                 return None
             if outcome.retryable:
@@ -299,12 +320,14 @@ class Sender:
                     return None
                 self._metrics.retries.labels(destination=route.destination).inc()
                 await asyncio.sleep(delay)
-                if failures >= SPLIT_AFTER_FAILURES and len(events) > 1:
+                splittable = halves is None or halves.delivered
+                if failures >= SPLIT_AFTER_FAILURES and len(events) > 1 and splittable:
                     # One poison event (a 5xx or a timeout it causes) must not hold the rest.
                     left, right = self._halves(_live(events))
+                    pair = _Halves()
                     await asyncio.gather(
-                        self._deliver(lane, left, deadline, attempt=attempt),
-                        self._deliver(lane, right, deadline, attempt=attempt),
+                        self._deliver(lane, left, deadline, attempt=attempt, halves=pair),
+                        self._deliver(lane, right, deadline, attempt=attempt, halves=pair),
                     )
                     return None
                 continue
