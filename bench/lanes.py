@@ -5,9 +5,10 @@ the documented track events, one worker with product defaults (the rate limit is
 the throughput runs). A backlog of `a_messages` page views interleaved with `b_messages` track
 events is drained twice, once with the fake answering every `shop-a` request with HTTP 503 and
 once without. `shop-b`'s throughput is its accepted events / (last - first acceptance), at the
-fake; the figure is the ratio of the two. `a_messages` stays below `max_inflight_messages`
-(20000), so the in-flight bound is not reached during the outage: lanes alone keep the healthy
-destination flowing until it is (parking, the next issue, removes that limit).
+fake; the figure is the ratio of the two. `a_messages` stays below half of
+`max_inflight_messages` (the level at which paused partitions resume): lanes alone keep the
+healthy destination flowing only while the destination in trouble holds less than that
+(parking, the next issue, removes the limit).
 
 Throttled lane: one destination with `rate_limit.qps` 2 and a backlog; the figure is the median
 events per accepted request over `duration_s` (batches are sealed when the slot is granted).

@@ -82,7 +82,7 @@ FULL: dict[str, Any] = {
     "latency_runs": 3,
     "latency_duration_s": 20,
     "lanes_runs": 3,
-    "lanes_a_messages": 15_000,
+    "lanes_a_messages": 5_000,
     "lanes_b_messages": 60_000,
     "lanes_throttle_backlog": 20_000,
     "lanes_throttle_s": 10,
