@@ -81,7 +81,7 @@ FULL: dict[str, Any] = {
     "memory_max_s": 150,
     "latency_runs": 3,
     "latency_duration_s": 20,
-    "lanes_runs": 3,
+    "lanes_runs": 5,
     "lanes_a_messages": 5_000,
     "lanes_b_messages": 60_000,
     "lanes_throttle_backlog": 20_000,
@@ -101,7 +101,7 @@ QUICK: dict[str, Any] = {
     "memory_max_s": 20,
     "latency_runs": 1,
     "latency_duration_s": 10,
-    "lanes_runs": 1,
+    "lanes_runs": 2,
     "lanes_b_messages": 30_000,
     "lanes_throttle_s": 6,
 }
