@@ -125,7 +125,6 @@ class Sender:
         self._budgets: dict[str, AppBudget] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._batch_ids = itertools.count(1)
-        self._gate_open = True
         self._gate = asyncio.Event()
         self._gate.set()
         self.on_wire = 0
@@ -150,7 +149,6 @@ class Sender:
 
     def close_gate(self) -> None:
         """Start no new request from now on (requests on the wire finish)."""
-        self._gate_open = False
         self._gate.clear()
 
     @property
