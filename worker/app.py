@@ -14,7 +14,7 @@ import contextlib
 import signal
 from typing import Any
 
-from worker.config import Config, secret_values
+from worker.config import Config, liveness_timeout_s, secret_values
 from worker.delivery.factory import build_delivery
 from worker.errors import WorkerError
 from worker.kafka.consumer import ConsumerThread, consumer_config
@@ -34,7 +34,7 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
     """Run until SIGTERM/SIGINT or a fatal error; returns the exit status."""
     register_secrets(secret_values(config))
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, preflight, config)
+    await loop.run_in_executor(None, preflight, config, log)
     metrics = metrics if metrics is not None else Metrics()
     kafka = config.kafka
     stop = asyncio.Event()
@@ -75,6 +75,7 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
                 bootstrap_servers=kafka.bootstrap_servers,
                 group_id=kafka.group_id,
                 client=kafka.client,
+                start_from=kafka.start_from,
             ),
             "logger": kafka_logger(),
         },
@@ -91,6 +92,7 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
         bootstrap_servers=kafka.bootstrap_servers,
         group_id=kafka.group_id,
         client=kafka.client,
+        start_from=kafka.start_from,
         partitions=consumer.assignment,
         metrics=metrics,
         log=log,
@@ -111,7 +113,7 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
         port=config.http.port,
         registry=metrics.registry,
         live=liveness_check(
-            heartbeat=lambda: consumer.heartbeat, timeout_s=config.http.liveness_timeout_s
+            heartbeat=lambda: consumer.heartbeat, timeout_s=liveness_timeout_s(config)
         ),
         ready=ready,
     )

@@ -293,7 +293,7 @@ def hint(result: SendResult, dest: DestinationConfig, index: int) -> str:
     if result.outcome in (Outcome.RETRYABLE, Outcome.TIMEOUT, Outcome.CONNECTION):
         return (
             "TikTok unreachable or busy: check tiktok.base_url and network access "
-            "(proxy, egress NetworkPolicy), then try again"
+            "(HTTPS_PROXY/NO_PROXY, egress NetworkPolicy), then try again"
         )
     field = _bad_field(result.message)
     if code is not None and 40000 <= code < 41000 and field is not None:

@@ -13,10 +13,11 @@ Contract:
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Final, Literal, get_args, get_origin, get_type_hints
 
 import msgspec
@@ -34,10 +35,18 @@ __all__ = [
     "RateLimitConfig",
     "RetryConfig",
     "TikTokConfig",
+    "liveness_timeout_s",
     "load_config",
     "masked",
     "parse_config",
 ]
+
+# A rebalance or stop blocks the consumer thread (and its heartbeat) for up to the drain time;
+# liveness must allow that plus this much before it declares the loop stuck.
+LIVENESS_MIN_MARGIN_S: Final = 10.0
+# The default liveness timeout is the drain time plus this (60 s with the default drain).
+LIVENESS_DEFAULT_MARGIN_S: Final = 35.0
+REDIS_SCHEMES: Final = ("redis", "rediss", "unix")
 
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
@@ -54,6 +63,8 @@ class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     topics: Annotated[tuple[NonEmptyStr, ...], msgspec.Meta(min_length=1)] = ("segment-events",)
     group_id: NonEmptyStr = "tiktok-conversions"
     dead_letter_topic: NonEmptyStr = "segment-events.tiktok-dlq"
+    # Where a group with no committed offset begins (librdkafka's auto.offset.reset).
+    start_from: Literal["earliest", "latest"] = "earliest"
     # librdkafka properties passed verbatim (security.protocol, sasl.*, ssl.*, ...).
     # (Values are checked in _check_semantics, so the error can name the property.)
     client: dict[str, Any] = msgspec.field(default_factory=dict)
@@ -84,13 +95,16 @@ class RateLimitConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
     qps: PositiveFloat = 1000.0
     backend: Literal["redis", "local"] = "redis"
     redis_url: NonEmptyStr = "redis://localhost:6379/0"
+    # The password on its own, so it need not be percent-encoded into redis_url.
+    redis_password: NonEmptyStr | None = None
     expected_replicas: PositiveInt = 1
 
 
 class HttpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     host: NonEmptyStr = "0.0.0.0"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9464
-    liveness_timeout_s: PositiveFloat = 60.0
+    # null: kafka.drain_timeout_s + LIVENESS_DEFAULT_MARGIN_S (see liveness_timeout_s()).
+    liveness_timeout_s: PositiveFloat | None = None
 
 
 class LoggingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -139,6 +153,9 @@ def parse_config(text: str, *, environ: Mapping[str, str] | None = None) -> Conf
     except msgspec.ValidationError as exc:
         raise ConfigError(_translate(str(exc))) from None
     _check_semantics(config)
+    if config.http.liveness_timeout_s is None:  # the effective value, for readers and output
+        http = msgspec.structs.replace(config.http, liveness_timeout_s=liveness_timeout_s(config))
+        config = msgspec.structs.replace(config, http=http)
     return config
 
 
@@ -287,12 +304,16 @@ def _check_semantics(config: Config) -> None:
     """Checks msgspec cannot express: uniqueness and cross-field ranges."""
     # A rebalance or stop blocks the consumer thread (and its heartbeat) for up to the drain
     # time plus a margin; liveness must not declare that stuck and get the pod restarted.
-    if config.http.liveness_timeout_s <= config.kafka.drain_timeout_s + 10:
+    # Only an explicit value can break the rule: the default is derived from the drain time.
+    floor = config.kafka.drain_timeout_s + LIVENESS_MIN_MARGIN_S
+    if config.http.liveness_timeout_s is not None and config.http.liveness_timeout_s <= floor:
         raise ConfigError(
-            "http.liveness_timeout_s: must be greater than kafka.drain_timeout_s + 10 "
-            f"({config.kafka.drain_timeout_s + 10:g}): draining a revoked partition pauses "
-            "the consumer loop that long"
+            f"http.liveness_timeout_s: must be greater than kafka.drain_timeout_s + "
+            f"{LIVENESS_MIN_MARGIN_S:g} ({floor:g}): draining a revoked partition pauses "
+            "the consumer loop that long (leave it out to derive it from the drain time)"
         )
+    _check_base_url(config.tiktok.base_url)
+    _check_redis(config.rate_limit)
     retry = config.tiktok.retry
     if retry.max_backoff_s < retry.initial_backoff_s:
         raise ConfigError("tiktok.retry.max_backoff_s: must be >= tiktok.retry.initial_backoff_s")
@@ -307,6 +328,11 @@ def _check_semantics(config: Config) -> None:
                 f"kafka.client.{key}: managed by the worker; remove it "
                 "(offsets are committed only after delivery)"
             )
+        if key == "auto.offset.reset":
+            raise ConfigError(
+                "kafka.client.auto.offset.reset: set kafka.start_from (earliest or latest) instead"
+            )
+    _check_kafka_client(config.kafka)
     seen: dict[str, int] = {}
     for i, dest in enumerate(config.destinations):
         where = f"destinations[{i}]"
@@ -326,6 +352,131 @@ def _check_semantics(config: Config) -> None:
     # once, by `worker.mapping.Mapper` (every command that maps builds one at start-up).
 
 
+def liveness_timeout_s(config: Config) -> float:
+    """`http.liveness_timeout_s`, or its default derived from `kafka.drain_timeout_s`."""
+    if config.http.liveness_timeout_s is not None:
+        return config.http.liveness_timeout_s
+    return config.kafka.drain_timeout_s + LIVENESS_DEFAULT_MARGIN_S
+
+
+def _check_base_url(url: str) -> None:
+    """`tiktok.base_url` must be http(s)://host[:port] with an optional path prefix."""
+    where = "tiktok.base_url"
+    form = "must be http://host[:port] or https://host[:port]"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # raises ValueError for a port that is not a number in range
+    except ValueError:
+        raise ConfigError(f"{where}: {form} (the port is not a number from 1 to 65535)") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}: {form}, got {url!r}")
+    if port == 0 or parts.query or parts.fragment or parts.username or parts.password:
+        raise ConfigError(f"{where}: {form} (no credentials, query or fragment), got {url!r}")
+
+
+def _check_redis(rate_limit: RateLimitConfig) -> None:
+    """`rate_limit.redis_url`: redis://, rediss:// or unix://, parseable as redis-py parses it.
+    Error texts never repeat the URL: it may hold a password."""
+    where = "rate_limit.redis_url"
+    url = rate_limit.redis_url
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    if scheme not in REDIS_SCHEMES:
+        raise ConfigError(
+            f"{where}: must start with redis://, rediss:// (TLS) or unix:// "
+            "(e.g. redis://redis:6379/0)"
+        )
+    encode_hint = (
+        "percent-encode reserved characters in the user name and password "
+        "(@ as %40, : as %3A, / as %2F), or set rate_limit.redis_password"
+    )
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (parsing the port is the check)
+    except ValueError:
+        raise ConfigError(f"{where}: not a valid URL; {encode_hint}") from None
+    if scheme == "unix":
+        if not parts.path:
+            raise ConfigError(f"{where}: unix:// needs a socket path (unix:///run/redis.sock)")
+    elif not parts.hostname:
+        raise ConfigError(f"{where}: no host; {encode_hint}")
+    elif parts.path not in ("", "/") and not parts.path.lstrip("/").isdigit():
+        raise ConfigError(
+            f"{where}: the path must be a database number (redis://host:6379/0); {encode_hint}"
+        )
+    try:  # and as redis-py will at start-up (no connection is made)
+        import redis.asyncio
+
+        redis.asyncio.ConnectionPool.from_url(url)
+    except ValueError:
+        raise ConfigError(f"{where}: not a valid Redis URL; {encode_hint}") from None
+    if rate_limit.redis_password is not None and parts.password:
+        raise ConfigError(
+            "rate_limit.redis_password: the redis_url holds a password too; keep one of them"
+        )
+
+
+def _check_kafka_client(kafka: KafkaConfig) -> None:
+    """Build the consumer and producer settings the worker will use and let librdkafka check
+    every property name and value, exactly as start-up does, without contacting a broker
+    (no bootstrap servers are given to these throw-away clients)."""
+    # Imported here: these modules import this one's types indirectly.
+    from confluent_kafka import Consumer, KafkaException, Producer
+
+    from worker.kafka.consumer import consumer_config
+    from worker.kafka.deadletters import producer_config
+
+    consumer = consumer_config(
+        bootstrap_servers="",
+        group_id=kafka.group_id,
+        client=kafka.client,
+        start_from=kafka.start_from,
+    )
+    producer = producer_config("", kafka.client)
+    for factory, conf in ((Consumer, consumer), (Producer, producer)):
+        conf = {k: v for k, v in conf.items() if k != "bootstrap.servers"}
+        # librdkafka's warnings (no bootstrap.servers here) go to a logger nobody polls.
+        conf["logger"] = _SILENT_KAFKA_LOGGER
+        try:
+            client = factory(conf)
+        except KafkaException as exc:
+            raise ConfigError(librdkafka_error(exc.args[0].str(), kafka.client)) from None
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"kafka.client: {exc}") from None
+        if isinstance(client, Consumer):
+            client.close()
+        else:
+            client.flush(0)
+
+
+_SILENT_KAFKA_LOGGER: Final = logging.getLogger("worker.config.librdkafka-check")
+_SILENT_KAFKA_LOGGER.propagate = False
+_SILENT_KAFKA_LOGGER.addHandler(logging.NullHandler())
+
+_DOTTED_RE: Final = re.compile(r"\b[a-z]+(?:\.[a-z]+)+\b")
+_PROPERTY_RE: Final = re.compile(r'property:?\s+"([^"]+)"')
+
+
+def librdkafka_error(text: str, keys: Iterable[str] = ()) -> str:
+    """`kafka.client.<property>: <librdkafka's reason>`, naming the property when the text
+    quotes it or mentions one of `keys` (the configured properties). librdkafka quotes a
+    refused value; for a secret-looking property it is left out."""
+    text = re.sub(r"^Failed to create (consumer|producer|admin client): ", "", text)
+    m = _PROPERTY_RE.search(text)
+    key: str | None = m.group(1) if m else None
+    if key is None:
+        mentioned = [k for k in keys if k in text]
+        if "SASL mechanism" in text:
+            mentioned.append("sasl.mechanism")
+        key = max(mentioned, key=len) if mentioned else None
+    if key is None and (dotted := _DOTTED_RE.search(text)):  # "sasl.username ... must be set"
+        key = dotted.group(0)
+    if key is None:
+        return f"kafka.client: {text}"
+    if _SECRET_KEY_RE.search(key):
+        return f"kafka.client.{key}: refused by librdkafka (value not shown)"
+    return f"kafka.client.{key}: {text}"
+
+
 # --------------------------------------------------------------------------- masking
 
 _MASK: Final = "***"
@@ -342,9 +493,15 @@ def secret_values(config: Config) -> list[str]:
         for k, v in config.kafka.client.items()
         if any(word in k for word in ("password", "secret", "sasl.oauthbearer"))
     ]
-    password = urllib.parse.urlsplit(config.rate_limit.redis_url).password
-    if password:
-        values.append(urllib.parse.unquote(password))
+    userinfo = _userinfo(config.rate_limit.redis_url)
+    if userinfo:
+        # The whole userinfo, and its password part both as written and decoded.
+        values.append(userinfo)
+        password = userinfo.partition(":")[2]
+        if password:
+            values += [password, urllib.parse.unquote(password)]
+    if config.rate_limit.redis_password:
+        values.append(config.rate_limit.redis_password)
     return values
 
 
@@ -355,11 +512,26 @@ def masked(config: Config) -> dict[str, Any]:
         k: (_MASK if _SECRET_KEY_RE.search(k) else v) for k, v in data["kafka"]["client"].items()
     }
     data["rate_limit"]["redis_url"] = _mask_url(data["rate_limit"]["redis_url"])
+    if data["rate_limit"]["redis_password"] is not None:
+        data["rate_limit"]["redis_password"] = _MASK
     for dest in data["destinations"]:
         dest["access_token"] = _MASK
     return data
 
 
+def _userinfo(url: str) -> str:
+    """Everything between `scheme://` and the last `@`, however it is written: a password
+    with an unencoded `@`, `:` or `/` must not leave a part of itself outside the mask."""
+    _scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return ""
+    return rest.rpartition("@")[0]
+
+
 def _mask_url(url: str) -> str:
-    """Hide the password in `scheme://user:password@host/...`."""
-    return re.sub(r"^([a-z][a-z0-9+.-]*://)([^:@/]*):([^@/]*)@", rf"\1\2:{_MASK}@", url, flags=re.I)
+    """Replace the whole userinfo of `scheme://userinfo@host/...` by `***`."""
+    userinfo = _userinfo(url)
+    if not userinfo:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{_MASK}@{rest[len(userinfo) + 1 :]}"

@@ -233,7 +233,9 @@ class TikTokClient:
 
     The session is created lazily inside the running event loop on the first `send`, with an
     explicit timeout (total = `timeout_s`, TCP connect = `connect_timeout_s`) and a connection
-    pool of `max_connections`. `close()` is idempotent; the client is an async context manager.
+    pool of `max_connections`. It honours the standard proxy variables (`HTTPS_PROXY`,
+    `HTTP_PROXY`, `NO_PROXY`, read when the session is created). `close()` is idempotent; the
+    client is an async context manager.
     """
 
     __slots__ = (
@@ -296,6 +298,9 @@ class TikTokClient:
                 ),
                 headers={"User-Agent": self._user_agent, "Accept": "application/json"},
                 raise_for_status=False,
+                # HTTP_PROXY / HTTPS_PROXY / NO_PROXY (and ~/.netrc) as every HTTP tool does:
+                # clusters often reach the internet only through an egress proxy.
+                trust_env=True,
             )
         return self._session
 

@@ -69,6 +69,7 @@ def build_delivery(
         backend=rate_limit.backend,
         qps=rate_limit.qps,
         redis_url=rate_limit.redis_url,
+        redis_password=rate_limit.redis_password,
         expected_replicas=rate_limit.expected_replicas,
         metrics=metrics,
         logger=log,

@@ -42,13 +42,18 @@ _FORCED_SETTINGS: Final[dict[str, Any]] = {
 
 
 def consumer_config(
-    *, bootstrap_servers: str, group_id: str, client: Mapping[str, Any]
+    *,
+    bootstrap_servers: str,
+    group_id: str,
+    client: Mapping[str, Any],
+    start_from: str = "earliest",
 ) -> dict[str, Any]:
-    """librdkafka consumer settings: defaults, the user's properties, then the forced ones."""
+    """librdkafka consumer settings: defaults, the user's properties, then the forced ones.
+    `start_from` (kafka.start_from) is where a group without a committed offset begins."""
     conf: dict[str, Any] = {
         "bootstrap.servers": bootstrap_servers,
         "group.id": group_id,
-        "auto.offset.reset": "earliest",
+        "auto.offset.reset": start_from,
         "client.id": "tiktok-worker",
         "statistics.interval.ms": STATS_INTERVAL_MS,
         "max.poll.interval.ms": 300000,

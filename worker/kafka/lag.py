@@ -153,9 +153,11 @@ class LagMonitor:
         log: Any,
         logger: logging.Logger | None = None,
         interval_s: float = DEFAULT_INTERVAL_S,
+        start_from: str = "earliest",
     ) -> LagMonitor:
-        """A monitor whose reset and isolation rules match a consumer built from `client`."""
-        reset = str(client.get("auto.offset.reset", "earliest")).lower()
+        """A monitor whose reset and isolation rules match a consumer built from `client`
+        and `start_from` (kafka.start_from)."""
+        reset = start_from
         isolation = str(client.get("isolation.level", "read_committed")).lower()
         admin = AdminClient(
             admin_config(bootstrap_servers=bootstrap_servers, client=client, logger=logger)
