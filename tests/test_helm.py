@@ -298,6 +298,12 @@ def test_rendered_config_is_accepted_by_check_config(
 ) -> None:
     path = tmp_path / "config.yaml"
     config = worker_config(rendered[name])
+    if "ssl.ca.location" in config["kafka"]["client"]:
+        # The pod mounts the CA there; librdkafka reads the file when the config is checked
+        # (as at start-up), so point it at a CA bundle this machine has.
+        import certifi
+
+        config["kafka"]["client"]["ssl.ca.location"] = certifi.where()
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TIKTOK_", "KAFKA_", "REDIS_"))}
     secret_values = {
@@ -395,6 +401,25 @@ def test_keda_scales_on_the_consumer_group_lag(rendered: dict[str, list[Obj]]) -
         assert trigger["metadata"]["allowIdleConsumers"] == "false"
         assert trigger["authenticationRef"] == {"name": "kafka-sasl"}
     assert "replicas" not in deployment(objs)["spec"]
+
+
+@pytest.mark.parametrize("start_from", [None, "earliest", "latest"])
+def test_keda_offset_reset_policy_is_the_workers_start_from(start_from: str | None) -> None:
+    # Issue 19: KEDA must count the lag of a partition without committed offsets the way the
+    # worker will consume it; one setting (config.kafka.start_from, default earliest) decides.
+    set_values = {"keda.enabled": "true", "topicPartitions": "3"}
+    if start_from is not None:
+        set_values["config.kafka.start_from"] = start_from
+    objs = render(set_values=set_values)
+    (trigger,) = one(objs, "ScaledObject")["spec"]["triggers"]
+    assert trigger["metadata"]["offsetResetPolicy"] == (start_from or "earliest")
+    assert worker_config(objs)["kafka"]["start_from"] == (start_from or "earliest")
+
+
+def test_keda_has_no_offset_reset_value_of_its_own() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert "offsetResetPolicy" not in values["keda"]
+    assert "offsetResetPolicy" in render_error(set_values={"keda.offsetResetPolicy": "latest"})
 
 
 def test_prometheus_rule_is_the_rules_file_scoped_to_the_release(
