@@ -86,14 +86,19 @@ def exposed_names() -> dict[str, tuple[str, frozenset[str]]]:
         "info": ("_info",),
     }
     out: dict[str, tuple[str, frozenset[str]]] = {}
-    for family, (kind, labels) in metric_catalogue().items():
+    catalogue = dict(metric_catalogue())
+    # The process_* families of prometheus_client's ProcessCollector, on the same registry.
+    for family in Metrics(CollectorRegistry()).registry.collect():
+        if family.name.startswith("process_"):
+            catalogue[family.name] = (family.type, frozenset())
+    for family, (kind, labels) in catalogue.items():
         for suffix in suffixes[kind]:
             extra = {"le"} if suffix == "_bucket" else set()
             out[family + suffix] = (family, labels | extra)
     return out
 
 
-_SELECTOR_RE = re.compile(r"\b(tiktok_worker_[a-z0-9_]+|up)\s*\{([^}]*)\}")
+_SELECTOR_RE = re.compile(r"\b(tiktok_worker_[a-z0-9_]+|process_[a-z_]+|up)\s*\{([^}]*)\}")
 _MATCHER_RE = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
 _GROUPING_RE = re.compile(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)")
 
@@ -264,6 +269,34 @@ def test_dashboard_identity_and_variables() -> None:
     for name in ("namespace", "pod"):
         assert variables[name]["datasource"]["uid"] == "${datasource}"
         assert "tiktok_worker_build_info" in variables[name]["definition"]
+    # Issue 19: pick one or more destinations.
+    dest = variables["destination"]
+    assert dest["datasource"]["uid"] == "${datasource}"
+    assert dest["definition"].endswith(", destination)")
+    assert (dest["includeAll"], dest["allValue"], dest["multi"]) == (True, ".*", True)
+
+
+def test_every_destination_metric_follows_the_destination_variable() -> None:
+    exposed = exposed_names()
+    checked = 0
+    for title, expr in raw_dashboard_expressions():
+        for name, matchers in selectors(expr):
+            if name in exposed and "destination" in exposed[name][1]:
+                checked += 1
+                assert ("destination", "=~", "$destination") in matchers, (title, name)
+    assert checked >= 10
+
+
+def test_the_dashboard_shows_process_memory_cpu_and_fds() -> None:
+    used = {n for _, e in raw_dashboard_expressions() for n in metric_names(e)}
+    exposed = exposed_names()
+    for name in (
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+    ):
+        assert name in exposed, name
+        assert name in used, name
 
 
 def test_every_panel_queries_the_selected_datasource_namespace_and_pods() -> None:

@@ -7,6 +7,7 @@ monitor over a fake admin client.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from concurrent.futures import Future
 from typing import Any
@@ -100,7 +101,7 @@ def test_every_spec_metric_is_exposed_with_its_name_type_and_labels() -> None:
 def test_no_unexpected_families_and_every_one_is_prefixed() -> None:
     metrics = Metrics()
     populate_every_family(metrics)
-    exposed = exposition(metrics)
+    exposed = {n: v for n, v in exposition(metrics).items() if not n.startswith("process_")}
     assert all(name.startswith("tiktok_worker_") for name in exposed)
     extras = set(exposed) - set(SPEC_METRICS)
     # The operator extras documented in docs/operations.md, and nothing else.
@@ -110,6 +111,54 @@ def test_no_unexpected_families_and_every_one_is_prefixed() -> None:
         "tiktok_worker_commits_total",
         "tiktok_worker_rebalances_total",
     }
+
+
+def test_process_metrics_are_exposed_on_the_workers_registry() -> None:
+    # Issue 19 / SPEC §7: CPU, resident memory and open fds of the worker process itself.
+    exposed = exposition(Metrics())
+    for name, kind in (
+        ("process_cpu_seconds_total", "counter"),
+        ("process_resident_memory_bytes", "gauge"),
+        ("process_open_fds", "gauge"),
+        ("process_max_fds", "gauge"),
+        ("process_start_time_seconds", "gauge"),
+    ):
+        assert exposed.get(name, ("missing",))[0] == kind, name
+    text = generate_latest(Metrics().registry).decode()
+    rss = next(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "process_resident_memory_bytes"
+    )
+    assert rss > 1_000_000  # a real reading of this process, not a placeholder
+
+
+def test_every_skip_reason_is_emitted_and_documented() -> None:
+    # Issue 19: a documented label value the worker never emits misleads dashboards/alerts.
+    from pathlib import Path
+
+    from worker.config import parse_config
+    from worker.mapping import Mapper
+
+    mapper = Mapper(
+        parse_config("destinations: [{name: web-shop, pixel_code: P, access_token: t}]\n")
+    )
+    produces = {  # reason -> a message that is skipped with it
+        "no_match": b'{"type": "identify", "userId": "u"}',
+    }
+    assert set(produces) == set(SKIP_REASONS)
+    for reason, message in produces.items():
+        (outcome,) = mapper.map_message(message)
+        assert outcome.skipped == reason
+    # An unknown Segment type is invalid (dead-lettered), never a skip.
+    (outcome,) = mapper.map_message(b'{"type": "screenview"}')
+    assert outcome.skipped is None
+    assert outcome.invalid
+    ops = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    line = next(x for x in ops.splitlines() if x.startswith("- `events_skipped_total{reason}`"))
+    documented = re.findall(r"`([a-z_]+)`", line.split(":", 1)[1].split("(")[0])
+    assert set(documented) == set(SKIP_REASONS)
 
 
 def sample(rig: Rig, name: str, **labels: str) -> float:

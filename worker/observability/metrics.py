@@ -9,19 +9,28 @@ per child by default): they would double the series count and no dashboard or ru
 Who updates what: the pipeline (consumed, mapped, skipped, delivered, in-flight), the sender
 (requests, latency, batch size, retries), the dead-letter producer (dead letters, on broker
 acknowledgement), the rate limiter (wait, fallback), the consumer thread (paused, assigned,
-commits, last commit, rebalances) and `worker.kafka.lag` (consumer lag).
+commits, last commit, rebalances) and `worker.kafka.lag` (consumer lag). prometheus_client's
+`ProcessCollector` adds the standard `process_*` families (read from /proc at scrape time).
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
 
 from worker import __version__
 
 # Fixed label vocabularies (documented in the README's metrics table).
-SKIP_REASONS: Final = ("no_match", "unsupported_type")
+# Every value here is emitted (an unknown Segment `type` is an invalid_event, not a skip).
+SKIP_REASONS: Final = ("no_match",)
 DLQ_REASONS: Final = (
     "decode_error",
     "invalid_event",
@@ -152,3 +161,7 @@ class Metrics:
             p + "build_info", "Build information; always 1.", ["version"], registry=r
         )
         self.build_info.labels(version=__version__).set(1)
+        # The standard process_* families (CPU seconds, resident/virtual memory, open and max
+        # fds, start time) on this registry, so /metrics carries them: memory against the
+        # pod's limit is what an OOMKilled investigation starts from.
+        ProcessCollector(registry=r)
