@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect = dlq_sub.add_parser("inspect", help="counts of dead letters")
     _add_config(inspect)
+    inspect.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     redrive = dlq_sub.add_parser("redrive", help="send dead letters again")
     _add_config(redrive)
     redrive.add_argument("--reason", help="only dead letters with this dlq.reason")
