@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# tiktok-conversions-worker image:  docker build -t tiktok-conversions-worker:0.1.0 .
+# tiktok-conversions-worker image:  make image  (docker, podman or buildah; see the README)
 #
 # Stage 1 builds the worker's wheel and collects every dependency as a wheel (binary only:
 # all of them publish manylinux wheels, so no compiler is needed anywhere).

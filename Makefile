@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup provision lint fmt test test-unit demo bench chaos manifests manifests-check clean
+.PHONY: setup provision lint fmt test test-unit demo bench chaos manifests manifests-check image clean
 
 setup: $(VENV)/.installed provision
 
@@ -55,6 +55,11 @@ manifests: setup
 
 manifests-check: setup
 	./scripts/render-manifests --check
+
+# The container image, with docker, podman or buildah (whichever exists; one line if none):
+#   make image IMAGE=registry.example.com/team/tiktok-conversions-worker TAG=0.1.0
+image:
+	@./scripts/build-image
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -231,3 +231,83 @@ def test_chart_default_security_context_matches_the_image() -> None:
     assert values["securityContext"]["runAsUser"] == uid
     assert values["securityContext"]["runAsGroup"] == gid
     assert values["podSecurityContext"]["fsGroup"] == gid
+
+
+# --------------------------------------------------------------------------- make image
+
+
+def _make_image(path: str, **env: str) -> subprocess.CompletedProcess[str]:
+    make = shutil.which("make")
+    assert make is not None
+    return subprocess.run(
+        [make, "--no-print-directory", "-C", str(ROOT), "image"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": path, "HOME": os.environ.get("HOME", "/tmp"), **env},
+        check=False,
+    )
+
+
+def _base_path(tmp_path: Path) -> str:
+    """A PATH with bash, sed and make but no container builder (they live elsewhere here)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "sed", "head", "make", "env", "dirname"):
+        found = shutil.which(tool)
+        assert found is not None, tool
+        (bin_dir / tool).symlink_to(found)
+    return str(bin_dir)
+
+
+def test_make_image_without_a_builder_says_so_in_one_line(tmp_path: Path) -> None:
+    proc = _make_image(_base_path(tmp_path))
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("make image:")]
+    assert ours == [
+        "make image: no container builder found (docker, podman or buildah): install one, "
+        "or build the Dockerfile on a machine that has one"
+    ], proc.stderr
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("builder", ["docker", "podman", "buildah"])
+def test_make_image_builds_with_the_builder_there_is(tmp_path: Path, builder: str) -> None:
+    # A stand-in for the builder's CLI that records how it was called: the real build needs a
+    # container engine, which this machine need not have.
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    calls = tmp_path / "calls"
+    (shims / builder).write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (shims / builder).chmod(0o755)
+    proc = _make_image(
+        f"{shims}:{_base_path(tmp_path)}", IMAGE="registry.example.com/team/worker", TAG="1.2.3"
+    )
+    assert proc.returncode == 0, proc.stderr
+    ref = "registry.example.com/team/worker:1.2.3"
+    assert calls.read_text().splitlines()[-1] == f"build --tag {ref} --file Dockerfile ."
+    assert proc.stdout.strip() == f"make image: built {ref} with {builder}"
+
+
+def test_make_image_default_tag_is_the_version(tmp_path: Path) -> None:
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    calls = tmp_path / "calls"
+    (shims / "podman").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (shims / "podman").chmod(0o755)
+    proc = _make_image(f"{shims}:{_base_path(tmp_path)}")
+    assert proc.returncode == 0, proc.stderr
+    assert f"--tag tiktok-conversions-worker:{__version__} " in calls.read_text()
+
+
+def test_readmes_start_the_install_from_building_and_pushing_the_image() -> None:
+    chart_readme = (ROOT / "helm" / "tiktok-conversions-worker" / "README.md").read_text()
+    install = chart_readme.split("## Install", 1)[1]
+    first_block = install.split("```sh", 1)[1].split("```", 1)[0]
+    assert "make image" in first_block
+    assert "push" in first_block
+    assert install.index("make image") < install.index("helm install")
+    assert "--set image.repository=" in install
+    readme = (ROOT / "README.md").read_text()
+    assert "make image" in readme
+    assert "push" in readme.split("make image", 1)[1][:800]
