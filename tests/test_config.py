@@ -378,7 +378,7 @@ destinations: [{name: a, pixel_code: P, access_token: t}]
 
 
 def test_start_from_defaults_to_earliest_and_sets_auto_offset_reset() -> None:
-    from worker.consumer import consumer_config
+    from worker.kafka.consumer import consumer_config
 
     assert parse_config(MINIMAL, environ={}).kafka.start_from == "earliest"
     c = parse_config(MINIMAL + "kafka: {start_from: latest}\n", environ={})
@@ -513,7 +513,7 @@ def test_masked_hides_the_whole_userinfo(url: str, shown: str, secrets: list[str
 
 
 def test_masked_hides_a_password_written_unencoded_however_it_is_written() -> None:
-    from worker.config import _mask_url
+    from worker.config.schema import _mask_url
 
     # The reproduction: the documented form with REDIS_PASSWORD='p@ss:w/rd'. The URL
     # is refused by validation, but masking must not leak a part of it either.

@@ -139,7 +139,7 @@ def test_every_skip_reason_is_emitted_and_documented() -> None:
     from pathlib import Path
 
     from worker.config import parse_config
-    from worker.mapping import Mapper
+    from worker.mapping.mapper import Mapper
 
     mapper = Mapper(
         parse_config("destinations: [{name: web-shop, pixel_code: P, access_token: t}]\n")

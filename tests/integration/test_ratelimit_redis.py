@@ -335,7 +335,7 @@ async def test_a_password_with_url_characters_reaches_redis(
     from urllib.parse import quote
 
     from worker.config import masked, parse_config
-    from worker.ratelimit import build_rate_limiter
+    from worker.delivery.ratelimit import build_rate_limiter
 
     server = redis_factory(password=AWKWARD_PASSWORD)
     plain = f"redis://127.0.0.1:{server.port}/0"
