@@ -195,3 +195,13 @@ def test_every_config_key_is_documented_and_every_documented_key_exists() -> Non
 @pytest.mark.parametrize("key", ["kafka.start_from", "rate_limit.redis_password"])
 def test_issue_19_keys_are_documented(key: str) -> None:
     assert key in documented_keys()
+
+
+def test_the_readme_minimal_config_is_accepted() -> None:
+    from worker.config import parse_config
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Configuration", 1)[1]
+    block = section.split("```yaml", 1)[1].split("```", 1)[0]
+    config = parse_config(block, environ={"TIKTOK_PIXEL_CODE": "P", "TIKTOK_ACCESS_TOKEN": "t"})
+    assert config.kafka.start_from == "earliest"
