@@ -309,6 +309,29 @@ async def test_skipped_and_mapped_per_tiktok_event(rig_factory: Any) -> None:
     assert delivered(rig) == 3
 
 
+def test_label_vocabularies_are_the_documented_values() -> None:
+    """The enums are a SPEC interface (`dlq.reason`, metric labels): pinned here, not derived."""
+    assert DLQ_REASONS == (
+        "decode_error",
+        "invalid_event",
+        "event_too_large",
+        "permanent_api_error",
+        "auth_error",
+        "retries_exhausted",
+    )
+    assert SKIP_REASONS == ("no_match", "unsupported_type")
+    assert REQUEST_OUTCOMES == (
+        "success",
+        "throttled",
+        "retryable_error",
+        "timeout",
+        "connection_error",
+        "permanent_error",
+        "auth_error",
+    )
+    assert (COMMIT_RESULTS, REBALANCE_KINDS) == (("ok", "error"), ("assign", "revoke", "lost"))
+
+
 async def test_label_values_stay_in_bounded_sets(rig_factory: Any) -> None:
     """Whatever the input (random names, ids, garbage), labels come from fixed vocabularies."""
     rig: Rig = await rig_factory()

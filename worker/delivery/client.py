@@ -16,7 +16,6 @@ Contract:
 from __future__ import annotations
 
 import email.utils
-import enum
 import math
 import random
 import re
@@ -29,6 +28,7 @@ import aiohttp
 import msgspec
 
 from worker import __version__
+from worker.core.vocabulary import Outcome
 
 ENDPOINT_PATH = "/open_api/v1.3/event/track/"
 
@@ -42,28 +42,6 @@ RETRYABLE_LOW_CODES = frozenset({40700})
 _SYSTEM_CODE_FLOOR = 50000
 
 MAX_MESSAGE_CHARS = 200
-
-
-class Outcome(enum.StrEnum):
-    """How one request ended. Values are the `outcome` label of `tiktok_worker_requests_total`."""
-
-    SUCCESS = "success"
-    THROTTLED = "throttled"
-    RETRYABLE = "retryable_error"
-    TIMEOUT = "timeout"
-    CONNECTION = "connection_error"
-    PERMANENT = "permanent_error"
-    AUTH = "auth_error"
-
-    @property
-    def retryable(self) -> bool:
-        """True when the same body may be sent again later (TikTok dedups by event_id)."""
-        return self in _RETRYABLE_OUTCOMES
-
-
-_RETRYABLE_OUTCOMES = frozenset(
-    {Outcome.THROTTLED, Outcome.RETRYABLE, Outcome.TIMEOUT, Outcome.CONNECTION}
-)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from typing import Any, Final, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from worker.core.vocabulary import CommitResult, RebalanceKind
 from worker.observability.metrics import Metrics
 
 CONSUME_TIMEOUT_S: Final = 0.1
@@ -256,9 +257,9 @@ class ConsumerThread:
                 asynchronous=False,
             )
         except KafkaException:
-            self._metrics.commits.labels(result="error").inc()
+            self._metrics.commits.labels(result=CommitResult.ERROR).inc()
             raise
-        self._metrics.commits.labels(result="ok").inc()
+        self._metrics.commits.labels(result=CommitResult.OK).inc()
         self._metrics.last_commit_timestamp.set(time.time())
 
     # -- librdkafka callbacks (on this thread, inside consume/close) ----------------------------
@@ -266,14 +267,14 @@ class ConsumerThread:
     def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
         self._assigned.update(keys)
-        self._metrics.rebalances.labels(kind="assign").inc()
+        self._metrics.rebalances.labels(kind=RebalanceKind.ASSIGN).inc()
         self._metrics.assigned_partitions.set(len(self._assigned))
         self._log.info("partitions assigned", partitions=_fmt(keys))
         self._call_on_loop(self._sink.on_assigned, keys)
 
     def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
-        self._metrics.rebalances.labels(kind="revoke").inc()
+        self._metrics.rebalances.labels(kind=RebalanceKind.REVOKE).inc()
         try:
             offsets = self._await_on_loop(self._sink.on_revoked(keys), self._drain_timeout_s + 5)
             self._commit(offsets)
@@ -285,7 +286,7 @@ class ConsumerThread:
 
     def _on_lost(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
-        self._metrics.rebalances.labels(kind="lost").inc()
+        self._metrics.rebalances.labels(kind=RebalanceKind.LOST).inc()
         self._log.warning("partitions lost", partitions=_fmt(keys))
         self._call_on_loop(self._sink.on_lost, keys)
         self._forget(keys)

@@ -15,6 +15,7 @@ from typing import Any, Final
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
+from worker.core.vocabulary import DeadLetterReason
 from worker.errors import DeadLetterUnavailable
 from worker.observability.metrics import Metrics
 
@@ -54,7 +55,7 @@ class DeadLetter:
     def __init__(
         self,
         *,
-        reason: str,
+        reason: DeadLetterReason,
         error: str,
         original_topic: str,
         original_partition: int,

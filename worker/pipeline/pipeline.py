@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, Message
 
+from worker.core.vocabulary import DeadLetterReason, SkipReason
 from worker.delivery.batcher import Batcher
 from worker.delivery.inflight import InflightMessage, PendingEvent
 from worker.delivery.sender import Failure
@@ -73,7 +74,7 @@ class Pipeline:
         self._committer: Committer | None = None
         self._batcher = batcher
         self._mapped_counts: dict[tuple[str, str], int] = {}
-        self._skipped_counts: dict[str, int] = {}
+        self._skipped_counts: dict[SkipReason, int] = {}
         self.fatal: BaseException | None = None
         self.fatal_event = asyncio.Event()
         self.messages_finished = 0
@@ -311,7 +312,7 @@ class Pipeline:
         message: InflightMessage,
         outcome: EventOutcome,
         *,
-        reason: str,
+        reason: DeadLetterReason,
         error: str,
         destination: str | None,
         code: int | None = None,

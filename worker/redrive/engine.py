@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from worker.config import Config
+from worker.core.vocabulary import UNSENDABLE_REASONS, DeadLetterReason
 from worker.delivery.client import SendResult, TikTokClient
 from worker.delivery.factory import build_delivery
 from worker.delivery.inflight import InflightMessage, PendingEvent
@@ -57,7 +58,7 @@ from worker.kafka.dlq_reader import (
 from worker.kafka.offsets import PartitionTracker
 from worker.kafka.preflight import preflight
 from worker.mapping.mapper import EventOutcome, Mapper
-from worker.observability.metrics import DLQ_REASONS, Metrics
+from worker.observability.metrics import Metrics
 
 GROUP_SUFFIX: Final = "-redrive"
 POLL_BATCH: Final = 500
@@ -69,10 +70,6 @@ DEFAULT_MAX_INFLIGHT: Final = 5000
 
 
 # --------------------------------------------------------------------------- filters
-
-
-# The same bytes can never succeed: sent only when asked for by name (`--reason`).
-UNSENDABLE_REASONS: Final = frozenset({"decode_error", "event_too_large"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +126,9 @@ _GROUP_RE: Final = re.compile(
 def validate_filter(config: Config, reason: str | None, destination: str | None) -> RedriveFilter:
     """Check `--reason` / `--destination` against the known reasons and configured
     destinations; raise ConfigError (exit 2) with one line otherwise."""
-    if reason is not None and reason not in DLQ_REASONS:
-        raise ConfigError(f"--reason: unknown reason {reason!r} (one of: {', '.join(DLQ_REASONS)})")
+    if reason is not None and reason not in {r.value for r in DeadLetterReason}:
+        known = ", ".join(DeadLetterReason)
+        raise ConfigError(f"--reason: unknown reason {reason!r} (one of: {known})")
     names = [d.name for d in config.destinations]
     if destination is not None and destination not in names:
         raise ConfigError(
