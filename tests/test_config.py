@@ -513,11 +513,11 @@ def test_masked_hides_the_whole_userinfo(url: str, shown: str, secrets: list[str
 
 
 def test_masked_hides_a_password_written_unencoded_however_it_is_written() -> None:
-    from worker.config.schema import _mask_url
+    from worker.core.redaction import mask_url_credentials
 
     # The reproduction: the documented form with REDIS_PASSWORD='p@ss:w/rd'. The URL
     # is refused by validation, but masking must not leak a part of it either.
-    assert _mask_url("redis://:p@ss:w/rd@redis:6379/0") == "redis://***@redis:6379/0"
+    assert mask_url_credentials("redis://:p@ss:w/rd@redis:6379/0") == "redis://***@redis:6379/0"
 
 
 def test_redis_password_key_is_used_verbatim_and_masked() -> None:

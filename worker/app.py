@@ -15,6 +15,7 @@ import signal
 from typing import Any
 
 from worker.config import Config, liveness_timeout_s, secret_values
+from worker.core.redaction import register_secrets
 from worker.delivery.factory import build_delivery
 from worker.errors import WorkerError
 from worker.kafka.consumer import ConsumerThread, consumer_config
@@ -23,7 +24,7 @@ from worker.kafka.lag import LagMonitor
 from worker.kafka.preflight import preflight
 from worker.mapping.mapper import Mapper
 from worker.observability.health import HealthServer, liveness_check
-from worker.observability.logs import kafka_logger, register_secrets
+from worker.observability.logs import kafka_logger
 from worker.observability.metrics import Metrics
 from worker.pipeline.pipeline import Pipeline
 

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from worker.config import Config, load_config, secret_values
+from worker.core.redaction import register_secrets
 from worker.errors import WorkerError
 from worker.kafka.dlq_reader import BoundedReader, DeadLetterRecord, reader_config
 from worker.kafka.preflight import preflight
-from worker.observability.logs import configure_logging, register_secrets
+from worker.observability.logs import configure_logging
 from worker.redrive.engine import RedriveLedger
 
 SAMPLES_PER_REASON: Final = 3

@@ -34,11 +34,12 @@ from typing import Final
 import msgspec
 
 from worker.config import Config, DestinationConfig, load_config, secret_values
-from worker.delivery.client import Outcome, SendResult, TikTokClient, sanitise_message
+from worker.core.redaction import register_secrets, sanitise_message
+from worker.delivery.client import Outcome, SendResult, TikTokClient
 from worker.errors import ConfigError
 from worker.mapping.body import BatchKey, build_body
 from worker.mapping.mapper import MappedEvent, Mapper
-from worker.observability.logs import configure_logging, register_secrets
+from worker.observability.logs import configure_logging
 
 VERIFY_MESSAGE_PREFIX: Final = "tiktok-worker-verify-"
 VERIFY_PAGE_URL: Final = "https://example.com/tiktok-worker-verify"

@@ -24,6 +24,7 @@ import msgspec
 import phonenumbers
 import yaml
 
+from worker.core.redaction import MASK, is_secret_key, mask_url_credentials, url_secrets
 from worker.errors import ConfigError
 from worker.mapping.spec import DestinationConfig, NonEmptyStr
 
@@ -472,34 +473,19 @@ def librdkafka_error(text: str, keys: Iterable[str] = ()) -> str:
         key = dotted.group(0)
     if key is None:
         return f"kafka.client: {text}"
-    if _SECRET_KEY_RE.search(key):
+    if is_secret_key(key):
         return f"kafka.client.{key}: refused by librdkafka (value not shown)"
     return f"kafka.client.{key}: {text}"
 
 
 # --------------------------------------------------------------------------- masking
 
-_MASK: Final = "***"
-_SECRET_KEY_RE: Final = re.compile(
-    r"password|secret|jaas|token|credential|\.pem$|oauthbearer\.config|api\.key", re.I
-)
-
 
 def secret_values(config: Config) -> list[str]:
     """Every secret the config holds (tokens, passwords), for log scrubbing."""
     values = [d.access_token for d in config.destinations]
-    values += [
-        str(v)
-        for k, v in config.kafka.client.items()
-        if any(word in k for word in ("password", "secret", "sasl.oauthbearer"))
-    ]
-    userinfo = _userinfo(config.rate_limit.redis_url)
-    if userinfo:
-        # The whole userinfo, and its password part both as written and decoded.
-        values.append(userinfo)
-        password = userinfo.partition(":")[2]
-        if password:
-            values += [password, urllib.parse.unquote(password)]
+    values += [str(v) for k, v in config.kafka.client.items() if is_secret_key(k)]
+    values += url_secrets(config.rate_limit.redis_url)
     if config.rate_limit.redis_password:
         values.append(config.rate_limit.redis_password)
     return values
@@ -509,29 +495,11 @@ def masked(config: Config) -> dict[str, Any]:
     """The effective config as plain data, with every secret replaced by `***`."""
     data: dict[str, Any] = msgspec.to_builtins(config)
     data["kafka"]["client"] = {
-        k: (_MASK if _SECRET_KEY_RE.search(k) else v) for k, v in data["kafka"]["client"].items()
+        k: (MASK if is_secret_key(k) else v) for k, v in data["kafka"]["client"].items()
     }
-    data["rate_limit"]["redis_url"] = _mask_url(data["rate_limit"]["redis_url"])
+    data["rate_limit"]["redis_url"] = mask_url_credentials(data["rate_limit"]["redis_url"])
     if data["rate_limit"]["redis_password"] is not None:
-        data["rate_limit"]["redis_password"] = _MASK
+        data["rate_limit"]["redis_password"] = MASK
     for dest in data["destinations"]:
-        dest["access_token"] = _MASK
+        dest["access_token"] = MASK
     return data
-
-
-def _userinfo(url: str) -> str:
-    """Everything between `scheme://` and the last `@`, however it is written: a password
-    with an unencoded `@`, `:` or `/` must not leave a part of itself outside the mask."""
-    _scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return ""
-    return rest.rpartition("@")[0]
-
-
-def _mask_url(url: str) -> str:
-    """Replace the whole userinfo of `scheme://userinfo@host/...` by `***`."""
-    userinfo = _userinfo(url)
-    if not userinfo:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{_MASK}@{rest[len(userinfo) + 1 :]}"
