@@ -24,6 +24,7 @@ import msgspec
 import phonenumbers
 import yaml
 
+from worker.core.msgspec_errors import ErrorKind, parse_validation_message
 from worker.core.redaction import MASK, is_secret_key, mask_url_credentials, url_secrets
 from worker.errors import ConfigError
 from worker.mapping.spec import DestinationConfig, NonEmptyStr
@@ -213,7 +214,6 @@ def _fmt_path(path: tuple[str | int, ...]) -> str:
 
 # --------------------------------------------------------------------------- error text
 
-_AT_RE: Final = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 _TYPE_NAMES: Final = {
     "object": "a mapping",
     "array": "a list",
@@ -227,29 +227,25 @@ _TYPE_NAMES: Final = {
 
 def _translate(message: str) -> str:
     """Turn a msgspec validation message into `<key path>: <reason>`."""
-    m = _AT_RE.match(message)
-    assert m is not None  # the pattern matches any string
-    msg, raw_path = m.group("msg"), m.group("path") or ""
-    path = raw_path.lstrip(".")
-    if mm := re.match(r"Object missing required field `([^`]+)`", msg):
-        return f"{_join(path, mm.group(1))}: required"
-    if mm := re.match(r"Object contains unknown field `([^`]+)`", msg):
-        return f"{_join(path, mm.group(1))}: unknown key"
-    if msg.startswith("Invalid enum value"):
+    m = parse_validation_message(message)
+    path = m.key_path
+    where = path or "(top level)"
+    if m.kind is ErrorKind.MISSING_FIELD:
+        return f"{_join(path, m.field or '')}: required"
+    if m.kind is ErrorKind.UNKNOWN_FIELD:
+        return f"{_join(path, m.field or '')}: unknown key"
+    if m.kind is ErrorKind.INVALID_ENUM:
         choices = _enum_choices(path)
         reason = f"must be one of: {', '.join(choices)}" if choices else "not an allowed value"
-        return f"{path or '(top level)'}: {reason}"
-    if mm := re.match(r"Expected `([^`]+)`, got `([^`]+)`", msg):
-        want = " or ".join(_TYPE_NAMES.get(t.strip(), t.strip()) for t in mm.group(1).split("|"))
-        got = mm.group(2)
-        hint = (
-            " (quote the value in YAML)"
-            if got in ("bool", "int", "float") and "str" in (mm.group(1))
-            else ""
-        )
-        return f"{path or '(top level)'}: expected {want}, got {_TYPE_NAMES.get(got, got)}{hint}"
-    if mm := re.match(r"Expected `([^`]+)` (.+)$", msg):
-        kind, constraint = mm.group(1), mm.group(2)
+        return f"{where}: {reason}"
+    if m.kind is ErrorKind.WRONG_TYPE:
+        want = " or ".join(_TYPE_NAMES.get(t, t) for t in m.expected)
+        got = m.got or ""
+        quote = got in ("bool", "int", "float") and "str" in m.expected
+        hint = " (quote the value in YAML)" if quote else ""
+        return f"{where}: expected {want}, got {_TYPE_NAMES.get(got, got)}{hint}"
+    if m.kind is ErrorKind.CONSTRAINT:
+        kind, constraint = " | ".join(m.expected), m.constraint or ""
         if "matching regex" in constraint and path.endswith("name"):
             return (
                 f"{path}: must be 1-64 characters of letters, digits, '.', '_' or '-', "
@@ -258,7 +254,8 @@ def _translate(message: str) -> str:
         if constraint.startswith("of length >= 1"):
             return f"{path}: must not be empty"
         return f"{path}: must be {_TYPE_NAMES.get(kind, kind)} {constraint}"
-    return f"{path or '(top level)'}: {msg[0].lower() + msg[1:] if msg else 'invalid'}"
+    msg = m.text
+    return f"{where}: {msg[0].lower() + msg[1:] if msg else 'invalid'}"
 
 
 def _join(path: str, key: str) -> str:

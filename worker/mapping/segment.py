@@ -16,6 +16,7 @@ from typing import Any, Final
 
 import msgspec
 
+from worker.core.msgspec_errors import ErrorKind, parse_validation_message
 from worker.core.vocabulary import DeadLetterReason
 
 __all__ = [
@@ -192,33 +193,21 @@ def decode_event(raw: bytes) -> SegmentEvent:
 
 def _not_an_event(raw: bytes, message: str) -> SegmentEvent:
     """Explain a ValidationError without echoing input values (msgspec quotes bad tags)."""
-    text, _, where = message.partition(" - at `")
-    path = where.rstrip("`") or "$"
-    if text.startswith("Invalid value"):
-        raise DecodeFailure(
-            DeadLetterReason.INVALID_EVENT,
-            f"{path}: not a Segment type (track, page, screen, identify, group, alias)",
-        )
-    if text.startswith("Object missing required field `type`"):
-        raise DecodeFailure(DeadLetterReason.INVALID_EVENT, "$.type: required")
-    if text.startswith("Expected `object`") and path == "$":
-        raise DecodeFailure(
-            DeadLetterReason.INVALID_EVENT, f"$: expected a JSON object, got {_got(text)}"
-        )
-    if text.startswith("Expected `"):
-        return _raise(f"{path}: {text[0].lower()}{text[1:]}".replace("`", ""))
-    if text.startswith("Number out of range"):
-        return _raise(f"{path}: number out of range")
-    return _raise(f"{path}: {text}".replace("`", ""))
-
-
-def _raise(error: str) -> SegmentEvent:
+    m = parse_validation_message(message)
+    path = m.json_path
+    if m.kind is ErrorKind.INVALID_TAG:
+        error = f"{path}: not a Segment type (track, page, screen, identify, group, alias)"
+    elif m.kind is ErrorKind.MISSING_FIELD and m.field == "type" and not m.path:
+        error = "$.type: required"
+    elif m.kind is ErrorKind.WRONG_TYPE and m.expected == ("object",) and not m.path:
+        error = f"$: expected a JSON object, got {m.got or 'something else'}"
+    elif m.kind is ErrorKind.OUT_OF_RANGE:
+        error = f"{path}: number out of range"
+    elif m.kind in (ErrorKind.WRONG_TYPE, ErrorKind.CONSTRAINT):
+        error = f"{path}: {m.text[0].lower()}{m.text[1:]}".replace("`", "")
+    else:
+        error = f"{path}: {m.text}".replace("`", "")
     raise DecodeFailure(DeadLetterReason.INVALID_EVENT, error)
-
-
-def _got(text: str) -> str:
-    _, _, rest = text.partition("got `")
-    return rest.split("`", 1)[0] or "something else"
 
 
 def _decode_text(exc: BaseException) -> str:
