@@ -17,7 +17,8 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from worker.kafka.consumer import ConsumerThread, TopicPartitionKey
+from worker.kafka.consumer import ConsumerThread
+from worker.kafka.settings import TopicPartitionKey
 from worker.observability.logs import get_logger
 from worker.observability.metrics import Metrics
 

@@ -378,12 +378,12 @@ destinations: [{name: a, pixel_code: P, access_token: t}]
 
 
 def test_start_from_defaults_to_earliest_and_sets_auto_offset_reset() -> None:
-    from worker.kafka.consumer import consumer_config
+    from worker.kafka.settings import consumer_settings
 
     assert parse_config(MINIMAL, environ={}).kafka.start_from == "earliest"
     c = parse_config(MINIMAL + "kafka: {start_from: latest}\n", environ={})
     assert c.kafka.start_from == "latest"
-    conf = consumer_config(
+    conf = consumer_settings(
         bootstrap_servers="b:9092",
         group_id="g",
         client=c.kafka.client,

@@ -23,7 +23,7 @@ from tests.fakes import consumer_thread, eventually, stop
 from tests.test_pipeline import TOPIC, FakeMessage, Rig, messages, order_events
 from tests.test_pipeline import rig_factory as rig_factory  # the fixture
 from worker import __version__
-from worker.kafka.lag import LagMonitor, admin_config, compute_lag
+from worker.kafka.lag import LagMonitor, compute_lag
 from worker.observability.logs import get_logger
 from worker.observability.metrics import (
     COMMIT_RESULTS,
@@ -519,23 +519,3 @@ async def test_lag_monitor_sets_and_removes_series() -> None:
     admin.committed[("t", 1)] = 45
     assert await monitor.measure_once() == {("t", 1): 5}
     assert (lag(0), lag(1)) == (None, 5)
-
-
-def test_admin_config_keeps_client_security_and_drops_consumer_settings() -> None:
-    conf = admin_config(
-        bootstrap_servers="b:9092",
-        client={
-            "security.protocol": "SASL_SSL",
-            "sasl.username": "u",
-            "group.instance.id": "x",
-            "auto.offset.reset": "latest",
-            "session.timeout.ms": 10000,
-            "fetch.min.bytes": 1,
-        },
-    )
-    assert conf == {
-        "bootstrap.servers": "b:9092",
-        "security.protocol": "SASL_SSL",
-        "sasl.username": "u",
-        "client.id": "tiktok-worker-lag",
-    }

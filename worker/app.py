@@ -18,10 +18,11 @@ from worker.config import Config, liveness_timeout_s, secret_values
 from worker.core.redaction import register_secrets
 from worker.delivery.factory import build_delivery
 from worker.errors import WorkerError
-from worker.kafka.consumer import ConsumerThread, consumer_config
-from worker.kafka.deadletters import DeadLetterProducer, producer_config
+from worker.kafka.consumer import ConsumerThread
+from worker.kafka.deadletters import DeadLetterProducer
 from worker.kafka.lag import LagMonitor
 from worker.kafka.preflight import preflight
+from worker.kafka.settings import consumer_settings, producer_settings
 from worker.mapping.mapper import Mapper
 from worker.observability.health import HealthServer, liveness_check
 from worker.observability.logs import kafka_logger
@@ -49,7 +50,9 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
             pipeline.on_fatal(exc)
 
     dead_letters = DeadLetterProducer(
-        config={**producer_config(kafka.bootstrap_servers, kafka.client), "logger": kafka_logger()},
+        config=producer_settings(
+            bootstrap_servers=kafka.bootstrap_servers, client=kafka.client, logger=kafka_logger()
+        ),
         topic=kafka.dead_letter_topic,
         metrics=metrics,
         on_fatal=on_fatal,
@@ -71,15 +74,13 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
         drain_timeout_s=kafka.drain_timeout_s,
     )
     consumer = ConsumerThread(
-        config={
-            **consumer_config(
-                bootstrap_servers=kafka.bootstrap_servers,
-                group_id=kafka.group_id,
-                client=kafka.client,
-                start_from=kafka.start_from,
-            ),
-            "logger": kafka_logger(),
-        },
+        config=consumer_settings(
+            bootstrap_servers=kafka.bootstrap_servers,
+            group_id=kafka.group_id,
+            client=kafka.client,
+            start_from=kafka.start_from,
+            logger=kafka_logger(),
+        ),
         topics=kafka.topics,
         loop=loop,
         sink=pipeline,

@@ -21,8 +21,9 @@ from typing import Any, Final
 from worker.config import Config, load_config, secret_values
 from worker.core.redaction import register_secrets
 from worker.errors import WorkerError
-from worker.kafka.dlq_reader import BoundedReader, DeadLetterRecord, reader_config
+from worker.kafka.dlq_reader import TOOLS_JOB, BoundedReader, DeadLetterRecord
 from worker.kafka.preflight import preflight
+from worker.kafka.settings import reader_settings
 from worker.observability.logs import configure_logging
 from worker.redrive.engine import RedriveLedger
 
@@ -99,8 +100,11 @@ def inspect_topic(config: Config) -> Summary:
         ledger = None  # no permission to list groups: the count is left out, not guessed
     reader = BoundedReader(
         # A group id is required by the client; nothing is ever committed to it.
-        config=reader_config(
-            kafka.bootstrap_servers, kafka.client, kafka.group_id + "-dlq-inspect"
+        config=reader_settings(
+            bootstrap_servers=kafka.bootstrap_servers,
+            group_id=kafka.group_id + "-dlq-inspect",
+            client=kafka.client,
+            job=TOOLS_JOB,
         ),
         topic=kafka.dead_letter_topic,
         from_committed=False,

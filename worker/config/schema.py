@@ -417,19 +417,18 @@ def _check_kafka_client(kafka: KafkaConfig) -> None:
     """Build the consumer and producer settings the worker will use and let librdkafka check
     every property name and value, exactly as start-up does, without contacting a broker
     (no bootstrap servers are given to these throw-away clients)."""
-    # Imported here: these modules import this one's types indirectly.
+    # Imported here: confluent_kafka is only needed when there is a config to check.
     from confluent_kafka import Consumer, KafkaException, Producer
 
-    from worker.kafka.consumer import consumer_config
-    from worker.kafka.deadletters import producer_config
+    from worker.kafka.settings import consumer_settings, producer_settings
 
-    consumer = consumer_config(
+    consumer = consumer_settings(
         bootstrap_servers="",
         group_id=kafka.group_id,
         client=kafka.client,
         start_from=kafka.start_from,
     )
-    producer = producer_config("", kafka.client)
+    producer = producer_settings(bootstrap_servers="", client=kafka.client)
     for factory, conf in ((Consumer, consumer), (Producer, producer)):
         conf = {k: v for k, v in conf.items() if k != "bootstrap.servers"}
         # librdkafka's warnings (no bootstrap.servers here) go to a logger nobody polls.

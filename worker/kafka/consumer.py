@@ -23,6 +23,7 @@ from typing import Any, Final, Protocol
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from worker.core.vocabulary import CommitResult, RebalanceKind
+from worker.kafka.settings import TopicPartitionKey
 from worker.observability.metrics import Metrics
 
 CONSUME_TIMEOUT_S: Final = 0.1
@@ -31,44 +32,6 @@ CONSUME_TIMEOUT_S: Final = 0.1
 # this many batches (memory bound), while still overlapping consume and processing.
 MAX_UNPROCESSED_BATCHES: Final = 2
 HANDOFF_WAIT_S: Final = 0.05
-STATS_INTERVAL_MS: Final = 5000
-TopicPartitionKey = tuple[str, int]
-
-# Settings at-least-once depends on; user properties cannot override them.
-_FORCED_SETTINGS: Final[dict[str, Any]] = {
-    "enable.auto.commit": False,
-    "enable.auto.offset.store": False,
-    "partition.assignment.strategy": "cooperative-sticky",
-}
-
-
-def consumer_config(
-    *,
-    bootstrap_servers: str,
-    group_id: str,
-    client: Mapping[str, Any],
-    start_from: str = "earliest",
-) -> dict[str, Any]:
-    """librdkafka consumer settings: defaults, the user's properties, then the forced ones.
-    `start_from` (kafka.start_from) is where a group without a committed offset begins."""
-    conf: dict[str, Any] = {
-        "bootstrap.servers": bootstrap_servers,
-        "group.id": group_id,
-        "auto.offset.reset": start_from,
-        "client.id": "tiktok-worker",
-        "statistics.interval.ms": STATS_INTERVAL_MS,
-        "max.poll.interval.ms": 300000,
-        "session.timeout.ms": 45000,
-        # librdkafka pre-fetches up to 64 MiB by default; 16 MiB keeps a pod's memory low
-        # without slowing consumption (the pipeline, not the fetch, is the bottleneck).
-        "queued.max.messages.kbytes": 16384,
-        # With the smaller queue librdkafka backs off 1 s whenever it fills; 20 ms keeps
-        # fetching close behind consumption (measured by `make bench`).
-        "fetch.queue.backoff.ms": 20,
-    }
-    conf.update(client)
-    conf.update(_FORCED_SETTINGS)
-    return conf
 
 
 class ConsumerSink(Protocol):

@@ -30,9 +30,9 @@ from worker.core.vocabulary import DeadLetterReason, SkipReason
 from worker.delivery.batcher import Batcher
 from worker.delivery.inflight import InflightMessage, PendingEvent
 from worker.delivery.sender import Failure
-from worker.kafka.consumer import TopicPartitionKey
 from worker.kafka.deadletters import DeadLetter, DeadLetterProducer
 from worker.kafka.offsets import PartitionTracker
+from worker.kafka.settings import TopicPartitionKey
 from worker.mapping.mapper import EventOutcome, InvalidEvent, Mapper
 from worker.observability.metrics import Metrics
 

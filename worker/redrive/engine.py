@@ -47,16 +47,17 @@ from worker.delivery.factory import build_delivery
 from worker.delivery.inflight import InflightMessage, PendingEvent
 from worker.delivery.sender import Failure
 from worker.errors import ConfigError, WorkerError
-from worker.kafka.deadletters import HEADER_PREFIX, DeadLetter, DeadLetterProducer, producer_config
+from worker.kafka.deadletters import HEADER_PREFIX, DeadLetter, DeadLetterProducer
 from worker.kafka.dlq_reader import (
     REDRIVE_COUNT_HEADER,
+    TOOLS_JOB,
     BoundedReader,
     DeadLetterRecord,
     list_redrive_progress,
-    reader_config,
 )
 from worker.kafka.offsets import PartitionTracker
 from worker.kafka.preflight import preflight
+from worker.kafka.settings import producer_settings, reader_settings
 from worker.mapping.mapper import EventOutcome, Mapper
 from worker.observability.metrics import Metrics
 
@@ -330,7 +331,9 @@ class Redrive:
         self._client = client
         self._batcher = self._delivery.batcher
         self._dead_letters = DeadLetterProducer(
-            config=producer_config(config.kafka.bootstrap_servers, config.kafka.client),
+            config=producer_settings(
+                bootstrap_servers=config.kafka.bootstrap_servers, client=config.kafka.client
+            ),
             topic=config.kafka.dead_letter_topic,
             metrics=metrics,
             on_fatal=self._on_fatal,
@@ -363,7 +366,12 @@ class Redrive:
             ledger = RedriveLedger({})
             warning = f"{exc}; records redriven under another filter may be sent again"
         reader = BoundedReader(
-            config=reader_config(kafka.bootstrap_servers, kafka.client, group_id),
+            config=reader_settings(
+                bootstrap_servers=kafka.bootstrap_servers,
+                group_id=group_id,
+                client=kafka.client,
+                job=TOOLS_JOB,
+            ),
             topic=kafka.dead_letter_topic,
             from_committed=True,
         )
