@@ -64,9 +64,6 @@ class FakeKafkaConsumer:
             raise KafkaException(KafkaError(KafkaError._TRANSPORT))
         self.commits.append([(tp.topic, tp.partition, tp.offset) for tp in offsets])
 
-    def get_watermark_offsets(self, tp: TopicPartition, cached: bool = False) -> tuple[int, int]:
-        return (0, 100)
-
     def close(self) -> None:
         if self._assigned:
             self._callbacks["on_revoke"](self, self.partitions)

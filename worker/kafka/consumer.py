@@ -127,20 +127,6 @@ class ConsumerThread:
         self._requests.put(run)
         return future
 
-    def watermarks(self) -> dict[TopicPartitionKey, int]:
-        """High watermarks of assigned partitions (cached, no network)."""
-        result: dict[TopicPartitionKey, int] = {}
-        for topic, partition in list(self._assigned):
-            try:
-                _low, high = self._consumer.get_watermark_offsets(
-                    TopicPartition(topic, partition), cached=True
-                )
-            except KafkaException:
-                continue
-            if high >= 0:
-                result[(topic, partition)] = high
-        return result
-
     def _deliver(self, messages: Sequence[Message]) -> None:
         """On the event loop: hand a batch to the pipeline, then let the thread fetch more."""
         try:
