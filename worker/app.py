@@ -25,14 +25,14 @@ from worker.kafka.preflight import preflight
 from worker.kafka.settings import consumer_settings, producer_settings
 from worker.mapping.mapper import Mapper
 from worker.observability.health import HealthServer, liveness_check
-from worker.observability.logs import kafka_logger
+from worker.observability.logs import Logger, kafka_logger
 from worker.observability.metrics import Metrics
 from worker.pipeline.pipeline import Pipeline
 
 SHUTDOWN_MARGIN_S = 10.0
 
 
-async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None) -> int:
+async def run_worker(config: Config, *, log: Logger, metrics: Metrics | None = None) -> int:
     """Run until SIGTERM/SIGINT or a fatal error; returns the exit status."""
     register_secrets(secret_values(config))
     loop = asyncio.get_running_loop()

@@ -20,7 +20,6 @@ import asyncio
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 
@@ -30,6 +29,7 @@ from worker.delivery.client import Outcome, SendResult, TikTokClient, backoff_de
 from worker.delivery.inflight import PendingEvent
 from worker.delivery.ratelimit import RateLimiter
 from worker.mapping.body import BatchKey, build_body
+from worker.observability.logs import Logger
 from worker.observability.metrics import Metrics
 
 
@@ -71,7 +71,7 @@ class Sender:
         retry: RetryPolicy,
         max_concurrent_requests: int,
         metrics: Metrics,
-        log: Any,
+        log: Logger,
         on_delivered: Callable[[Sequence[PendingEvent]], None],
         on_failed: Callable[[Sequence[PendingEvent], Failure], None],
     ) -> None:

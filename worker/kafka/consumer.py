@@ -24,6 +24,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from worker.core.vocabulary import CommitResult, RebalanceKind
 from worker.kafka.settings import TopicPartitionKey
+from worker.observability.logs import Logger
 from worker.observability.metrics import Metrics
 
 CONSUME_TIMEOUT_S: Final = 0.1
@@ -61,7 +62,7 @@ class ConsumerThread:
         loop: asyncio.AbstractEventLoop,
         sink: ConsumerSink,
         metrics: Metrics,
-        log: Any,
+        log: Logger,
         drain_timeout_s: float,
         batch_size: int = 2000,
         consumer_factory: Callable[[dict[str, Any]], Any] = Consumer,

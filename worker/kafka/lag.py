@@ -44,6 +44,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 
 from worker.kafka.settings import TopicPartitionKey, admin_settings, reader_settings
+from worker.observability.logs import Logger
 from worker.observability.metrics import Metrics
 
 DEFAULT_INTERVAL_S: Final = 5.0
@@ -76,7 +77,7 @@ class LagMonitor:
         group_id: str,
         partitions: Callable[[], Iterable[TopicPartitionKey]],
         metrics: Metrics,
-        log: Any,
+        log: Logger,
         interval_s: float = DEFAULT_INTERVAL_S,
         timeout_s: float | None = None,
         reset_to_latest: bool = False,
@@ -107,7 +108,7 @@ class LagMonitor:
         client: Mapping[str, Any],
         partitions: Callable[[], Iterable[TopicPartitionKey]],
         metrics: Metrics,
-        log: Any,
+        log: Logger,
         logger: logging.Logger | None = None,
         interval_s: float = DEFAULT_INTERVAL_S,
         start_from: str = "earliest",

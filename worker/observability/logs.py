@@ -20,13 +20,17 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import MutableMapping
-from typing import Any, Final, TextIO
+from typing import Any, Final, TextIO, TypeAlias
 
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 from worker.core.redaction import MASK, is_secret_key, scrub_text
 
 KAFKA_LOGGER_NAME: Final = "kafka"
+# What components take as `log`: structlog's bound logger (`configure_logging` installs
+# `make_filtering_bound_logger`): `info(event, **fields)`, `bind(**fields)`, ...
+Logger: TypeAlias = FilteringBoundLogger
 _MAX_DEPTH: Final = 4
 
 
@@ -102,5 +106,6 @@ def configure_logging(
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-def get_logger(name: str = "worker") -> Any:
-    return structlog.get_logger(name)
+def get_logger(name: str = "worker") -> Logger:
+    logger: Logger = structlog.get_logger(name)
+    return logger

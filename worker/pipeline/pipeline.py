@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from confluent_kafka import KafkaError, Message
 
@@ -34,6 +34,7 @@ from worker.kafka.deadletters import DeadLetter, DeadLetterProducer
 from worker.kafka.offsets import PartitionTracker
 from worker.kafka.settings import TopicPartitionKey
 from worker.mapping.mapper import EventOutcome, InvalidEvent, Mapper
+from worker.observability.logs import Logger
 from worker.observability.metrics import Metrics
 
 DRAIN_POLL_S = 0.02
@@ -57,7 +58,7 @@ class Pipeline:
         batcher: Batcher,
         dead_letters: DeadLetterProducer,
         metrics: Metrics,
-        log: Any,
+        log: Logger,
         max_inflight_messages: int,
         drain_timeout_s: float,
     ) -> None:

@@ -59,6 +59,7 @@ from worker.kafka.offsets import PartitionTracker
 from worker.kafka.preflight import preflight
 from worker.kafka.settings import producer_settings, reader_settings
 from worker.mapping.mapper import EventOutcome, Mapper
+from worker.observability.logs import Logger
 from worker.observability.metrics import Metrics
 
 GROUP_SUFFIX: Final = "-redrive"
@@ -296,7 +297,7 @@ class Redrive:
         ledger: RedriveLedger,
         group_id: str,
         metrics: Metrics,
-        log: Any,
+        log: Logger,
         on_progress: Callable[[RedriveStats], None] | None = None,
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
     ) -> None:
@@ -346,7 +347,7 @@ class Redrive:
         flt: RedriveFilter,
         *,
         max_records: int | None,
-        log: Any,
+        log: Logger,
         on_progress: Callable[[RedriveStats], None] | None = None,
         metrics: Metrics | None = None,
     ) -> Redrive:
