@@ -47,9 +47,9 @@ fmt: $(VENV)/.installed
 test: setup lint
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
-# Unit tests only (no servers): the quick loop while editing.
+# Unit tests only (no servers, no Helm/promtool/node, no wheel build): the quick loop.
 test-unit: $(VENV)/.installed
-	$(BIN)/pytest -q -m "not integration" $(PYTEST_ARGS)
+	$(BIN)/pytest -q -m "not integration and not tools" $(PYTEST_ARGS)
 
 demo: setup
 	$(BIN)/python scripts/demo.py
