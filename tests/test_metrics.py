@@ -9,18 +9,17 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from concurrent.futures import Future
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaException
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from devkit.fake_tiktok.server import FaultSpec
 from devkit.sample_events import SampleEvents, encode
-from tests.fakes import consumer_thread, eventually, stop
-from tests.test_pipeline import TOPIC, FakeMessage, Rig, messages, order_events
+from tests.fakes import FakeAdmin, FakeMessage, consumer_thread, eventually, stop
+from tests.test_pipeline import TOPIC, Rig, messages, order_events
 from tests.test_pipeline import rig_factory as rig_factory  # the fixture
 from worker import __version__
 from worker.kafka.lag import LagMonitor, compute_lag
@@ -434,61 +433,6 @@ def test_compute_lag(
         latest=latest, earliest=earliest, committed=committed, reset_to_latest=reset_to_latest
     )
     assert got == lag
-
-
-class _Offset:
-    def __init__(self, offset: int) -> None:
-        self.offset = offset
-
-
-class _Committed:
-    def __init__(self, partitions: list[Any]) -> None:
-        self.topic_partitions = partitions
-
-
-class FakeAdmin:
-    """ListOffsets/OffsetFetch answered from dicts; `down` fails every request."""
-
-    def __init__(self) -> None:
-        self.latest: dict[tuple[str, int], int] = {}
-        self.earliest: dict[tuple[str, int], int] = {}
-        self.committed: dict[tuple[str, int], int] = {}
-        self.down = False
-
-    def poll(self, _timeout: float) -> int:
-        return 0
-
-    @staticmethod
-    def _future(value: Any = None, error: BaseException | None = None) -> Future[Any]:
-        future: Future[Any] = Future()
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value)
-        return future
-
-    def list_offsets(self, request: dict[Any, Any], **_kw: Any) -> dict[Any, Future[Any]]:
-        out = {}
-        for tp, spec in request.items():
-            table = self.latest if "Latest" in type(spec).__name__ else self.earliest
-            key = (tp.topic, tp.partition)
-            out[tp] = (
-                self._future(error=KafkaException(KafkaError(KafkaError._TRANSPORT)))
-                if self.down or key not in table
-                else self._future(_Offset(table[key]))
-            )
-        return out
-
-    def list_consumer_group_offsets(self, request: list[Any], **_kw: Any) -> dict[str, Any]:
-        group = request[0]
-        if self.down:
-            error = KafkaException(KafkaError(KafkaError._TRANSPORT))
-            return {group.group_id: self._future(error=error)}
-        partitions = []
-        for tp in group.topic_partitions:
-            tp.offset = self.committed.get((tp.topic, tp.partition), -1001)
-            partitions.append(tp)
-        return {group.group_id: self._future(_Committed(partitions))}
 
 
 async def test_lag_monitor_sets_and_removes_series() -> None:
