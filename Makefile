@@ -37,7 +37,7 @@ provision:
 lint: $(VENV)/.installed
 	$(BIN)/ruff check worker devkit tests scripts bench
 	$(BIN)/ruff format --check worker
-	$(BIN)/mypy worker
+	$(BIN)/mypy
 
 fmt: $(VENV)/.installed
 	$(BIN)/ruff format worker tests bench

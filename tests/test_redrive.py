@@ -14,6 +14,7 @@ import yaml
 from tests.fakes import FakeMessage
 from worker.commands.dlq_redrive import Progress, summary_line
 from worker.config import parse_config
+from worker.core.vocabulary import DeadLetterReason
 from worker.errors import ConfigError
 from worker.kafka.deadletters import DeadLetter
 from worker.kafka.dlq_reader import DeadLetterRecord, decode_headers, parse_record
@@ -38,7 +39,7 @@ def record(
     *, partition: int = 0, offset: int = 0, reason: str = "auth_error", dest: str | None = "a"
 ) -> DeadLetterRecord:
     letter = DeadLetter(
-        reason=reason,
+        reason=DeadLetterReason(reason),
         error="e",
         original_topic="src",
         original_partition=0,
@@ -139,7 +140,7 @@ def test_ledger_knows_what_matching_groups_committed_past() -> None:
 
 def test_parse_record_reads_every_header() -> None:
     letter = DeadLetter(
-        reason="permanent_api_error",
+        reason=DeadLetterReason.PERMANENT_API_ERROR,
         error="permanent_error: HTTP 200, bad",
         original_topic="segment-events",
         original_partition=3,

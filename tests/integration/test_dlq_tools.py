@@ -36,6 +36,7 @@ from devkit.harness import (
     write_config,
 )
 from devkit.sample_events import SampleEvents, encode
+from worker.core.vocabulary import DeadLetterReason
 from worker.kafka.deadletters import DeadLetter
 
 pytestmark = pytest.mark.integration
@@ -117,7 +118,7 @@ def letter(
     original_offset: int = 0,
 ) -> tuple[bytes, list[tuple[str, Any]]]:
     headers = DeadLetter(
-        reason=reason,
+        reason=DeadLetterReason(reason),
         error=error,
         original_topic="segment-events",
         original_partition=0,
