@@ -13,6 +13,7 @@ from worker.core.redaction import (
     is_secret_key,
     mask_url_credentials,
     sanitise_message,
+    scrub_text,
     url_secrets,
 )
 from worker.observability.logs import scrub
@@ -83,3 +84,9 @@ def test_sanitise_message_keeps_addresses_and_short_numbers() -> None:
     assert sanitise_message(text) == (
         "bad field data[3].user.email mail <email> from 10.0.0.1 code 40002"
     )
+
+
+def test_server_text_masks_any_address_log_text_only_dotted_ones() -> None:
+    assert sanitise_message("bad email jane@localhost") == "bad email <email>"
+    assert scrub_text("bad email jane@localhost") == "bad email jane@localhost"
+    assert scrub_text("to (jane@example.com)") == "to (<email>)"

@@ -33,9 +33,12 @@ _SECRET_KEY_RE: Final = re.compile(
     r"password|secret|jaas|token|credential|authorization|\.pem$|oauthbearer\.config|api\.key",
     re.I,
 )
+# An address with a dotted domain, stopping at quotes and brackets: log lines keep their shape.
 _EMAIL_RE: Final = re.compile(r"[^\s@\"'<>(),;:]+@[^\s@\"'<>(),;:]+\.[A-Za-z]{2,}")
-# Server text only (log lines carry offsets and timestamps): 9+ digits with short
-# space/dash/paren separators; dots excluded so IP addresses survive.
+# Server text only (TikTok's `message`, an aiohttp error), masked more broadly: anything around
+# an `@`, and 9+ digits with short space/dash/paren separators (log lines carry offsets and
+# timestamps, so these stay out of `scrub_text`); dots excluded so IP addresses survive.
+_LOOSE_EMAIL_RE: Final = re.compile(r"[^\s@\"']+@[^\s@\"']+")
 _PHONE_RE: Final = re.compile(r"\+?\d(?:[\s()-]{0,2}\d){8,}")
 _CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]+")
 
@@ -107,7 +110,7 @@ def sanitise_message(text: str, *, secret: str | None = None) -> str:
     if secret:
         text = text.replace(secret, MASK)
     text = _CONTROL_RE.sub(" ", text)
-    text = mask_emails(text)
+    text = _LOOSE_EMAIL_RE.sub(EMAIL_MASK, text)
     text = _PHONE_RE.sub(NUMBER_MASK, text)
     text = text.strip()
     if len(text) > MAX_MESSAGE_CHARS:
