@@ -90,9 +90,9 @@ def exposed_names() -> dict[str, tuple[str, frozenset[str]]]:
     out: dict[str, tuple[str, frozenset[str]]] = {}
     catalogue = dict(metric_catalogue())
     # The process_* families of prometheus_client's ProcessCollector, on the same registry.
-    for family in Metrics(CollectorRegistry()).registry.collect():
-        if family.name.startswith("process_"):
-            catalogue[family.name] = (family.type, frozenset())
+    for collected in Metrics(CollectorRegistry()).registry.collect():
+        if collected.name.startswith("process_"):
+            catalogue[collected.name] = (collected.type, frozenset())
     for family, (kind, labels) in catalogue.items():
         for suffix in suffixes[kind]:
             extra = {"le"} if suffix == "_bucket" else set()

@@ -318,7 +318,7 @@ def test_label_vocabularies_are_the_documented_values() -> None:
         "auth_error",
         "retries_exhausted",
     )
-    assert SKIP_REASONS == ("no_match", "unsupported_type")
+    assert SKIP_REASONS == ("no_match",)
     assert REQUEST_OUTCOMES == (
         "success",
         "throttled",
