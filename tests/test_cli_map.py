@@ -93,18 +93,20 @@ def test_map_prints_one_line_per_result(config_file: Path, tmp_path: Path) -> No
     # the reasons go to stderr, without the offending value.
     assert out[2:4] == [{"index": 2, "invalid": "invalid_event"}] * 2
     errors = result.stderr.splitlines()
-    assert errors[0].startswith("tiktok-worker map: line 2 destination web-shop: invalid_event: ")
+    # stderr names the file's own line (1-based, the blank line counted), stdout's index
+    # counts non-blank lines from 0 (the spec's shape).
+    assert errors[0].startswith("tiktok-worker map: line 3 destination web-shop: invalid_event: ")
     assert errors[1].startswith(
-        "tiktok-worker map: line 2 destination second: invalid_event: "
+        "tiktok-worker map: line 3 destination second: invalid_event: "
         "value ($.properties.value | $.properties.revenue)"
     )
     assert "$100" not in result.stdout + result.stderr
     assert out[4] == {"index": 3, "invalid": "decode_error"}
-    assert errors[2].startswith("tiktok-worker map: line 3: decode_error: not valid JSON")
+    assert errors[2].startswith("tiktok-worker map: line 5: decode_error: not valid JSON")
     assert [o["index"] for o in out[5:]] == [4, 4]
     assert out[5]["subscription"] == "View Content"
     assert out[6] == {"index": 4, "invalid": "invalid_event"}
-    assert errors[3].startswith("tiktok-worker map: line 4 event 1: invalid_event: ")
+    assert errors[3].startswith("tiktok-worker map: line 6 event 1: invalid_event: ")
     assert len(errors) == 4
     assert len(out) == 7
     assert "Jane@Example.com" not in result.stdout

@@ -18,7 +18,8 @@ import pytest
 import worker.delivery.sender as sender_module
 from devkit.fake_tiktok.server import FaultSpec
 from devkit.sample_events import SampleEvents
-from tests.test_pipeline import PIXEL, TOPIC, FakeMessage, Rig, messages, order_events
+from tests.fakes import FakeMessage
+from tests.test_pipeline import PIXEL, TOPIC, Rig, messages, order_events
 from tests.test_pipeline import rig_factory as rig_factory  # the fixture
 
 PIXEL_B = "C5PIXEL0000000000002"

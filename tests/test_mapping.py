@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from worker.config import Config, parse_config
+from worker.core.vocabulary import INVALID_REASONS, SkipReason
 from worker.errors import ConfigError
 from worker.mapping.body import BatchKey, build_body
 from worker.mapping.coerce import Uncoercible, coerce, coerce_list, js_number_str
@@ -739,21 +740,19 @@ _FUZZ_MAPPER = Mapper(
     ),
     now=lambda: NOW,
 )
-_REASONS = {"decode_error", "invalid_event", "event_too_large"}
-
 
 def _check_outcomes(outcomes: list[EventOutcome]) -> None:
     assert len(outcomes) >= 1
     for o in outcomes:
         assert isinstance(o, EventOutcome)
         if o.skipped is not None:
-            assert o.skipped in ("no_match", "unsupported_type")
+            assert isinstance(o.skipped, SkipReason)
             assert o.mapped == []
             assert o.invalid == []
         else:
             assert o.mapped or o.invalid
         for inv in o.invalid:
-            assert inv.reason in _REASONS
+            assert inv.reason in INVALID_REASONS
             assert "internal mapping error" not in inv.error
         for m in o.mapped:
             body = json.loads(build_body(m.key, [m.payload]))

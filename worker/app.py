@@ -19,29 +19,32 @@ import contextlib
 import signal
 from typing import Any
 
-from worker.config import Config, secret_values
+from worker.config import Config, liveness_timeout_s, secret_values
+from worker.core.redaction import register_secrets
 from worker.delivery.factory import build_delivery
 from worker.errors import FatalLatch, WorkerError
-from worker.kafka.consumer import ConsumerThread, PauseSwitch, consumer_config
-from worker.kafka.deadletters import DeadLetterProducer, producer_config
+from worker.kafka.consumer import ConsumerThread, PauseSwitch
+from worker.kafka.deadletters import DeadLetterProducer
 from worker.kafka.lag import LagMonitor
 from worker.kafka.offsets import OffsetLedger
 from worker.kafka.preflight import preflight
+from worker.kafka.settings import consumer_settings, producer_settings
 from worker.mapping.mapper import Mapper
 from worker.observability.health import HealthServer, liveness_check
-from worker.observability.logs import kafka_logger, register_secrets
+from worker.observability.logs import Logger, kafka_logger
 from worker.observability.metrics import Metrics
 from worker.pipeline.pipeline import Pipeline
 
 SHUTDOWN_MARGIN_S = 10.0
 
 
-async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None) -> int:
+async def run_worker(config: Config, *, log: Logger, metrics: Metrics | None = None) -> int:
     """Run until SIGTERM/SIGINT or a fatal error; returns the exit status."""
     register_secrets(secret_values(config))
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, preflight, config)
+    await loop.run_in_executor(None, preflight, config, log)
     metrics = metrics if metrics is not None else Metrics()
+    metrics.describe_destinations({d.name: d.event_source for d in config.destinations})
     kafka = config.kafka
     stop = asyncio.Event()
     fatal = FatalLatch()
@@ -57,10 +60,11 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
         delivery = build_delivery(config, metrics=metrics, log=log, on_crash=fatal.trip)
         stack.push_async_callback(delivery.close)
         dead_letters = DeadLetterProducer(
-            config={
-                **producer_config(kafka.bootstrap_servers, kafka.client),
-                "logger": kafka_logger(),
-            },
+            config=producer_settings(
+                bootstrap_servers=kafka.bootstrap_servers,
+                client=kafka.client,
+                logger=kafka_logger(),
+            ),
             topic=kafka.dead_letter_topic,
             metrics=metrics,
             on_fatal=fatal.trip,
@@ -79,14 +83,13 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
             drain_timeout_s=kafka.drain_timeout_s,
         )
         consumer = ConsumerThread(
-            config={
-                **consumer_config(
-                    bootstrap_servers=kafka.bootstrap_servers,
-                    group_id=kafka.group_id,
-                    client=kafka.client,
-                ),
-                "logger": kafka_logger(),
-            },
+            config=consumer_settings(
+                bootstrap_servers=kafka.bootstrap_servers,
+                group_id=kafka.group_id,
+                client=kafka.client,
+                start_from=kafka.start_from,
+                logger=kafka_logger(),
+            ),
             topics=kafka.topics,
             loop=loop,
             sink=pipeline,
@@ -99,6 +102,7 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
             bootstrap_servers=kafka.bootstrap_servers,
             group_id=kafka.group_id,
             client=kafka.client,
+            start_from=kafka.start_from,
             partitions=consumer.assignment,
             metrics=metrics,
             log=log,
@@ -119,7 +123,7 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
             port=config.http.port,
             registry=metrics.registry,
             live=liveness_check(
-                heartbeat=lambda: consumer.heartbeat, timeout_s=config.http.liveness_timeout_s
+                heartbeat=lambda: consumer.heartbeat, timeout_s=liveness_timeout_s(config)
             ),
             ready=ready,
         )

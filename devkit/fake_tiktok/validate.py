@@ -23,6 +23,8 @@ from typing import Final
 
 import msgspec
 
+from worker.core.msgspec_errors import ErrorKind, parse_validation_message
+
 CODE_PARAM_ERROR: Final = 40002
 CODE_INVALID_BATCH_SIZE: Final = 40061
 CODE_PII_NOT_HASHED: Final = 40062
@@ -134,9 +136,6 @@ class Rejection:
 
 _DECODER: Final = msgspec.json.Decoder(TrackRequest)
 
-_EXPECTED_RE = re.compile(r"^Expected `([^`]*)`, got `[^`]*`(?: - at `\$(.*)`)?$")
-_MISSING_RE = re.compile(r"^Object missing required field `([^`]*)`(?: - at `\$(.*)`)?$")
-_INDEX_RE = re.compile(r"\[(\d+)\]")
 _TYPE_WORDS: Final = {
     "str": "string",
     "int": "integer",
@@ -147,25 +146,17 @@ _TYPE_WORDS: Final = {
 }
 
 
-def _field_path(json_path: str) -> str:
-    """`$.data[0].user.email` (without the `$`) → `data.0.user.email`."""
-    return _INDEX_RE.sub(r".\1", json_path).lstrip(".")
-
-
 def _rejection_from_msgspec(error: msgspec.ValidationError) -> Rejection:
-    text = str(error)
-    match = _EXPECTED_RE.match(text)
-    if match:
-        types = [t.strip() for t in match.group(1).split("|") if t.strip() != "null"]
-        words = " or ".join(_TYPE_WORDS.get(t, t) for t in types)
-        path = _field_path(match.group(2) or "") or "request body"
+    m = parse_validation_message(str(error))
+    if m.kind is ErrorKind.WRONG_TYPE:
+        words = " or ".join(_TYPE_WORDS.get(t, t) for t in m.expected if t != "null")
+        path = m.dotted_path or "request body"
         return Rejection(CODE_PARAM_ERROR, f"Invalid value for {path}: not a valid {words}.")
-    match = _MISSING_RE.match(text)
-    if match:
-        parent = _field_path(match.group(2) or "")
-        path = f"{parent}.{match.group(1)}" if parent else match.group(1)
+    if m.kind is ErrorKind.MISSING_FIELD:
+        parent = m.dotted_path
+        path = f"{parent}.{m.field}" if parent else f"{m.field}"
         return Rejection(CODE_PARAM_ERROR, f"Invalid value for {path}: missing required field.")
-    return Rejection(CODE_PARAM_ERROR, f"Invalid request: {text}")
+    return Rejection(CODE_PARAM_ERROR, f"Invalid request: {error}")
 
 
 def _bad(path: str, reason: str, code: int = CODE_PARAM_ERROR) -> Rejection:

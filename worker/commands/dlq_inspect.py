@@ -4,23 +4,27 @@ Reads the topic from the beginning to the high watermarks captured at start (nev
 new records, never commits, never joins a group) and prints, in a stable plain-text format:
 the record count, oldest/newest `dlq.failed_at`, counts by reason, destination and TikTok
 code, how many records no redrive has handled yet, and up to three sample `dlq.error` texts
-per reason (most frequent first). Exit 0; 1 when Kafka or the topic is unavailable.
+per reason (most frequent first). With `--json`, the same as one JSON object (for scripts;
+see `as_json` for its keys). Exit 0; 1 when Kafka or the topic is unavailable.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from worker.config import Config, load_config, secret_values
+from worker.core.redaction import register_secrets
 from worker.errors import WorkerError
-from worker.kafka.dlq_reader import BoundedReader, DeadLetterRecord, reader_config
+from worker.kafka.dlq_reader import TOOLS_JOB, BoundedReader, DeadLetterRecord
 from worker.kafka.preflight import preflight
-from worker.observability.logs import configure_logging, register_secrets
+from worker.kafka.settings import reader_settings
+from worker.observability.logs import configure_logging
 from worker.redrive.engine import RedriveLedger
 
 SAMPLES_PER_REASON: Final = 3
@@ -77,7 +81,10 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(level="info" if args.debug else "warning", fmt=config.logging.format)
     register_secrets(secret_values(config))
     summary = inspect_topic(config)
-    sys.stdout.write(render(summary))
+    if getattr(args, "json", False):
+        sys.stdout.write(json.dumps(as_json(summary), ensure_ascii=False) + "\n")
+    else:
+        sys.stdout.write(render(summary))
     sys.stdout.flush()
     return 0
 
@@ -93,8 +100,11 @@ def inspect_topic(config: Config) -> Summary:
         ledger = None  # no permission to list groups: the count is left out, not guessed
     reader = BoundedReader(
         # A group id is required by the client; nothing is ever committed to it.
-        config=reader_config(
-            kafka.bootstrap_servers, kafka.client, kafka.group_id + "-dlq-inspect"
+        config=reader_settings(
+            bootstrap_servers=kafka.bootstrap_servers,
+            group_id=kafka.group_id + "-dlq-inspect",
+            client=kafka.client,
+            job=TOOLS_JOB,
         ),
         topic=kafka.dead_letter_topic,
         from_committed=False,
@@ -156,4 +166,38 @@ def render(summary: Summary) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["Summary", "inspect_topic", "render", "run"]
+def _ranked(counts: Counter[str]) -> dict[str, int]:
+    """Most frequent first, ties by name (JSON objects keep this order)."""
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def as_json(summary: Summary) -> dict[str, Any]:
+    """The report as data. Keys are always present; `oldest_failed_at`/`newest_failed_at` are
+    null for an empty topic, `awaiting_redrive`/`redriven_before` null when the redrive groups
+    cannot be listed. `by_destination`/`by_tiktok_code` use `(none)` for a missing header."""
+    known = summary.awaiting_redrive is not None
+    return {
+        "topic": summary.topic,
+        "partitions": summary.partitions,
+        "records": summary.total,
+        "oldest_failed_at": summary.oldest,
+        "newest_failed_at": summary.newest,
+        "awaiting_redrive": summary.awaiting_redrive,
+        "redriven_before": summary.redriven_before if known else None,
+        "written_back": summary.written_back,
+        "by_reason": _ranked(summary.by_reason),
+        "by_destination": _ranked(summary.by_destination),
+        "by_tiktok_code": _ranked(summary.by_code),
+        "sample_errors": {
+            reason: [
+                {"error": text, "count": count}
+                for text, count in list(_ranked(summary.errors.get(reason, Counter())).items())[
+                    :SAMPLES_PER_REASON
+                ]
+            ]
+            for reason in _ranked(summary.by_reason)
+        },
+    }
+
+
+__all__ = ["Summary", "as_json", "inspect_topic", "render", "run"]

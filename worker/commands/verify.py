@@ -34,11 +34,12 @@ from typing import Final
 import msgspec
 
 from worker.config import Config, DestinationConfig, load_config, secret_values
-from worker.delivery.client import Outcome, SendResult, TikTokClient, sanitise_message
+from worker.core.redaction import register_secrets, sanitise_message
+from worker.delivery.client import Outcome, SendResult, TikTokClient
 from worker.errors import ConfigError
 from worker.mapping.body import BatchKey, build_body
 from worker.mapping.mapper import MappedEvent, Mapper
-from worker.observability.logs import configure_logging, register_secrets
+from worker.observability.logs import configure_logging
 
 VERIFY_MESSAGE_PREFIX: Final = "tiktok-worker-verify-"
 VERIFY_PAGE_URL: Final = "https://example.com/tiktok-worker-verify"
@@ -293,7 +294,7 @@ def hint(result: SendResult, dest: DestinationConfig, index: int) -> str:
     if result.outcome in (Outcome.RETRYABLE, Outcome.TIMEOUT, Outcome.CONNECTION):
         return (
             "TikTok unreachable or busy: check tiktok.base_url and network access "
-            "(proxy, egress NetworkPolicy), then try again"
+            "(HTTPS_PROXY/NO_PROXY, egress NetworkPolicy), then try again"
         )
     field = _bad_field(result.message)
     if code is not None and 40000 <= code < 41000 and field is not None:

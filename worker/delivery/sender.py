@@ -31,16 +31,18 @@ import asyncio
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import structlog
 
+from worker.core.vocabulary import DeadLetterReason
 from worker.delivery.client import Outcome, SendResult, TikTokClient, backoff_delay
 from worker.delivery.codes import event_index
 from worker.delivery.inflight import Failure, PendingEvent, WorkOwner
 from worker.delivery.lanes import DEFAULT_MAX_BATCH_BYTES, AppBudget, Lane, spawn
 from worker.delivery.ratelimit import RateLimiter
 from worker.mapping.body import BatchKey, build_body
+from worker.observability.logs import Logger
 from worker.observability.metrics import Metrics
 
 __all__ = ["SPLIT_AFTER_FAILURES", "Failure", "LanePolicy", "RetryPolicy", "Route", "Sender"]
@@ -109,7 +111,7 @@ class Sender:
         retry: RetryPolicy,
         lanes: LanePolicy,
         metrics: Metrics,
-        log: Any,
+        log: Logger,
         on_crash: Callable[[BaseException], None],
     ) -> None:
         self._client = client
@@ -314,7 +316,7 @@ class Sender:
                     retry_after_s=retry_after,
                 )
                 if loop.time() + delay > deadline:
-                    self._fail(events, "retries_exhausted", result, attempt)
+                    self._fail(events, DeadLetterReason.RETRIES_EXHAUSTED, result, attempt)
                     return None
                 self._metrics.retries.labels(destination=route.destination).inc()
                 await asyncio.sleep(delay)
@@ -337,7 +339,11 @@ class Sender:
                         destination=route.destination,
                         http_status=result.http_status,
                     )
-                reason = "auth_error" if outcome is Outcome.AUTH else "permanent_api_error"
+                reason = (
+                    DeadLetterReason.AUTH_ERROR
+                    if outcome is Outcome.AUTH
+                    else DeadLetterReason.PERMANENT_API_ERROR
+                )
                 self._fail(events, reason, result, attempt)
                 return None
             if repeat_of is not None and _signature(result) == repeat_of:
@@ -356,13 +362,13 @@ class Sender:
         """Isolate the events a permanent per-event error is about."""
         index = event_index(result.message)
         if index is not None and 0 <= index < len(events):
-            self._fail([events[index]], "permanent_api_error", result, attempt)
+            self._fail([events[index]], DeadLetterReason.PERMANENT_API_ERROR, result, attempt)
             rest = events[:index] + events[index + 1 :]
             if rest:
                 await self._deliver(lane, rest, deadline)
             return
         if len(events) == 1:
-            self._fail(events, "permanent_api_error", result, attempt)
+            self._fail(events, DeadLetterReason.PERMANENT_API_ERROR, result, attempt)
             return
         left, right = self._halves(events)
         signature = _signature(result)
@@ -375,7 +381,12 @@ class Sender:
             await self._bisect(lane, _live(left), repeated_left, deadline, attempt + 1)
             return
         # Both halves answer exactly like the whole: not about an event, so no split helps.
-        self._fail(_live(left) + _live(right), "permanent_api_error", repeated_right, attempt + 2)
+        self._fail(
+            _live(left) + _live(right),
+            DeadLetterReason.PERMANENT_API_ERROR,
+            repeated_right,
+            attempt + 2,
+        )
 
     @staticmethod
     def _halves(events: list[PendingEvent]) -> tuple[list[PendingEvent], list[PendingEvent]]:
@@ -389,7 +400,11 @@ class Sender:
             owner.on_delivered(group)
 
     def _fail(
-        self, events: Sequence[PendingEvent], reason: str, result: SendResult, attempts: int
+        self,
+        events: Sequence[PendingEvent],
+        reason: DeadLetterReason,
+        result: SendResult,
+        attempts: int,
     ) -> None:
         events = _live(events)
         if not events:

@@ -3,27 +3,37 @@ settings, and does the dead-letter topic exist? One line and a bounded wait, nev
 
 from __future__ import annotations
 
-from typing import Any
-
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from worker.config import Config
+from worker.config import Config, librdkafka_error
 from worker.errors import ConfigError, WorkerError
-from worker.observability.logs import kafka_logger
+from worker.kafka.settings import preflight_settings
+from worker.observability.logs import Logger, kafka_logger
 
 PREFLIGHT_TIMEOUT_S = 15.0
 
 
-def preflight(config: Config) -> None:
-    """Fail fast, in one line, when Kafka is unreachable or the dead-letter topic is missing."""
-    conf: dict[str, Any] = {"bootstrap.servers": config.kafka.bootstrap_servers}
-    conf.update(config.kafka.client)
-    conf["logger"] = kafka_logger()  # never polled: librdkafka's retries stay off stderr
+def preflight(config: Config, log: Logger | None = None) -> None:
+    """Fail fast, in one line, when Kafka is unreachable or the dead-letter topic is missing.
+    With `log`, say what is being waited for: an unreachable Kafka takes up to
+    PREFLIGHT_TIMEOUT_S to give up."""
+    conf = preflight_settings(
+        bootstrap_servers=config.kafka.bootstrap_servers,
+        client=config.kafka.client,
+        logger=kafka_logger(),  # never polled: librdkafka's retries stay off stderr
+    )
     try:
         admin = AdminClient(conf)
     except KafkaException as exc:  # a property librdkafka refuses: a configuration error
-        raise ConfigError(f"kafka.client: {exc.args[0].str()}") from None
+        raise ConfigError(librdkafka_error(exc.args[0].str(), config.kafka.client)) from None
+    if log is not None:
+        log.info(
+            "waiting for Kafka",
+            bootstrap_servers=config.kafka.bootstrap_servers,
+            dead_letter_topic=config.kafka.dead_letter_topic,
+            timeout_s=PREFLIGHT_TIMEOUT_S,
+        )
     try:
         metadata = admin.list_topics(timeout=PREFLIGHT_TIMEOUT_S)
     except KafkaException as exc:

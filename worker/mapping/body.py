@@ -17,7 +17,6 @@ from typing import Final
 import msgspec
 
 __all__ = [
-    "EVENT_TRACK_PATH",
     "BatchKey",
     "EventOut",
     "Lead",
@@ -26,8 +25,6 @@ __all__ = [
     "build_body",
     "encode_event",
 ]
-
-EVENT_TRACK_PATH: Final = "/open_api/v1.3/event/track/"
 
 
 class BatchKey(msgspec.Struct, frozen=True):

@@ -8,7 +8,7 @@ Contract of `Mapper.map_message(value)`:
 - an outcome carries the TikTok events it produced (`mapped`, one per matching
   (destination, subscription)), the failures (`invalid`, with `destination=None` when the
   event is bad for everyone, or the destination whose mapping failed), and `skipped` (a
-  `worker.observability.metrics.SKIP_REASONS` value) only when nothing was mapped and nothing
+  `SkipReason`) only when nothing was mapped and nothing
   was invalid;
 - error texts name a path and an expectation, never a value: no PII, no token.
 
@@ -38,6 +38,7 @@ from urllib.parse import parse_qsl
 
 import msgspec
 
+from worker.core.vocabulary import DeadLetterReason, SkipReason
 from worker.errors import ConfigError
 from worker.mapping.body import BatchKey, EventOut, Lead, PageOut, UserOut, encode_event
 from worker.mapping.codegen import Checker, Spec, compile_extractor, compile_function
@@ -72,7 +73,6 @@ from worker.mapping.spec import DestinationConfig, LiteralValue, SubscriptionCon
 from worker.mapping.triggers import Trigger, TriggerSyntaxError, parse_trigger
 
 __all__ = [
-    "INVALID_REASONS",
     "EventOutcome",
     "InvalidEvent",
     "MappedEvent",
@@ -80,7 +80,6 @@ __all__ = [
     "compile_subscription_mapping",
 ]
 
-INVALID_REASONS: Final = ("decode_error", "invalid_event", "event_too_large")
 _UNSET: Final = msgspec.UNSET
 _encode_event: Final = encode_event
 
@@ -88,7 +87,7 @@ _encode_event: Final = encode_event
 class InvalidEvent(msgspec.Struct, frozen=True):
     """Why an event cannot be sent. `destination` is None when it is bad for everyone."""
 
-    reason: str  # decode_error | invalid_event | event_too_large
+    reason: DeadLetterReason  # one of INVALID_REASONS
     error: str  # a path and an expectation; never a value from the event
     destination: str | None = None
 
@@ -113,7 +112,7 @@ class EventOutcome(msgspec.Struct):
     message_id: str | None
     mapped: list[MappedEvent]
     invalid: list[InvalidEvent]
-    skipped: str | None
+    skipped: SkipReason | None
 
 
 class _FieldError(Exception):
@@ -784,23 +783,20 @@ class Mapper:
             except DecodeFailure as exc:
                 return [_failed(0, False, value, exc.reason, exc.error)]
             except Exception as exc:  # defensive, as below
-                return [
-                    _failed(0, False, value, "decode_error", f"unreadable: {type(exc).__name__}")
-                ]
+                return [_unreadable(0, False, value, exc)]
             try:
                 return [self.map_event(event, raw=value)]
             except Exception as exc:  # defensive: a mapper bug must not stop the partition
-                error = f"internal mapping error: {type(exc).__name__}"
-                return [_failed(0, False, value, "invalid_event", error)]
+                return [_internal_error(0, False, value, exc)]
         raw = value if value is not None else b""
         try:
             items = split_message(value)
         except DecodeFailure as exc:
             return [_failed(0, False, raw, exc.reason, exc.error)]
         except Exception as exc:  # defensive: framing must not take the worker down
-            return [_failed(0, False, raw, "decode_error", f"unreadable: {type(exc).__name__}")]
+            return [_unreadable(0, False, raw, exc)]
         if not items:
-            return [EventOutcome(0, True, raw, None, [], [], "no_match")]
+            return [EventOutcome(0, True, raw, None, [], [], SkipReason.NO_MATCH)]
         return [self._map_item(item.index, item.multi, item.raw) for item in items]
 
     def map_event(
@@ -822,7 +818,7 @@ class Mapper:
                 self._map_subscription(dest, sub, event, memo, mapped, invalid)
         mid = event.message_id
         message_id = mid if type(mid) is str else _message_id(event)
-        skipped = None if mapped or invalid else "no_match"
+        skipped = None if mapped or invalid else SkipReason.NO_MATCH
         return EventOutcome(index, multi, raw, message_id, mapped, invalid, skipped)
 
     # -- internals ----------------------------------------------------------------------
@@ -833,13 +829,11 @@ class Mapper:
         except DecodeFailure as exc:
             return _failed(index, multi, raw, exc.reason, exc.error)
         except Exception as exc:  # defensive: decoding must not take the worker down
-            return _failed(index, multi, raw, "decode_error", f"unreadable: {type(exc).__name__}")
+            return _unreadable(index, multi, raw, exc)
         try:
             return self.map_event(event, index=index, multi=multi, raw=raw)
         except Exception as exc:  # defensive: a mapper bug must not stop the partition
-            return _failed(
-                index, multi, raw, "invalid_event", f"internal mapping error: {type(exc).__name__}"
-            )
+            return _internal_error(index, multi, raw, exc)
 
     def _map_subscription(
         self,
@@ -869,7 +863,7 @@ class Mapper:
         if isinstance(common, _FieldError) or isinstance(contents, _FieldError):
             error = common if isinstance(common, _FieldError) else contents
             assert isinstance(error, _FieldError)
-            failure = InvalidEvent("invalid_event", error.text, dest.name)
+            failure = InvalidEvent(DeadLetterReason.INVALID_EVENT, error.text, dest.name)
             if failure not in invalid:
                 invalid.append(failure)
             return
@@ -910,7 +904,9 @@ def _source_key(source: Source) -> Any:
     return ("paths", source.candidates)
 
 
-def _failed(index: int, multi: bool, raw: bytes, reason: str, error: str) -> EventOutcome:
+def _failed(
+    index: int, multi: bool, raw: bytes, reason: DeadLetterReason, error: str
+) -> EventOutcome:
     return EventOutcome(index, multi, raw, None, [], [InvalidEvent(reason, error)], None)
 
 
@@ -921,3 +917,14 @@ def _message_id(event: SegmentEvent) -> str | None:
     if type(mid) is int or type(mid) is float:
         return js_number_str(mid)
     return None
+
+
+def _unreadable(index: int, multi: bool, raw: bytes, exc: Exception) -> EventOutcome:
+    return _failed(
+        index, multi, raw, DeadLetterReason.DECODE_ERROR, f"unreadable: {type(exc).__name__}"
+    )
+
+
+def _internal_error(index: int, multi: bool, raw: bytes, exc: Exception) -> EventOutcome:
+    error = f"internal mapping error: {type(exc).__name__}"
+    return _failed(index, multi, raw, DeadLetterReason.INVALID_EVENT, error)
