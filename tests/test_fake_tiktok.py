@@ -306,7 +306,12 @@ async def test_non_object_bodies_are_param_errors(
         pytest.param(lambda b: _event(b).pop("user"), id="no user"),
         pytest.param(lambda b: _event(b)["properties"].update(value=12.34), id="decimal value"),
         pytest.param(lambda b: b.update(data=b["data"] * 1000), id="exactly 1000 events"),
-        pytest.param(lambda b: b.update(event_source="app") or _event(b).pop("page"), id="app"),
+        pytest.param(
+            lambda b: b.update(event_source="app")
+            or _event(b).pop("page")
+            or _event(b).update(event="Purchase", app={"app_id": "com.example.app"}),
+            id="app",
+        ),
     ],
 )
 async def test_valid_variants_are_accepted(
