@@ -38,6 +38,7 @@ async def run_worker(config: Config, *, log: Logger, metrics: Metrics | None = N
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, preflight, config, log)
     metrics = metrics if metrics is not None else Metrics()
+    metrics.describe_destinations({d.name: d.event_source for d in config.destinations})
     kafka = config.kafka
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
