@@ -18,15 +18,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.batcher import Batch, Batcher
+from devkit.fake_tiktok.validate import validate
 from worker.config import Config, parse_config
-from worker.delivery import build_routes
+from worker.delivery.batcher import Batch, Batcher
+from worker.delivery.factory import build_routes
+from worker.delivery.inflight import PendingEvent
 from worker.errors import ConfigError
-from worker.fake_tiktok_validate import validate
-from worker.inflight import PendingEvent
-from worker.mapping import EventOutcome, MappedEvent, Mapper
-from worker.plan_app import att_status
-from worker.tiktok import build_body
+from worker.mapping.body import build_body
+from worker.mapping.mapper import EventOutcome, MappedEvent, Mapper
+from worker.mapping.plan_app import att_status
 
 NOW = 1_700_000_000.0
 TOKEN = "token-shared"
@@ -59,8 +59,9 @@ def config(*dests: dict[str, Any], **top: Any) -> Config:
 
 
 def config_error(*dests: dict[str, Any]) -> str:
+    """The start-up error: from the config loader, or from the Mapper that compiles it."""
     with pytest.raises(ConfigError) as info:
-        config(*dests)
+        Mapper(config(*dests))
     return str(info.value)
 
 
@@ -227,7 +228,7 @@ def test_app_subscription_with_a_contents_mapping_is_accepted() -> None:
         "event": "Subscribe",
         "mapping": {"contents": "$.properties.plan"},
     }
-    config({**APP, "presets": "none", "subscriptions": [sub]})
+    Mapper(config({**APP, "presets": "none", "subscriptions": [sub]}))
 
 
 # --------------------------------------------------------------------------- presets

@@ -148,7 +148,7 @@ class AcceptedEvent(msgspec.Struct, frozen=True, gc=False):
     """One event TikTok would have taken. `duplicate`: (pixel, event, event_id) seen before.
     `pixel` is the request's `event_source_id` (a pixel, event set or app id);
     `test_event_code` the request's, or the event's own (offline); `match_keys` the user
-    keys TikTok matches on for `event_source` (see fake_tiktok_validate.match_keys)."""
+    keys TikTok matches on for `event_source` (see devkit.fake_tiktok.validate.match_keys)."""
 
     event_id: str | None
     event: str

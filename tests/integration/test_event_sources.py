@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import (
+from devkit.harness import (
     FakeTikTokProcess,
     WorkerProcess,
     metric_value,
@@ -26,7 +26,7 @@ from tests.harness import (
     write_config,
 )
 from tests.test_sources import APP, CRM, OFFLINE, WEB, config, mixed_event
-from worker.mapping import Mapper
+from worker.mapping.mapper import Mapper
 
 pytestmark = pytest.mark.integration
 
