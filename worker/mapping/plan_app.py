@@ -176,8 +176,17 @@ class AppPlan:
         self, event: SegmentEvent, now: Callable[[], float], region: str | None
     ) -> AppCommon:
         v = self._extract(event)
-        i = _I
-        timestamp = v[i["timestamp"]]
+        # One unpack in _NAMES (APP_FIELDS) order: no per-event name lookups. A field added to
+        # the table must be added here too (the golden cases fail otherwise).
+        (
+            event_source, event_id, timestamp, phones, emails, advertising_id, app_id,
+            app_name, app_version, _callback, _campaign_id, _ad_id, _creative_id,
+            _is_retargeting, _attributed, _attribution_type, _attribution_provider,
+            device_type, device_id, device_version, ad_tracking_enabled, external_ids,
+            locale, mapped_att_status, ip, user_agent, _content_ids, _num_items,
+            _content_type, _currency, _value, _description, limited_data_use,
+            test_event_code, _search_string,
+        ) = v  # fmt: skip
         if timestamp is None:
             event_time = math.floor(now())
         else:
@@ -185,27 +194,20 @@ class AppPlan:
             if parsed is None:
                 raise FieldError.plain(self._ts_error)
             event_time = parsed
-        app_id = v[i["app.app_id"]]
         if not app_id:
             raise FieldError.plain(self._app_error)
-        device_type = v[i["device_details.device_type"]]
         platform = device_type.lower() if device_type else None
         user = AppUser(
             att_status=att_status(
-                v[i["att_status"]] or "AUTO",
-                device_type,
-                v[i["device_details.device_version"]],
-                v[i["device_details.ad_tracking_enabled"]],
+                mapped_att_status or "AUTO", device_type, device_version, ad_tracking_enabled
             )
         )
-        external_ids, phones, emails = v[i["external_id"]], v[i["phone_number"]], v[i["email"]]
         if external_ids:
             user.external_id = [hash_external_id(x) for x in external_ids]
         if phones:
             user.phone = [hash_phone(x, region) for x in phones]
         if emails:
             user.email = [hash_email(x) for x in emails]
-        advertising_id = v[i["advertising_id"]]
         if advertising_id and platform == "ios":
             hashed = smart_hash(advertising_id.strip().lower())
             if hashed:
@@ -214,23 +216,24 @@ class AppPlan:
             hashed = smart_hash(advertising_id.strip())  # Android ids keep their case
             if hashed:
                 user.gaid = hashed
-        device_id = v[i["device_details.device_id"]]
         if platform == "ios" and device_id:
             user.idfv = device_id
-        for name in ("ip", "user_agent", "locale"):
-            value = v[i[name]]
-            if value:
-                setattr(user, name, value)
+        if ip:
+            user.ip = ip
+        if user_agent:
+            user.user_agent = user_agent
+        if locale:
+            user.locale = locale
         props: dict[str, object] = {}
         for name, index in self._props:
             value = v[index]
             if value is not None:
                 props[name] = value
         app = AppOut(app_id)
-        if v[i["app.app_name"]]:
-            app.app_name = v[i["app.app_name"]]
-        if v[i["app.app_version"]]:
-            app.app_version = v[i["app.app_version"]]
+        if app_name:
+            app.app_name = app_name
+        if app_version:
+            app.app_version = app_version
         ad: dict[str, object] = {}
         for name, index, kind in self._ad:
             value = v[index]
@@ -238,14 +241,14 @@ class AppPlan:
                 ad[name] = value
         return AppCommon(
             event_time,
-            v[i["event_id"]] or None,
+            event_id or None,
             user,
             props,
             app,
             ad,
-            v[i["limited_data_use"]] is True,
-            v[i["test_event_code"]] or None,
-            v[i["event_source"]] or "app",
+            limited_data_use is True,
+            test_event_code or None,
+            event_source or "app",
         )
 
     def finisher(self, event: str, contents: Source, items: dict[str, Source]) -> Finisher:
