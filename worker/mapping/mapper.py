@@ -17,6 +17,11 @@ field defaults with `@if exists` fallbacks, removal of null and top-level "", Aj
 coercion, enum checks, then the body builder's rules (which keys are always present, which
 only when truthy), ttclid resolution and PII hashing (worker.mapping.hashing).
 
+Offline and app destinations (SPEC §3 "Event sources") follow Segment's Report Offline Event
+and Report App Event actions instead: their plans live in worker.mapping.plan_offline and
+plan_app, with field tables, presets and start-up checks per source (worker.mapping.sources);
+crm is the web action with `event_source: crm` as the default.
+
 Speed (the hot path of the worker): field reads are generated code, one straight-line
 function per plan (worker.mapping.codegen); work shared between subscriptions and destinations is
 computed once per event: every subscription points at an interned `_Plan` (its field
@@ -774,8 +779,8 @@ class Mapper:
         if sub.finish is not None:
             self._map_source_subscription(dest, sub, event, memo, mapped, invalid)
             return
-        plan = sub.plan
-        assert isinstance(plan, _Plan)
+        # Web and crm subscriptions (no `finish`) always hold a _Plan; no runtime check here.
+        plan: _Plan = sub.plan  # type: ignore[assignment]
         common: _Common | _FieldError | None = memo.get(id(plan))
         if common is None:
             try:
