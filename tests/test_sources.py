@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devkit.fake_tiktok.validate import validate
+from devkit.fake_tiktok.validate import match_keys, validate
 from worker.config import Config, parse_config
 from worker.delivery.batcher import Batch, Batcher
 from worker.delivery.factory import build_routes
@@ -571,6 +571,22 @@ def test_the_fake_applies_each_sources_rules(
 )  # fmt: skip
 def test_the_fake_accepts_valid_bodies_of_each_source(source: str, event: dict[str, Any]) -> None:
     assert validate(_request(source, event), now=NOW)[1] is None
+
+
+def test_external_id_is_a_match_key_only_for_web_and_crm() -> None:
+    user = {"external_id": [H], "email": [H], "ip": "203.0.113.1"}
+    got = {}
+    for source in ("web", "crm", "offline", "app"):
+        event = {"event": "Contact", "event_time": 1700000000, "user": user}
+        request, _ = validate(_request(source, event), now=NOW)
+        assert request is not None
+        got[source] = match_keys(request.data[0], source)
+    assert got == {
+        "web": ("email", "external_id", "ip"),
+        "crm": ("email", "external_id"),
+        "offline": ("email", "ip"),
+        "app": ("email", "ip"),
+    }
 
 
 # --------------------------------------------------------------------------- PII
