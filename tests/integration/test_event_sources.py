@@ -39,7 +39,7 @@ def test_a_mixed_topic_reaches_every_source_in_batches(
     dlq = f"{topic}.dlq"
     kafka.create_topic(dlq, partitions=1)
     events = [mixed_event(NAMES[n % len(NAMES)], n) for n in range(300)]
-    dests = [WEB, CRM, OFFLINE, APP]
+    dests: list[dict[str, Any]] = [WEB, CRM, OFFLINE, APP]
     # What the worker should send, from the same mapping run in-process.
     mapper = Mapper(config(*dests), now=lambda: 0.0)
     expected: Counter[tuple[str, str, str]] = Counter()

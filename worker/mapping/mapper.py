@@ -873,7 +873,7 @@ class Mapper:
                 memo[payload_key] = payload
         for x in (common, contents, payload):
             if isinstance(x, _FieldError):
-                failure = InvalidEvent("invalid_event", x.text, dest.name)
+                failure = InvalidEvent(DeadLetterReason.INVALID_EVENT, x.text, dest.name)
                 if failure not in invalid:
                     invalid.append(failure)
                 return
