@@ -223,7 +223,7 @@ def test_environment_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch) -> 
         ),
         pytest.param(
             MINIMAL.replace("PIXEL1", "12345"),
-            "destinations[0].pixel_code: expected a string, got an integer "
+            "destinations[0].pixel_code: expected a string or null, got an integer "
             "(quote the value in YAML)",
             id="number-for-string",
         ),

@@ -112,6 +112,7 @@ def test_no_unexpected_families_and_every_one_is_prefixed() -> None:
         "tiktok_worker_assigned_partitions",
         "tiktok_worker_commits_total",
         "tiktok_worker_rebalances_total",
+        "tiktok_worker_destination_info",
     }
 
 
@@ -161,6 +162,15 @@ def test_every_skip_reason_is_emitted_and_documented() -> None:
     line = next(x for x in ops.splitlines() if x.startswith("- `events_skipped_total{reason}`"))
     documented = re.findall(r"`([a-z_]+)`", line.split(":", 1)[1].split("(")[0])
     assert set(documented) == set(SKIP_REASONS)
+
+
+def test_destination_info_joins_each_destination_to_its_event_source() -> None:
+    metrics = Metrics()
+    metrics.describe_destinations({"web-shop": "web", "stores": "offline", "mobile": "app"})
+    text = generate_latest(metrics.registry).decode()
+    for name, source in (("web-shop", "web"), ("stores", "offline"), ("mobile", "app")):
+        line = f'tiktok_worker_destination_info{{destination="{name}",event_source="{source}"}} 1.0'
+        assert line in text
 
 
 def sample(rig: Rig, name: str, **labels: str) -> float:

@@ -27,7 +27,7 @@ import yaml
 from worker.core.msgspec_errors import ErrorKind, parse_validation_message
 from worker.core.redaction import MASK, is_secret_key, mask_url_credentials, url_secrets
 from worker.errors import ConfigError
-from worker.mapping.spec import DestinationConfig, NonEmptyStr
+from worker.mapping.spec import SOURCE_ID_KEYS, DestinationConfig, NonEmptyStr
 
 __all__ = [
     "Config",
@@ -300,7 +300,7 @@ def _strip(tp: Any) -> Any:
 
 
 def _check_semantics(config: Config) -> None:
-    """Checks msgspec cannot express: uniqueness and cross-field ranges."""
+    """Checks msgspec cannot express: uniqueness, cross-field ranges, source ids."""
     # A rebalance or stop blocks the consumer thread (and its heartbeat) for up to the drain
     # time plus a margin; liveness must not declare that stuck and get the pod restarted.
     # Only an explicit value can break the rule: the default is derived from the drain time.
@@ -340,6 +340,7 @@ def _check_semantics(config: Config) -> None:
                 f"{where}.name: duplicate destination name (also destinations[{seen[dest.name]}])"
             )
         seen[dest.name] = i
+        _check_source_ids(dest, where)
         if dest.phone_default_region is not None and (
             dest.phone_default_region not in phonenumbers.SUPPORTED_REGIONS
         ):
@@ -347,8 +348,28 @@ def _check_semantics(config: Config) -> None:
                 f"{where}.phone_default_region: not a supported ISO 3166-1 alpha-2 region "
                 "(upper case, e.g. US, GB, DE)"
             )
+        if dest.event_source == "crm" and not dest.subscriptions:
+            raise ConfigError(
+                f"{where}.subscriptions: required for event_source crm (Segment has no CRM "
+                "presets; CRM events use your own event names)"
+            )
     # Triggers, subscription names and mapping overrides are checked where they are compiled,
     # once, by `worker.mapping.Mapper` (every command that maps builds one at start-up).
+
+
+def _check_source_ids(dest: DestinationConfig, where: str) -> None:
+    """The id key of the destination's source is required; the other sources' keys are
+    errors (a pixel code on an offline destination is a mistake, not a spare value)."""
+    wanted = SOURCE_ID_KEYS[dest.event_source]
+    if getattr(dest, wanted) is None:
+        because = "" if dest.event_source == "web" else f" for event_source {dest.event_source}"
+        raise ConfigError(f"{where}.{wanted}: required{because}")
+    for key in ("pixel_code", "event_set_id", "tiktok_app_id"):
+        if key != wanted and getattr(dest, key) is not None:
+            raise ConfigError(
+                f"{where}.{key}: not used by event_source {dest.event_source} "
+                f"(it needs {wanted}); remove it"
+            )
 
 
 def liveness_timeout_s(config: Config) -> float:

@@ -75,7 +75,6 @@ class PartitionTracker:
             self._committed = offset
 
 
-
 class OffsetLedger:
     """The commit ledger of one consumer: a `PartitionTracker` per owned partition.
 
