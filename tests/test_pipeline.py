@@ -209,7 +209,8 @@ async def test_out_of_order_completion_commits_the_contiguous_prefix(rig_factory
 async def test_dead_letter_must_be_acknowledged_before_commit(rig_factory: Any) -> None:
     rig: Rig = await rig_factory()
     rig.producer.auto_ack = False
-    rig.pipeline.on_messages([FakeMessage(1, 0, b"not json"), *messages(order_events(1), 1, 1)])
+    batch: list[Any] = [FakeMessage(1, 0, b"not json"), *messages(order_events(1), 1, 1)]
+    rig.pipeline.on_messages(batch)
     await asyncio.sleep(0.2)
     assert len(rig.producer.records) == 1
     value, headers = rig.producer.records[0]
@@ -231,7 +232,8 @@ async def test_dead_letter_failure_is_fatal_and_never_committed(rig_factory: Any
     rig: Rig = await rig_factory()
     rig.producer.auto_ack = False
     rig.producer.fail_with = KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)
-    rig.pipeline.on_messages([FakeMessage(0, 0, b"{")])
+    batch: list[Any] = [FakeMessage(0, 0, b"{")]
+    rig.pipeline.on_messages(batch)
     rig.producer.ack()
     assert rig.pipeline.fatal is not None
     assert "dead-letter topic" in str(rig.pipeline.fatal)

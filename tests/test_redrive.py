@@ -200,7 +200,7 @@ def test_decode_headers_first_value_wins_and_accepts_dicts() -> None:
 def test_written_back_letter_adds_the_redrive_count() -> None:
     letter = DeadLetter(
         redrive_count=3,
-        reason="retries_exhausted",
+        reason=DeadLetterReason.RETRIES_EXHAUSTED,
         error="x",
         original_topic="t",
         original_partition=0,
