@@ -204,7 +204,6 @@ class Sender:
         linger_s = self._policy.linger_s
         while True:
             await lane.wait_for_batch(linger_s)
-            await self._gate.wait()
             await self._take_turn(lane)
             batch = lane.seal()
             if not batch:
@@ -220,13 +219,20 @@ class Sender:
             )
 
     async def _take_turn(self, lane: Lane) -> None:
-        """One of the lane's permits, then a slot of its app: the order SPEC §4 asks for."""
-        await lane.permits.acquire()
-        try:
-            await lane.budget.slot(lane)
-        except BaseException:
+        """One of the lane's permits, then a slot of its app (the order SPEC §4 asks for), with
+        the gate open once both are held: after `close_gate` no request starts, even one that
+        was already waiting for its slot."""
+        while True:
+            await self._gate.wait()
+            await lane.permits.acquire()
+            try:
+                await lane.budget.slot(lane)
+            except BaseException:
+                lane.permits.release()
+                raise
+            if self._gate.is_set():
+                return
             lane.permits.release()
-            raise
 
     def _gauge(self, lane: Lane) -> None:
         self._metrics.lane_inflight_events.labels(destination=lane.key.destination).set(
@@ -271,8 +277,10 @@ class Sender:
         loop = asyncio.get_running_loop()
         failures = 0
         while True:
+            if holding and not self._gate.is_set():  # closed since the turn was taken
+                lane.permits.release()
+                holding = False
             if not holding:
-                await self._gate.wait()
                 await self._take_turn(lane)
             holding = False
             live = _live(events)
