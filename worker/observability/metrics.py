@@ -125,6 +125,11 @@ class Metrics:
             ["destination"],
             registry=r,
         )
+        self.rate_limit_late_slots = Counter(
+            p + "rate_limit_late_slots",
+            "Requests released later than the headroom absorbs; each left one slot empty.",
+            registry=r,
+        )
         self.inflight_messages = Gauge(
             p + "inflight_messages",
             "Kafka messages consumed but not yet finished (delivered, skipped or dead-lettered).",
