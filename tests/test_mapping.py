@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.reference_mapper import CheckedMapper
 from worker.config import Config, parse_config
 from worker.core.vocabulary import INVALID_REASONS, SkipReason
 from worker.errors import ConfigError
@@ -43,7 +44,7 @@ def make_config(destinations: list[dict[str, Any]] | None = None, **top: Any) ->
 
 
 def mapper_for(dest: dict[str, Any] | None = None, **top: Any) -> Mapper:
-    return Mapper(make_config([dest or {}], **top), now=lambda: NOW)
+    return CheckedMapper(make_config([dest or {}], **top), now=lambda: NOW)
 
 
 def run(mapper: Mapper, event: Any) -> list[EventOutcome]:
@@ -81,7 +82,7 @@ def _resolve_hashes(value: Any) -> Any:
 @pytest.mark.parametrize("path", GOLDEN, ids=[p.stem for p in GOLDEN])
 def test_golden_case(path: Path) -> None:
     case = json.loads(path.read_text())
-    mapper = Mapper(make_config([case["destination"]]), now=lambda: case["now"])
+    mapper = CheckedMapper(make_config([case["destination"]]), now=lambda: case["now"])
     outcomes = run(mapper, case["input"])
     assert len(outcomes) == len(case["outcomes"])
     for outcome, want in zip(outcomes, case["outcomes"], strict=True):
@@ -105,7 +106,7 @@ def test_golden_case(path: Path) -> None:
 def test_golden_example_body_bytes_match_the_documented_key_order() -> None:
     """Key order of the body and of data[0] is Segment's (the documented example's)."""
     case = json.loads((GOLDEN[0]).read_text())
-    mapper = Mapper(make_config([case["destination"]]), now=lambda: NOW)
+    mapper = CheckedMapper(make_config([case["destination"]]), now=lambda: NOW)
     (outcome,) = run(mapper, case["input"])
     body = build_body(outcome.mapped[0].key, [outcome.mapped[0].payload])
     keys = re.findall(rb'"(event_source|event_source_id|partner_name|test_event_code|data)":', body)
@@ -299,7 +300,7 @@ def test_destination_when_filters_before_subscriptions() -> None:
 
 def test_two_destinations_each_get_the_event_with_their_own_key() -> None:
     config = make_config([{"test_event_code": "TEST1"}, {"phone_default_region": "GB"}])
-    mapper = Mapper(config, now=lambda: NOW)
+    mapper = CheckedMapper(config, now=lambda: NOW)
     event = {"type": "page", "messageId": "m", "properties": {"phone": "07700 900123"}}
     (outcome,) = run(mapper, event)
     assert [m.destination for m in outcome.mapped] == ["web-shop", "dest-1"]
@@ -379,7 +380,7 @@ def test_ttclid_and_ttp_fall_back_to_the_integrations_object() -> None:
 
 
 def test_event_time_comes_from_timestamp_or_the_clock() -> None:
-    mapper = Mapper(make_config(), now=lambda: 1234.99)
+    mapper = CheckedMapper(make_config(), now=lambda: 1234.99)
     assert only_event(mapper, {"type": "page"})["event_time"] == 1234
     stamped = {"type": "page", "timestamp": "2025-02-03T04:05:06.999Z"}
     assert only_event(mapper, stamped)["event_time"] == 1738555506
@@ -494,7 +495,7 @@ def test_a_failing_destination_does_not_stop_the_others() -> None:
     }
     config = make_config([{"presets": "none", "subscriptions": [sub]}, {}])
     (outcome,) = run(
-        Mapper(config, now=lambda: NOW), {"type": "page", "properties": {"label": "x"}}
+        CheckedMapper(config, now=lambda: NOW), {"type": "page", "properties": {"label": "x"}}
     )
     assert [i.destination for i in outcome.invalid] == ["web-shop"]
     assert [m.destination for m in outcome.mapped] == ["dest-1"]
@@ -723,7 +724,7 @@ def test_bad_mapping_overrides_are_config_errors(mapping: dict[str, Any], messag
 
 # --------------------------------------------------------------------------- fuzzing
 
-_FUZZ_MAPPER = Mapper(
+_FUZZ_MAPPER = CheckedMapper(
     make_config(
         [
             {"presets": "all", "phone_default_region": "US"},
@@ -743,6 +744,7 @@ _FUZZ_MAPPER = Mapper(
     ),
     now=lambda: NOW,
 )
+
 
 def _check_outcomes(outcomes: list[EventOutcome]) -> None:
     assert len(outcomes) >= 1
@@ -902,3 +904,87 @@ def test_intermediate_values_that_are_not_objects_read_as_missing() -> None:
     assert data["user"]["city"] == ""
     assert data["user"]["email"] == [sha("a@b.c")]
     assert "page" not in data
+
+
+# --------------------------------------------------------------------------- generated routes
+
+# Every routing feature at once: a destination filter, routing-only and evaluated triggers,
+# `or`, plans shared between destinations (same mapping) and not (overrides), phones hashed
+# for another region, a test code, crm with its lead rule, offline and app.
+_ROUTES_MAPPER = CheckedMapper(
+    make_config(
+        [
+            {"presets": "all", "phone_default_region": "US"},
+            {"presets": "all"},
+            {"presets": "documented", "phone_default_region": "GB", "test_event_code": "T1"},
+            {
+                "presets": "none",
+                "when": 'properties.value > 10 or type = "page"',
+                "subscriptions": [
+                    {
+                        "name": "big",
+                        "trigger": 'event = "Order Completed" and properties.currency',
+                        "event": "PlaceAnOrder",
+                        "contents": "multi",
+                        "mapping": {"value": "$.properties.revenue"},
+                    },
+                    {"name": "pages", "trigger": 'type = "page"', "event": "Pageview"},
+                    {"name": "any", "trigger": "userId or !event", "event": "Any"},
+                ],
+            },
+            {
+                "event_source": "crm",
+                "presets": "none",
+                "subscriptions": [
+                    {"name": "lead", "trigger": 'event = "Signed Up"', "event": "Lead"},
+                    {"name": "orders", "trigger": 'event = "Order Completed"', "event": "Lead2"},
+                ],
+            },
+            {"event_source": "offline", "event_set_id": "EV1", "pixel_code": None},
+            {
+                "event_source": "offline",
+                "event_set_id": "EV2",
+                "pixel_code": None,
+                "phone_default_region": "GB",
+            },
+            {"event_source": "app", "tiktok_app_id": "7000000001", "pixel_code": None},
+        ]
+    ),
+    now=lambda: NOW,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_event, min_size=1, max_size=3), st.booleans())
+def test_generated_routes_match_the_reference_mapper(
+    events: list[dict[str, Any]], as_array: bool
+) -> None:
+    """CheckedMapper asserts byte-identical outcomes of the generated and reference routing."""
+    value = json.dumps(events if as_array else events[0]).encode()
+    _check_outcomes(_ROUTES_MAPPER.map_message(value))
+
+
+def test_generated_routes_match_the_reference_on_the_bench_mix() -> None:
+    from bench.bench_mapping import make_events, with_app_context
+
+    events = make_events(300, seed=3)
+    mapped = 0
+    for value in [*events, *with_app_context(events[:100])]:
+        for outcome in _ROUTES_MAPPER.map_message(value):
+            mapped += len(outcome.mapped)
+    assert mapped > 1000
+    assert _ROUTES_MAPPER._route_fns, "the generated routes were not used"
+
+
+def test_a_batch_envelope_that_also_has_a_type_is_framed_as_a_batch() -> None:
+    inner = {"type": "page", "messageId": "m1"}
+    value = json.dumps({"type": "track", "event": "X", "batch": [inner, inner]}).encode()
+    outcomes = mapper_for({}).map_message(value)
+    assert [(o.index, o.multi, o.message_id) for o in outcomes] == [
+        (0, True, "m1"),
+        (1, True, "m1"),
+    ]
+    # Not a list: not an envelope, the object is one event (as before issue 18).
+    value = json.dumps({"type": "page", "messageId": "m2", "batch": 5}).encode()
+    (outcome,) = mapper_for({}).map_message(value)
+    assert (outcome.multi, outcome.message_id, len(outcome.mapped)) == (False, "m2", 1)

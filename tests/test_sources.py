@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devkit.fake_tiktok.validate import match_keys, validate
+from tests.reference_mapper import CheckedMapper
 from worker.config import Config, parse_config
 from worker.delivery.factory import build_routes
 from worker.delivery.inflight import InflightMessage, PendingEvent
@@ -66,7 +67,7 @@ def config_error(*dests: dict[str, Any]) -> str:
 
 
 def mapper(*dests: dict[str, Any]) -> Mapper:
-    return Mapper(config(*dests), now=lambda: NOW)
+    return CheckedMapper(config(*dests), now=lambda: NOW)
 
 
 def outcome(m: Mapper, event: dict[str, Any]) -> EventOutcome:
@@ -469,7 +470,7 @@ def mixed_outcomes(m: Mapper, count: int) -> list[MappedEvent]:
 
 def test_batches_never_mix_sources_or_ids_and_share_one_rate_limit_key() -> None:
     cfg = config(WEB, CRM, OFFLINE, APP, {**OFFLINE, "name": "stores-2", "event_set_id": "EV2"})
-    m = Mapper(cfg, now=lambda: NOW)
+    m = CheckedMapper(cfg, now=lambda: NOW)
     mapped = mixed_outcomes(m, 50)
     batches: list[tuple[BatchKey, list[PendingEvent]]] = []
 
@@ -615,7 +616,7 @@ def test_external_id_is_a_match_key_only_for_web_and_crm() -> None:
 _EMAIL = st.from_regex(r"[A-Za-z]{3,8}\.[a-z]{3,8}@[a-z]{3,8}\.com", fullmatch=True)
 _PHONE = st.from_regex(r"\+1 ?\(?[2-9][0-9]{2}\)? ?[0-9]{3}-?[0-9]{4}", fullmatch=True)
 _ID = st.from_regex(r"[A-Za-z][A-Za-z0-9_-]{5,20}", fullmatch=True)
-_PII_MAPPER = Mapper(config(WEB, CRM, OFFLINE, APP), now=lambda: NOW)
+_PII_MAPPER = CheckedMapper(config(WEB, CRM, OFFLINE, APP), now=lambda: NOW)
 
 
 @settings(max_examples=150, deadline=None)

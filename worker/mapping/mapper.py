@@ -73,6 +73,7 @@ from worker.mapping.reading import extractor as _extractor
 from worker.mapping.reading import spec as _spec
 from worker.mapping.reading import timestamp_seconds as _timestamp_seconds
 from worker.mapping.reading import url_ttclid as _url_ttclid
+from worker.mapping.routes import RouteFn, compile_route
 from worker.mapping.segment import (
     EVENT_TYPES,
     DecodeFailure,
@@ -546,6 +547,10 @@ class _Sub:
     # offline and app: builds the `data[]` element (None: web and crm, built inline below)
     finish: Finisher | None = None
 
+    @property
+    def predicate(self) -> Callable[[SegmentEvent], bool]:
+        return self.trigger.predicate
+
 
 class _Destination:
     """One configured destination: its filter, subscriptions and batch keys."""
@@ -565,6 +570,7 @@ class _Destination:
         self.region = dest.phone_default_region
         self.partner_name = partner_name
         self.when = when
+        self.when_predicate = when.predicate if when is not None else None
         self.subs = subs
         self._routes: dict[tuple[str, Any], tuple[_Sub, ...]] = {}
         self._keys: dict[tuple[str, str | None], BatchKey] = {}
@@ -644,10 +650,20 @@ class Mapper:
     pure function of the bytes and the clock (`now`, used when an event has no timestamp).
     """
 
-    def __init__(self, config: MappingConfig, *, now: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        config: MappingConfig,
+        *,
+        now: Callable[[], float] = time.time,
+        generated: bool = True,
+    ) -> None:
         """Compile every destination once; a bad trigger, duplicate subscription name or mapping
-        override raises `ConfigError` naming its key path (`destinations[0].when: ...`)."""
+        override raises `ConfigError` naming its key path (`destinations[0].when: ...`).
+
+        `generated=False` keeps the interpretive routing (`map_event`, `_map_subscription`):
+        the reference the generated routes (worker.mapping.routes) are tested against."""
         self._now = now
+        self._generated = generated
         plans: dict[tuple[Any, ...], _Plan | SourcePlan] = {}
         contents_fns: dict[tuple[Any, ...], ContentsFn] = {}
         self._destinations: list[_Destination] = []
@@ -703,23 +719,46 @@ class Mapper:
                     _Sub(order, name, event, compiled, plan, cfn, compiled.routing_only, finish)
                 )
             self._destinations.append(_Destination(dest, when, subs, config.tiktok.partner_name))
+        # Route functions, compiled on first use: per event class, per event name that some
+        # trigger pins (None: any other name). Bounded by the config, not by the input.
+        self._known_names = frozenset(
+            s.trigger.event_name
+            for d in self._destinations
+            for s in d.subs
+            if s.trigger.event_name is not None
+        )
+        self._routes: dict[type, dict[str | None, RouteFn]] = {t: {} for t in EVENT_TYPES}
+        self._route_fns: dict[tuple[Any, ...], RouteFn] = {}
+        self._route_ns: dict[str, Any] = {
+            "_FE": _FieldError,
+            "_ME": MappedEvent,
+            "_EO": EventOutcome,
+            "_inv": _record_invalid,
+            "_mid": _message_id,
+            "_NO_MATCH": SkipReason.NO_MATCH,
+            "_now": now,
+            "_enc": _encode_event,
+            "_EventOut": EventOut,
+            "_UNSET": _UNSET,
+        }
 
     # -- public API ---------------------------------------------------------------------
 
     def map_message(self, value: bytes | None) -> list[EventOutcome]:
         """All outcomes of one Kafka message value. Never raises."""
-        if value and value[:1] == b"{" and b'"batch"' not in value:
-            # The common case, one event per message, without the framing machinery.
+        if value and value[:1] == b"{":
+            # The common case, one event per message: decode first. A batch envelope either
+            # fails the decode (no `type`) or shows its `batch`; both take the framing path,
+            # as does any value that fails, so its outcome is exactly the framing path's.
             try:
-                event = decode_event(value)
-            except DecodeFailure as exc:
-                return [_failed(0, False, value, exc.reason, exc.error)]
-            except Exception as exc:  # defensive, as below
-                return [_unreadable(0, False, value, exc)]
-            try:
-                return [self.map_event(event, raw=value)]
-            except Exception as exc:  # defensive: a mapper bug must not stop the partition
-                return [_internal_error(0, False, value, exc)]
+                event: SegmentEvent | None = decode_event(value)
+            except Exception:
+                event = None
+            if event is not None and event.batch is _UNSET:
+                try:
+                    return [self.map_event(event, raw=value)]
+                except Exception as exc:  # defensive: a mapper bug must not stop the partition
+                    return [_internal_error(0, False, value, exc)]
         raw = value if value is not None else b""
         try:
             items = split_message(value)
@@ -735,6 +774,32 @@ class Mapper:
         self, event: SegmentEvent, *, index: int = 0, multi: bool = False, raw: bytes = b""
     ) -> EventOutcome:
         """Map an already decoded event (the `map` command and tests use this)."""
+        if self._generated:
+            cls = type(event)
+            name = event.event
+            fn = self._routes[cls].get(name if name in self._known_names else None)
+            if fn is None:
+                fn = self._route(cls, name)
+            outcome: EventOutcome = fn(event, index, multi, raw)
+            return outcome
+        return self._reference_map_event(event, index=index, multi=multi, raw=raw)
+
+    def _route(self, cls: type, name: str | None) -> RouteFn:
+        """Compile (or share) the route function of (event class, event name)."""
+        route_name = name if name in self._known_names else None
+        etype = EVENT_TYPES[cls]
+        dests = [(d, d.candidates(etype, route_name)) for d in self._destinations]
+        signature = tuple(tuple(id(s) for s in subs) for _, subs in dests)
+        fn = self._route_fns.get(signature)
+        if fn is None:
+            fn = self._route_fns[signature] = compile_route(dests, self._route_ns)
+        self._routes[cls][route_name] = fn
+        return fn
+
+    def _reference_map_event(
+        self, event: SegmentEvent, *, index: int = 0, multi: bool = False, raw: bytes = b""
+    ) -> EventOutcome:
+        """The interpretive routing, kept as the reference for the generated routes."""
         mapped: list[MappedEvent] = []
         invalid: list[InvalidEvent] = []
         # Results shared by subscriptions/destinations with the same plan or contents.
@@ -889,6 +954,14 @@ def _source_key(source: Source) -> Any:
     if isinstance(source, Const):
         return ("const", source.key)
     return ("paths", source.candidates)
+
+
+def _record_invalid(invalid: list[InvalidEvent], a: Any, b: Any, destination: str) -> None:
+    """Record the FieldError among `a`, `b` (a first) for `destination`, once per message."""
+    error = a if isinstance(a, _FieldError) else b
+    failure = InvalidEvent(DeadLetterReason.INVALID_EVENT, error.text, destination)
+    if failure not in invalid:
+        invalid.append(failure)
 
 
 def _failed(

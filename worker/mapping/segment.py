@@ -62,6 +62,10 @@ class _EventBase(msgspec.Struct, rename="camel", tag_field="type", kw_only=True)
     traits: dict[str, Any] | None = None
     context: dict[str, Any] | None = None
     integrations: dict[str, Any] | None = None
+    # Set when the value is a Segment batch envelope that also carries `type` (an envelope
+    # without `type` fails the decode): the mapper then frames it as a batch. Raw, so any
+    # JSON value decodes and nothing is parsed; not a mapping path (see ROOT_ATTRS).
+    batch: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
 
 
 class Track(_EventBase, tag="track"):
@@ -100,7 +104,9 @@ EVENT_TYPES: Final[dict[type[_EventBase], str]] = {
 }
 
 # Wire name (as written in paths: `messageId`) -> attribute name (`message_id`).
-ROOT_ATTRS: Final[dict[str, str]] = {f.encode_name: f.name for f in msgspec.structs.fields(Track)}
+ROOT_ATTRS: Final[dict[str, str]] = {
+    f.encode_name: f.name for f in msgspec.structs.fields(Track) if f.name != "batch"
+}
 
 _EVENT_DECODER: Final = msgspec.json.Decoder(SegmentEvent)
 
