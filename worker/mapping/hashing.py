@@ -27,6 +27,8 @@ from typing import Final, Protocol, cast
 import phonenumbers
 
 __all__ = [
+    "cached_address_part",
+    "cached_hash_name",
     "format_address_part",
     "hash_email",
     "hash_external_id",
@@ -153,6 +155,15 @@ def format_address_part(value: str) -> str:
     # One pass over the UTF-8 bytes: lowercase A-Z, delete everything but [a-z0-9] (bytes
     # of multi-byte characters are >= 0x80 and go too, like JavaScript's [^A-Za-z0-9]).
     return data.translate(_ASCII_LOWER, _NON_ALNUM_BYTES).decode()
+
+
+# Bounded caches for the low-cardinality values (first and last names, zip codes, city, state,
+# country): a hit costs a dict lookup instead of a normalisation and a SHA-256. Measured on the
+# bench mix (docs/benchmarks.md, issue 18): +5-8% decode + map. Phones, emails and external ids
+# are per user, so mostly unique: caching them measured as no gain or a loss, and they are not
+# cached. The caches hold the raw values in this process's memory, like in-flight messages do.
+cached_hash_name: Final = lru_cache(maxsize=8192)(hash_name)
+cached_address_part: Final = lru_cache(maxsize=4096)(format_address_part)
 
 
 def normalise_phone(value: str, region: str | None = None) -> str:

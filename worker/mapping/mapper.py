@@ -56,10 +56,10 @@ from worker.mapping.fields import (
     Source,
 )
 from worker.mapping.hashing import (
-    format_address_part,
+    cached_address_part,
+    cached_hash_name,
     hash_email,
     hash_external_id,
-    hash_name,
     hash_phone,
 )
 from worker.mapping.paths import MISSING, compile_item_getter, parse_mapping_path
@@ -76,11 +76,13 @@ from worker.mapping.reading import url_ttclid as _url_ttclid
 from worker.mapping.routes import RouteFn, compile_route
 from worker.mapping.segment import (
     EVENT_TYPES,
+    MAX_EVENT_BYTES,
     DecodeFailure,
     SegmentEvent,
     decode_event,
     split_message,
 )
+from worker.mapping.segment import decode_unchecked as _decode_unchecked
 from worker.mapping.sources import check_subscription, fields_for
 from worker.mapping.spec import DestinationConfig, LiteralValue, SubscriptionConfig
 from worker.mapping.triggers import Trigger, TriggerSyntaxError, parse_trigger
@@ -428,8 +430,8 @@ class _Plan:
                     "_hp": hash_phone,
                     "_he": hash_email,
                     "_hx": hash_external_id,
-                    "_hn": hash_name,
-                    "_addr": format_address_part,
+                    "_hn": cached_hash_name,
+                    "_addr": cached_address_part,
                     "_url_ttclid": _url_ttclid,
                     "_UserOut": UserOut,
                     "_PageOut": PageOut,
@@ -650,6 +652,8 @@ class Mapper:
     pure function of the bytes and the clock (`now`, used when an event has no timestamp).
     """
 
+    _MAX_ROUTES: Final = 4096  # event names per event class kept in the route lookup
+
     def __init__(
         self,
         config: MappingConfig,
@@ -719,8 +723,9 @@ class Mapper:
                     _Sub(order, name, event, compiled, plan, cfn, compiled.routing_only, finish)
                 )
             self._destinations.append(_Destination(dest, when, subs, config.tiktok.partner_name))
-        # Route functions, compiled on first use: per event class, per event name that some
-        # trigger pins (None: any other name). Bounded by the config, not by the input.
+        # Route functions, compiled on first use and shared by every route with the same
+        # candidate subscriptions: their number is bounded by the config (names some trigger
+        # pins, plus one for any other name). The lookup dicts are bounded by _MAX_ROUTES.
         self._known_names = frozenset(
             s.trigger.event_name
             for d in self._destinations
@@ -746,17 +751,22 @@ class Mapper:
 
     def map_message(self, value: bytes | None) -> list[EventOutcome]:
         """All outcomes of one Kafka message value. Never raises."""
-        if value and value[:1] == b"{":
+        if value and value[:1] == b"{" and len(value) <= MAX_EVENT_BYTES:
             # The common case, one event per message: decode first. A batch envelope either
             # fails the decode (no `type`) or shows its `batch`; both take the framing path,
             # as does any value that fails, so its outcome is exactly the framing path's.
             try:
-                event: SegmentEvent | None = decode_event(value)
+                event: SegmentEvent | None = _decode_unchecked(value)
             except Exception:
                 event = None
             if event is not None and event.batch is _UNSET:
                 try:
-                    return [self.map_event(event, raw=value)]
+                    if not self._generated:
+                        return [self._reference_map_event(event, raw=value)]
+                    fn = self._routes[type(event)].get(event.event)
+                    if fn is None:
+                        fn = self._route(type(event), event.event)
+                    return [fn(event, 0, False, value)]
                 except Exception as exc:  # defensive: a mapper bug must not stop the partition
                     return [_internal_error(0, False, value, exc)]
         raw = value if value is not None else b""
@@ -775,17 +785,18 @@ class Mapper:
     ) -> EventOutcome:
         """Map an already decoded event (the `map` command and tests use this)."""
         if self._generated:
-            cls = type(event)
-            name = event.event
-            fn = self._routes[cls].get(name if name in self._known_names else None)
+            fn = self._routes[type(event)].get(event.event)
             if fn is None:
-                fn = self._route(cls, name)
+                fn = self._route(type(event), event.event)
             outcome: EventOutcome = fn(event, index, multi, raw)
             return outcome
         return self._reference_map_event(event, index=index, multi=multi, raw=raw)
 
     def _route(self, cls: type, name: str | None) -> RouteFn:
         """Compile (or share) the route function of (event class, event name)."""
+        routes = self._routes[cls]
+        if len(routes) >= self._MAX_ROUTES:
+            routes.clear()  # event names are unbounded input; the functions stay shared
         route_name = name if name in self._known_names else None
         etype = EVENT_TYPES[cls]
         dests = [(d, d.candidates(etype, route_name)) for d in self._destinations]
@@ -793,7 +804,7 @@ class Mapper:
         fn = self._route_fns.get(signature)
         if fn is None:
             fn = self._route_fns[signature] = compile_route(dests, self._route_ns)
-        self._routes[cls][route_name] = fn
+        routes[name] = fn
         return fn
 
     def _reference_map_event(

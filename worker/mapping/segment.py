@@ -33,6 +33,7 @@ __all__ = [
     "SegmentEvent",
     "Track",
     "decode_event",
+    "decode_unchecked",
     "event_type",
     "split_message",
 ]
@@ -109,6 +110,9 @@ ROOT_ATTRS: Final[dict[str, str]] = {
 }
 
 _EVENT_DECODER: Final = msgspec.json.Decoder(SegmentEvent)
+# The bare typed decode, for a caller that handles any failure by falling back to
+# `split_message`/`decode_event` (which explain it); no size check.
+decode_unchecked: Final = _EVENT_DECODER.decode
 
 
 class _Batch(msgspec.Struct):
