@@ -189,6 +189,7 @@ def versions(kafka_server_version: str | None = None) -> dict[str, Any]:
         "cpu_model": cpu_model,
         "kernel": platform.release(),
         "python": platform.python_version(),
+        "python_build": python_build(),
         "confluent_kafka": confluent_kafka.version()[0],
         "librdkafka": confluent_kafka.libversion()[0],
         "kafka": kafka_server_version or kafka_version(),
@@ -199,6 +200,19 @@ def versions(kafka_server_version: str | None = None) -> dict[str, Any]:
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "code": code_state(),
     }
+
+
+def python_build() -> str:
+    """How this interpreter was built: "PGO+LTO" as the official python:3.11-slim image
+    builds it (configure --enable-optimizations --with-lto), or what is missing. The image
+    runs ~1.1x faster on decode + map than a build without them (issue 18)."""
+    import sysconfig
+
+    args = str(sysconfig.get_config_var("CONFIG_ARGS") or "")
+    pgo, lto = "--enable-optimizations" in args, "--with-lto" in args
+    if pgo and lto:
+        return "PGO+LTO"
+    return "+".join(x for x, on in (("PGO", pgo), ("LTO", lto)) if on) or "no PGO, no LTO"
 
 
 def code_state() -> dict[str, Any]:

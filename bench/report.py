@@ -259,7 +259,8 @@ def markdown(results: dict[str, Any]) -> str:
         )
     header = (
         f"Measured {r.get('finished_at')} ({r.get('mode')} run, {r.get('duration_s', 0):.0f} s) "
-        f"on {m['cpu_count']} cores ({m['cpu_model']}); Python {m['python']}, "
+        f"on {m['cpu_count']} cores ({m['cpu_model']}); Python {m['python']}"
+        f" ({m.get('python_build', 'build unknown')}), "
         f"confluent-kafka {m['confluent_kafka']} / librdkafka {m['librdkafka']}, "
         f"Kafka {m['kafka']}, msgspec {m['msgspec']}, aiohttp {m['aiohttp']}. "
         f"Load average {m['load_average_at_start']} at start; other jobs used a median of "
