@@ -259,14 +259,15 @@ def markdown(results: dict[str, Any]) -> str:
         )
     header = (
         f"Measured {r.get('finished_at')} ({r.get('mode')} run, {r.get('duration_s', 0):.0f} s) "
-        f"on {m['cpu_count']} cores ({m['cpu_model']}); Python {m['python']}"
-        f" ({m.get('python_build', 'build unknown')}), "
+        f"on {m['cpu_count']} cores ({m['cpu_model']}); Python {m['python']}, "
         f"confluent-kafka {m['confluent_kafka']} / librdkafka {m['librdkafka']}, "
         f"Kafka {m['kafka']}, msgspec {m['msgspec']}, aiohttp {m['aiohttp']}. "
         f"Load average {m['load_average_at_start']} at start; other jobs used a median of "
         f"{_fmt(dig(r, 'e2e_1_process', 'others_cores', 'median'))} of the 2 cores during the "
         "1-process end-to-end runs."
     )
+    # The image runs a PGO+LTO build (docs/benchmarks.md); say which build was measured.
+    header += f" Interpreter build: {m.get('python_build', 'not recorded')}."
     ratios = [
         "| ratio of medians | value | target |",
         "|---|---|---|",

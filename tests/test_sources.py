@@ -470,7 +470,7 @@ def mixed_outcomes(m: Mapper, count: int) -> list[MappedEvent]:
 
 def test_batches_never_mix_sources_or_ids_and_share_one_rate_limit_key() -> None:
     cfg = config(WEB, CRM, OFFLINE, APP, {**OFFLINE, "name": "stores-2", "event_set_id": "EV2"})
-    m = CheckedMapper(cfg, now=lambda: NOW)
+    m = Mapper(cfg, now=lambda: NOW)
     mapped = mixed_outcomes(m, 50)
     batches: list[tuple[BatchKey, list[PendingEvent]]] = []
 
