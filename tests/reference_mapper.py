@@ -1,7 +1,8 @@
 """A Mapper that checks every message against the reference mapper (issue 18).
 
-The worker maps through generated route functions (worker.mapping.routes); `Mapper(...,
-generated=False)` keeps the interpretive routing as the reference. `CheckedMapper` runs both
+The worker decodes first and maps through generated route functions (worker.mapping.routes);
+`Mapper(..., generated=False)` keeps the mapper as it was (the `"batch"` byte scan before the
+decode, the interpretive routing) as the reference. `CheckedMapper` runs both
 on every value and asserts equal outcomes: the same mapped events with byte-identical
 payloads and batch keys, the same invalid events and skip reasons. The golden, source and
 property tests build their mappers with it.

@@ -955,13 +955,23 @@ _ROUTES_MAPPER = CheckedMapper(
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(_event, min_size=1, max_size=3), st.booleans())
+@given(
+    st.lists(_event, min_size=1, max_size=3),
+    st.sampled_from(["single", "array", "batch", "batch with type", "batch not a list"]),
+)
 def test_generated_routes_match_the_reference_mapper(
-    events: list[dict[str, Any]], as_array: bool
+    events: list[dict[str, Any]], framing: str
 ) -> None:
-    """CheckedMapper asserts byte-identical outcomes of the generated and reference routing."""
-    value = json.dumps(events if as_array else events[0]).encode()
-    _check_outcomes(_ROUTES_MAPPER.map_message(value))
+    """CheckedMapper asserts byte-identical outcomes of the generated and reference routing,
+    whatever the framing (decode first must frame exactly as before)."""
+    value: Any = {
+        "single": events[0],
+        "array": events,
+        "batch": {"batch": events, "sentAt": "x"},
+        "batch with type": {**events[0], "batch": events},
+        "batch not a list": {**events[0], "batch": events[0]},
+    }[framing]
+    _check_outcomes(_ROUTES_MAPPER.map_message(json.dumps(value).encode()))
 
 
 def test_generated_routes_match_the_reference_on_the_bench_mix() -> None:

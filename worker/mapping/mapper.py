@@ -664,8 +664,9 @@ class Mapper:
         """Compile every destination once; a bad trigger, duplicate subscription name or mapping
         override raises `ConfigError` naming its key path (`destinations[0].when: ...`).
 
-        `generated=False` keeps the interpretive routing (`map_event`, `_map_subscription`):
-        the reference the generated routes (worker.mapping.routes) are tested against."""
+        `generated=False` keeps the mapper as it was before issue 18 (the `"batch"` byte scan
+        before the decode, the interpretive routing of `_map_subscription`): the reference
+        the generated routes (worker.mapping.routes) are tested against."""
         self._now = now
         self._generated = generated
         plans: dict[tuple[Any, ...], _Plan | SourcePlan] = {}
@@ -751,6 +752,8 @@ class Mapper:
 
     def map_message(self, value: bytes | None) -> list[EventOutcome]:
         """All outcomes of one Kafka message value. Never raises."""
+        if not self._generated:
+            return self._reference_map_message(value)
         if value and value[:1] == b"{" and len(value) <= MAX_EVENT_BYTES:
             # The common case, one event per message: decode first. A batch envelope either
             # fails the decode (no `type`) or shows its `batch`; both take the framing path,
@@ -761,14 +764,31 @@ class Mapper:
                 event = None
             if event is not None and event.batch is _UNSET:
                 try:
-                    if not self._generated:
-                        return [self._reference_map_event(event, raw=value)]
                     fn = self._routes[type(event)].get(event.event)
                     if fn is None:
                         fn = self._route(type(event), event.event)
                     return [fn(event, 0, False, value)]
                 except Exception as exc:  # defensive: a mapper bug must not stop the partition
                     return [_internal_error(0, False, value, exc)]
+        return self._framed(value)
+
+    def _reference_map_message(self, value: bytes | None) -> list[EventOutcome]:
+        """`map_message` as it was before the generated routes: the reference."""
+        if value and value[:1] == b"{" and b'"batch"' not in value:
+            try:
+                event = decode_event(value)
+            except DecodeFailure as exc:
+                return [_failed(0, False, value, exc.reason, exc.error)]
+            except Exception as exc:  # defensive, as below
+                return [_unreadable(0, False, value, exc)]
+            try:
+                return [self._reference_map_event(event, raw=value)]
+            except Exception as exc:  # defensive: a mapper bug must not stop the partition
+                return [_internal_error(0, False, value, exc)]
+        return self._framed(value)
+
+    def _framed(self, value: bytes | None) -> list[EventOutcome]:
+        """The general path: frame the value into events (array, batch), map each."""
         raw = value if value is not None else b""
         try:
             items = split_message(value)
