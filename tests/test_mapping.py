@@ -21,6 +21,7 @@ from worker.mapping.body import BatchKey, build_body
 from worker.mapping.coerce import Uncoercible, coerce, coerce_list, js_number_str
 from worker.mapping.mapper import EventOutcome, Mapper
 from worker.mapping.presets import PRESET_SETS
+from worker.mapping.segment import Track
 
 GOLDEN = sorted((Path(__file__).parent / "data" / "golden").glob("*.json"))
 NOW = 1_700_000_000.0
@@ -998,3 +999,14 @@ def test_a_batch_envelope_that_also_has_a_type_is_framed_as_a_batch() -> None:
     value = json.dumps({"type": "page", "messageId": "m2", "batch": 5}).encode()
     (outcome,) = mapper_for({}).map_message(value)
     assert (outcome.multi, outcome.message_id, len(outcome.mapped)) == (False, "m2", 1)
+
+
+def test_route_functions_are_bounded_by_the_config_not_by_event_names() -> None:
+    mapper = Mapper(make_config([{"presets": "all"}]), now=lambda: NOW)
+    for n in range(5000):
+        value = json.dumps({"type": "track", "event": f"name-{n}", "messageId": "m"}).encode()
+        (outcome,) = mapper.map_message(value)
+        assert outcome.skipped == SkipReason.NO_MATCH
+    mapper.map_message(json.dumps({"type": "track", "event": "Order Completed"}).encode())
+    assert len(mapper._routes[Track]) <= Mapper._MAX_ROUTES
+    assert len(mapper._route_fns) == 2  # any other name, and "Order Completed"
