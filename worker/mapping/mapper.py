@@ -26,8 +26,10 @@ Speed (the hot path of the worker): field reads are generated code, one straight
 function per plan (worker.mapping.codegen); work shared between subscriptions and destinations is
 computed once per event: every subscription points at an interned `_Plan` (its field
 sources) and contents function, destinations with the same mapping share them, and equal
-payloads (same plan, contents, event name and phone region) are encoded once. Subscriptions
-whose trigger is only `event = "X"` / `type = "Y"` are routed by one dict lookup.
+payloads (same plan, contents, event name and phone region) are encoded once. The routing
+and that sharing are generated code too, one function per (Segment type, event name) route
+(worker.mapping.routes), found by two dict lookups; a single-event value is decoded before
+any framing. `Mapper(generated=False)` keeps the interpretive routing as the reference.
 """
 
 from __future__ import annotations
