@@ -1010,3 +1010,17 @@ def test_route_functions_are_bounded_by_the_config_not_by_event_names() -> None:
     mapper.map_message(json.dumps({"type": "track", "event": "Order Completed"}).encode())
     assert len(mapper._routes[Track]) <= Mapper._MAX_ROUTES
     assert len(mapper._route_fns) == 2  # any other name, and "Order Completed"
+
+
+def test_remembering_hashers_hash_like_the_plain_ones() -> None:
+    from worker.mapping.hashing import PLAIN_HASHERS, remembering_hashers
+
+    email, external_id, phone = remembering_hashers()
+    a = " User@Example.com"
+    b = "".join([" User@", "Example.com"])  # equal, another object
+    assert email(a) == email(a) == email(b) == PLAIN_HASHERS.email(a)
+    assert external_id("U-1") == PLAIN_HASHERS.external_id("U-1")
+    number = "07700 900123"
+    assert phone(number, "GB") == PLAIN_HASHERS.phone(number, "GB")
+    assert phone(number, None) == PLAIN_HASHERS.phone(number, None)  # region is part of the key
+    assert phone(number, "GB") != phone(number, None)

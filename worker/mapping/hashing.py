@@ -22,11 +22,13 @@ import importlib
 import re
 from collections.abc import Callable
 from functools import lru_cache
-from typing import Final, Protocol, cast
+from typing import Final, NamedTuple, Protocol, cast
 
 import phonenumbers
 
 __all__ = [
+    "PLAIN_HASHERS",
+    "Hashers",
     "cached_address_part",
     "cached_hash_name",
     "format_address_part",
@@ -205,3 +207,52 @@ def _e164(value: str, region: str) -> str | None:
     if not phonenumbers.is_possible_number(number):
         return None
     return str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
+
+
+class Hashers(NamedTuple):
+    """The per-user hash functions a plan calls (email, external id, phone with a region)."""
+
+    email: Callable[[str], str]
+    external_id: Callable[[str], str]
+    phone: Callable[[str, str | None], str]
+
+
+PLAIN_HASHERS: Final = Hashers(hash_email, hash_external_id, hash_phone)
+
+
+def remembering_hashers() -> Hashers:
+    """Hashers that return their last result again when given the same string object.
+
+    For a mapper whose destinations evaluate several plans of one event (web, crm, offline,
+    app): each plan reads the same email, phone and id objects from the decoded event, and
+    only the first plan pays for the SHA-256. Identity (not equality) keeps the miss cheap,
+    and the remembered argument stays referenced, so its identity cannot be reused. One set
+    per Mapper; the worker maps on one thread."""
+
+    def remember(fn: Callable[[str], str]) -> Callable[[str], str]:
+        last_in: object = None
+        last_out = ""
+
+        def hashed(value: str) -> str:
+            nonlocal last_in, last_out
+            if value is last_in:
+                return last_out
+            out = fn(value)
+            last_in, last_out = value, out
+            return out
+
+        return hashed
+
+    last_phone: object = None
+    last_region: str | None = None
+    last_phone_out = ""
+
+    def phone(value: str, region: str | None = None) -> str:
+        nonlocal last_phone, last_region, last_phone_out
+        if value is last_phone and region == last_region:
+            return last_phone_out
+        out = hash_phone(value, region)
+        last_phone, last_region, last_phone_out = value, region, out
+        return out
+
+    return Hashers(remember(hash_email), remember(hash_external_id), phone)

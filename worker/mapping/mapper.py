@@ -58,11 +58,13 @@ from worker.mapping.fields import (
     Source,
 )
 from worker.mapping.hashing import (
+    Hashers,
     cached_address_part,
     cached_hash_name,
     hash_email,
     hash_external_id,
     hash_phone,
+    remembering_hashers,
 )
 from worker.mapping.paths import MISSING, compile_item_getter, parse_mapping_path
 from worker.mapping.plan_app import AppPlan
@@ -446,6 +448,11 @@ class _Plan:
             )
         )
 
+    def use_hashers(self, hashers: Hashers) -> None:
+        """Hash emails, phones and ids with `hashers` (the generated code's globals)."""
+        names = self.evaluate.__globals__
+        names["_he"], names["_hx"], names["_hp"] = hashers
+
 
 # --------------------------------------------------------------------------- contents
 
@@ -726,6 +733,13 @@ class Mapper:
                     _Sub(order, name, event, compiled, plan, cfn, compiled.routing_only, finish)
                 )
             self._destinations.append(_Destination(dest, when, subs, config.tiktok.partner_name))
+        if len(plans) > 1 and generated:
+            # Several plans evaluate the same event (e.g. web, crm, offline and app
+            # destinations): each hashes the same email, phone and id; only the first pays.
+            # The reference keeps the plain functions, so CheckedMapper compares the two.
+            hashers = remembering_hashers()
+            for plan in plans.values():
+                plan.use_hashers(hashers)
         # Route functions, compiled on first use and shared by every route with the same
         # candidate subscriptions: their number is bounded by the config (names some trigger
         # pins, plus one for any other name). The lookup dicts are bounded by _MAX_ROUTES.

@@ -34,7 +34,7 @@ from worker.mapping.fields_app import (
     CONTENTS_REQUIRED_EVENTS,
     PRODUCT_FIELDS_REQUIRED_EVENTS,
 )
-from worker.mapping.hashing import hash_email, hash_external_id, hash_phone, smart_hash
+from worker.mapping.hashing import PLAIN_HASHERS, Hashers, smart_hash
 from worker.mapping.reading import FieldError, Finisher, extractor, timestamp_seconds
 from worker.mapping.segment import SegmentEvent
 
@@ -151,6 +151,7 @@ class AppPlan:
     """Field sources of one app mapping, compiled once; `evaluate` runs per event."""
 
     def __init__(self, sources: dict[str, Source]) -> None:
+        self._hashers = PLAIN_HASHERS
         self._sources = sources
         self._extract: Callable[[SegmentEvent], tuple[Any, ...]] = extractor(
             [APP_FIELDS[n] for n in _NAMES], sources
@@ -171,6 +172,10 @@ class AppPlan:
             if sources[f"ad.{n}"] is not None
         )
         self._finishers: dict[tuple[str, str, str], Finisher] = {}
+
+    def use_hashers(self, hashers: Hashers) -> None:
+        """Hash emails, phones and ids with `hashers` (see worker.mapping.hashing)."""
+        self._hashers = hashers
 
     def evaluate(
         self, event: SegmentEvent, now: Callable[[], float], region: str | None
@@ -202,6 +207,7 @@ class AppPlan:
                 mapped_att_status or "AUTO", device_type, device_version, ad_tracking_enabled
             )
         )
+        hash_email, hash_external_id, hash_phone = self._hashers
         if external_ids:
             user.external_id = [hash_external_id(x) for x in external_ids]
         if phones:

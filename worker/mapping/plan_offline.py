@@ -24,7 +24,7 @@ import msgspec
 from worker.mapping.body import PageOut, encode_event
 from worker.mapping.fields import Source
 from worker.mapping.fields_offline import OFFLINE_FIELDS
-from worker.mapping.hashing import hash_email, hash_external_id, hash_phone
+from worker.mapping.hashing import PLAIN_HASHERS, Hashers
 from worker.mapping.reading import FieldError, Finisher, extractor, timestamp_seconds, url_ttclid
 from worker.mapping.segment import SegmentEvent
 
@@ -93,6 +93,11 @@ class OfflinePlan:
             if sources[n] is not None
         )
         self._finishers: dict[str, Finisher] = {}
+        self._hashers = PLAIN_HASHERS
+
+    def use_hashers(self, hashers: Hashers) -> None:
+        """Hash emails, phones and ids with `hashers` (see worker.mapping.hashing)."""
+        self._hashers = hashers
 
     def evaluate(
         self, event: SegmentEvent, now: Callable[[], float], region: str | None
@@ -110,6 +115,7 @@ class OfflinePlan:
             if parsed is None:
                 raise FieldError.plain(self._ts_error)
             event_time = parsed
+        hash_email, hash_external_id, hash_phone = self._hashers
         ids = [hash_external_id(x) for x in external_ids] if external_ids else []
         phone = [hash_phone(x, region) for x in phones] if phones else []
         email = [hash_email(x) for x in emails] if emails else []

@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl
 from worker.mapping.codegen import Checker, Spec, compile_extractor
 from worker.mapping.coerce import Uncoercible, coerce, coerce_list
 from worker.mapping.fields import Const, FieldDef, Source
+from worker.mapping.hashing import Hashers
 from worker.mapping.segment import SegmentEvent
 
 __all__ = [
@@ -173,3 +174,6 @@ class SourcePlan(Protocol):
 
     def finisher(self, event: str, contents: Source, items: dict[str, Source]) -> Finisher:
         """The compile-time rules of one subscription (its TikTok event name, contents)."""
+
+    def use_hashers(self, hashers: Hashers) -> None:
+        """Hash emails, phones and ids with `hashers` (worker.mapping.hashing)."""
