@@ -54,16 +54,18 @@ class RouteDest(Protocol):
     def test_event_code(self) -> str | None: ...
     @property
     def when_predicate(self) -> Callable[[Any], bool] | None: ...
+    @property
+    def web_key(self) -> Any: ...  # key(web, no test code), without the lookup
 
     def key(self, event_source: str, test_event_code: str | None) -> Any: ...
 
 
 # The web/crm payload: what `Mapper._map_subscription` encodes (SPEC §3; worker.mapping.body).
 _WEB_PAYLOAD: Final = """\
-{i}pr = {{"contents": {contents}}}
-{i}pr.update({common}.properties)
-{i}eid = {common}.event_id
-{i}{payload} = _enc(_EventOut({event}, {common}.event_time, eid if eid is not None else _UNSET, \
+pr = {{"contents": {contents}}}
+pr.update({common}.properties)
+eid = {common}.event_id
+{payload} = _enc(_EventOut({event}, {common}.event_time, eid if eid is not None else _UNSET, \
 {common}.user if {common}.region == {region} else {common}.user_for({region}), pr, \
 {common}.page, {common}.lead, {common}.limited_data_use))"""
 
@@ -175,7 +177,7 @@ def _map_sub(
         gen.emit(d, "else:")
         payload = gen.var("p", sub.plan, sub.contents, sub.event, dest.region)
         body = _WEB_PAYLOAD.format(
-            i="", contents=contents, common=common, event=gen.const(sub.event), region=region,
+            contents=contents, common=common, event=gen.const(sub.event), region=region,
             payload=payload,
         ).splitlines()  # fmt: skip
         gen.compute(d + 1, payload, True, body)
