@@ -38,6 +38,18 @@ class PartitionTracker:
         self._inflight.append(offset)
         self._last_begun = offset
 
+    def skip(self, offset: int) -> None:
+        """Begin and finish ``offset`` at once (a message with nothing to send).
+
+        It is never waited for, so it need not enter the in-flight queue: above an
+        unfinished offset it changes nothing, and with nothing in flight it moves the
+        committable offset past itself through ``_last_begun``."""
+        if self._last_begun is not None and offset <= self._last_begun:
+            raise ValueError(f"offset {offset} begun after {self._last_begun}")
+        if self._first_begun is None:
+            self._first_begun = offset
+        self._last_begun = offset
+
     def finish(self, offset: int) -> None:
         """Mark ``offset`` finished (delivered, skipped, or dead-lettered and acknowledged)."""
         self._done.add(offset)
@@ -100,6 +112,13 @@ class OffsetLedger:
         if tracker is None:  # a reader without rebalances (redrive) assigns on first sight
             tracker = self._trackers[key] = PartitionTracker()
         tracker.begin(offset)
+
+    def skip(self, key: TopicPartitionKey, offset: int) -> None:
+        """`begin` and `finish` in one step, for a message with nothing to send."""
+        tracker = self._trackers.get(key)
+        if tracker is None:
+            tracker = self._trackers[key] = PartitionTracker()
+        tracker.skip(offset)
 
     def finish(self, key: TopicPartitionKey, offset: int) -> None:
         tracker = self._trackers.get(key)

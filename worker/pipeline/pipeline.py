@@ -182,15 +182,20 @@ class Pipeline:
     # -- per message ---------------------------------------------------------------------------
 
     def _process(self, msg: Message, key: TopicPartitionKey, offset: int) -> None:
-        self._ledger.begin(key, offset)
+        # Mapped before the offset is begun: if this raises, the fatal latch halts the ledger,
+        # so the offset is never committed either way.
         outcomes = self._mapper.map_message(msg.value())
-        work = sum(len(o.mapped) + len(o.invalid) for o in outcomes)
+        if len(outcomes) == 1:  # one event per message: no generator
+            work = len(outcomes[0].mapped) + len(outcomes[0].invalid)
+        else:
+            work = sum(len(o.mapped) + len(o.invalid) for o in outcomes)
         if work == 0:  # nothing to send or dead-letter: finished right away
             for outcome in outcomes:
                 self._count_skip(outcome)
-            self._ledger.finish(key, offset)
+            self._ledger.skip(key, offset)
             self.messages_finished += 1
             return
+        self._ledger.begin(key, offset)
         self._inflight += 1
         _ts_type, timestamp_ms = msg.timestamp()
         inflight = InflightMessage(
