@@ -21,6 +21,7 @@ from worker.kafka.consumer import ConsumerThread, consumer_config
 from worker.kafka.deadletters import DeadLetterProducer, producer_config
 from worker.kafka.lag import LagMonitor
 from worker.kafka.preflight import preflight
+from worker.kafka.security import client_properties
 from worker.mapping.mapper import Mapper
 from worker.observability.health import HealthServer, liveness_check
 from worker.observability.logs import kafka_logger, register_secrets
@@ -33,10 +34,12 @@ SHUTDOWN_MARGIN_S = 10.0
 async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None) -> int:
     """Run until SIGTERM/SIGINT or a fatal error; returns the exit status."""
     register_secrets(secret_values(config))
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, preflight, config, log)
-    metrics = metrics if metrics is not None else Metrics()
     kafka = config.kafka
+    # One set of connection properties (security included) for every client below.
+    client = client_properties(kafka)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, preflight, config, client, log)
+    metrics = metrics if metrics is not None else Metrics()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -48,7 +51,7 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
             pipeline.on_fatal(exc)
 
     dead_letters = DeadLetterProducer(
-        config={**producer_config(kafka.bootstrap_servers, kafka.client), "logger": kafka_logger()},
+        config={**producer_config(kafka.bootstrap_servers, client), "logger": kafka_logger()},
         topic=kafka.dead_letter_topic,
         metrics=metrics,
         on_fatal=on_fatal,
@@ -74,7 +77,7 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
             **consumer_config(
                 bootstrap_servers=kafka.bootstrap_servers,
                 group_id=kafka.group_id,
-                client=kafka.client,
+                client=client,
                 start_from=kafka.start_from,
             ),
             "logger": kafka_logger(),
@@ -91,7 +94,7 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
     lag = LagMonitor.for_consumer(
         bootstrap_servers=kafka.bootstrap_servers,
         group_id=kafka.group_id,
-        client=kafka.client,
+        client=client,
         start_from=kafka.start_from,
         partitions=consumer.assignment,
         metrics=metrics,

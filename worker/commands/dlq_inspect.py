@@ -22,6 +22,7 @@ from worker.config import Config, load_config, secret_values
 from worker.errors import WorkerError
 from worker.kafka.dlq_reader import BoundedReader, DeadLetterRecord, reader_config
 from worker.kafka.preflight import preflight
+from worker.kafka.security import client_properties
 from worker.observability.logs import configure_logging, register_secrets
 from worker.redrive.engine import RedriveLedger
 
@@ -89,8 +90,9 @@ def run(args: argparse.Namespace) -> int:
 
 def inspect_topic(config: Config) -> Summary:
     """Read the whole dead-letter topic once and aggregate it."""
-    preflight(config)
     kafka = config.kafka
+    client = client_properties(kafka)
+    preflight(config, client)
     ledger: RedriveLedger | None
     try:
         ledger = RedriveLedger.load(config)
@@ -99,7 +101,7 @@ def inspect_topic(config: Config) -> Summary:
     reader = BoundedReader(
         # A group id is required by the client; nothing is ever committed to it.
         config=reader_config(
-            kafka.bootstrap_servers, kafka.client, kafka.group_id + "-dlq-inspect"
+            kafka.bootstrap_servers, client, kafka.group_id + "-dlq-inspect"
         ),
         topic=kafka.dead_letter_topic,
         from_committed=False,

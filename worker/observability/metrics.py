@@ -30,7 +30,7 @@ from worker import __version__
 
 # Fixed label vocabularies (documented in the README's metrics table).
 # Every value here is emitted (an unknown Segment `type` is an invalid_event, not a skip).
-SKIP_REASONS: Final = ("no_match",)
+SKIP_REASONS: Final = ("no_match", "too_old")
 DLQ_REASONS: Final = (
     "decode_error",
     "invalid_event",

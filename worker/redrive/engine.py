@@ -56,6 +56,7 @@ from worker.kafka.dlq_reader import (
 )
 from worker.kafka.offsets import PartitionTracker
 from worker.kafka.preflight import preflight
+from worker.kafka.security import client_properties
 from worker.mapping.mapper import EventOutcome, Mapper
 from worker.observability.metrics import DLQ_REASONS, Metrics
 
@@ -163,7 +164,7 @@ class RedriveLedger:
         kafka = config.kafka
         offsets = list_redrive_progress(
             bootstrap_servers=kafka.bootstrap_servers,
-            client=kafka.client,
+            client=client_properties(kafka),
             topic=kafka.dead_letter_topic,
             group_prefix=kafka.group_id + GROUP_SUFFIX,
         )
@@ -332,7 +333,9 @@ class Redrive:
         self._client = client
         self._batcher = self._delivery.batcher
         self._dead_letters = DeadLetterProducer(
-            config=producer_config(config.kafka.bootstrap_servers, config.kafka.client),
+            config=producer_config(
+                config.kafka.bootstrap_servers, client_properties(config.kafka)
+            ),
             topic=config.kafka.dead_letter_topic,
             metrics=metrics,
             on_fatal=self._on_fatal,
@@ -353,8 +356,9 @@ class Redrive:
         if max_records is not None and max_records < 1:
             raise ConfigError("--max: must be >= 1")
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, preflight, config)
         kafka = config.kafka
+        client = client_properties(kafka)
+        await loop.run_in_executor(None, preflight, config, client)
         group_id = flt.group_id(kafka.group_id)
         warning: str | None = None
         try:
@@ -365,7 +369,7 @@ class Redrive:
             ledger = RedriveLedger({})
             warning = f"{exc}; records redriven under another filter may be sent again"
         reader = BoundedReader(
-            config=reader_config(kafka.bootstrap_servers, kafka.client, group_id),
+            config=reader_config(kafka.bootstrap_servers, client, group_id),
             topic=kafka.dead_letter_topic,
             from_committed=True,
         )

@@ -1,0 +1,227 @@
+"""kafka.security → librdkafka properties, applied to every Kafka client the worker makes.
+
+`client_properties(kafka)` is the one place the consumer, the dead-letter producer, the lag
+reader and the `dlq` tools get their connection settings from: the security properties
+derived from `kafka.security`, then the user's `kafka.client` pass-through (config validation
+refuses security keys in both). Files (CA, client certificate and key, password file) are
+checked here, when a client is about to be built, not when the config is parsed, so
+`tiktok-worker map` works on a laptop without the cluster's certificates.
+
+`explain_failure(...)` turns the librdkafka errors seen while connecting into one line that
+names the real cause (wrong credentials, untrusted certificate, rejected client certificate)
+instead of librdkafka's generic "Broker transport failure".
+
+AWS MSK IAM: SASL OAUTHBEARER whose token comes from `aws-msk-iam-sasl-signer-python` (the
+`aws` extra), signed with the standard AWS credential chain (IRSA, instance role, env keys).
+librdkafka calls the callback again before the token expires (at about 80 % of its life).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final
+
+from confluent_kafka import KafkaError
+
+from worker.config import KafkaConfig, KafkaSecurityConfig
+from worker.errors import ConfigError
+from worker.observability.logs import register_secrets
+
+SIGNER_MODULE: Final = "aws_msk_iam_sasl_signer"
+_SASL_MECHANISMS: Final = {
+    "plain": "PLAIN",
+    "scram-sha-256": "SCRAM-SHA-256",
+    "scram-sha-512": "SCRAM-SHA-512",
+    "aws": "OAUTHBEARER",
+}
+_WHERE: Final = "kafka.security"
+
+TokenCallback = Callable[[str | None], tuple[str, float]]
+
+
+def client_properties(kafka: KafkaConfig) -> dict[str, Any]:
+    """Security properties from kafka.security, then kafka.client (without bootstrap.servers).
+
+    Raises ConfigError (one line naming the key) when a file is missing or unreadable, or
+    when mechanism aws lacks its optional dependency or a region.
+    """
+    props = security_properties(kafka.security)
+    props.update(kafka.client)
+    return props
+
+
+def security_properties(sec: KafkaSecurityConfig) -> dict[str, Any]:
+    """The librdkafka security settings for `sec` (empty for mechanism none without TLS)."""
+    props: dict[str, Any] = {}
+    sasl = _SASL_MECHANISMS.get(sec.mechanism)
+    tls = sec.tls_enabled
+    if sasl is not None:
+        props["security.protocol"] = "SASL_SSL" if tls else "SASL_PLAINTEXT"
+        props["sasl.mechanism"] = sasl
+    elif tls:
+        props["security.protocol"] = "SSL"
+    if sec.mechanism in ("plain", "scram-sha-256", "scram-sha-512"):
+        assert sec.username is not None  # config validation
+        props["sasl.username"] = sec.username
+        props["sasl.password"] = _password(sec)
+    elif sec.mechanism == "aws":
+        props["oauth_cb"] = msk_iam_token_callback(
+            region=_aws_region(sec), role_arn=sec.aws_role_arn
+        )
+    if sec.ca_file is not None:
+        props["ssl.ca.location"] = _readable(sec.ca_file, "ca_file", "CA certificate")
+    if sec.cert_file is not None and sec.key_file is not None:
+        props["ssl.certificate.location"] = _readable(
+            sec.cert_file, "cert_file", "client certificate"
+        )
+        props["ssl.key.location"] = _readable(sec.key_file, "key_file", "client key")
+        if sec.key_password is not None:
+            props["ssl.key.password"] = sec.key_password
+    if tls and not sec.verify_certificates:
+        props["enable.ssl.certificate.verification"] = False
+        props["ssl.endpoint.identification.algorithm"] = "none"
+    return props
+
+
+def _readable(path: str, key: str, what: str) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except FileNotFoundError:
+        raise ConfigError(f"{_WHERE}.{key}: {what} file {path} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{_WHERE}.{key}: {what} file {path} is a directory") from None
+    except OSError as exc:
+        raise ConfigError(
+            f"{_WHERE}.{key}: cannot read {what} file {path}: {exc.strerror or exc}"
+        ) from None
+    return path
+
+
+def _password(sec: KafkaSecurityConfig) -> str:
+    if sec.password is not None:
+        return sec.password
+    assert sec.password_file is not None  # config validation
+    path = sec.password_file
+    try:
+        with open(path, encoding="utf-8") as fh:
+            # Kubernetes Secrets and `echo` often end the file with a newline.
+            password = fh.read().rstrip("\r\n")
+    except FileNotFoundError:
+        raise ConfigError(f"{_WHERE}.password_file: {path} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        raise ConfigError(f"{_WHERE}.password_file: cannot read {path}: {reason}") from None
+    if not password:
+        raise ConfigError(f"{_WHERE}.password_file: {path} is empty")
+    register_secrets([password])  # never in a log line, whoever logs it
+    return password
+
+
+def _aws_region(sec: KafkaSecurityConfig) -> str:
+    region = sec.aws_region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if not region:
+        raise ConfigError(
+            f"{_WHERE}.aws_region: required for mechanism aws (or set AWS_REGION in the environment)"
+        )
+    return region
+
+
+def msk_iam_token_callback(
+    *, region: str, role_arn: str | None = None, signer: Any | None = None
+) -> TokenCallback:
+    """librdkafka's `oauth_cb` for AWS MSK IAM: (token, expiry in epoch seconds).
+
+    `signer` is the `MSKAuthTokenProvider` of aws-msk-iam-sasl-signer-python (imported here
+    when not given); its tokens are SigV4-signed URLs, valid about 15 minutes.
+    """
+    provider = signer if signer is not None else _load_signer()
+
+    def oauth_cb(_config: str | None) -> tuple[str, float]:
+        if role_arn is not None:
+            token, expiry_ms = provider.generate_auth_token_from_role_arn(region, role_arn)
+        else:
+            token, expiry_ms = provider.generate_auth_token(region)
+        return token, expiry_ms / 1000.0
+
+    return oauth_cb
+
+
+def _load_signer() -> Any:
+    try:
+        module = importlib.import_module(SIGNER_MODULE)
+    except ImportError:
+        raise ConfigError(
+            f"{_WHERE}.mechanism: aws needs the optional dependency "
+            "aws-msk-iam-sasl-signer-python (pip install 'tiktok-conversions-worker[aws]')"
+        ) from None
+    return module.MSKAuthTokenProvider
+
+
+# --------------------------------------------------------------------------- diagnosis
+
+
+def explain_failure(sec: KafkaSecurityConfig, errors: Iterable[KafkaError]) -> str | None:
+    """One line naming the real cause among the errors seen while connecting, or None."""
+    seen = list(errors)
+    for err in seen:
+        if err.code() == KafkaError._AUTHENTICATION:
+            return _auth_failed(sec, err.str())
+    for err in seen:
+        if err.code() == KafkaError._SSL or "SSL handshake failed" in err.str():
+            return _tls_failed(sec, err.str())
+    return None
+
+
+def _auth_failed(sec: KafkaSecurityConfig, text: str) -> str:
+    if sec.mechanism == "aws":
+        return (
+            "Kafka authentication failed with mechanism AWS MSK IAM (SASL OAUTHBEARER): check "
+            "the pod's AWS credentials or role and its kafka-cluster permissions"
+        )
+    mechanism = _SASL_MECHANISMS.get(sec.mechanism)
+    if mechanism is not None:
+        source = "password_file" if sec.password_file is not None else "password"
+        return (
+            f"Kafka authentication failed for user {sec.username!r} with mechanism "
+            f"{mechanism}: check kafka.security.username and kafka.security.{source}"
+        )
+    # SASL set through kafka.client: name what librdkafka said, it holds no secret.
+    return f"Kafka authentication failed: {text}"
+
+
+def _tls_failed(sec: KafkaSecurityConfig, text: str) -> str:
+    low = text.lower()
+    if "certificate verify failed" in low or "could not be verified" in low:
+        hint = (
+            f"kafka.security.ca_file ({sec.ca_file}) did not sign it"
+            if sec.ca_file is not None
+            else "set kafka.security.ca_file to the CA that signed it"
+        )
+        return f"TLS to Kafka failed: the broker's certificate is not trusted ({hint})"
+    if any(word in low for word in ("certificate required", "bad certificate", "unknown ca")):
+        return (
+            "TLS to Kafka failed: the broker rejected the client certificate "
+            "(kafka.security.cert_file / key_file)"
+        )
+    if "wrong version number" in low or "packet length too long" in low:
+        return "TLS to Kafka failed: the listener does not speak TLS (check kafka.security.tls)"
+    return f"TLS to Kafka failed: {text}"
+
+
+def uses_security(kafka: KafkaConfig) -> bool:
+    """True when kafka.security configures something (tests and logs use it)."""
+    sec = kafka.security
+    return sec.mechanism != "none" or sec.tls_enabled
+
+
+def describe(sec: KafkaSecurityConfig) -> Mapping[str, Any]:
+    """What `worker started` logs about the connection: never a secret."""
+    return {
+        "mechanism": sec.mechanism,
+        "tls": sec.tls_enabled,
+        "custom_ca": sec.ca_file is not None,
+        "client_certificate": sec.cert_file is not None,
+    }
