@@ -100,9 +100,7 @@ def inspect_topic(config: Config) -> Summary:
         ledger = None  # no permission to list groups: the count is left out, not guessed
     reader = BoundedReader(
         # A group id is required by the client; nothing is ever committed to it.
-        config=reader_config(
-            kafka.bootstrap_servers, client, kafka.group_id + "-dlq-inspect"
-        ),
+        config=reader_config(kafka.bootstrap_servers, client, kafka.group_id + "-dlq-inspect"),
         topic=kafka.dead_letter_topic,
         from_committed=False,
     )

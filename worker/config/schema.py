@@ -60,7 +60,9 @@ ClientValue = str | int | float | bool
 
 
 # The values of Segment's Kafka destination "Authentication Mechanism" setting, plus none.
-KafkaMechanism = Literal["none", "plain", "scram-sha-256", "scram-sha-512", "aws", "client-cert-auth"]
+KafkaMechanism = Literal[
+    "none", "plain", "scram-sha-256", "scram-sha-512", "aws", "client-cert-auth"
+]
 
 
 class KafkaSecurityConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -569,7 +571,9 @@ def _check_kafka_security(kafka: KafkaConfig) -> None:
         raise ConfigError(f"{where}.key_password: only used with key_file")
     if not sec.tls_enabled:
         if sec.mechanism in ("aws", "client-cert-auth"):
-            raise ConfigError(f"{where}.tls: mechanism {sec.mechanism} needs TLS; remove tls: false")
+            raise ConfigError(
+                f"{where}.tls: mechanism {sec.mechanism} needs TLS; remove tls: false"
+            )
         for key in ("ca_file", "cert_file"):
             if getattr(sec, key) is not None:
                 raise ConfigError(f"{where}.{key}: only used with TLS (tls: true)")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from confluent_kafka import KafkaError
@@ -124,7 +124,8 @@ def _aws_region(sec: KafkaSecurityConfig) -> str:
     region = sec.aws_region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if not region:
         raise ConfigError(
-            f"{_WHERE}.aws_region: required for mechanism aws (or set AWS_REGION in the environment)"
+            f"{_WHERE}.aws_region: required for mechanism aws "
+            "(or set AWS_REGION in the environment)"
         )
     return region
 
@@ -170,9 +171,21 @@ def explain_failure(sec: KafkaSecurityConfig, errors: Iterable[KafkaError]) -> s
         if err.code() == KafkaError._AUTHENTICATION:
             return _auth_failed(sec, err.str())
     for err in seen:
-        if err.code() == KafkaError._SSL or "SSL handshake failed" in err.str():
-            return _tls_failed(sec, err.str())
+        text = err.str()
+        if err.code() == KafkaError._SSL or any(m in text for m in _TLS_MARKERS):
+            return _tls_failed(sec, text)
     return None
+
+
+# librdkafka reports some TLS failures as plain transport errors (the broker's alert about
+# our certificate arrives after the handshake): recognise them by OpenSSL's wording.
+_TLS_MARKERS: Final = (
+    "SSL handshake failed",
+    "certificate verify failed",
+    "alert bad certificate",
+    "alert certificate required",
+    "alert unknown ca",
+)
 
 
 def _auth_failed(sec: KafkaSecurityConfig, text: str) -> str:
@@ -202,26 +215,12 @@ def _tls_failed(sec: KafkaSecurityConfig, text: str) -> str:
         )
         return f"TLS to Kafka failed: the broker's certificate is not trusted ({hint})"
     if any(word in low for word in ("certificate required", "bad certificate", "unknown ca")):
-        return (
-            "TLS to Kafka failed: the broker rejected the client certificate "
-            "(kafka.security.cert_file / key_file)"
+        which = (
+            "kafka.security.cert_file was not accepted"
+            if sec.cert_file is not None
+            else "it requires one: set kafka.security.cert_file and key_file"
         )
+        return f"TLS to Kafka failed: the broker rejected the client certificate ({which})"
     if "wrong version number" in low or "packet length too long" in low:
         return "TLS to Kafka failed: the listener does not speak TLS (check kafka.security.tls)"
     return f"TLS to Kafka failed: {text}"
-
-
-def uses_security(kafka: KafkaConfig) -> bool:
-    """True when kafka.security configures something (tests and logs use it)."""
-    sec = kafka.security
-    return sec.mechanism != "none" or sec.tls_enabled
-
-
-def describe(sec: KafkaSecurityConfig) -> Mapping[str, Any]:
-    """What `worker started` logs about the connection: never a secret."""
-    return {
-        "mechanism": sec.mechanism,
-        "tls": sec.tls_enabled,
-        "custom_ca": sec.ca_file is not None,
-        "client_certificate": sec.cert_file is not None,
-    }

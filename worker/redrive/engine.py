@@ -57,7 +57,7 @@ from worker.kafka.dlq_reader import (
 from worker.kafka.offsets import PartitionTracker
 from worker.kafka.preflight import preflight
 from worker.kafka.security import client_properties
-from worker.mapping.mapper import EventOutcome, Mapper
+from worker.mapping.mapper import CONFIG_DEFAULT, EventOutcome, Mapper
 from worker.observability.metrics import DLQ_REASONS, Metrics
 
 GROUP_SUFFIX: Final = "-redrive"
@@ -190,8 +190,8 @@ class RedriveLedger:
 @dataclass(slots=True)
 class RedriveStats:
     """Counts of one redrive run. Every record read ends in exactly one of: delivered,
-    failed_again, unmapped, skipped_filter, skipped_redriven, skipped_unconfigured; records
-    still in flight when a run is interrupted are in none of them."""
+    failed_again, unmapped, too_old, skipped_filter, skipped_redriven, skipped_unconfigured;
+    records still in flight when a run is interrupted are in none of them."""
 
     to_read: int = 0
     read: int = 0
@@ -199,6 +199,7 @@ class RedriveStats:
     delivered: int = 0
     failed_again: int = 0
     unmapped: int = 0
+    too_old: int = 0  # older than the max age: not sent (TikTok dedups 48 h only), handled
     skipped_filter: int = 0
     skipped_redriven: int = 0
     skipped_unconfigured: dict[str, int] = field(default_factory=dict)
@@ -211,7 +212,7 @@ class RedriveStats:
 
     @property
     def inflight(self) -> int:
-        return self.redriven - self.delivered - self.failed_again - self.unmapped
+        return self.redriven - self.delivered - self.failed_again - self.unmapped - self.too_old
 
 
 class RedriveDeadLetter(DeadLetter):
@@ -256,7 +257,7 @@ class GatedClient(TikTokClient):
 class _RecordWork(InflightMessage):
     """One dead letter being redriven: its events in flight and the failures seen so far."""
 
-    __slots__ = ("failures", "record", "sent")
+    __slots__ = ("failures", "record", "sent", "too_old")
 
     def __init__(
         self,
@@ -275,11 +276,17 @@ class _RecordWork(InflightMessage):
         )
         self.record = record
         self.sent = 0
+        self.too_old = False
         # (destination, outcome index) -> (outcome, failure): one write-back per pair.
         self.failures: dict[tuple[str | None, int], tuple[EventOutcome, Failure]] = {}
 
     def fail(self, destination: str | None, outcome: EventOutcome, failure: Failure) -> None:
         self.failures.setdefault((destination, outcome.index), (outcome, failure))
+
+
+def _age(value: object) -> float | None:
+    assert value is None or isinstance(value, int | float)
+    return None if value is None else float(value)
 
 
 # --------------------------------------------------------------------------- the engine
@@ -301,6 +308,7 @@ class Redrive:
         log: Any,
         on_progress: Callable[[RedriveStats], None] | None = None,
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        max_event_age_s: float | object | None = CONFIG_DEFAULT,
     ) -> None:
         self._config = config
         self._filter = flt
@@ -318,7 +326,12 @@ class Redrive:
         self._abandon = asyncio.Event()
         self.fatal: BaseException | None = None
         self.ledger_warning: str | None = None
-        self._mapper = Mapper(config)
+        # `--max-age` overrides tiktok.max_event_age_s (None: no limit).
+        self._mapper = (
+            Mapper(config)
+            if max_event_age_s is CONFIG_DEFAULT
+            else Mapper(config, max_event_age_s=_age(max_event_age_s))
+        )
         self._destinations = {d.name for d in config.destinations}
         self._delivery = build_delivery(
             config,
@@ -333,9 +346,7 @@ class Redrive:
         self._client = client
         self._batcher = self._delivery.batcher
         self._dead_letters = DeadLetterProducer(
-            config=producer_config(
-                config.kafka.bootstrap_servers, client_properties(config.kafka)
-            ),
+            config=producer_config(config.kafka.bootstrap_servers, client_properties(config.kafka)),
             topic=config.kafka.dead_letter_topic,
             metrics=metrics,
             on_fatal=self._on_fatal,
@@ -351,6 +362,7 @@ class Redrive:
         log: Any,
         on_progress: Callable[[RedriveStats], None] | None = None,
         metrics: Metrics | None = None,
+        max_event_age_s: float | object | None = CONFIG_DEFAULT,
     ) -> Redrive:
         """Check Kafka and the topic, load the other redrives' progress and open the reader."""
         if max_records is not None and max_records < 1:
@@ -389,6 +401,7 @@ class Redrive:
                 metrics=metrics if metrics is not None else Metrics(),
                 log=log,
                 on_progress=on_progress,
+                max_event_age_s=max_event_age_s,
             )
         except BaseException:
             reader.close()
@@ -511,6 +524,8 @@ class Redrive:
         work = _RecordWork(record, tracker, self._record_finished)
         work.add_work()  # held while dispatching, so nothing finishes the record early
         for outcome in self._mapper.map_message(record.value):
+            if outcome.skipped == "too_old":
+                work.too_old = True
             for mapped in outcome.mapped:
                 if target is not None and mapped.destination != target:
                     continue  # that destination already has it (or never failed)
@@ -542,6 +557,8 @@ class Redrive:
         if not work.failures:
             if work.sent:
                 self.stats.delivered += 1
+            elif work.too_old:
+                self.stats.too_old += 1
             else:
                 self.stats.unmapped += 1
             self._handled(work)
