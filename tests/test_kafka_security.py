@@ -253,12 +253,14 @@ def test_tls_failures_name_the_certificate_problem() -> None:
     )
     line = explain_failure(KafkaSecurityConfig(tls=True, ca_file="/etc/ca.pem"), [untrusted])
     assert line is not None
-    assert "certificate is not trusted" in line and "/etc/ca.pem" in line
+    assert "certificate is not trusted" in line
+    assert "/etc/ca.pem" in line
     rejected = _err(
         KafkaError._TRANSPORT,
         "ssl://127.0.0.1:9093/bootstrap: Receive failed: error:0A000412:SSL routines::ssl/tls "
         "alert bad certificate: SSL alert number 42",
     )
     line = explain_failure(KafkaSecurityConfig(tls=True), [rejected])
-    assert line is not None and "rejected the client certificate" in line
+    assert line is not None
+    assert "rejected the client certificate" in line
     assert explain_failure(SCRAM, [_err(KafkaError._TRANSPORT, "Connection refused")]) is None

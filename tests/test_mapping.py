@@ -915,11 +915,13 @@ def test_event_older_than_max_age_is_skipped_as_too_old() -> None:
     old = {"type": "page", "messageId": "old", "timestamp": _iso(NOW - 172800 - 1)}
     (outcome,) = run(mapper, old)
     assert outcome.skipped == "too_old"
-    assert outcome.mapped == [] and outcome.invalid == []
+    assert outcome.mapped == []
+    assert outcome.invalid == []
     assert outcome.message_id == "old"
     edge = {"type": "page", "messageId": "edge", "timestamp": _iso(NOW - 172800 + 1)}
     (outcome,) = run(mapper, edge)
-    assert outcome.skipped is None and len(outcome.mapped) == 1
+    assert outcome.skipped is None
+    assert len(outcome.mapped) == 1
 
 
 def test_max_event_age_applies_per_event_of_a_batch() -> None:
@@ -932,13 +934,15 @@ def test_max_event_age_applies_per_event_of_a_batch() -> None:
     }
     first, second = run(mapper, batch)
     assert first.skipped == "too_old"
-    assert second.skipped is None and len(second.mapped) == 1
+    assert second.skipped is None
+    assert len(second.mapped) == 1
 
 
 def test_max_event_age_null_turns_the_check_off_and_an_override_wins() -> None:
     event = {"type": "page", "messageId": "x", "timestamp": "2001-01-01T00:00:00Z"}
     (outcome,) = run(mapper_for(tiktok={"max_event_age_s": None}), event)
-    assert outcome.skipped is None and len(outcome.mapped) == 1
+    assert outcome.skipped is None
+    assert len(outcome.mapped) == 1
     config = make_config([{}])
     (outcome,) = run(Mapper(config, now=lambda: NOW, max_event_age_s=None), event)
     assert len(outcome.mapped) == 1
@@ -952,4 +956,5 @@ def test_events_without_a_usable_timestamp_are_not_judged_by_age() -> None:
     assert len(outcome.mapped) == 1  # event_time = now, as before
     (outcome,) = run(mapper, {"type": "page", "messageId": "bad", "timestamp": "yesterday"})
     assert outcome.skipped is None
-    assert outcome.invalid and "timestamp" in outcome.invalid[0].error
+    assert outcome.invalid
+    assert "timestamp" in outcome.invalid[0].error

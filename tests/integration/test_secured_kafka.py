@@ -248,7 +248,8 @@ def test_scram_sha_512_over_tls_consumes_delivers_and_commits(
     # The dlq tools connect the same way.
     inspect = run_cli("dlq", "inspect", "--config", str(tmp_path / config_name), env=env)
     assert inspect.returncode == 0, inspect.stderr
-    assert "1 record(s)" in inspect.stdout and "decode_error" in inspect.stdout
+    assert "1 record(s)" in inspect.stdout
+    assert "decode_error" in inspect.stdout
     check = run_cli("check-config", "--config", str(tmp_path / config_name), env=env)
     assert check.returncode == 0, check.stderr
     for text in (worker.log_path.read_text(), inspect.stdout, inspect.stderr, check.stdout):
@@ -328,7 +329,8 @@ def test_aws_msk_iam_uses_the_signer_and_refreshes_its_token(
     )
     try:
         regions = [line.split()[0] for line in calls.read_text().splitlines()]
-        assert regions and set(regions) == {"eu-west-1"}  # region from AWS_REGION
+        assert regions
+        assert set(regions) == {"eu-west-1"}
         # Every client asked once at start; a token lives 6 s, so librdkafka must ask again
         # while the worker runs: a later call is a refresh.
         started = len(regions)
