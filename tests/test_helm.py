@@ -559,3 +559,77 @@ def test_notes_guide_the_operator(tmp_path: Path) -> None:
     notes = _render_notes(tmp_path / "existing", **{"secret.existingSecret": "tokens"})
     assert "WARNING" not in notes
     assert 'the existing Secret "tokens"' in notes
+
+
+# --------------------------------------------------------------------------- Kafka security
+
+
+def test_kafka_tls_and_sasl_come_from_existing_secrets() -> None:
+    objs = render(
+        set_values={
+            "kafkaTls.existingSecret": "kafka-tls",
+            "kafkaTls.certKey": "tls.crt",
+            "kafkaTls.keyKey": "tls.key",
+            "kafkaSasl.existingSecret": "kafka-sasl",
+            "kafkaSasl.usernameKey": "username",
+            "config.kafka.security.mechanism": "scram-sha-512",
+        }
+    )
+    security = worker_config(objs)["kafka"]["security"]
+    assert security == {
+        "mechanism": "scram-sha-512",
+        "username": "${KAFKA_SASL_USERNAME}",
+        "password": "${KAFKA_SASL_PASSWORD}",
+        "ca_file": "/etc/tiktok-worker/kafka-tls/ca.crt",
+        "cert_file": "/etc/tiktok-worker/kafka-tls/tls.crt",
+        "key_file": "/etc/tiktok-worker/kafka-tls/tls.key",
+    }
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container(objs)["env"]}
+    assert env == {
+        "KAFKA_SASL_PASSWORD": {"name": "kafka-sasl", "key": "password"},
+        "KAFKA_SASL_USERNAME": {"name": "kafka-sasl", "key": "username"},
+    }
+    (mount,) = [m for m in container(objs)["volumeMounts"] if m["name"] == "kafka-tls"]
+    assert mount == {
+        "name": "kafka-tls",
+        "mountPath": "/etc/tiktok-worker/kafka-tls",
+        "readOnly": True,
+    }
+    volumes = deployment(objs)["spec"]["template"]["spec"]["volumes"]
+    (volume,) = [v for v in volumes if v["name"] == "kafka-tls"]
+    assert volume["secret"]["secretName"] == "kafka-tls"
+    assert volume["secret"]["defaultMode"] == 0o440
+    assert [i["key"] for i in volume["secret"]["items"]] == ["ca.crt", "tls.crt", "tls.key"]
+    for obj in objs:
+        assert kubernetes_schema_errors(obj) == [], obj["kind"]
+
+
+def test_values_set_in_kafka_security_win_over_the_secret_defaults() -> None:
+    objs = render(
+        set_values={
+            "kafkaTls.existingSecret": "kafka-tls",
+            "config.kafka.security.mechanism": "client-cert-auth",
+            "config.kafka.security.ca_file": "/etc/ssl/certs/ca-certificates.crt",
+            "config.kafka.security.cert_file": "/etc/tiktok-worker/kafka-tls/client.pem",
+            "config.kafka.security.key_file": "/etc/tiktok-worker/kafka-tls/client.key",
+        }
+    )
+    security = worker_config(objs)["kafka"]["security"]
+    assert security["ca_file"] == "/etc/ssl/certs/ca-certificates.crt"
+    assert "password" not in security
+    assert "env" not in container(objs)  # no SASL Secret, no extraEnv
+
+
+@pytest.mark.parametrize(
+    ("set_values", "message"),
+    [
+        ({"config.kafka.security.password": "hunter2"}, "does not match pattern"),
+        (
+            {"kafkaTls.existingSecret": "t", "kafkaTls.certKey": "tls.crt"},
+            "kafkaTls.certKey and kafkaTls.keyKey go together",
+        ),
+        ({"config.kafka.security.mechanism": "gssapi"}, "mechanism"),
+    ],
+)
+def test_refuses_unsafe_kafka_security(set_values: dict[str, str], message: str) -> None:
+    assert message in render_error(set_values=set_values)
