@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from tests.harness import (
+from devkit.harness import (
     WORKER_CMD,
     FakeTikTokProcess,
     WorkerProcess,
@@ -40,11 +40,11 @@ from tests.harness import (
     worker_config,
     write_config,
 )
-from tests.infra import fail
-from tests.infra.certs import TlsFiles, make_test_pki
-from tests.infra.errors import InfraError
-from tests.infra.kafka import KafkaServer, secured_listeners
-from worker.sample_events import SampleEvents
+from devkit.infra import fail
+from devkit.infra.certs import TlsFiles, make_test_pki
+from devkit.infra.errors import InfraError
+from devkit.infra.kafka import KafkaServer, secured_listeners
+from devkit.sample_events import SampleEvents
 
 pytestmark = pytest.mark.integration
 

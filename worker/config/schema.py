@@ -66,7 +66,7 @@ KafkaMechanism = Literal[
 
 
 class KafkaSecurityConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """How every Kafka client of the worker authenticates (worker.kafka_security applies it).
+    """How every Kafka client of the worker authenticates (worker.kafka.security applies it).
 
     Mirrors the settings of Segment's Kafka destination, so a user copies the same choices;
     secrets come from `${VAR}` or mounted files, never inline (checked in parse_config)."""
