@@ -19,6 +19,7 @@ from worker.kafka.security import (
     SIGNER_MODULE,
     client_properties,
     explain_failure,
+    explain_refused_client,
     msk_iam_token_callback,
     security_properties,
 )
@@ -264,3 +265,17 @@ def test_tls_failures_name_the_certificate_problem() -> None:
     assert line is not None
     assert "rejected the client certificate" in line
     assert explain_failure(SCRAM, [_err(KafkaError._TRANSPORT, "Connection refused")]) is None
+
+
+def test_a_file_librdkafka_cannot_load_is_named_by_its_kafka_security_key() -> None:
+    sec = KafkaSecurityConfig(mechanism="client-cert-auth", cert_file="/c.pem", key_file="/k.pem")
+    text = (
+        "Failed to create admin client: ssl.key.location failed: "
+        "error:1C800064:Provider routines::bad decrypt"
+    )
+    assert explain_refused_client(sec, text) == (
+        "kafka.security.key_file: /k.pem is not a usable PEM file (or "
+        "kafka.security.key_password is wrong): error:1C800064:Provider routines::bad decrypt"
+    )
+    other = "Failed to create admin client: Invalid value for configuration property"
+    assert explain_refused_client(sec, other) is None

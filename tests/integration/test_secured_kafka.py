@@ -360,11 +360,11 @@ def _failing_config(
 
 
 def _one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The whole of stderr, which must be one line (no log lines, no librdkafka noise)."""
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("tiktok-worker: ")]
-    assert len(errors) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    return errors[0]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("tiktok-worker: "), result.stderr
+    return lines[0]
 
 
 def test_wrong_password_is_reported_as_an_authentication_failure(
@@ -421,3 +421,18 @@ def test_broker_requiring_a_client_certificate_says_so(
     result = run_cli("run", "--config", str(path))
     assert result.returncode == 1, result.stderr
     assert "the broker rejected the client certificate" in _one_error_line(result)
+
+
+def test_unreadable_client_key_is_a_configuration_error(
+    cluster: SecuredCluster, tmp_path: Path
+) -> None:
+    garbage = tmp_path / "tls.key"
+    garbage.write_text("not a PEM key\n")
+    security = {**cluster.mtls(), "key_file": str(garbage)}
+    path = _failing_config(cluster, tmp_path, cluster.server.listener_bootstrap("MTLS"), security)
+    result = run_cli("run", "--config", str(path))
+    assert result.returncode == 2, result.stderr
+    assert _one_error_line(result).startswith(
+        f"tiktok-worker: configuration error: kafka.security.key_file: {garbage} is not a "
+        "usable PEM file"
+    )

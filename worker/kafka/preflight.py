@@ -14,7 +14,7 @@ from confluent_kafka.admin import AdminClient
 
 from worker.config import Config, librdkafka_error
 from worker.errors import ConfigError, WorkerError
-from worker.kafka.security import client_properties, explain_failure
+from worker.kafka.security import client_properties, explain_failure, explain_refused_client
 
 PREFLIGHT_TIMEOUT_S = 15.0
 # Metadata is asked for in steps this long, so a rejected login or certificate (which
@@ -43,8 +43,11 @@ def preflight(
     conf["error_cb"] = errors.append
     try:
         admin = AdminClient(conf)
-    except KafkaException as exc:  # a property librdkafka refuses: a configuration error
-        raise ConfigError(librdkafka_error(exc.args[0].str(), kafka.client)) from None
+    except KafkaException as exc:  # a property or file librdkafka refuses: a config error
+        text = exc.args[0].str()
+        raise ConfigError(
+            explain_refused_client(kafka.security, text) or librdkafka_error(text, kafka.client)
+        ) from None
     if log is not None:
         log.info(
             "waiting for Kafka",

@@ -188,6 +188,26 @@ _TLS_MARKERS: Final = (
 )
 
 
+# The librdkafka properties kafka.security fills with a file, and the key that names it.
+_FILE_PROPERTIES: Final = {
+    "ssl.ca.location": "ca_file",
+    "ssl.certificate.location": "cert_file",
+    "ssl.key.location": "key_file",
+}
+
+
+def explain_refused_client(sec: KafkaSecurityConfig, text: str) -> str | None:
+    """When librdkafka refuses to build a client because of a certificate or key file that
+    kafka.security names, the configuration error naming that key; otherwise None."""
+    for prop, key in _FILE_PROPERTIES.items():
+        path = getattr(sec, key)
+        if path is not None and f"{prop} failed" in text:
+            reason = text.split(f"{prop} failed:", 1)[-1].strip()
+            hint = " (or kafka.security.key_password is wrong)" if key == "key_file" else ""
+            return f"{_WHERE}.{key}: {path} is not a usable PEM file{hint}: {reason}"
+    return None
+
+
 def _auth_failed(sec: KafkaSecurityConfig, text: str) -> str:
     if sec.mechanism == "aws":
         return (
