@@ -250,9 +250,18 @@ def test_scram_sha_512_over_tls_consumes_delivers_and_commits(
     assert inspect.returncode == 0, inspect.stderr
     assert "1 record(s)" in inspect.stdout
     assert "decode_error" in inspect.stdout
+    # A redrive reads, commits and writes back through it: the undecodable record fails again.
+    redrive = run_cli(
+        "dlq", "redrive", "--config", str(tmp_path / config_name), "--reason", "decode_error",
+        env=env,
+    )  # fmt: skip
+    assert redrive.returncode == 1, redrive.stderr
+    assert "1 redriven (0 delivered, 1 failed again" in redrive.stdout
     check = run_cli("check-config", "--config", str(tmp_path / config_name), env=env)
     assert check.returncode == 0, check.stderr
-    for text in (worker.log_path.read_text(), inspect.stdout, inspect.stderr, check.stdout):
+    outputs = [worker.log_path.read_text(), check.stdout]
+    outputs += [p.stdout + p.stderr for p in (inspect, redrive)]
+    for text in outputs:
         assert SCRAM_PASSWORD not in text
 
 
