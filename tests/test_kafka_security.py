@@ -22,6 +22,7 @@ from worker.kafka.security import (
     explain_refused_client,
     msk_iam_token_callback,
     security_properties,
+    token_failure,
 )
 
 DEST = "destinations: [{name: web, pixel_code: P1, access_token: t0ken-value}]\n"
@@ -189,6 +190,29 @@ def test_msk_iam_callback_asks_the_signer_for_a_fresh_token_each_time() -> None:
         region="us-east-1", role_arn="arn:aws:iam::1:role/r", signer=signer
     )
     assert role_cb(None) == ("role-token-3", 1_900_000_900.0)
+
+
+def test_a_signer_failure_is_kept_for_the_error_line_and_cleared_by_a_success() -> None:
+    class Flaky(StubSigner):
+        fail = True
+
+        def generate_auth_token(self, region: str) -> tuple[str, int]:
+            if self.fail:
+                raise RuntimeError("Unable to locate credentials")
+            return super().generate_auth_token(region)
+
+    signer = Flaky()
+    oauth_cb = msk_iam_token_callback(region="eu-west-1", signer=signer)
+    with pytest.raises(RuntimeError):  # librdkafka needs the exception to mark the failure
+        oauth_cb(None)
+    assert token_failure({"oauth_cb": oauth_cb}) == (
+        "AWS MSK IAM: cannot sign a token for region eu-west-1: RuntimeError: Unable to locate "
+        "credentials (check the pod's AWS credentials or role)"
+    )
+    signer.fail = False
+    assert oauth_cb(None)[0] == "token-1"
+    assert token_failure({"oauth_cb": oauth_cb}) is None
+    assert token_failure({"sasl.mechanism": "PLAIN"}) is None
 
 
 def test_mechanism_aws_wires_the_signer_module_and_the_region_from_the_environment(

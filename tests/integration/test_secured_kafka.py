@@ -296,6 +296,8 @@ def _b64(data):
 class MSKAuthTokenProvider:
     @staticmethod
     def generate_auth_token(region, aws_debug_creds=False):
+        if os.environ.get("STUB_SIGNER_FAIL"):
+            raise RuntimeError("Unable to locate credentials")
         now = time.time()
         with open(os.environ["STUB_SIGNER_LOG"], "a") as log:
             log.write(f"{region} {now}\\n")
@@ -305,9 +307,8 @@ class MSKAuthTokenProvider:
 '''
 
 
-def test_aws_msk_iam_uses_the_signer_and_refreshes_its_token(
-    cluster: SecuredCluster, tmp_path: Path
-) -> None:
+def _stub_signer_env(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """Environment that puts the stub signer on the worker's import path; its call log."""
     stub_dir = tmp_path / "stub"
     (stub_dir / "aws_msk_iam_sasl_signer").mkdir(parents=True)
     (stub_dir / "aws_msk_iam_sasl_signer" / "__init__.py").write_text(
@@ -320,6 +321,13 @@ def test_aws_msk_iam_uses_the_signer_and_refreshes_its_token(
         "STUB_SIGNER_LOG": str(calls),
         "AWS_REGION": "eu-west-1",
     }
+    return env, calls
+
+
+def test_aws_msk_iam_uses_the_signer_and_refreshes_its_token(
+    cluster: SecuredCluster, tmp_path: Path
+) -> None:
+    env, calls = _stub_signer_env(tmp_path)
     worker, _config, _dlq, _messages = deliver_and_commit(
         cluster,
         tmp_path,
@@ -444,4 +452,21 @@ def test_unreadable_client_key_is_a_configuration_error(
     assert _one_error_line(result).startswith(
         f"tiktok-worker: configuration error: kafka.security.key_file: {garbage} is not a "
         "usable PEM file"
+    )
+
+
+def test_aws_msk_iam_signing_failure_names_the_cause(
+    cluster: SecuredCluster, tmp_path: Path
+) -> None:
+    env, _calls = _stub_signer_env(tmp_path)
+    env["STUB_SIGNER_FAIL"] = "1"
+    bootstrap = cluster.server.listener_bootstrap("OAUTH")
+    security = {"mechanism": "aws", "ca_file": str(cluster.tls.ca_cert)}
+    path = _failing_config(cluster, tmp_path, bootstrap, security)
+    result = run_cli("run", "--config", str(path), env=env)
+    assert result.returncode == 1, result.stderr
+    assert _one_error_line(result) == (
+        "tiktok-worker: error: AWS MSK IAM: cannot sign a token for region eu-west-1: "
+        "RuntimeError: Unable to locate credentials (check the pod's AWS credentials or role) "
+        f"(Kafka at {bootstrap})"
     )

@@ -14,7 +14,12 @@ from confluent_kafka.admin import AdminClient
 
 from worker.config import Config, librdkafka_error
 from worker.errors import ConfigError, WorkerError
-from worker.kafka.security import client_properties, explain_failure, explain_refused_client
+from worker.kafka.security import (
+    client_properties,
+    explain_failure,
+    explain_refused_client,
+    token_failure,
+)
 
 PREFLIGHT_TIMEOUT_S = 15.0
 # Metadata is asked for in steps this long, so a rejected login or certificate (which
@@ -43,7 +48,12 @@ def preflight(
     conf["error_cb"] = errors.append
     try:
         admin = AdminClient(conf)
-    except KafkaException as exc:  # a property or file librdkafka refuses: a config error
+    except KafkaException as exc:
+        # An MSK IAM token that could not be signed stops the client from being built.
+        failure = token_failure(conf)
+        if failure is not None:
+            raise WorkerError(f"{failure} (Kafka at {kafka.bootstrap_servers})") from None
+        # Otherwise a property or file librdkafka refuses: a configuration error.
         text = exc.args[0].str()
         raise ConfigError(
             explain_refused_client(kafka.security, text) or librdkafka_error(text, kafka.client)
@@ -62,7 +72,7 @@ def preflight(
             break
         except KafkaException as exc:
             admin.poll(0)  # serves error_cb
-            cause = explain_failure(kafka.security, errors)
+            cause = token_failure(conf) or explain_failure(kafka.security, errors)
             if cause is not None:
                 raise WorkerError(f"{cause} (Kafka at {kafka.bootstrap_servers})") from None
             if time.monotonic() >= deadline:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 from confluent_kafka import KafkaError
@@ -37,8 +37,6 @@ _SASL_MECHANISMS: Final = {
     "aws": "OAUTHBEARER",
 }
 _WHERE: Final = "kafka.security"
-
-TokenCallback = Callable[[str | None], tuple[str, float]]
 
 
 def client_properties(kafka: KafkaConfig) -> dict[str, Any]:
@@ -130,24 +128,52 @@ def _aws_region(sec: KafkaSecurityConfig) -> str:
     return region
 
 
+class MskIamTokenCallback:
+    """librdkafka's `oauth_cb` for AWS MSK IAM: returns (token, expiry in epoch seconds).
+
+    `signer` is the `MSKAuthTokenProvider` of aws-msk-iam-sasl-signer-python; its tokens are
+    SigV4-signed URLs, valid about 15 minutes. When signing fails (no credentials, a role that
+    cannot be assumed) librdkafka only reports "OAuth token not set": `last_error` keeps the
+    real cause, without secrets, for the one-line error.
+    """
+
+    def __init__(self, *, region: str, role_arn: str | None, signer: Any) -> None:
+        self.region = region
+        self.role_arn = role_arn
+        self._signer = signer
+        self.last_error: str | None = None
+
+    def __call__(self, _config: str | None) -> tuple[str, float]:
+        try:
+            if self.role_arn is not None:
+                token, expiry_ms = self._signer.generate_auth_token_from_role_arn(
+                    self.region, self.role_arn
+                )
+            else:
+                token, expiry_ms = self._signer.generate_auth_token(self.region)
+        except Exception as exc:
+            self.last_error = (
+                f"AWS MSK IAM: cannot sign a token for region {self.region}: "
+                f"{type(exc).__name__}: {exc} (check the pod's AWS credentials or role)"
+            )
+            raise  # librdkafka marks the token as failed and retries later
+        self.last_error = None
+        return str(token), float(expiry_ms) / 1000.0
+
+
 def msk_iam_token_callback(
     *, region: str, role_arn: str | None = None, signer: Any | None = None
-) -> TokenCallback:
-    """librdkafka's `oauth_cb` for AWS MSK IAM: (token, expiry in epoch seconds).
+) -> MskIamTokenCallback:
+    """The `oauth_cb` for AWS MSK IAM (`signer` defaults to the optional dependency)."""
+    return MskIamTokenCallback(
+        region=region, role_arn=role_arn, signer=signer if signer is not None else _load_signer()
+    )
 
-    `signer` is the `MSKAuthTokenProvider` of aws-msk-iam-sasl-signer-python (imported here
-    when not given); its tokens are SigV4-signed URLs, valid about 15 minutes.
-    """
-    provider = signer if signer is not None else _load_signer()
 
-    def oauth_cb(_config: str | None) -> tuple[str, float]:
-        if role_arn is not None:
-            token, expiry_ms = provider.generate_auth_token_from_role_arn(region, role_arn)
-        else:
-            token, expiry_ms = provider.generate_auth_token(region)
-        return token, expiry_ms / 1000.0
-
-    return oauth_cb
+def token_failure(client: Mapping[str, Any]) -> str | None:
+    """Why the MSK IAM token callback among these client properties last failed, if it did."""
+    callback = client.get("oauth_cb")
+    return callback.last_error if isinstance(callback, MskIamTokenCallback) else None
 
 
 def _load_signer() -> Any:
