@@ -13,10 +13,12 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError
 
+from devkit.infra.certs import make_test_pki
 from worker.config import Config, KafkaSecurityConfig, masked, parse_config, secret_values
 from worker.errors import ConfigError
 from worker.kafka.security import (
     SIGNER_MODULE,
+    check_security,
     client_properties,
     explain_failure,
     explain_refused_client,
@@ -106,10 +108,10 @@ def test_security_and_client_pass_through_cannot_both_set_authentication() -> No
 
 
 def test_without_security_the_client_pass_through_is_unchanged() -> None:
-    config = load("  client: {security.protocol: SASL_SSL, sasl.mechanism: PLAIN}")
+    config = load("  client: {security.protocol: SSL, ssl.endpoint.identification.algorithm: none}")
     assert client_properties(config.kafka) == {
-        "security.protocol": "SASL_SSL",
-        "sasl.mechanism": "PLAIN",
+        "security.protocol": "SSL",
+        "ssl.endpoint.identification.algorithm": "none",
     }
 
 
@@ -303,3 +305,23 @@ def test_a_file_librdkafka_cannot_load_is_named_by_its_kafka_security_key() -> N
     )
     other = "Failed to create admin client: Invalid value for configuration property"
     assert explain_refused_client(sec, other) is None
+
+
+def test_check_config_loads_the_certificates_as_librdkafka_will(tmp_path: Path) -> None:
+    tls = make_test_pki(tmp_path / "pki")
+    good = KafkaSecurityConfig(
+        mechanism="client-cert-auth",
+        ca_file=str(tls.ca_cert),
+        cert_file=str(tls.client_cert),
+        key_file=str(tls.client_key),
+    )
+    check_security(good)  # no error
+    check_security(KafkaSecurityConfig())  # nothing to check
+    swapped = KafkaSecurityConfig(
+        mechanism="client-cert-auth",
+        ca_file=str(tls.client_key),  # a key where a certificate belongs
+        cert_file=str(tls.client_cert),
+        key_file=str(tls.client_key),
+    )
+    with pytest.raises(ConfigError, match=r"^kafka\.security\.ca_file: .* is not a usable PEM"):
+        check_security(swapped)

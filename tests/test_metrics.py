@@ -146,6 +146,7 @@ def test_every_skip_reason_is_emitted_and_documented() -> None:
     )
     produces = {  # reason -> a message that is skipped with it
         "no_match": b'{"type": "identify", "userId": "u"}',
+        "too_old": b'{"type": "page", "timestamp": "2001-01-01T00:00:00Z"}',
     }
     assert set(produces) == set(SKIP_REASONS)
     for reason, message in produces.items():

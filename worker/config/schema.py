@@ -533,6 +533,8 @@ def librdkafka_error(text: str, keys: Iterable[str] = ()) -> str:
     if _SECRET_KEY_RE.search(key):
         return f"kafka.client.{key}: refused by librdkafka (value not shown)"
     return f"kafka.client.{key}: {text}"
+
+
 def _check_kafka_security(kafka: KafkaConfig) -> None:
     """Combinations of kafka.security that cannot work; files are checked when used."""
     sec = kafka.security

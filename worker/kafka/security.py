@@ -19,6 +19,7 @@ librdkafka calls the callback again before the token expires (at about 80 % of i
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
@@ -81,6 +82,29 @@ def security_properties(sec: KafkaSecurityConfig) -> dict[str, Any]:
         props["enable.ssl.certificate.verification"] = False
         props["ssl.endpoint.identification.algorithm"] = "none"
     return props
+
+
+def check_security(sec: KafkaSecurityConfig) -> None:
+    """What `check-config` adds for kafka.security: the files exist and librdkafka can load
+    the certificates and key (a throw-away client, no broker contacted); `aws` has its
+    dependency and a region. Raises ConfigError naming the key, like start-up would."""
+    from confluent_kafka import KafkaException, Producer
+
+    props = security_properties(sec)
+    tls = {k: v for k, v in props.items() if k.startswith("ssl.")}
+    if not tls:
+        return
+    try:
+        Producer({"security.protocol": "SSL", **tls, "logger": _SILENT}).flush(0)
+    except KafkaException as exc:
+        text = exc.args[0].str()
+        raise ConfigError(explain_refused_client(sec, text) or f"{_WHERE}: {text}") from None
+
+
+# librdkafka's warnings from that throw-away client (no bootstrap.servers) go nowhere.
+_SILENT: Final = logging.getLogger("worker.kafka.security.check")
+_SILENT.propagate = False
+_SILENT.addHandler(logging.NullHandler())
 
 
 def _readable(path: str, key: str, what: str) -> str:
