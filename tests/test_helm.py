@@ -304,6 +304,17 @@ def test_rendered_config_is_accepted_by_check_config(
         import certifi
 
         config["kafka"]["client"]["ssl.ca.location"] = certifi.where()
+    security = config["kafka"].get("security") or {}
+    if any(key in security for key in ("ca_file", "cert_file", "key_file")):
+        # The pod mounts kafkaTls there; check-config loads the files as a client would, so
+        # point them at a test PKI made here (test_kafka_tls_and_sasl_come_from_existing_secrets
+        # checks the paths the chart renders).
+        from devkit.infra.certs import make_test_pki
+
+        tls = make_test_pki(tmp_path / "pki")
+        made = {"ca_file": tls.ca_cert, "cert_file": tls.client_cert, "key_file": tls.client_key}
+        for key in security.keys() & made.keys():
+            security[key] = str(made[key])
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TIKTOK_", "KAFKA_", "REDIS_"))}
     secret_values = {

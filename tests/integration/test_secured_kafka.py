@@ -377,8 +377,22 @@ def _failing_config(
 
 
 def _one_error_line(result: subprocess.CompletedProcess[str]) -> str:
-    """The whole of stderr, which must be one line (no log lines, no librdkafka noise)."""
+    """The one error line on stderr, as the CLI prints it: `tiktok-worker: error: ...`.
+
+    With `logging.format: json` (these configs) `run` writes its log lines and the fatal
+    error as JSON (issue 19): then every line must be JSON (no raw librdkafka text) and exactly
+    one is the `fatal error`. Otherwise stderr is that one plain line and nothing else."""
     lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr
+    if lines and lines[0].startswith("{"):
+        records = [json.loads(line) for line in lines]  # fails on any non-JSON line
+        fatal = [r for r in records if r.get("event") == "fatal error"]
+        assert len(fatal) == 1, result.stderr
+        assert {r["level"] for r in records if r is not fatal[0]} <= {"info"}, result.stderr
+        error = str(fatal[0]["error"])
+        return "tiktok-worker: " + (
+            error if error.startswith("configuration error: ") else f"error: {error}"
+        )
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("tiktok-worker: "), result.stderr
     return lines[0]
