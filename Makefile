@@ -37,7 +37,7 @@ provision:
 lint: $(VENV)/.installed
 	$(BIN)/ruff check worker devkit tests scripts bench
 	$(BIN)/ruff format --check worker
-	$(BIN)/mypy worker
+	$(BIN)/mypy
 
 fmt: $(VENV)/.installed
 	$(BIN)/ruff format worker tests bench
@@ -47,9 +47,9 @@ fmt: $(VENV)/.installed
 test: setup lint
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
-# Unit tests only (no servers): the quick loop while editing.
+# Unit tests only (no servers, no Helm/promtool/node, no wheel build): the quick loop.
 test-unit: $(VENV)/.installed
-	$(BIN)/pytest -q -m "not integration" $(PYTEST_ARGS)
+	$(BIN)/pytest -q -m "not integration and not tools" $(PYTEST_ARGS)
 
 demo: setup
 	$(BIN)/python scripts/demo.py

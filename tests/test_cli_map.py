@@ -208,3 +208,79 @@ def test_check_config_bad_trigger_exits_2_with_position(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().endswith("at position 18")
     assert "destinations[0].when:" in result.stderr
+
+
+FOUR_SOURCES = """
+tiktok: {max_event_age_s: null}  # the event below has a fixed (old) timestamp
+destinations:
+  - {name: web-shop, pixel_code: PIXELWEB01, access_token: t, presets: all}
+  - name: leads
+    event_source: crm
+    pixel_code: CRMSET01
+    access_token: t
+    subscriptions: [{name: Qualified, trigger: 'event = "Order Completed"', event: QualifiedLead}]
+  - {name: stores, event_source: offline, event_set_id: EVSET01, access_token: t,
+     test_event_code: TEST00001}
+  - {name: mobile, event_source: app, tiktok_app_id: "7000000001", access_token: t}
+"""
+
+
+def test_map_shows_each_sources_body_as_sent(tmp_path: Path) -> None:
+    path = tmp_path / "sources.yaml"
+    path.write_text(FOUR_SOURCES)
+    event = {
+        "type": "track",
+        "event": "Order Completed",
+        "messageId": "m1",
+        "timestamp": "2024-01-08T13:52:50.212Z",
+        "userId": "u1",
+        "context": {"app": {"namespace": "com.example"}, "device": {"type": "android"}},
+        "properties": {
+            "lead_id": "L1",
+            "currency": "USD",
+            "value": 3,
+            "products": [{"product_id": "p1", "price": 3}],
+        },
+    }
+    result = run_cli("map", "--config", str(path), stdin=json.dumps(event) + "\n")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    heads = {
+        line["destination"]: (
+            line["body"]["event_source"],
+            line["body"]["event_source_id"],
+            line["body"]["data"][0]["event"],
+        )
+        for line in lines
+    }
+    assert heads == {
+        "web-shop": ("web", "PIXELWEB01", "CompletePayment"),
+        "leads": ("crm", "CRMSET01", "QualifiedLead"),
+        "stores": ("offline", "EVSET01", "CompletePayment"),
+        "mobile": ("app", "7000000001", "Purchase"),
+    }
+    by_name = {line["destination"]: line["body"] for line in lines}
+    # Each source's own shape: offline's test code inside the event, app's app object,
+    # CRM's lead, and the offline user keys in Segment's order.
+    assert "test_event_code" not in by_name["stores"]
+    assert by_name["stores"]["data"][0]["test_event_code"] == "TEST00001"
+    offline_user = by_name["stores"]["data"][0]["user"]
+    assert list(offline_user) == ["external_id", "phone", "email", "lead_id"]
+    assert by_name["mobile"]["data"][0]["app"] == {"app_id": "com.example"}
+    assert by_name["leads"]["data"][0]["lead"] == {"lead_id": "L1"}
+
+
+def test_check_config_rejects_an_app_event_outside_tiktoks_list(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "destinations:\n"
+        "  - {name: mobile, event_source: app, tiktok_app_id: '1', access_token: t,\n"
+        "     subscriptions: [{name: x, trigger: 'type = \"track\"', event: CompletePayment}]}\n"
+    )
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "tiktok-worker: configuration error: destinations[0].subscriptions[0].event: "
+        "'CompletePayment' is not a TikTok app event"
+    )
+    assert "Traceback" not in result.stderr

@@ -223,7 +223,7 @@ def test_environment_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch) -> 
         ),
         pytest.param(
             MINIMAL.replace("PIXEL1", "12345"),
-            "destinations[0].pixel_code: expected a string, got an integer "
+            "destinations[0].pixel_code: expected a string or null, got an integer "
             "(quote the value in YAML)",
             id="number-for-string",
         ),
@@ -378,12 +378,12 @@ destinations: [{name: a, pixel_code: P, access_token: t}]
 
 
 def test_start_from_defaults_to_earliest_and_sets_auto_offset_reset() -> None:
-    from worker.kafka.consumer import consumer_config
+    from worker.kafka.settings import consumer_settings
 
     assert parse_config(MINIMAL, environ={}).kafka.start_from == "earliest"
     c = parse_config(MINIMAL + "kafka: {start_from: latest}\n", environ={})
     assert c.kafka.start_from == "latest"
-    conf = consumer_config(
+    conf = consumer_settings(
         bootstrap_servers="b:9092",
         group_id="g",
         client=c.kafka.client,
@@ -513,11 +513,11 @@ def test_masked_hides_the_whole_userinfo(url: str, shown: str, secrets: list[str
 
 
 def test_masked_hides_a_password_written_unencoded_however_it_is_written() -> None:
-    from worker.config.schema import _mask_url
+    from worker.core.redaction import mask_url_credentials
 
     # The reproduction: the documented form with REDIS_PASSWORD='p@ss:w/rd'. The URL
     # is refused by validation, but masking must not leak a part of it either.
-    assert _mask_url("redis://:p@ss:w/rd@redis:6379/0") == "redis://***@redis:6379/0"
+    assert mask_url_credentials("redis://:p@ss:w/rd@redis:6379/0") == "redis://***@redis:6379/0"
 
 
 def test_redis_password_key_is_used_verbatim_and_masked() -> None:

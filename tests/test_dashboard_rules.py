@@ -22,6 +22,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
+from tests import tools
 from tests.dashboard_exprs import (
     DATA_PANELS,
     GENERIC_SELECTOR,
@@ -52,6 +53,7 @@ SEVERITIES = frozenset({"critical", "warning", "info"})
 
 
 def promtool() -> str:
+    tools.require("promtool")
     path = shutil.which("promtool")
     assert path, "promtool not found: run scripts/provision (Debian package prometheus)"
     return path
@@ -88,9 +90,9 @@ def exposed_names() -> dict[str, tuple[str, frozenset[str]]]:
     out: dict[str, tuple[str, frozenset[str]]] = {}
     catalogue = dict(metric_catalogue())
     # The process_* families of prometheus_client's ProcessCollector, on the same registry.
-    for family in Metrics(CollectorRegistry()).registry.collect():
-        if family.name.startswith("process_"):
-            catalogue[family.name] = (family.type, frozenset())
+    for collected in Metrics(CollectorRegistry()).registry.collect():
+        if collected.name.startswith("process_"):
+            catalogue[collected.name] = (collected.type, frozenset())
     for family, (kind, labels) in catalogue.items():
         for suffix in suffixes[kind]:
             extra = {"le"} if suffix == "_bucket" else set()
@@ -134,18 +136,21 @@ def alerts() -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- promtool
 
 
+@pytest.mark.tools
 def test_promtool_check_rules_accepts_the_rules_file() -> None:
     proc = run_promtool("check", "rules", str(RULES))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"SUCCESS: {len(alerts())} rules found" in proc.stdout
 
 
+@pytest.mark.tools
 def test_promtool_unit_tests_pass() -> None:
     proc = run_promtool("test", "rules", str(PROMTOOL_TEST))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SUCCESS" in proc.stdout
 
 
+@pytest.mark.tools
 def test_promtool_unit_tests_detect_a_wrong_expectation(tmp_path: Path) -> None:
     # Guards the harness itself: a test file that expects the wrong thing must fail.
     tests = yaml.safe_load(PROMTOOL_TEST.read_text(encoding="utf-8"))
@@ -172,6 +177,7 @@ def test_every_alert_has_a_firing_and_a_silent_promtool_case() -> None:
     assert (firing | silent) - names == set(), "tests of alerts that do not exist"
 
 
+@pytest.mark.tools
 def test_every_dashboard_expression_parses(tmp_path: Path) -> None:
     # promtool has no "check expression"; recording rules give every expression to its parser.
     exprs = [e for _, e in dashboard_expressions()]
@@ -192,6 +198,7 @@ def test_every_dashboard_expression_parses(tmp_path: Path) -> None:
     assert f"SUCCESS: {len(exprs)} rules found" in proc.stdout
 
 
+@pytest.mark.tools
 def test_a_broken_expression_is_caught_by_the_parse_check(tmp_path: Path) -> None:
     path = tmp_path / "broken.yaml"
     rule = {"record": "dashboard:broken", "expr": "sum by (topic (rate(x[1m]))"}

@@ -110,7 +110,7 @@ def test_every_spec_section_cited_exists() -> None:
     spec = ROOT / "docs" / "spec.md"
     sections = set(re.findall(r"^## (\d+)\.", spec.read_text(encoding="utf-8"), flags=re.M))
     assert {"2", "3", "4", "5", "6", "7"} <= sections
-    cited = {}
+    cited: dict[str, Path] = {}
     for path in [*repo_files("*.py"), *repo_files("*.md"), *repo_files("*.json")]:
         for number in _SPEC_RE.findall(path.read_text(encoding="utf-8", errors="replace")):
             cited.setdefault(number, path.relative_to(ROOT))

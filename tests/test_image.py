@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests import tools
 from tests.chart_support import ROOT, cache_root, render
 from worker import __version__
 
@@ -38,6 +39,7 @@ DEV_LOCK = ROOT / "requirements-dev.lock"
 
 
 def _pip(*args: str, timeout: float = 300) -> None:
+    tools.require("the wheel build")
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "--disable-pip-version-check", *args],
         capture_output=True,
@@ -117,12 +119,14 @@ def _run(venv_dir: Path, *args: str, env: dict[str, str] | None = None, cwd: Pat
     return proc.stdout + proc.stderr
 
 
+@pytest.mark.tools
 def test_installed_console_script_reports_the_version(image: Image, tmp_path: Path) -> None:
     out = _run(image.venv, "--version", cwd=tmp_path)
     assert out.strip() == f"tiktok-worker {__version__}"
     assert not (image.venv / "bin" / "pip").exists()  # like the image: no pip in the venv
 
 
+@pytest.mark.tools
 def test_installed_package_is_complete(image: Image, tmp_path: Path) -> None:
     # Every module of the build context is in the wheel, and every import resolves from the venv.
     modules = sorted(
@@ -150,6 +154,7 @@ def test_installed_package_is_complete(image: Image, tmp_path: Path) -> None:
     assert str(image.venv) in proc.stdout
 
 
+@pytest.mark.tools
 def test_installed_package_holds_no_developer_tooling(image: Image) -> None:
     # The fake Events API, the sample events and the test/bench harnesses live in devkit/,
     # which is neither in the wheel nor in the image.
@@ -166,6 +171,7 @@ def test_installed_package_holds_no_developer_tooling(image: Image) -> None:
     assert leaked == []
 
 
+@pytest.mark.tools
 def test_installed_worker_accepts_the_charts_config(image: Image, tmp_path: Path) -> None:
     (cm,) = [o for o in render() if o["kind"] == "ConfigMap"]
     path = tmp_path / "config.yaml"

@@ -156,7 +156,12 @@ def test_a_missing_file_is_a_configuration_error_naming_it(
         if key != missing:
             path.write_text("x-file-content\n")
     sec = KafkaSecurityConfig(
-        mechanism="plain", username="u", **{k: str(v) for k, v in files.items()}
+        mechanism="plain",
+        username="u",
+        ca_file=str(files["ca_file"]),
+        cert_file=str(files["cert_file"]),
+        key_file=str(files["key_file"]),
+        password_file=str(files["password_file"]),
     )
     with pytest.raises(ConfigError) as info:
         security_properties(sec)
@@ -307,6 +312,7 @@ def test_a_file_librdkafka_cannot_load_is_named_by_its_kafka_security_key() -> N
     assert explain_refused_client(sec, other) is None
 
 
+@pytest.mark.tools  # openssl makes the certificates
 def test_check_config_loads_the_certificates_as_librdkafka_will(tmp_path: Path) -> None:
     tls = make_test_pki(tmp_path / "pki")
     good = KafkaSecurityConfig(

@@ -15,23 +15,25 @@ import signal
 from typing import Any
 
 from worker.config import Config, liveness_timeout_s, secret_values
+from worker.core.redaction import register_secrets
 from worker.delivery.factory import build_delivery
 from worker.errors import WorkerError
-from worker.kafka.consumer import ConsumerThread, consumer_config
-from worker.kafka.deadletters import DeadLetterProducer, producer_config
+from worker.kafka.consumer import ConsumerThread
+from worker.kafka.deadletters import DeadLetterProducer
 from worker.kafka.lag import LagMonitor
 from worker.kafka.preflight import preflight
 from worker.kafka.security import client_properties
+from worker.kafka.settings import consumer_settings, producer_settings
 from worker.mapping.mapper import Mapper
 from worker.observability.health import HealthServer, liveness_check
-from worker.observability.logs import kafka_logger, register_secrets
+from worker.observability.logs import Logger, kafka_logger
 from worker.observability.metrics import Metrics
 from worker.pipeline.pipeline import Pipeline
 
 SHUTDOWN_MARGIN_S = 10.0
 
 
-async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None) -> int:
+async def run_worker(config: Config, *, log: Logger, metrics: Metrics | None = None) -> int:
     """Run until SIGTERM/SIGINT or a fatal error; returns the exit status."""
     register_secrets(secret_values(config))
     kafka = config.kafka
@@ -40,6 +42,7 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, preflight, config, client, log)
     metrics = metrics if metrics is not None else Metrics()
+    metrics.describe_destinations({d.name: d.event_source for d in config.destinations})
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -51,7 +54,9 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
             pipeline.on_fatal(exc)
 
     dead_letters = DeadLetterProducer(
-        config={**producer_config(kafka.bootstrap_servers, client), "logger": kafka_logger()},
+        config=producer_settings(
+            bootstrap_servers=kafka.bootstrap_servers, client=client, logger=kafka_logger()
+        ),
         topic=kafka.dead_letter_topic,
         metrics=metrics,
         on_fatal=on_fatal,
@@ -73,15 +78,13 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
         drain_timeout_s=kafka.drain_timeout_s,
     )
     consumer = ConsumerThread(
-        config={
-            **consumer_config(
-                bootstrap_servers=kafka.bootstrap_servers,
-                group_id=kafka.group_id,
-                client=client,
-                start_from=kafka.start_from,
-            ),
-            "logger": kafka_logger(),
-        },
+        config=consumer_settings(
+            bootstrap_servers=kafka.bootstrap_servers,
+            group_id=kafka.group_id,
+            client=client,
+            start_from=kafka.start_from,
+            logger=kafka_logger(),
+        ),
         topics=kafka.topics,
         loop=loop,
         sink=pipeline,

@@ -52,6 +52,8 @@ SCRAM_USER = "worker"
 SCRAM_PASSWORD = "scram-Pa55-" + uuid.uuid4().hex[:12]
 WRONG_PASSWORD = "wrong-Pa55-" + uuid.uuid4().hex[:12]
 CLI_TIMEOUT_S = 60
+# (value, key, headers) of one message as Segment's destination writes it.
+SegmentMessage = tuple[bytes, bytes, list[tuple[str, str | bytes | None]]]
 DELIVERY_TIMEOUT_S = 90
 
 
@@ -136,7 +138,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecuredCluster
         secured.close()
 
 
-def segment_messages(count: int, prefix: str) -> list[tuple[bytes, bytes, list[tuple[str, str]]]]:
+def segment_messages(count: int, prefix: str) -> list[SegmentMessage]:
     """(value, key, headers) as Segment's Kafka destination writes them: value =
     JSON.stringify(event) (Payload left at its default, the whole event), key = the mapped
     anonymousId, headers = the mapped string pairs."""
@@ -145,13 +147,16 @@ def segment_messages(count: int, prefix: str) -> list[tuple[bytes, bytes, list[t
     for i in range(count):
         event = gen.page() if i % 4 == 0 else gen.track("Order Completed")
         value = json.dumps(event, separators=(",", ":")).encode()
-        headers = [("segment-source", "web-shop"), ("segment-type", event["type"])]
+        headers: list[tuple[str, str | bytes | None]] = [
+            ("segment-source", "web-shop"),
+            ("segment-type", event["type"]),
+        ]
         out.append((value, event["anonymousId"].encode(), headers))
     return out
 
 
 def produce_as_segment(
-    client: dict[str, Any], topic: str, messages: list[tuple[bytes, bytes, list[tuple[str, str]]]]
+    client: dict[str, Any], topic: str, messages: list[SegmentMessage]
 ) -> None:
     # kafkajs (what the destination runs) acks with all in-sync replicas by default.
     producer = Producer({**client, "acks": "all", "linger.ms": 20})
@@ -161,7 +166,7 @@ def produce_as_segment(
     assert producer.flush(30) == 0, "messages not acknowledged by the secured listener"
 
 
-def message_ids(messages: list[tuple[bytes, bytes, list[tuple[str, str]]]]) -> set[str]:
+def message_ids(messages: list[SegmentMessage]) -> set[str]:
     return {json.loads(value)["messageId"] for value, _key, _headers in messages}
 
 
@@ -185,7 +190,7 @@ def deliver_and_commit(
     producer_client: dict[str, Any],
     count: int,
     env: dict[str, str] | None = None,
-) -> tuple[WorkerProcess, str, str, list[tuple[bytes, bytes, list[tuple[str, str]]]]]:
+) -> tuple[WorkerProcess, str, str, list[SegmentMessage]]:
     """Produce `count` Segment messages plus one undecodable one through the secured listener,
     run the worker through it, and wait until everything is delivered, dead-lettered and
     committed. Returns the running worker (the caller stops it)."""

@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from worker.config import Config, load_config, secret_values
+from worker.core.redaction import register_secrets
 from worker.errors import WorkerError
-from worker.kafka.dlq_reader import BoundedReader, DeadLetterRecord, reader_config
+from worker.kafka.dlq_reader import TOOLS_JOB, BoundedReader, DeadLetterRecord
 from worker.kafka.preflight import preflight
 from worker.kafka.security import client_properties
-from worker.observability.logs import configure_logging, register_secrets
+from worker.kafka.settings import reader_settings
+from worker.observability.logs import configure_logging
 from worker.redrive.engine import RedriveLedger
 
 SAMPLES_PER_REASON: Final = 3
@@ -100,7 +102,12 @@ def inspect_topic(config: Config) -> Summary:
         ledger = None  # no permission to list groups: the count is left out, not guessed
     reader = BoundedReader(
         # A group id is required by the client; nothing is ever committed to it.
-        config=reader_config(kafka.bootstrap_servers, client, kafka.group_id + "-dlq-inspect"),
+        config=reader_settings(
+            bootstrap_servers=kafka.bootstrap_servers,
+            group_id=kafka.group_id + "-dlq-inspect",
+            client=client,
+            job=TOOLS_JOB,
+        ),
         topic=kafka.dead_letter_topic,
         from_committed=False,
     )

@@ -24,8 +24,10 @@ import msgspec
 import phonenumbers
 import yaml
 
+from worker.core.msgspec_errors import ErrorKind, parse_validation_message
+from worker.core.redaction import MASK, is_secret_key, mask_url_credentials, url_secrets
 from worker.errors import ConfigError
-from worker.mapping.spec import DestinationConfig, NonEmptyStr
+from worker.mapping.spec import SOURCE_ID_KEYS, DestinationConfig, NonEmptyStr
 
 __all__ = [
     "Config",
@@ -269,7 +271,6 @@ def _fmt_path(path: tuple[str | int, ...]) -> str:
 
 # --------------------------------------------------------------------------- error text
 
-_AT_RE: Final = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 _TYPE_NAMES: Final = {
     "object": "a mapping",
     "array": "a list",
@@ -283,29 +284,25 @@ _TYPE_NAMES: Final = {
 
 def _translate(message: str) -> str:
     """Turn a msgspec validation message into `<key path>: <reason>`."""
-    m = _AT_RE.match(message)
-    assert m is not None  # the pattern matches any string
-    msg, raw_path = m.group("msg"), m.group("path") or ""
-    path = raw_path.lstrip(".")
-    if mm := re.match(r"Object missing required field `([^`]+)`", msg):
-        return f"{_join(path, mm.group(1))}: required"
-    if mm := re.match(r"Object contains unknown field `([^`]+)`", msg):
-        return f"{_join(path, mm.group(1))}: unknown key"
-    if msg.startswith("Invalid enum value"):
+    m = parse_validation_message(message)
+    path = m.key_path
+    where = path or "(top level)"
+    if m.kind is ErrorKind.MISSING_FIELD:
+        return f"{_join(path, m.field or '')}: required"
+    if m.kind is ErrorKind.UNKNOWN_FIELD:
+        return f"{_join(path, m.field or '')}: unknown key"
+    if m.kind is ErrorKind.INVALID_ENUM:
         choices = _enum_choices(path)
         reason = f"must be one of: {', '.join(choices)}" if choices else "not an allowed value"
-        return f"{path or '(top level)'}: {reason}"
-    if mm := re.match(r"Expected `([^`]+)`, got `([^`]+)`", msg):
-        want = " or ".join(_TYPE_NAMES.get(t.strip(), t.strip()) for t in mm.group(1).split("|"))
-        got = mm.group(2)
-        hint = (
-            " (quote the value in YAML)"
-            if got in ("bool", "int", "float") and "str" in (mm.group(1))
-            else ""
-        )
-        return f"{path or '(top level)'}: expected {want}, got {_TYPE_NAMES.get(got, got)}{hint}"
-    if mm := re.match(r"Expected `([^`]+)` (.+)$", msg):
-        kind, constraint = mm.group(1), mm.group(2)
+        return f"{where}: {reason}"
+    if m.kind is ErrorKind.WRONG_TYPE:
+        want = " or ".join(_TYPE_NAMES.get(t, t) for t in m.expected)
+        got = m.got or ""
+        quote = got in ("bool", "int", "float") and "str" in m.expected
+        hint = " (quote the value in YAML)" if quote else ""
+        return f"{where}: expected {want}, got {_TYPE_NAMES.get(got, got)}{hint}"
+    if m.kind is ErrorKind.CONSTRAINT:
+        kind, constraint = " | ".join(m.expected), m.constraint or ""
         if "matching regex" in constraint and path.endswith("name"):
             return (
                 f"{path}: must be 1-64 characters of letters, digits, '.', '_' or '-', "
@@ -314,7 +311,8 @@ def _translate(message: str) -> str:
         if constraint.startswith("of length >= 1"):
             return f"{path}: must not be empty"
         return f"{path}: must be {_TYPE_NAMES.get(kind, kind)} {constraint}"
-    return f"{path or '(top level)'}: {msg[0].lower() + msg[1:] if msg else 'invalid'}"
+    msg = m.text
+    return f"{where}: {msg[0].lower() + msg[1:] if msg else 'invalid'}"
 
 
 def _join(path: str, key: str) -> str:
@@ -358,7 +356,7 @@ def _strip(tp: Any) -> Any:
 
 
 def _check_semantics(config: Config) -> None:
-    """Checks msgspec cannot express: uniqueness and cross-field ranges."""
+    """Checks msgspec cannot express: uniqueness, cross-field ranges, source ids."""
     # A rebalance or stop blocks the consumer thread (and its heartbeat) for up to the drain
     # time plus a margin; liveness must not declare that stuck and get the pod restarted.
     # Only an explicit value can break the rule: the default is derived from the drain time.
@@ -399,6 +397,7 @@ def _check_semantics(config: Config) -> None:
                 f"{where}.name: duplicate destination name (also destinations[{seen[dest.name]}])"
             )
         seen[dest.name] = i
+        _check_source_ids(dest, where)
         if dest.phone_default_region is not None and (
             dest.phone_default_region not in phonenumbers.SUPPORTED_REGIONS
         ):
@@ -406,8 +405,28 @@ def _check_semantics(config: Config) -> None:
                 f"{where}.phone_default_region: not a supported ISO 3166-1 alpha-2 region "
                 "(upper case, e.g. US, GB, DE)"
             )
+        if dest.event_source == "crm" and not dest.subscriptions:
+            raise ConfigError(
+                f"{where}.subscriptions: required for event_source crm (Segment has no CRM "
+                "presets; CRM events use your own event names)"
+            )
     # Triggers, subscription names and mapping overrides are checked where they are compiled,
     # once, by `worker.mapping.Mapper` (every command that maps builds one at start-up).
+
+
+def _check_source_ids(dest: DestinationConfig, where: str) -> None:
+    """The id key of the destination's source is required; the other sources' keys are
+    errors (a pixel code on an offline destination is a mistake, not a spare value)."""
+    wanted = SOURCE_ID_KEYS[dest.event_source]
+    if getattr(dest, wanted) is None:
+        because = "" if dest.event_source == "web" else f" for event_source {dest.event_source}"
+        raise ConfigError(f"{where}.{wanted}: required{because}")
+    for key in ("pixel_code", "event_set_id", "tiktok_app_id"):
+        if key != wanted and getattr(dest, key) is not None:
+            raise ConfigError(
+                f"{where}.{key}: not used by event_source {dest.event_source} "
+                f"(it needs {wanted}); remove it"
+            )
 
 
 def liveness_timeout_s(config: Config) -> float:
@@ -477,19 +496,18 @@ def _check_kafka_client(kafka: KafkaConfig) -> None:
     """Build the consumer and producer settings the worker will use and let librdkafka check
     every property name and value, exactly as start-up does, without contacting a broker
     (no bootstrap servers are given to these throw-away clients)."""
-    # Imported here: these modules import this one's types indirectly.
+    # Imported here: confluent_kafka is only needed when there is a config to check.
     from confluent_kafka import Consumer, KafkaException, Producer
 
-    from worker.kafka.consumer import consumer_config
-    from worker.kafka.deadletters import producer_config
+    from worker.kafka.settings import consumer_settings, producer_settings
 
-    consumer = consumer_config(
+    consumer = consumer_settings(
         bootstrap_servers="",
         group_id=kafka.group_id,
         client=kafka.client,
         start_from=kafka.start_from,
     )
-    producer = producer_config("", kafka.client)
+    producer = producer_settings(bootstrap_servers="", client=kafka.client)
     for factory, conf in ((Consumer, consumer), (Producer, producer)):
         conf = {k: v for k, v in conf.items() if k != "bootstrap.servers"}
         # librdkafka's warnings (no bootstrap.servers here) go to a logger nobody polls.
@@ -530,7 +548,7 @@ def librdkafka_error(text: str, keys: Iterable[str] = ()) -> str:
         key = dotted.group(0)
     if key is None:
         return f"kafka.client: {text}"
-    if _SECRET_KEY_RE.search(key):
+    if is_secret_key(key):
         return f"kafka.client.{key}: refused by librdkafka (value not shown)"
     return f"kafka.client.{key}: {text}"
 
@@ -590,29 +608,14 @@ def _check_kafka_security(kafka: KafkaConfig) -> None:
 
 # --------------------------------------------------------------------------- masking
 
-_MASK: Final = "***"
-_SECRET_KEY_RE: Final = re.compile(
-    r"password|secret|jaas|token|credential|\.pem$|oauthbearer\.config|api\.key", re.I
-)
-
 
 def secret_values(config: Config) -> list[str]:
     """Every secret the config holds (tokens, passwords), for log scrubbing."""
     values = [d.access_token for d in config.destinations]
     security = config.kafka.security
     values += [v for v in (security.password, security.key_password) if v]
-    values += [
-        str(v)
-        for k, v in config.kafka.client.items()
-        if any(word in k for word in ("password", "secret", "sasl.oauthbearer"))
-    ]
-    userinfo = _userinfo(config.rate_limit.redis_url)
-    if userinfo:
-        # The whole userinfo, and its password part both as written and decoded.
-        values.append(userinfo)
-        password = userinfo.partition(":")[2]
-        if password:
-            values += [password, urllib.parse.unquote(password)]
+    values += [str(v) for k, v in config.kafka.client.items() if is_secret_key(k)]
+    values += url_secrets(config.rate_limit.redis_url)
     if config.rate_limit.redis_password:
         values.append(config.rate_limit.redis_password)
     return values
@@ -622,33 +625,15 @@ def masked(config: Config) -> dict[str, Any]:
     """The effective config as plain data, with every secret replaced by `***`."""
     data: dict[str, Any] = msgspec.to_builtins(config)
     data["kafka"]["client"] = {
-        k: (_MASK if _SECRET_KEY_RE.search(k) else v) for k, v in data["kafka"]["client"].items()
+        k: (MASK if is_secret_key(k) else v) for k, v in data["kafka"]["client"].items()
     }
     security = data["kafka"]["security"]
     for key in ("password", "key_password"):
         if security.get(key) is not None:
-            security[key] = _MASK
-    data["rate_limit"]["redis_url"] = _mask_url(data["rate_limit"]["redis_url"])
+            security[key] = MASK
+    data["rate_limit"]["redis_url"] = mask_url_credentials(data["rate_limit"]["redis_url"])
     if data["rate_limit"]["redis_password"] is not None:
-        data["rate_limit"]["redis_password"] = _MASK
+        data["rate_limit"]["redis_password"] = MASK
     for dest in data["destinations"]:
-        dest["access_token"] = _MASK
+        dest["access_token"] = MASK
     return data
-
-
-def _userinfo(url: str) -> str:
-    """Everything between `scheme://` and the last `@`, however it is written: a password
-    with an unencoded `@`, `:` or `/` must not leave a part of itself outside the mask."""
-    _scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return ""
-    return rest.rpartition("@")[0]
-
-
-def _mask_url(url: str) -> str:
-    """Replace the whole userinfo of `scheme://userinfo@host/...` by `***`."""
-    userinfo = _userinfo(url)
-    if not userinfo:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{_MASK}@{rest[len(userinfo) + 1 :]}"

@@ -16,10 +16,8 @@ Contract:
 from __future__ import annotations
 
 import email.utils
-import enum
 import math
 import random
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +27,8 @@ import aiohttp
 import msgspec
 
 from worker import __version__
+from worker.core.redaction import has_control_characters, sanitise_message
+from worker.core.vocabulary import Outcome
 
 ENDPOINT_PATH = "/open_api/v1.3/event/track/"
 
@@ -40,30 +40,6 @@ AUTH_CODES = frozenset({40001, 40102, 40104, 40105})
 # Below 50000 these are the only transient codes; every 5xxxx/6xxxx system code is transient.
 RETRYABLE_LOW_CODES = frozenset({40700})
 _SYSTEM_CODE_FLOOR = 50000
-
-MAX_MESSAGE_CHARS = 200
-
-
-class Outcome(enum.StrEnum):
-    """How one request ended. Values are the `outcome` label of `tiktok_worker_requests_total`."""
-
-    SUCCESS = "success"
-    THROTTLED = "throttled"
-    RETRYABLE = "retryable_error"
-    TIMEOUT = "timeout"
-    CONNECTION = "connection_error"
-    PERMANENT = "permanent_error"
-    AUTH = "auth_error"
-
-    @property
-    def retryable(self) -> bool:
-        """True when the same body may be sent again later (TikTok dedups by event_id)."""
-        return self in _RETRYABLE_OUTCOMES
-
-
-_RETRYABLE_OUTCOMES = frozenset(
-    {Outcome.THROTTLED, Outcome.RETRYABLE, Outcome.TIMEOUT, Outcome.CONNECTION}
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,28 +180,9 @@ class _Envelope(msgspec.Struct):
 
 _ENVELOPE_DECODER = msgspec.json.Decoder(_Envelope)
 
-# Redaction of anything that looks like personal data in a server-provided message.
-_EMAIL_RE = re.compile(r"[^\s@\"']+@[^\s@\"']+")
-# 9+ digits with short space/dash/paren separators; dots excluded so IP addresses survive.
-_PHONE_RE = re.compile(r"\+?\d(?:[\s()-]{0,2}\d){8,}")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")
-
-
-def sanitise_message(text: str, *, secret: str | None = None) -> str:
-    """A short, single-line version of `text` with the secret, emails and phones masked."""
-    if secret:
-        text = text.replace(secret, "***")
-    text = _CONTROL_RE.sub(" ", text)
-    text = _EMAIL_RE.sub("<email>", text)
-    text = _PHONE_RE.sub("<number>", text)
-    text = text.strip()
-    if len(text) > MAX_MESSAGE_CHARS:
-        text = text[: MAX_MESSAGE_CHARS - 3] + "..."
-    return text
-
 
 def _valid_header_value(value: str) -> bool:
-    return bool(value) and not _CONTROL_RE.search(value)
+    return bool(value) and not has_control_characters(value)
 
 
 class TikTokClient:
@@ -415,5 +372,4 @@ __all__ = [
     "backoff_delay",
     "classify",
     "parse_retry_after",
-    "sanitise_message",
 ]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from worker.config import Config
 from worker.delivery.batcher import Batcher
@@ -16,6 +15,7 @@ from worker.delivery.client import ENDPOINT_PATH, TikTokClient
 from worker.delivery.inflight import PendingEvent
 from worker.delivery.ratelimit import RateLimiter, build_rate_limiter, rate_limit_key
 from worker.delivery.sender import Failure, RetryPolicy, Route, Sender
+from worker.observability.logs import Logger
 from worker.observability.metrics import Metrics
 
 
@@ -53,7 +53,7 @@ def build_delivery(
     config: Config,
     *,
     metrics: Metrics,
-    log: Any,
+    log: Logger,
     on_delivered: Callable[[Sequence[PendingEvent]], None],
     on_failed: Callable[[Sequence[PendingEvent], Failure], None],
     client_factory: Callable[..., TikTokClient] = TikTokClient,

@@ -20,15 +20,16 @@ import asyncio
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 
+from worker.core.vocabulary import DeadLetterReason
 from worker.delivery.batcher import Batch
 from worker.delivery.client import Outcome, SendResult, TikTokClient, backoff_delay
 from worker.delivery.inflight import PendingEvent
 from worker.delivery.ratelimit import RateLimiter
 from worker.mapping.body import BatchKey, build_body
+from worker.observability.logs import Logger
 from worker.observability.metrics import Metrics
 
 
@@ -52,7 +53,7 @@ class RetryPolicy:
 class Failure:
     """Why events are being dead-lettered after delivery attempts."""
 
-    reason: str
+    reason: DeadLetterReason
     error: str
     code: int | None
     attempts: int
@@ -70,7 +71,7 @@ class Sender:
         retry: RetryPolicy,
         max_concurrent_requests: int,
         metrics: Metrics,
-        log: Any,
+        log: Logger,
         on_delivered: Callable[[Sequence[PendingEvent]], None],
         on_failed: Callable[[Sequence[PendingEvent], Failure], None],
     ) -> None:
@@ -157,24 +158,28 @@ class Sender:
                     retry_after_s=result.retry_after_s,
                 )
                 if loop.time() + delay > deadline:
-                    self._fail(events, "retries_exhausted", result, attempt)
+                    self._fail(events, DeadLetterReason.RETRIES_EXHAUSTED, result, attempt)
                     return
                 self._metrics.retries.labels(destination=route.destination).inc()
                 await asyncio.sleep(delay)
                 continue
             if outcome is Outcome.AUTH:
-                self._fail(events, "auth_error", result, attempt)
+                self._fail(events, DeadLetterReason.AUTH_ERROR, result, attempt)
                 return
             if len(events) > 1:
                 middle = len(events) // 2
                 await self._deliver(key, events[:middle], deadline)
                 await self._deliver(key, events[middle:], deadline)
                 return
-            self._fail(events, "permanent_api_error", result, attempt)
+            self._fail(events, DeadLetterReason.PERMANENT_API_ERROR, result, attempt)
             return
 
     def _fail(
-        self, events: Sequence[PendingEvent], reason: str, result: SendResult, attempts: int
+        self,
+        events: Sequence[PendingEvent],
+        reason: DeadLetterReason,
+        result: SendResult,
+        attempts: int,
     ) -> None:
         status = f"HTTP {result.http_status}" if result.http_status is not None else "no response"
         error = f"{result.outcome.value}: {status}, {result.message}"

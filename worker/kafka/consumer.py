@@ -22,6 +22,9 @@ from typing import Any, Final, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from worker.core.vocabulary import CommitResult, RebalanceKind
+from worker.kafka.settings import TopicPartitionKey
+from worker.observability.logs import Logger
 from worker.observability.metrics import Metrics
 
 CONSUME_TIMEOUT_S: Final = 0.1
@@ -30,44 +33,6 @@ CONSUME_TIMEOUT_S: Final = 0.1
 # this many batches (memory bound), while still overlapping consume and processing.
 MAX_UNPROCESSED_BATCHES: Final = 2
 HANDOFF_WAIT_S: Final = 0.05
-STATS_INTERVAL_MS: Final = 5000
-TopicPartitionKey = tuple[str, int]
-
-# Settings at-least-once depends on; user properties cannot override them.
-_FORCED_SETTINGS: Final[dict[str, Any]] = {
-    "enable.auto.commit": False,
-    "enable.auto.offset.store": False,
-    "partition.assignment.strategy": "cooperative-sticky",
-}
-
-
-def consumer_config(
-    *,
-    bootstrap_servers: str,
-    group_id: str,
-    client: Mapping[str, Any],
-    start_from: str = "earliest",
-) -> dict[str, Any]:
-    """librdkafka consumer settings: defaults, the user's properties, then the forced ones.
-    `start_from` (kafka.start_from) is where a group without a committed offset begins."""
-    conf: dict[str, Any] = {
-        "bootstrap.servers": bootstrap_servers,
-        "group.id": group_id,
-        "auto.offset.reset": start_from,
-        "client.id": "tiktok-worker",
-        "statistics.interval.ms": STATS_INTERVAL_MS,
-        "max.poll.interval.ms": 300000,
-        "session.timeout.ms": 45000,
-        # librdkafka pre-fetches up to 64 MiB by default; 16 MiB keeps a pod's memory low
-        # without slowing consumption (the pipeline, not the fetch, is the bottleneck).
-        "queued.max.messages.kbytes": 16384,
-        # With the smaller queue librdkafka backs off 1 s whenever it fills; 20 ms keeps
-        # fetching close behind consumption (measured by `make bench`).
-        "fetch.queue.backoff.ms": 20,
-    }
-    conf.update(client)
-    conf.update(_FORCED_SETTINGS)
-    return conf
 
 
 class ConsumerSink(Protocol):
@@ -97,7 +62,7 @@ class ConsumerThread:
         loop: asyncio.AbstractEventLoop,
         sink: ConsumerSink,
         metrics: Metrics,
-        log: Any,
+        log: Logger,
         drain_timeout_s: float,
         batch_size: int = 2000,
         consumer_factory: Callable[[dict[str, Any]], Any] = Consumer,
@@ -162,20 +127,6 @@ class ConsumerThread:
 
         self._requests.put(run)
         return future
-
-    def watermarks(self) -> dict[TopicPartitionKey, int]:
-        """High watermarks of assigned partitions (cached, no network)."""
-        result: dict[TopicPartitionKey, int] = {}
-        for topic, partition in list(self._assigned):
-            try:
-                _low, high = self._consumer.get_watermark_offsets(
-                    TopicPartition(topic, partition), cached=True
-                )
-            except KafkaException:
-                continue
-            if high >= 0:
-                result[(topic, partition)] = high
-        return result
 
     def _deliver(self, messages: Sequence[Message]) -> None:
         """On the event loop: hand a batch to the pipeline, then let the thread fetch more."""
@@ -256,9 +207,9 @@ class ConsumerThread:
                 asynchronous=False,
             )
         except KafkaException:
-            self._metrics.commits.labels(result="error").inc()
+            self._metrics.commits.labels(result=CommitResult.ERROR).inc()
             raise
-        self._metrics.commits.labels(result="ok").inc()
+        self._metrics.commits.labels(result=CommitResult.OK).inc()
         self._metrics.last_commit_timestamp.set(time.time())
 
     # -- librdkafka callbacks (on this thread, inside consume/close) ----------------------------
@@ -266,14 +217,14 @@ class ConsumerThread:
     def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
         self._assigned.update(keys)
-        self._metrics.rebalances.labels(kind="assign").inc()
+        self._metrics.rebalances.labels(kind=RebalanceKind.ASSIGN).inc()
         self._metrics.assigned_partitions.set(len(self._assigned))
         self._log.info("partitions assigned", partitions=_fmt(keys))
         self._call_on_loop(self._sink.on_assigned, keys)
 
     def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
-        self._metrics.rebalances.labels(kind="revoke").inc()
+        self._metrics.rebalances.labels(kind=RebalanceKind.REVOKE).inc()
         try:
             offsets = self._await_on_loop(self._sink.on_revoked(keys), self._drain_timeout_s + 5)
             self._commit(offsets)
@@ -285,7 +236,7 @@ class ConsumerThread:
 
     def _on_lost(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
-        self._metrics.rebalances.labels(kind="lost").inc()
+        self._metrics.rebalances.labels(kind=RebalanceKind.LOST).inc()
         self._log.warning("partitions lost", partitions=_fmt(keys))
         self._call_on_loop(self._sink.on_lost, keys)
         self._forget(keys)

@@ -10,29 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Final
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
+from worker.core.vocabulary import DeadLetterReason
 from worker.errors import DeadLetterUnavailable
 from worker.observability.metrics import Metrics
 
 HEADER_PREFIX: Final = "dlq."
 POLL_INTERVAL_S: Final = 0.02
-# librdkafka refuses to produce anything over `message.max.bytes` (default 1 MB), but a
-# dead letter carries the original message, which may be larger when the source topic allows
-# it. Let the broker (the dead-letter topic's max.message.bytes) be the judge instead.
-DEFAULT_MESSAGE_MAX_BYTES: Final = 64 * 1024 * 1024
-
-# Producer settings the worker relies on; user properties cannot weaken them.
-_SAFE_PRODUCER_SETTINGS: Final[dict[str, Any]] = {
-    "enable.idempotence": True,
-    "acks": "all",
-    "linger.ms": 20,
-    "compression.type": "lz4",
-    "message.timeout.ms": 60000,
-}
 
 
 class DeadLetter:
@@ -54,7 +42,7 @@ class DeadLetter:
     def __init__(
         self,
         *,
-        reason: str,
+        reason: DeadLetterReason,
         error: str,
         original_topic: str,
         original_partition: int,
@@ -96,24 +84,6 @@ class DeadLetter:
         if self.batch_index is not None:
             items.append(("batch_index", str(self.batch_index)))
         return [(HEADER_PREFIX + k, v.encode()) for k, v in items]
-
-
-def producer_config(bootstrap_servers: str, client: Mapping[str, Any]) -> dict[str, Any]:
-    """librdkafka producer settings: the user's client properties, then the safe ones."""
-    conf: dict[str, Any] = {
-        "bootstrap.servers": bootstrap_servers,
-        "message.max.bytes": DEFAULT_MESSAGE_MAX_BYTES,
-    }
-    conf.update({k: v for k, v in client.items() if not _consumer_only(k)})
-    conf.update(_SAFE_PRODUCER_SETTINGS)
-    conf["client.id"] = str(client.get("client.id", "tiktok-worker")) + "-dlq"
-    return conf
-
-
-def _consumer_only(key: str) -> bool:
-    return key.startswith(("group.", "auto.offset", "enable.auto", "partition.assignment")) or (
-        key in {"session.timeout.ms", "max.poll.interval.ms", "fetch.min.bytes", "isolation.level"}
-    )
 
 
 class DeadLetterProducer:

@@ -20,6 +20,8 @@ from worker.kafka.security import (
     explain_refused_client,
     token_failure,
 )
+from worker.kafka.settings import preflight_settings
+from worker.observability.logs import Logger
 
 PREFLIGHT_TIMEOUT_S = 15.0
 # Metadata is asked for in steps this long, so a rejected login or certificate (which
@@ -34,7 +36,7 @@ _preflight_log.addHandler(logging.NullHandler())
 
 
 def preflight(
-    config: Config, client: Mapping[str, Any] | None = None, log: Any | None = None
+    config: Config, client: Mapping[str, Any] | None = None, log: Logger | None = None
 ) -> None:
     """Fail fast, in one line, when Kafka is unreachable, refuses our credentials or
     certificate, or the dead-letter topic is missing. `client`: the connection properties
@@ -42,9 +44,11 @@ def preflight(
     an unreachable Kafka takes up to PREFLIGHT_TIMEOUT_S to give up."""
     kafka = config.kafka
     errors: list[KafkaError] = []
-    conf: dict[str, Any] = {"bootstrap.servers": kafka.bootstrap_servers}
-    conf.update(client if client is not None else client_properties(kafka))
-    conf["logger"] = _preflight_log
+    conf = preflight_settings(
+        bootstrap_servers=kafka.bootstrap_servers,
+        client=client if client is not None else client_properties(kafka),
+        logger=_preflight_log,
+    )
     conf["error_cb"] = errors.append
     try:
         admin = AdminClient(conf)
@@ -79,9 +83,9 @@ def preflight(
                 raise WorkerError(
                     f"cannot reach Kafka at {kafka.bootstrap_servers}: {exc.args[0].str()}"
                 ) from None
-    dlq_topic = config.kafka.dead_letter_topic
+    dlq_topic = kafka.dead_letter_topic
     if dlq_topic not in metadata.topics or metadata.topics[dlq_topic].error is not None:
         raise WorkerError(
             f"dead-letter topic {dlq_topic!r} does not exist on "
-            f"{config.kafka.bootstrap_servers}: create it before starting the worker"
+            f"{kafka.bootstrap_servers}: create it before starting the worker"
         )

@@ -27,8 +27,8 @@ from typing import Any, Final
 from confluent_kafka import KafkaError
 
 from worker.config import KafkaConfig, KafkaSecurityConfig
+from worker.core.redaction import register_secrets
 from worker.errors import ConfigError
-from worker.observability.logs import register_secrets
 
 SIGNER_MODULE: Final = "aws_msk_iam_sasl_signer"
 _SASL_MECHANISMS: Final = {

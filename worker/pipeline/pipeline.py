@@ -22,17 +22,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from confluent_kafka import KafkaError, Message
 
+from worker.core.vocabulary import DeadLetterReason, SkipReason
 from worker.delivery.batcher import Batcher
 from worker.delivery.inflight import InflightMessage, PendingEvent
 from worker.delivery.sender import Failure
-from worker.kafka.consumer import TopicPartitionKey
 from worker.kafka.deadletters import DeadLetter, DeadLetterProducer
 from worker.kafka.offsets import PartitionTracker
+from worker.kafka.settings import TopicPartitionKey
 from worker.mapping.mapper import EventOutcome, InvalidEvent, Mapper
+from worker.observability.logs import Logger
 from worker.observability.metrics import Metrics
 
 DRAIN_POLL_S = 0.02
@@ -56,7 +58,7 @@ class Pipeline:
         batcher: Batcher,
         dead_letters: DeadLetterProducer,
         metrics: Metrics,
-        log: Any,
+        log: Logger,
         max_inflight_messages: int,
         drain_timeout_s: float,
     ) -> None:
@@ -73,7 +75,7 @@ class Pipeline:
         self._committer: Committer | None = None
         self._batcher = batcher
         self._mapped_counts: dict[tuple[str, str], int] = {}
-        self._skipped_counts: dict[str, int] = {}
+        self._skipped_counts: dict[SkipReason, int] = {}
         self.fatal: BaseException | None = None
         self.fatal_event = asyncio.Event()
         self.messages_finished = 0
@@ -311,7 +313,7 @@ class Pipeline:
         message: InflightMessage,
         outcome: EventOutcome,
         *,
-        reason: str,
+        reason: DeadLetterReason,
         error: str,
         destination: str | None,
         code: int | None = None,

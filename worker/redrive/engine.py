@@ -41,24 +41,27 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from worker.config import Config
+from worker.core.vocabulary import UNSENDABLE_REASONS, DeadLetterReason, SkipReason
 from worker.delivery.client import SendResult, TikTokClient
 from worker.delivery.factory import build_delivery
 from worker.delivery.inflight import InflightMessage, PendingEvent
 from worker.delivery.sender import Failure
 from worker.errors import ConfigError, WorkerError
-from worker.kafka.deadletters import HEADER_PREFIX, DeadLetter, DeadLetterProducer, producer_config
+from worker.kafka.deadletters import HEADER_PREFIX, DeadLetter, DeadLetterProducer
 from worker.kafka.dlq_reader import (
     REDRIVE_COUNT_HEADER,
+    TOOLS_JOB,
     BoundedReader,
     DeadLetterRecord,
     list_redrive_progress,
-    reader_config,
 )
 from worker.kafka.offsets import PartitionTracker
 from worker.kafka.preflight import preflight
 from worker.kafka.security import client_properties
+from worker.kafka.settings import producer_settings, reader_settings
 from worker.mapping.mapper import CONFIG_DEFAULT, EventOutcome, Mapper
-from worker.observability.metrics import DLQ_REASONS, Metrics
+from worker.observability.logs import Logger
+from worker.observability.metrics import Metrics
 
 GROUP_SUFFIX: Final = "-redrive"
 POLL_BATCH: Final = 500
@@ -70,10 +73,6 @@ DEFAULT_MAX_INFLIGHT: Final = 5000
 
 
 # --------------------------------------------------------------------------- filters
-
-
-# The same bytes can never succeed: sent only when asked for by name (`--reason`).
-UNSENDABLE_REASONS: Final = frozenset({"decode_error", "event_too_large"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,8 +129,9 @@ _GROUP_RE: Final = re.compile(
 def validate_filter(config: Config, reason: str | None, destination: str | None) -> RedriveFilter:
     """Check `--reason` / `--destination` against the known reasons and configured
     destinations; raise ConfigError (exit 2) with one line otherwise."""
-    if reason is not None and reason not in DLQ_REASONS:
-        raise ConfigError(f"--reason: unknown reason {reason!r} (one of: {', '.join(DLQ_REASONS)})")
+    if reason is not None and reason not in {r.value for r in DeadLetterReason}:
+        known = ", ".join(DeadLetterReason)
+        raise ConfigError(f"--reason: unknown reason {reason!r} (one of: {known})")
     names = [d.name for d in config.destinations]
     if destination is not None and destination not in names:
         raise ConfigError(
@@ -305,7 +305,7 @@ class Redrive:
         ledger: RedriveLedger,
         group_id: str,
         metrics: Metrics,
-        log: Any,
+        log: Logger,
         on_progress: Callable[[RedriveStats], None] | None = None,
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
         max_event_age_s: float | object | None = CONFIG_DEFAULT,
@@ -346,7 +346,10 @@ class Redrive:
         self._client = client
         self._batcher = self._delivery.batcher
         self._dead_letters = DeadLetterProducer(
-            config=producer_config(config.kafka.bootstrap_servers, client_properties(config.kafka)),
+            config=producer_settings(
+                bootstrap_servers=config.kafka.bootstrap_servers,
+                client=client_properties(config.kafka),
+            ),
             topic=config.kafka.dead_letter_topic,
             metrics=metrics,
             on_fatal=self._on_fatal,
@@ -359,7 +362,7 @@ class Redrive:
         flt: RedriveFilter,
         *,
         max_records: int | None,
-        log: Any,
+        log: Logger,
         on_progress: Callable[[RedriveStats], None] | None = None,
         metrics: Metrics | None = None,
         max_event_age_s: float | object | None = CONFIG_DEFAULT,
@@ -381,7 +384,12 @@ class Redrive:
             ledger = RedriveLedger({})
             warning = f"{exc}; records redriven under another filter may be sent again"
         reader = BoundedReader(
-            config=reader_config(kafka.bootstrap_servers, client, group_id),
+            config=reader_settings(
+                bootstrap_servers=kafka.bootstrap_servers,
+                group_id=group_id,
+                client=client,
+                job=TOOLS_JOB,
+            ),
             topic=kafka.dead_letter_topic,
             from_committed=True,
         )
@@ -524,7 +532,7 @@ class Redrive:
         work = _RecordWork(record, tracker, self._record_finished)
         work.add_work()  # held while dispatching, so nothing finishes the record early
         for outcome in self._mapper.map_message(record.value):
-            if outcome.skipped == "too_old":
+            if outcome.skipped == SkipReason.TOO_OLD:
                 work.too_old = True
             for mapped in outcome.mapped:
                 if target is not None and mapped.destination != target:
