@@ -110,6 +110,7 @@ def test_no_unexpected_families_and_every_one_is_prefixed() -> None:
         "tiktok_worker_commits_total",
         "tiktok_worker_rebalances_total",
         "tiktok_worker_destination_info",
+        "tiktok_worker_rate_limit_late_slots_total",
     }
 
 

@@ -91,6 +91,7 @@ async def run_worker(config: Config, *, log: Logger, metrics: Metrics | None = N
         metrics=metrics,
         log=log,
         drain_timeout_s=kafka.drain_timeout_s,
+        on_share=delivery.limiter.set_share,
     )
     pipeline.attach(consumer)
 
@@ -108,6 +109,8 @@ async def run_worker(config: Config, *, log: Logger, metrics: Metrics | None = N
     def ready() -> tuple[bool, str]:
         if stop.is_set() or pipeline.fatal is not None:
             return False, "stopping"
+        if not delivery.limiter.ready:
+            return False, "connecting to the rate-limit store"
         if not consumer.alive:
             return False, "consumer not running"
         if consumer.brokers_down:
@@ -124,6 +127,20 @@ async def run_worker(config: Config, *, log: Logger, metrics: Metrics | None = N
         ready=ready,
     )
     await health.start()
+    # The shared rate limit first: work taken before it is connected would be sent unshared.
+    limiter_start = loop.create_task(delivery.limiter.start())
+    stopped = loop.create_task(stop.wait())
+    await asyncio.wait([limiter_start, stopped], return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not limiter_start.done():  # SIGTERM while connecting: nothing was taken yet
+        limiter_start.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await limiter_start
+        await delivery.close()
+        await health.stop()
+        log.info("worker stopped", messages=0)
+        return 0
+    limiter_start.result()
     dead_letters.start()
     consumer.start()
     committer = loop.create_task(pipeline.run_committer(kafka.commit_interval_s))

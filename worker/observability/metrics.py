@@ -119,6 +119,11 @@ class Metrics:
             "1 while the rate limiter runs on its local fallback (Redis unreachable).",
             registry=r,
         )
+        self.rate_limit_late_slots = Counter(
+            p + "rate_limit_late_slots",
+            "Requests released later than the headroom absorbs; each left one slot empty.",
+            registry=r,
+        )
         self.inflight_messages = Gauge(
             p + "inflight_messages",
             "Kafka messages consumed but not yet finished (delivered, skipped or dead-lettered).",

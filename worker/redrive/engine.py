@@ -439,6 +439,7 @@ class Redrive:
         """Redrive until the captured ends, `--max`, a stop request or a fatal error."""
         loop = asyncio.get_running_loop()
         kafka = self._config.kafka
+        await self._delivery.limiter.start()  # connect before sending (SPEC §5)
         self._dead_letters.start()
         committer = loop.create_task(self._commit_forever(kafka.commit_interval_s))
         try:
