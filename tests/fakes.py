@@ -28,7 +28,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from worker.kafka.consumer import ConsumerThread
+from worker.kafka.consumer import ConsumerThread, PauseSwitch
 from worker.kafka.settings import TopicPartitionKey
 from worker.observability.logs import get_logger
 from worker.observability.metrics import Metrics
@@ -107,7 +107,6 @@ class FakeProducer:
 @dataclass
 class FakeCommitter:
     commits: list[dict[tuple[str, int], int]] = field(default_factory=list)
-    paused: list[bool] = field(default_factory=list)
 
     def commit(self, offsets: dict[tuple[str, int], int]) -> asyncio.Future[None]:
         self.commits.append(dict(offsets))
@@ -115,8 +114,6 @@ class FakeCommitter:
         future.set_result(None)
         return future
 
-    def set_paused(self, paused: bool) -> None:
-        self.paused.append(paused)
 
 
 class _Offset:
@@ -261,6 +258,7 @@ class RecordingSink:
 def consumer_thread(
     metrics: Metrics,
     partitions: Sequence[TopicPartitionKey] = (("segment", 0), ("segment", 1)),
+    pause: PauseSwitch | None = None,
 ) -> tuple[ConsumerThread, FakeKafkaConsumer, RecordingSink]:
     """A ConsumerThread on the running loop over a fake consumer (not started)."""
     made: list[FakeKafkaConsumer] = []
@@ -278,6 +276,7 @@ def consumer_thread(
         metrics=metrics,
         log=get_logger("test"),
         drain_timeout_s=1,
+        pause=pause if pause is not None else PauseSwitch(),
         consumer_factory=factory,
     )
     return thread, made[0], sink

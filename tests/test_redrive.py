@@ -18,7 +18,7 @@ from worker.core.vocabulary import DeadLetterReason
 from worker.errors import ConfigError
 from worker.kafka.deadletters import DeadLetter
 from worker.kafka.dlq_reader import DeadLetterRecord, decode_headers, parse_record
-from worker.redrive.engine import RedriveDeadLetter, RedriveFilter, RedriveLedger, RedriveStats
+from worker.redrive.engine import RedriveFilter, RedriveLedger, RedriveStats
 from worker.redrive.engine import validate_filter as check_filter
 
 
@@ -198,9 +198,9 @@ def test_decode_headers_first_value_wins_and_accepts_dicts() -> None:
 
 
 def test_written_back_letter_adds_the_redrive_count() -> None:
-    letter = RedriveDeadLetter(
+    letter = DeadLetter(
         redrive_count=3,
-        reason="retries_exhausted",
+        reason=DeadLetterReason.RETRIES_EXHAUSTED,
         error="x",
         original_topic="t",
         original_partition=0,

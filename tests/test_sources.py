@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 
 from devkit.fake_tiktok.validate import match_keys, validate
 from worker.config import Config, parse_config
-from worker.delivery.batcher import Batch, Batcher
 from worker.delivery.factory import build_routes
-from worker.delivery.inflight import PendingEvent
+from worker.delivery.inflight import InflightMessage, PendingEvent
+from worker.delivery.lanes import DEFAULT_MAX_BATCH_BYTES, Lane
 from worker.errors import ConfigError
-from worker.mapping.body import build_body
+from worker.mapping.body import BatchKey, build_body
 from worker.mapping.mapper import EventOutcome, MappedEvent, Mapper
 from worker.mapping.plan_app import att_status
 
@@ -471,24 +471,44 @@ def test_batches_never_mix_sources_or_ids_and_share_one_rate_limit_key() -> None
     cfg = config(WEB, CRM, OFFLINE, APP, {**OFFLINE, "name": "stores-2", "event_set_id": "EV2"})
     m = Mapper(cfg, now=lambda: NOW)
     mapped = mixed_outcomes(m, 50)
-    batches: list[Batch] = []
+    batches: list[tuple[BatchKey, list[PendingEvent]]] = []
 
     async def run() -> None:
-        batcher = Batcher(max_events=7, linger_s=60, on_batch=batches.append)
+        # One lane per request key, exactly as the sender makes them; each seal is a request.
+        lanes: dict[BatchKey, Lane] = {}
         for item in mapped:
-            batcher.add(item.key, PendingEvent(None, None, item))  # type: ignore[arg-type]
-        batcher.flush()
+            lane = lanes.get(item.key)
+            if lane is None:
+                lane = lanes[item.key] = Lane(
+                    item.key,
+                    None,  # type: ignore[arg-type]  # no slots are asked for here
+                    concurrency=1,
+                    max_events=7,
+                    max_bytes=DEFAULT_MAX_BATCH_BYTES,
+                )
+            message = InflightMessage(
+                owner=None,  # type: ignore[arg-type]  # nothing finishes here
+                topic="t",
+                partition=0,
+                offset=0,
+                timestamp_ms=None,
+                key=None,
+            )
+            lane.add(PendingEvent(message, None, item))  # type: ignore[arg-type]
+        for key, lane in lanes.items():
+            while lane.queue:
+                batches.append((key, lane.seal()))
 
     asyncio.run(run())
-    assert sum(len(b) for b in batches) == len(mapped)
+    assert sum(len(events) for _, events in batches) == len(mapped)
     seen: set[tuple[str, str]] = set()
-    for batch in batches:
-        sent = json.loads(build_body(batch.key, [e.payload for e in batch.events]))
+    for key, events in batches:
+        sent = json.loads(build_body(key, [e.payload for e in events]))
         head = (sent["event_source"], sent["event_source_id"])
         seen.add(head)
-        for e in batch.events:
+        for e in events:
             assert (e.mapped.key.event_source, e.mapped.key.event_source_id) == head
-            assert e.mapped.destination == batch.key.destination
+            assert e.mapped.destination == key.destination
     assert seen == {
         ("web", "PIXELWEB01"),
         ("crm", "CRMSET01"),
@@ -496,7 +516,7 @@ def test_batches_never_mix_sources_or_ids_and_share_one_rate_limit_key() -> None
         ("offline", "EV2"),
         ("app", "7000000001"),
     }
-    assert max(len(b) for b in batches) == 7  # real batches, not one event per request
+    assert max(len(events) for _, events in batches) == 7  # real batches, not one event per request
     # One TikTok app (one token, no app_id): one rate-limit key for every source.
     assert len({r.limiter_key for r in build_routes(cfg).values()}) == 1
 

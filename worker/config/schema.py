@@ -121,7 +121,8 @@ class TikTokConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     max_batch_events: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1000
     batch_linger_ms: NonNegativeInt = 200
     request_timeout_s: PositiveFloat = 10.0
-    max_concurrent_requests: PositiveInt = 64
+    max_concurrent_requests: PositiveInt = 64  # all lanes together
+    lane_concurrency: PositiveInt = 8  # requests in flight per lane (request key)
     # Events whose Segment `timestamp` is older are skipped (too_old): TikTok deduplicates
     # event_id for 48 h only, so a replay of older history would count twice. null: no limit.
     max_event_age_s: PositiveFloat | None = 172800.0

@@ -35,6 +35,19 @@ MAX_UNPROCESSED_BATCHES: Final = 2
 HANDOFF_WAIT_S: Final = 0.05
 
 
+class PauseSwitch:
+    """Backpressure, decided on the event loop and applied by the consumer thread.
+
+    Built before both, so neither needs the other to exist first. A plain attribute: a bool
+    store is atomic, and the thread reads it once per loop.
+    """
+
+    __slots__ = ("paused",)
+
+    def __init__(self) -> None:
+        self.paused = False
+
+
 class ConsumerSink(Protocol):
     """What the consumer thread calls on the pipeline (all on the event loop)."""
 
@@ -64,6 +77,7 @@ class ConsumerThread:
         metrics: Metrics,
         log: Logger,
         drain_timeout_s: float,
+        pause: PauseSwitch,
         batch_size: int = 2000,
         consumer_factory: Callable[[dict[str, Any]], Any] = Consumer,
         on_share: Callable[[int, int], None] | None = None,
@@ -85,7 +99,7 @@ class ConsumerThread:
         self._requests: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._handoff = threading.BoundedSemaphore(MAX_UNPROCESSED_BATCHES)
         self._stop = threading.Event()
-        self._pause_wanted = False
+        self._pause = pause
         self._paused: set[TopicPartitionKey] = set()
         self._assigned: set[TopicPartitionKey] = set()
         self._on_share = on_share
@@ -114,10 +128,6 @@ class ConsumerThread:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
-
-    def set_paused(self, paused: bool) -> None:
-        """Backpressure: pause (or resume) every assigned partition; keeps polling either way."""
-        self._pause_wanted = paused
 
     def commit(self, offsets: Mapping[TopicPartitionKey, int]) -> asyncio.Future[None]:
         """Commit ``offsets`` synchronously on the consumer thread; the future resolves after."""
@@ -191,7 +201,7 @@ class ConsumerThread:
             request()
 
     def _apply_pause(self) -> None:
-        if self._pause_wanted:
+        if self._pause.paused:
             todo = self._assigned - self._paused
             if todo:
                 self._consumer.pause([TopicPartition(t, p) for t, p in todo])

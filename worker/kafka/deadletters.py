@@ -20,6 +20,8 @@ from worker.errors import DeadLetterUnavailable
 from worker.observability.metrics import Metrics
 
 HEADER_PREFIX: Final = "dlq."
+# Header of letters written back by `dlq redrive` (without the prefix).
+REDRIVE_COUNT_HEADER: Final = "redrive.count"
 POLL_INTERVAL_S: Final = 0.02
 
 
@@ -37,6 +39,7 @@ class DeadLetter:
         "original_timestamp_ms",
         "original_topic",
         "reason",
+        "redrive_count",
     )
 
     def __init__(
@@ -52,6 +55,7 @@ class DeadLetter:
         code: int | None = None,
         attempts: int = 0,
         batch_index: int | None = None,
+        redrive_count: int | None = None,
     ) -> None:
         self.reason = reason
         self.error = error
@@ -63,6 +67,8 @@ class DeadLetter:
         self.code = code
         self.attempts = attempts
         self.batch_index = batch_index
+        # Set only on letters written back by `dlq redrive` (header `dlq.redrive.count`).
+        self.redrive_count = redrive_count
 
     def headers(self, *, now: dt.datetime | None = None) -> list[tuple[str, str | bytes | None]]:
         """The SPEC §4 header set, in a stable order."""
@@ -83,6 +89,8 @@ class DeadLetter:
         items.append(("failed_at", failed_at.replace("+00:00", "Z")))
         if self.batch_index is not None:
             items.append(("batch_index", str(self.batch_index)))
+        if self.redrive_count is not None:
+            items.append((REDRIVE_COUNT_HEADER, str(self.redrive_count)))
         return [(HEADER_PREFIX + k, v.encode()) for k, v in items]
 
 

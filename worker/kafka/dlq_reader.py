@@ -34,7 +34,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 
 from worker.errors import WorkerError
-from worker.kafka.deadletters import HEADER_PREFIX
+from worker.kafka.deadletters import HEADER_PREFIX, REDRIVE_COUNT_HEADER
 from worker.kafka.settings import admin_settings, reader_settings
 
 # No progress at all for this long while reading (broker gone, partition leaderless): give up
@@ -43,9 +43,6 @@ DEFAULT_STALL_TIMEOUT_S: Final = 30.0
 METADATA_TIMEOUT_S: Final = 15.0
 # The `client.id` suffix of the dead-letter tools' clients (inspect, redrive, their readers).
 TOOLS_JOB: Final = "dlq-tools"
-
-# Header names without the `dlq.` prefix.
-REDRIVE_COUNT_HEADER: Final = "redrive.count"
 
 
 @dataclass(frozen=True, slots=True)

@@ -175,6 +175,13 @@ The worker config as YAML: the `config` values with the computed rate_limit.expe
 {{- $_ := set $kafka "security" $sec }}
 {{- end }}
 {{- $_ := set $cfg "kafka" $kafka }}
+{{- if .Values.staticMembership }}
+{{- $kafka := default dict $cfg.kafka }}
+{{- $client := default dict $kafka.client }}
+{{- $_ := set $client "group.instance.id" "${POD_NAME}" }}
+{{- $_ := set $kafka "client" $client }}
+{{- $_ := set $cfg "kafka" $kafka }}
+{{- end }}
 {{- toYaml $cfg }}
 {{- end }}
 
