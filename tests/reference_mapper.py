@@ -19,7 +19,7 @@ from worker.mapping.mapper import EventOutcome, Mapper, MappingConfig
 class CheckedMapper(Mapper):
     def __init__(self, config: MappingConfig, *, now: Callable[[], float], **kw: Any) -> None:
         super().__init__(config, now=now, **kw)
-        self.reference = Mapper(config, now=now, generated=False)
+        self.reference = Mapper(config, now=now, generated=False, **kw)
 
     def map_message(self, value: bytes | None) -> list[EventOutcome]:
         got = super().map_message(value)

@@ -28,6 +28,7 @@ from worker.kafka.deadletters import DeadLetterProducer
 from worker.kafka.lag import LagMonitor
 from worker.kafka.offsets import OffsetLedger
 from worker.kafka.preflight import preflight
+from worker.kafka.security import client_properties
 from worker.kafka.settings import consumer_settings, producer_settings
 from worker.mapping.mapper import Mapper
 from worker.observability.health import HealthServer, liveness_check
@@ -41,11 +42,13 @@ SHUTDOWN_MARGIN_S = 10.0
 async def run_worker(config: Config, *, log: Logger, metrics: Metrics | None = None) -> int:
     """Run until SIGTERM/SIGINT or a fatal error; returns the exit status."""
     register_secrets(secret_values(config))
+    kafka = config.kafka
+    # One set of connection properties (security included) for every client below.
+    client = client_properties(kafka)
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, preflight, config, log)
+    await loop.run_in_executor(None, preflight, config, client, log)
     metrics = metrics if metrics is not None else Metrics()
     metrics.describe_destinations({d.name: d.event_source for d in config.destinations})
-    kafka = config.kafka
     stop = asyncio.Event()
     fatal = FatalLatch()
     fatal_event = asyncio.Event()
@@ -62,7 +65,7 @@ async def run_worker(config: Config, *, log: Logger, metrics: Metrics | None = N
         dead_letters = DeadLetterProducer(
             config=producer_settings(
                 bootstrap_servers=kafka.bootstrap_servers,
-                client=kafka.client,
+                client=client,
                 logger=kafka_logger(),
             ),
             topic=kafka.dead_letter_topic,
@@ -86,7 +89,7 @@ async def run_worker(config: Config, *, log: Logger, metrics: Metrics | None = N
             config=consumer_settings(
                 bootstrap_servers=kafka.bootstrap_servers,
                 group_id=kafka.group_id,
-                client=kafka.client,
+                client=client,
                 start_from=kafka.start_from,
                 logger=kafka_logger(),
             ),
@@ -102,7 +105,7 @@ async def run_worker(config: Config, *, log: Logger, metrics: Metrics | None = N
         lag = LagMonitor.for_consumer(
             bootstrap_servers=kafka.bootstrap_servers,
             group_id=kafka.group_id,
-            client=kafka.client,
+            client=client,
             start_from=kafka.start_from,
             partitions=consumer.assignment,
             metrics=metrics,

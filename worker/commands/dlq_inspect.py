@@ -23,6 +23,7 @@ from worker.core.redaction import register_secrets
 from worker.errors import WorkerError
 from worker.kafka.dlq_reader import TOOLS_JOB, BoundedReader, DeadLetterRecord
 from worker.kafka.preflight import preflight
+from worker.kafka.security import client_properties
 from worker.kafka.settings import reader_settings
 from worker.observability.logs import configure_logging
 from worker.redrive.engine import RedriveLedger
@@ -91,8 +92,9 @@ def run(args: argparse.Namespace) -> int:
 
 def inspect_topic(config: Config) -> Summary:
     """Read the whole dead-letter topic once and aggregate it."""
-    preflight(config)
     kafka = config.kafka
+    client = client_properties(kafka)
+    preflight(config, client)
     ledger: RedriveLedger | None
     try:
         ledger = RedriveLedger.load(config)
@@ -103,7 +105,7 @@ def inspect_topic(config: Config) -> Summary:
         config=reader_settings(
             bootstrap_servers=kafka.bootstrap_servers,
             group_id=kafka.group_id + "-dlq-inspect",
-            client=kafka.client,
+            client=client,
             job=TOOLS_JOB,
         ),
         topic=kafka.dead_letter_topic,
