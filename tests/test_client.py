@@ -90,7 +90,10 @@ def body_for(*event_ids: str, pixel: str = PIXEL) -> bytes:
         (504, None, Outcome.RETRYABLE),
         (200, None, Outcome.RETRYABLE),
         (204, None, Outcome.RETRYABLE),
-        (302, None, Outcome.RETRYABLE),
+        (302, None, Outcome.PERMANENT),
+        (301, None, Outcome.PERMANENT),
+        (200, 70001, Outcome.PERMANENT),
+        (200, 51999, Outcome.RETRYABLE),
     ],
 )
 def test_classify_table(status: int, code: int | None, expected: Outcome) -> None:
