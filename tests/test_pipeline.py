@@ -16,9 +16,10 @@ import pytest
 from devkit.fake_tiktok.server import FakeTikTok, FaultSpec
 from devkit.sample_events import SampleEvents, encode
 from worker.config import Config, parse_config
-from worker.delivery.client import ENDPOINT_PATH, TikTokClient
-from worker.delivery.ratelimit import build_rate_limiter, rate_limit_key
-from worker.delivery.sender import LanePolicy, RetryPolicy, Route, Sender
+from worker.delivery.client import TikTokClient
+from worker.delivery.factory import build_routes, lane_share
+from worker.delivery.ratelimit import build_rate_limiter
+from worker.delivery.sender import LanePolicy, RetryPolicy, Sender
 from worker.errors import FatalLatch
 from worker.kafka.consumer import PauseSwitch
 from worker.kafka.deadletters import DeadLetterProducer
@@ -151,11 +152,13 @@ async def rig_factory() -> AsyncIterator[Callable[..., Any]]:
         max_backoff_s: float = 0.05,
         max_concurrent_requests: int = 4,
         destinations: list[dict[str, Any]] | None = None,
+        base_path: str = "",
         **tiktok: Any,
     ) -> Rig:
         fake = FakeTikTok()
         fakes.append(fake)
         url = await fake.start()
+        url += base_path
         config = config_for(url, destinations=destinations, **tiktok)
         metrics = Metrics()
         log = get_logger("test")
@@ -172,25 +175,19 @@ async def rig_factory() -> AsyncIterator[Callable[..., Any]]:
             expected_replicas=1,
             metrics=metrics,
         )
-        routes = {
-            name: Route(
-                name,
-                token,
-                rate_limit_key(app_id=None, access_token=token, endpoint=ENDPOINT_PATH),
-            )
-            for name, token in (("web-shop", "tok-1"), ("other-shop", "tok-2"))
-        }
         sender = Sender(
             client=client,
             limiter=limiter,
-            routes=routes,
+            routes=build_routes(config),
             retry=RetryPolicy(
                 initial_backoff_s=0.01, max_backoff_s=max_backoff_s, deadline_s=deadline_s
             ),
             lanes=LanePolicy(
                 max_events=config.tiktok.max_batch_events,
                 linger_s=config.tiktok.batch_linger_ms / 1000,
-                concurrency=config.tiktok.lane_concurrency,
+                concurrency=lane_share(
+                    config.tiktok.lane_concurrency, max_concurrent_requests, config
+                ),
                 max_concurrent_requests=max_concurrent_requests,
             ),
             metrics=metrics,

@@ -32,6 +32,14 @@ def build_routes(config: Config) -> dict[str, Route]:
     }
 
 
+def lane_share(lane_concurrency: int, max_concurrent_requests: int, config: Config) -> int:
+    """Requests one lane may have in flight: `lane_concurrency`, but never more than its fair
+    share of `max_concurrent_requests`, so lanes whose requests hang (timeouts) can never take
+    every connection permit from the others."""
+    share = max(1, max_concurrent_requests // max(1, len(config.destinations)))
+    return min(lane_concurrency, share)
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """The parts that turn mapped events into requests; ``sender.add`` is the entry point."""
@@ -81,7 +89,7 @@ def build_delivery(
         lanes=LanePolicy(
             max_events=tiktok.max_batch_events,
             linger_s=tiktok.batch_linger_ms / 1000,
-            concurrency=tiktok.lane_concurrency,
+            concurrency=lane_share(tiktok.lane_concurrency, tiktok.max_concurrent_requests, config),
             max_concurrent_requests=tiktok.max_concurrent_requests,
         ),
         metrics=metrics,
