@@ -17,7 +17,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from worker.kafka.consumer import ConsumerThread, TopicPartitionKey
+from worker.kafka.consumer import ConsumerThread, PauseSwitch, TopicPartitionKey
 from worker.observability.logs import get_logger
 from worker.observability.metrics import Metrics
 
@@ -99,6 +99,7 @@ class RecordingSink:
 def consumer_thread(
     metrics: Metrics,
     partitions: Sequence[TopicPartitionKey] = (("segment", 0), ("segment", 1)),
+    pause: PauseSwitch | None = None,
 ) -> tuple[ConsumerThread, FakeKafkaConsumer, RecordingSink]:
     """A ConsumerThread on the running loop over a fake consumer (not started)."""
     made: list[FakeKafkaConsumer] = []
@@ -116,6 +117,7 @@ def consumer_thread(
         metrics=metrics,
         log=get_logger("test"),
         drain_timeout_s=1,
+        pause=pause if pause is not None else PauseSwitch(),
         consumer_factory=factory,
     )
     return thread, made[0], sink

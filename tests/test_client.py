@@ -21,6 +21,7 @@ from worker.delivery.client import (
     TikTokClient,
     backoff_delay,
     classify,
+    classify_answer,
     parse_retry_after,
     sanitise_message,
 )
@@ -89,11 +90,71 @@ def body_for(*event_ids: str, pixel: str = PIXEL) -> bytes:
         (504, None, Outcome.RETRYABLE),
         (200, None, Outcome.RETRYABLE),
         (204, None, Outcome.RETRYABLE),
-        (302, None, Outcome.RETRYABLE),
+        (302, None, Outcome.PERMANENT),
+        (301, None, Outcome.PERMANENT),
+        (200, 70001, Outcome.PERMANENT),
+        (200, 51999, Outcome.RETRYABLE),
     ],
 )
 def test_classify_table(status: int, code: int | None, expected: Outcome) -> None:
     assert classify(status, code) is expected
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "message", "expected"),
+    [
+        (200, 40105, "Access token is incorrect or has been revoked.", (Outcome.AUTH, True)),
+        (200, 40001, "No permission to operate pixel code: X.", (Outcome.AUTH, True)),
+        (401, None, "", (Outcome.AUTH, True)),
+        (
+            200,
+            40002,
+            "Invalid value for event_source_id: not a valid string.",
+            (Outcome.PERMANENT, True),
+        ),
+        (200, 40002, "Invalid value for event_source: bad.", (Outcome.PERMANENT, True)),
+        (200, 40002, "Invalid value for data.3.event_id: rejected.", (Outcome.PERMANENT, False)),
+        (
+            200,
+            40002,
+            "Batch.0.properties.contents.0.content_id: Not a valid string",
+            (Outcome.PERMANENT, False),
+        ),
+        (200, 40002, "Invalid value for event_id: not a valid string.", (Outcome.PERMANENT, False)),
+        (404, None, "", (Outcome.PERMANENT, True)),
+        (405, None, "", (Outcome.PERMANENT, True)),
+        (308, None, "", (Outcome.PERMANENT, True)),
+        (400, None, "", (Outcome.PERMANENT, False)),
+        (503, None, "", (Outcome.RETRYABLE, False)),
+    ],
+)
+def test_request_level_answers(
+    status: int, code: int | None, message: str, expected: tuple[Outcome, bool]
+) -> None:
+    assert classify_answer(status, code, message) == expected
+
+
+def test_code_table_gives_a_reason_for_every_documented_code() -> None:
+    from worker.delivery.codes import CODE_TABLE, TikTokCode
+
+    assert set(CODE_TABLE) == set(TikTokCode)
+    assert all(decision.reason for decision in CODE_TABLE.values())
+
+
+@pytest.mark.parametrize(
+    ("message", "index"),
+    [
+        ("Invalid value for data[3].event_id", 3),
+        ("Invalid value for data.12.event_time: not an integer", 12),
+        ("Batch.7.properties.contents.0.content_id: Not a valid string", 7),
+        ("Invalid value for event_id: not a valid string.", None),
+        ("Invalid value for event_source_id: not a valid string.", None),
+    ],
+)
+def test_event_index_from_error_text(message: str, index: int | None) -> None:
+    from worker.delivery.codes import event_index
+
+    assert event_index(message) == index
 
 
 @pytest.mark.parametrize(
@@ -133,9 +194,11 @@ def test_backoff_is_capped() -> None:
         assert backoff_delay(attempt, initial_s=0.5, max_s=60, rand=lambda: 0.999999) < 60
 
 
-def test_backoff_retry_after_is_a_floor_not_capped() -> None:
+def test_backoff_retry_after_is_a_floor_capped_at_max_backoff() -> None:
     assert backoff_delay(1, initial_s=0.5, max_s=60, retry_after_s=3, rand=lambda: 0.1) == 3
-    assert backoff_delay(1, initial_s=0.5, max_s=2, retry_after_s=90, rand=lambda: 1) == 90
+    # A proxy's Retry-After: 7200 must not become a two-hour wait (issue 14, defect 5).
+    assert backoff_delay(1, initial_s=0.5, max_s=2, retry_after_s=90, rand=lambda: 1) == 2
+    assert backoff_delay(1, initial_s=0.5, max_s=60, retry_after_s=7200, rand=lambda: 0) == 60
     # A larger jittered delay wins over a small Retry-After.
     assert backoff_delay(8, initial_s=1, max_s=60, retry_after_s=1, rand=lambda: 0.5) == 30
 
@@ -433,7 +496,12 @@ async def test_redirect_is_not_followed(serve: Callable[[Handler], Awaitable[str
     url = await serve(handler)
     async with TikTokClient(base_url=url, timeout_s=2, max_connections=1) as c:
         result = await c.send(body_for("e1"), access_token=TOKEN)
-    assert (result.outcome, result.http_status) == (Outcome.RETRYABLE, 302)
+    # A redirect means base_url is wrong: request-level, never retried for an hour.
+    assert (result.outcome, result.http_status, result.request_level) == (
+        Outcome.PERMANENT,
+        302,
+        True,
+    )
 
 
 async def test_body_too_large_for_the_fake_is_permanent() -> None:

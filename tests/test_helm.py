@@ -534,3 +534,17 @@ def test_notes_guide_the_operator(tmp_path: Path) -> None:
     notes = _render_notes(tmp_path / "existing", **{"secret.existingSecret": "tokens"})
     assert "WARNING" not in notes
     assert 'the existing Secret "tokens"' in notes
+
+
+def test_static_membership_uses_the_pod_name_as_group_instance_id() -> None:
+    objs = render(set_values={"staticMembership": "true"})
+    env = {e["name"]: e for e in container(objs).get("env", [])}
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    client = worker_config(objs)["kafka"]["client"]
+    assert client["group.instance.id"] == "${POD_NAME}"
+
+
+def test_no_static_membership_by_default() -> None:
+    objs = render()
+    assert "POD_NAME" not in {e["name"] for e in container(objs).get("env", [])}
+    assert "group.instance.id" not in worker_config(objs)["kafka"]["client"]

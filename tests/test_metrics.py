@@ -22,6 +22,7 @@ from tests.fakes import consumer_thread, eventually, stop
 from tests.test_pipeline import TOPIC, FakeMessage, Rig, messages, order_events
 from tests.test_pipeline import rig_factory as rig_factory  # the fixture
 from worker import __version__
+from worker.kafka.consumer import PauseSwitch
 from worker.kafka.lag import LagMonitor, admin_config, compute_lag
 from worker.observability.logs import get_logger
 from worker.observability.metrics import (
@@ -47,6 +48,7 @@ SPEC_METRICS = {
     "tiktok_worker_rate_limit_fallback": ("gauge", set()),
     "tiktok_worker_inflight_messages": ("gauge", set()),
     "tiktok_worker_paused_partitions": ("gauge", set()),
+    "tiktok_worker_lane_inflight_events": ("gauge", {"destination"}),
     "tiktok_worker_consumer_lag_messages": ("gauge", {"topic", "partition"}),
     "tiktok_worker_last_commit_timestamp_seconds": ("gauge", set()),
     "tiktok_worker_build_info": ("gauge", {"version"}),
@@ -72,6 +74,7 @@ def exposition(metrics: Metrics) -> dict[str, tuple[str, set[str]]]:
 
 def populate_every_family(m: Metrics) -> None:
     m.messages_consumed.labels(topic="t").inc()
+    m.lane_inflight_events.labels(destination=WEB).set(1)
     m.events_mapped.labels(destination=WEB, event="PlaceAnOrder").inc()
     m.events_skipped.labels(reason="no_match").inc()
     m.events_delivered.labels(destination=WEB).inc()
@@ -192,12 +195,12 @@ async def test_permanent_error_counts_each_bisected_request_and_one_dead_letter(
     rig.fake.add_fault(FaultSpec(kind="reject_event_ids", event_ids=[events[3]["messageId"]]))
     rig.pipeline.on_messages(messages(events))
     await rig.settle()
-    # [0,1,2,3] rejected -> [0,1] ok, [2,3] rejected -> [2] ok, [3] rejected.
-    assert requests(rig, "permanent_error") == 3
-    assert requests(rig, "success") == 2
+    # The error text names data.3: that event is dead-lettered, [0,1,2] resent at once.
+    assert requests(rig, "permanent_error") == 1
+    assert requests(rig, "success") == 1
     assert dead(rig, "permanent_api_error") == 1
     assert delivered(rig) == 3
-    assert sample(rig, "tiktok_worker_batch_events_sum", destination=WEB) == 4 + 2 + 2 + 1 + 1
+    assert sample(rig, "tiktok_worker_batch_events_sum", destination=WEB) == 4 + 3
 
 
 async def test_auth_error_dead_letters_the_whole_batch(rig_factory: Any) -> None:
@@ -304,17 +307,18 @@ async def test_consumer_thread_metrics_assign_pause_commit_revoke() -> None:
     def value(name: str, **labels: str) -> float | None:
         return metrics.registry.get_sample_value(name, labels)
 
-    thread, fake, _sink = consumer_thread(metrics)
+    pause = PauseSwitch()
+    thread, fake, _sink = consumer_thread(metrics, pause=pause)
     thread.start()
     try:
         assert await eventually(lambda: value("tiktok_worker_assigned_partitions") == 2)
         assert value("tiktok_worker_rebalances_total", kind="assign") == 1
         assert value("tiktok_worker_last_commit_timestamp_seconds") == 0
 
-        thread.set_paused(True)
+        pause.paused = True
         assert await eventually(lambda: value("tiktok_worker_paused_partitions") == 2)
         assert fake.paused == {("segment", 0), ("segment", 1)}
-        thread.set_paused(False)
+        pause.paused = False
         assert await eventually(lambda: value("tiktok_worker_paused_partitions") == 0)
 
         before = time.time()

@@ -16,11 +16,14 @@ import pytest
 from devkit.fake_tiktok.server import FakeTikTok, FaultSpec
 from devkit.sample_events import SampleEvents, encode
 from worker.config import Config, parse_config
-from worker.delivery.batcher import Batcher
-from worker.delivery.client import ENDPOINT_PATH, TikTokClient
-from worker.delivery.ratelimit import build_rate_limiter, rate_limit_key
-from worker.delivery.sender import RetryPolicy, Route, Sender
+from worker.delivery.client import TikTokClient
+from worker.delivery.factory import build_routes, lane_share
+from worker.delivery.ratelimit import build_rate_limiter
+from worker.delivery.sender import LanePolicy, RetryPolicy, Sender
+from worker.errors import FatalLatch
+from worker.kafka.consumer import PauseSwitch
 from worker.kafka.deadletters import DeadLetterProducer
+from worker.kafka.offsets import OffsetLedger
 from worker.mapping.mapper import Mapper
 from worker.observability.logs import get_logger
 from worker.observability.metrics import Metrics
@@ -86,16 +89,9 @@ class FakeProducer:
 @dataclass
 class FakeCommitter:
     commits: list[dict[tuple[str, int], int]] = field(default_factory=list)
-    paused: list[bool] = field(default_factory=list)
 
-    def commit(self, offsets: dict[tuple[str, int], int]) -> asyncio.Future[None]:
+    async def commit(self, offsets: dict[tuple[str, int], int]) -> None:
         self.commits.append(dict(offsets))
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        future.set_result(None)
-        return future
-
-    def set_paused(self, paused: bool) -> None:
-        self.paused.append(paused)
 
 
 @dataclass
@@ -106,6 +102,15 @@ class Rig:
     committer: FakeCommitter
     metrics: Metrics
     sender: Sender
+    ledger: OffsetLedger
+    pause: PauseSwitch
+    fatal: FatalLatch
+
+    def pending_commits(self) -> dict[tuple[str, int], int]:
+        return self.ledger.pending()
+
+    async def commit_once(self) -> int:
+        return await self.ledger.commit_once(self.committer.commit)
 
     async def settle(self, within_s: float = 10) -> None:
         loop = asyncio.get_running_loop()
@@ -118,12 +123,15 @@ class Rig:
         return 0.0 if value is None else value
 
 
-def config_for(url: str, **tiktok: Any) -> Config:
+def config_for(
+    url: str, *, destinations: list[dict[str, Any]] | None = None, **tiktok: Any
+) -> Config:
     text = json.dumps(
         {
             "tiktok": {"base_url": url, "batch_linger_ms": 20, "request_timeout_s": 1, **tiktok},
             "rate_limit": {"backend": "local", "qps": 1000},
-            "destinations": [{"name": "web-shop", "pixel_code": PIXEL, "access_token": "tok-1"}],
+            "destinations": destinations
+            or [{"name": "web-shop", "pixel_code": PIXEL, "access_token": "tok-1"}],
         }
     )
     return parse_config(text)
@@ -140,70 +148,71 @@ async def rig_factory() -> AsyncIterator[Callable[..., Any]]:
         max_inflight: int = 1000,
         deadline_s: float = 30,
         drain_timeout_s: float = 5,
+        qps: float = 1000,
+        max_backoff_s: float = 0.05,
+        max_concurrent_requests: int = 4,
+        destinations: list[dict[str, Any]] | None = None,
+        base_path: str = "",
         **tiktok: Any,
     ) -> Rig:
         fake = FakeTikTok()
         fakes.append(fake)
         url = await fake.start()
-        config = config_for(url, **tiktok)
+        url += base_path
+        config = config_for(url, destinations=destinations, **tiktok)
         metrics = Metrics()
         log = get_logger("test")
         producer = FakeProducer()
         committer = FakeCommitter()
-        holder: dict[str, Pipeline] = {}
-        dead_letters = DeadLetterProducer(
-            config={},
-            topic="dlq",
-            metrics=metrics,
-            on_fatal=lambda exc: holder["p"].on_fatal(exc),
-            producer=producer,
-        )
-        dead_letters.start()
-        closers.append(dead_letters.close)
+        fatal = FatalLatch()
+        pause = PauseSwitch()
+        ledger = OffsetLedger()
         client = TikTokClient(base_url=url, timeout_s=1, max_connections=8)
         limiter = build_rate_limiter(
             backend="local",
-            qps=1000,
+            qps=qps,
             redis_url="redis://unused",
             expected_replicas=1,
             metrics=metrics,
         )
-        closers.extend([client.close, limiter.close])
         sender = Sender(
             client=client,
             limiter=limiter,
-            routes={
-                "web-shop": Route(
-                    "web-shop",
-                    "tok-1",
-                    rate_limit_key(app_id=None, access_token="tok-1", endpoint=ENDPOINT_PATH),
-                )
-            },
-            retry=RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.05, deadline_s=deadline_s),
-            max_concurrent_requests=4,
-            metrics=metrics,
-            log=log,
-            on_delivered=lambda events: holder["p"].on_delivered(events),
-            on_failed=lambda events, failure: holder["p"].on_failed(events, failure),
-        )
-        closers.append(sender.close)
-        pipeline = Pipeline(
-            mapper=Mapper(config),
-            batcher=Batcher(
+            routes=build_routes(config),
+            retry=RetryPolicy(
+                initial_backoff_s=0.01, max_backoff_s=max_backoff_s, deadline_s=deadline_s
+            ),
+            lanes=LanePolicy(
                 max_events=config.tiktok.max_batch_events,
                 linger_s=config.tiktok.batch_linger_ms / 1000,
-                on_batch=sender.submit,
+                concurrency=lane_share(
+                    config.tiktok.lane_concurrency, max_concurrent_requests, config
+                ),
+                max_concurrent_requests=max_concurrent_requests,
             ),
+            metrics=metrics,
+            log=log,
+            on_crash=fatal.trip,
+        )
+        dead_letters = DeadLetterProducer(
+            config={}, topic="dlq", metrics=metrics, on_fatal=fatal.trip, producer=producer
+        )
+        dead_letters.start()
+        closers.extend([sender.close, client.close, limiter.close, dead_letters.close])
+        pipeline = Pipeline(
+            mapper=Mapper(config),
+            sender=sender,
             dead_letters=dead_letters,
+            ledger=ledger,
+            pause=pause,
+            fatal=fatal,
             metrics=metrics,
             log=log,
             max_inflight_messages=max_inflight,
             drain_timeout_s=drain_timeout_s,
         )
-        holder["p"] = pipeline
-        pipeline.attach(committer)
         pipeline.on_assigned([(TOPIC, 0), (TOPIC, 1)])
-        rig = Rig(pipeline, fake, producer, committer, metrics, sender)
+        rig = Rig(pipeline, fake, producer, committer, metrics, sender, ledger, pause, fatal)
         made.append(rig)
         return rig
 
@@ -228,12 +237,12 @@ async def test_commits_only_after_delivery(rig_factory: Any) -> None:
     rig.fake.add_fault(FaultSpec(kind="slow", delay_s=0.3))
     rig.pipeline.on_messages(messages(order_events(5)))
     await asyncio.sleep(0.1)  # batch sent, response not back yet
-    assert rig.pipeline.pending_commits() == {}
+    assert rig.pending_commits() == {}
     await rig.settle()
-    assert rig.pipeline.pending_commits() == {(TOPIC, 0): 5}
-    assert await rig.pipeline.commit_once() == 1
+    assert rig.pending_commits() == {(TOPIC, 0): 5}
+    assert await rig.commit_once() == 1
     assert rig.committer.commits == [{(TOPIC, 0): 5}]
-    assert await rig.pipeline.commit_once() == 0  # nothing moved since
+    assert await rig.commit_once() == 0  # nothing moved since
 
 
 async def test_out_of_order_completion_commits_the_contiguous_prefix(rig_factory: Any) -> None:
@@ -245,9 +254,9 @@ async def test_out_of_order_completion_commits_the_contiguous_prefix(rig_factory
     rig.pipeline.on_messages(messages(events[1:], start=1))  # offsets 1, 2: fast
     await asyncio.sleep(0.3)
     assert {e.event_id for e in rig.fake.events} == {e["messageId"] for e in events[1:]}
-    assert rig.pipeline.pending_commits() == {}  # offset 0 still in flight
+    assert rig.pending_commits() == {}  # offset 0 still in flight
     await rig.settle()
-    assert rig.pipeline.pending_commits() == {(TOPIC, 0): 3}
+    assert rig.pending_commits() == {(TOPIC, 0): 3}
 
 
 async def test_dead_letter_must_be_acknowledged_before_commit(rig_factory: Any) -> None:
@@ -261,9 +270,9 @@ async def test_dead_letter_must_be_acknowledged_before_commit(rig_factory: Any) 
     assert headers["dlq.reason"] == "decode_error"
     assert headers["dlq.original.partition"] == "1"
     assert headers["dlq.original.offset"] == "0"
-    assert rig.pipeline.pending_commits() == {}  # delivered offset 1 waits for offset 0's DLQ ack
+    assert rig.pending_commits() == {}  # delivered offset 1 waits for offset 0's DLQ ack
     rig.producer.ack()
-    assert rig.pipeline.pending_commits() == {(TOPIC, 1): 2}
+    assert rig.pending_commits() == {(TOPIC, 1): 2}
     assert (
         rig.sample("tiktok_worker_dead_letters_total", reason="decode_error", destination="") == 1
     )
@@ -279,8 +288,8 @@ async def test_dead_letter_failure_is_fatal_and_never_committed(rig_factory: Any
     rig.producer.ack()
     assert rig.pipeline.fatal is not None
     assert "dead-letter topic" in str(rig.pipeline.fatal)
-    assert rig.pipeline.pending_commits() == {}
-    assert await rig.pipeline.commit_once() == 0
+    assert rig.pending_commits() == {}
+    assert await rig.commit_once() == 0
 
 
 async def test_permanent_error_is_bisected_to_the_offending_event(rig_factory: Any) -> None:
@@ -297,7 +306,7 @@ async def test_permanent_error_is_bisected_to_the_offending_event(rig_factory: A
     assert json.loads(value or b"")["messageId"] == bad
     assert headers["dlq.reason"] == "permanent_api_error"
     assert headers["dlq.tiktok.code"] == "40002"
-    assert rig.pipeline.pending_commits() == {(TOPIC, 0): 16}
+    assert rig.pending_commits() == {(TOPIC, 0): 16}
 
 
 async def test_retryable_errors_are_retried_until_accepted(rig_factory: Any) -> None:
@@ -323,16 +332,16 @@ async def test_retries_stop_at_the_deadline(rig_factory: Any) -> None:
     reasons = [h["dlq.reason"] for _, h in rig.producer.records]
     assert reasons == ["retries_exhausted"] * 3
     assert all(int(h["dlq.attempts"]) >= 2 for _, h in rig.producer.records)
-    assert rig.pipeline.pending_commits() == {(TOPIC, 0): 3}
+    assert rig.pending_commits() == {(TOPIC, 0): 3}
 
 
 async def test_backpressure_pauses_and_resumes(rig_factory: Any) -> None:
     rig: Rig = await rig_factory(max_inflight=10)
     rig.fake.add_fault(FaultSpec(kind="slow", delay_s=0.2, count=1))
     rig.pipeline.on_messages(messages(order_events(12)))
-    assert rig.committer.paused == [True]
+    assert rig.pause.paused
     await rig.settle()
-    assert rig.committer.paused == [True, False]
+    assert not rig.pause.paused
 
 
 async def test_revoke_drains_and_returns_finished_offsets(rig_factory: Any) -> None:
@@ -341,7 +350,7 @@ async def test_revoke_drains_and_returns_finished_offsets(rig_factory: Any) -> N
     offsets = await rig.pipeline.on_revoked([(TOPIC, 0)])
     assert offsets == {(TOPIC, 0): 3}
     assert len(rig.fake.events) == 3
-    assert rig.pipeline.pending_commits() == {}  # the partition is no longer ours
+    assert rig.pending_commits() == {}  # the partition is no longer ours
 
 
 async def test_revoke_timeout_returns_only_the_finished_prefix(rig_factory: Any) -> None:
@@ -359,5 +368,5 @@ async def test_skipped_events_finish_immediately(rig_factory: Any) -> None:
     rig: Rig = await rig_factory()
     gen = SampleEvents(seed=5)
     rig.pipeline.on_messages(messages([gen.identify(), gen.identify()]))
-    assert rig.pipeline.pending_commits() == {(TOPIC, 0): 2}
+    assert rig.pending_commits() == {(TOPIC, 0): 2}
     assert rig.sample("tiktok_worker_events_skipped_total", reason="no_match") == 2

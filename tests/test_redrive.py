@@ -16,7 +16,7 @@ from worker.config import parse_config
 from worker.errors import ConfigError
 from worker.kafka.deadletters import DeadLetter
 from worker.kafka.dlq_reader import DeadLetterRecord, decode_headers, parse_record
-from worker.redrive.engine import RedriveDeadLetter, RedriveFilter, RedriveLedger, RedriveStats
+from worker.redrive.engine import RedriveFilter, RedriveLedger, RedriveStats
 from worker.redrive.engine import validate_filter as check_filter
 
 
@@ -213,7 +213,7 @@ def test_decode_headers_first_value_wins_and_accepts_dicts() -> None:
 
 
 def test_written_back_letter_adds_the_redrive_count() -> None:
-    letter = RedriveDeadLetter(
+    letter = DeadLetter(
         redrive_count=3,
         reason="retries_exhausted",
         error="x",

@@ -1,10 +1,15 @@
 """Wiring and lifecycle of `tiktok-worker run`.
 
+Construction runs one way: fatal latch, pause switch and offset ledger first (plain state
+that everything reports to), then TikTok client → rate limiter → sender → dead-letter producer
+→ pipeline → consumer thread. Nothing is wired in after construction.
+
 Start: check Kafka and the dead-letter topic (one-line errors, no hang), then start the
 operations server, the dead-letter producer, the consumer thread and the periodic committer.
 Stop (SIGTERM/SIGINT, or a fatal error): the consumer thread stops consuming and closes the
 consumer, which revokes its partitions; the pipeline drains them within ``drain_timeout_s`` and
-what finished is committed. Exit status 0 after a requested stop, 1 after a fatal error.
+what finished is committed (nothing after a fatal error). Every resource is closed through one
+``AsyncExitStack``, on every path. Exit status 0 after a requested stop, 1 after a fatal error.
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ from typing import Any
 
 from worker.config import Config, secret_values
 from worker.delivery.factory import build_delivery
-from worker.errors import WorkerError
-from worker.kafka.consumer import ConsumerThread, consumer_config
+from worker.errors import FatalLatch, WorkerError
+from worker.kafka.consumer import ConsumerThread, PauseSwitch, consumer_config
 from worker.kafka.deadletters import DeadLetterProducer, producer_config
 from worker.kafka.lag import LagMonitor
+from worker.kafka.offsets import OffsetLedger
 from worker.kafka.preflight import preflight
 from worker.mapping.mapper import Mapper
 from worker.observability.health import HealthServer, liveness_check
@@ -38,115 +44,134 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
     metrics = metrics if metrics is not None else Metrics()
     kafka = config.kafka
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    fatal = FatalLatch()
+    fatal_event = asyncio.Event()
+    fatal.subscribe(lambda _exc: fatal_event.set())
+    pause = PauseSwitch()
+    ledger = OffsetLedger()
 
-    pipeline: Pipeline | None = None
+    async with contextlib.AsyncExitStack() as stack:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+            stack.callback(loop.remove_signal_handler, sig)
+        delivery = build_delivery(config, metrics=metrics, log=log, on_crash=fatal.trip)
+        stack.push_async_callback(delivery.close)
+        dead_letters = DeadLetterProducer(
+            config={
+                **producer_config(kafka.bootstrap_servers, kafka.client),
+                "logger": kafka_logger(),
+            },
+            topic=kafka.dead_letter_topic,
+            metrics=metrics,
+            on_fatal=fatal.trip,
+        )
+        stack.push_async_callback(dead_letters.close)
+        pipeline = Pipeline(
+            mapper=Mapper(config),
+            sender=delivery.sender,
+            dead_letters=dead_letters,
+            ledger=ledger,
+            pause=pause,
+            fatal=fatal,
+            metrics=metrics,
+            log=log,
+            max_inflight_messages=kafka.max_inflight_messages,
+            drain_timeout_s=kafka.drain_timeout_s,
+        )
+        consumer = ConsumerThread(
+            config={
+                **consumer_config(
+                    bootstrap_servers=kafka.bootstrap_servers,
+                    group_id=kafka.group_id,
+                    client=kafka.client,
+                ),
+                "logger": kafka_logger(),
+            },
+            topics=kafka.topics,
+            loop=loop,
+            sink=pipeline,
+            metrics=metrics,
+            log=log,
+            drain_timeout_s=kafka.drain_timeout_s,
+            pause=pause,
+        )
+        lag = LagMonitor.for_consumer(
+            bootstrap_servers=kafka.bootstrap_servers,
+            group_id=kafka.group_id,
+            client=kafka.client,
+            partitions=consumer.assignment,
+            metrics=metrics,
+            log=log,
+            logger=kafka_logger(),
+        )
 
-    def on_fatal(exc: BaseException) -> None:
-        if pipeline is not None:
-            pipeline.on_fatal(exc)
+        def ready() -> tuple[bool, str]:
+            if stop.is_set() or fatal.error is not None:
+                return False, "stopping"
+            if not consumer.alive:
+                return False, "consumer not running"
+            if consumer.brokers_down:
+                return False, "all Kafka brokers down"
+            return True, "ok"
 
-    dead_letters = DeadLetterProducer(
-        config={**producer_config(kafka.bootstrap_servers, kafka.client), "logger": kafka_logger()},
-        topic=kafka.dead_letter_topic,
-        metrics=metrics,
-        on_fatal=on_fatal,
-    )
-    delivery = build_delivery(
-        config,
-        metrics=metrics,
-        log=log,
-        on_delivered=lambda events: pipeline.on_delivered(events) if pipeline else None,
-        on_failed=lambda events, failure: pipeline.on_failed(events, failure) if pipeline else None,
-    )
-    pipeline = Pipeline(
-        mapper=Mapper(config),
-        batcher=delivery.batcher,
-        dead_letters=dead_letters,
-        metrics=metrics,
-        log=log,
-        max_inflight_messages=kafka.max_inflight_messages,
-        drain_timeout_s=kafka.drain_timeout_s,
-    )
-    consumer = ConsumerThread(
-        config={
-            **consumer_config(
-                bootstrap_servers=kafka.bootstrap_servers,
-                group_id=kafka.group_id,
-                client=kafka.client,
+        health = HealthServer(
+            host=config.http.host,
+            port=config.http.port,
+            registry=metrics.registry,
+            live=liveness_check(
+                heartbeat=lambda: consumer.heartbeat, timeout_s=config.http.liveness_timeout_s
             ),
-            "logger": kafka_logger(),
-        },
-        topics=kafka.topics,
-        loop=loop,
-        sink=pipeline,
-        metrics=metrics,
-        log=log,
-        drain_timeout_s=kafka.drain_timeout_s,
-    )
-    pipeline.attach(consumer)
+            ready=ready,
+        )
+        await health.start()
+        stack.push_async_callback(health.stop)
+        dead_letters.start()
 
-    lag = LagMonitor.for_consumer(
-        bootstrap_servers=kafka.bootstrap_servers,
-        group_id=kafka.group_id,
-        client=kafka.client,
-        partitions=consumer.assignment,
-        metrics=metrics,
-        log=log,
-        logger=kafka_logger(),
-    )
+        def commit_failed(exc: Exception) -> None:
+            log.warning("commit failed", error=str(exc))
 
-    def ready() -> tuple[bool, str]:
-        if stop.is_set() or pipeline.fatal is not None:
-            return False, "stopping"
-        if not consumer.alive:
-            return False, "consumer not running"
-        if consumer.brokers_down:
-            return False, "all Kafka brokers down"
-        return True, "ok"
-
-    health = HealthServer(
-        host=config.http.host,
-        port=config.http.port,
-        registry=metrics.registry,
-        live=liveness_check(
-            heartbeat=lambda: consumer.heartbeat, timeout_s=config.http.liveness_timeout_s
-        ),
-        ready=ready,
-    )
-    await health.start()
-    dead_letters.start()
-    consumer.start()
-    committer = loop.create_task(pipeline.run_committer(kafka.commit_interval_s))
-    lag_task = loop.create_task(lag.run())
-    closed = loop.run_in_executor(None, consumer.closed.wait)
-    log.info(
-        "worker started",
-        topics=list(kafka.topics),
-        group_id=kafka.group_id,
-        destinations=[d.name for d in config.destinations],
-        http_port=health.port,
-    )
-    waiters: list[asyncio.Future[Any]] = [
-        loop.create_task(stop.wait()),
-        loop.create_task(pipeline.fatal_event.wait()),
-    ]
-    await asyncio.wait([*waiters, closed], return_when=asyncio.FIRST_COMPLETED)
-    for waiter in waiters:
-        waiter.cancel()
-    log.info("worker stopping", inflight=pipeline.inflight_messages)
-    consumer.stop()
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(closed, kafka.drain_timeout_s + SHUTDOWN_MARGIN_S)
-    for task in (committer, lag_task):
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    await delivery.close()
-    await dead_letters.close()
-    await health.stop()
-    if pipeline.fatal is not None:
-        raise WorkerError(str(pipeline.fatal))
+        committer = loop.create_task(
+            ledger.commit_every(kafka.commit_interval_s, consumer.commit, commit_failed)
+        )
+        stack.push_async_callback(_cancel, committer)
+        lag_task = loop.create_task(lag.run())
+        stack.push_async_callback(_cancel, lag_task)
+        consumer.start()
+        closed = loop.run_in_executor(None, consumer.closed.wait)
+        # Closing the consumer drains and commits through the pipeline: it runs first.
+        stack.push_async_callback(_stop_consumer, consumer, closed, kafka.drain_timeout_s)
+        log.info(
+            "worker started",
+            topics=list(kafka.topics),
+            group_id=kafka.group_id,
+            destinations=[d.name for d in config.destinations],
+            http_port=health.port,
+        )
+        waiters: list[asyncio.Future[Any]] = [
+            loop.create_task(stop.wait()),
+            loop.create_task(fatal_event.wait()),
+        ]
+        try:
+            await asyncio.wait([*waiters, closed], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        log.info("worker stopping", inflight=pipeline.inflight_messages)
+    if fatal.error is not None:
+        raise WorkerError(str(fatal.error))
     log.info("worker stopped", messages=pipeline.messages_finished)
     return 0
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _stop_consumer(
+    consumer: ConsumerThread, closed: asyncio.Future[Any], drain_timeout_s: float
+) -> None:
+    consumer.stop()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(closed), drain_timeout_s + SHUTDOWN_MARGIN_S)

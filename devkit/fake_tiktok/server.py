@@ -95,7 +95,8 @@ class FaultSpec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """One injected fault. Applies to matching requests until `count` of them have had it or
     `duration_s` has passed (neither: until deleted).
 
-    `pixel` restricts it to requests for that `event_source_id`; `probability` applies it to
+    `pixel` restricts it to requests for that `event_source_id`; `event_ids` (any kind) to
+    requests holding one of those events (a poison event); `probability` applies it to
     that share of matching requests; `process=True` accepts and records the events first and
     then answers with the fault (a lost response: the sender will resend, TikTok dedups).
     """
@@ -179,7 +180,7 @@ class _ActiveFault:
     def matches(self, pixel: str | None, request: TrackRequest | None) -> bool:
         if self.spec.pixel is not None and self.spec.pixel != pixel:
             return False
-        if self.spec.kind == "reject_event_ids":
+        if self.spec.kind == "reject_event_ids" or self.event_ids:
             return request is not None and self.rejected_index(request) is not None
         return True
 

@@ -73,7 +73,8 @@ class TikTokConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     max_batch_events: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1000
     batch_linger_ms: NonNegativeInt = 200
     request_timeout_s: PositiveFloat = 10.0
-    max_concurrent_requests: PositiveInt = 64
+    max_concurrent_requests: PositiveInt = 64  # all lanes together
+    lane_concurrency: PositiveInt = 8  # requests in flight per lane (request key)
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
     # Segment's destination always sends "Segment"; keeping it means the same bodies TikTok
     # already accepts for this customer. null omits the key.

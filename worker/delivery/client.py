@@ -29,17 +29,9 @@ import aiohttp
 import msgspec
 
 from worker import __version__
+from worker.delivery.codes import AUTH_CODES, THROTTLE_CODES, CodeClass, decide
 
 ENDPOINT_PATH = "/open_api/v1.3/event/track/"
-
-# TikTok numeric codes (docs/tiktok-events-api.md §5.3).
-CODE_OK = 0
-CODE_PARTIAL_OK = 20001
-THROTTLE_CODES = frozenset({40100, 40132, 61000})
-AUTH_CODES = frozenset({40001, 40102, 40104, 40105})
-# Below 50000 these are the only transient codes; every 5xxxx/6xxxx system code is transient.
-RETRYABLE_LOW_CODES = frozenset({40700})
-_SYSTEM_CODE_FLOOR = 50000
 
 MAX_MESSAGE_CHARS = 200
 
@@ -82,58 +74,64 @@ class SendResult:
     retry_after_s: float | None
     request_id: str | None
     latency_s: float
+    # No subset of the batch can succeed (auth, top-level field, wrong URL): never bisect.
+    request_level: bool = False
 
 
-def _classify_code(code: int) -> Outcome:
-    if code in (CODE_OK, CODE_PARTIAL_OK):
-        # 20001 PARTIAL_OK: RudderStack treats it as OK; TikTok documents no per-event detail.
-        return Outcome.SUCCESS
-    if code in THROTTLE_CODES:
-        return Outcome.THROTTLED
-    if code in AUTH_CODES:
-        return Outcome.AUTH
-    if code in RETRYABLE_LOW_CODES or code >= _SYSTEM_CODE_FLOOR:
-        return Outcome.RETRYABLE
-    return Outcome.PERMANENT
+_OUTCOME_OF: dict[CodeClass, Outcome] = {
+    CodeClass.SUCCESS: Outcome.SUCCESS,
+    CodeClass.THROTTLED: Outcome.THROTTLED,
+    CodeClass.RETRYABLE: Outcome.RETRYABLE,
+    CodeClass.AUTH: Outcome.AUTH,
+    CodeClass.PERMANENT: Outcome.PERMANENT,
+}
 
 
-def classify(http_status: int, code: int | None) -> Outcome:
-    """Classify one HTTP answer. `code` is TikTok's JSON `code`, or None if the body had none.
+def classify(http_status: int, code: int | None, message: str = "") -> Outcome:
+    """Classify one HTTP answer. `code` is TikTok's JSON `code`, or None if the body had none."""
+    return classify_answer(http_status, code, message)[0]
+
+
+def classify_answer(http_status: int, code: int | None, message: str = "") -> tuple[Outcome, bool]:
+    """The outcome of one HTTP answer and whether it is request-level (never bisected).
 
     Rules, in order:
     - HTTP 429 → THROTTLED.
     - HTTP 5xx → THROTTLED if the code is a throttle code, else RETRYABLE (never success).
     - HTTP 408 / 425 → RETRYABLE (the request did not complete; resending is safe).
-    - HTTP 401 / 403 → AUTH.
+    - HTTP 401 / 403 → AUTH, request-level.
+    - HTTP 3xx (redirects are not followed), 404, 405 → PERMANENT, request-level: `base_url`
+      or a proxy in front of it is misconfigured; no event can pass, none is to blame.
     - other HTTP 4xx → the code's class when a non-success code is present, else PERMANENT.
-    - HTTP 2xx → the code's class; no code (unparseable or non-envelope body) → RETRYABLE,
-      because the events may or may not have been taken and a resend is deduplicated.
-    - 1xx / 3xx (redirects are not followed) → RETRYABLE: a proxy or routing problem, not a
-      property of the events, so it must not dead-letter them.
-    Code classes: 0 and 20001 success; 40100/40132/61000 throttled; 40001/40102/40104/40105
-    auth; 40700 and every code ≥ 50000 retryable; any other code permanent.
+    - HTTP 2xx → the code's class (`worker.delivery.codes`); no code (unparseable or
+      non-envelope body) → RETRYABLE: the events may or may not have been taken, a resend is
+      deduplicated.
+    - 1xx → RETRYABLE.
     """
     if http_status == 429:
-        return Outcome.THROTTLED
+        return Outcome.THROTTLED, False
     if http_status >= 500:
         if code is not None and code in THROTTLE_CODES:
-            return Outcome.THROTTLED
-        return Outcome.RETRYABLE
+            return Outcome.THROTTLED, False
+        return Outcome.RETRYABLE, False
     if http_status in (408, 425):
-        return Outcome.RETRYABLE
+        return Outcome.RETRYABLE, False
     if http_status in (401, 403):
-        return Outcome.AUTH
+        return Outcome.AUTH, True
+    if 300 <= http_status < 400 or http_status in (404, 405):
+        return Outcome.PERMANENT, True
     if 400 <= http_status < 500:
         if code is not None:
-            by_code = _classify_code(code)
-            if by_code is not Outcome.SUCCESS:
-                return by_code
-        return Outcome.PERMANENT
+            decision = decide(code, message)
+            if decision.cls is not CodeClass.SUCCESS:
+                return _OUTCOME_OF[decision.cls], decision.request_level
+        return Outcome.PERMANENT, False
     if 200 <= http_status < 300:
         if code is None:
-            return Outcome.RETRYABLE
-        return _classify_code(code)
-    return Outcome.RETRYABLE
+            return Outcome.RETRYABLE, False
+        decision = decide(code, message)
+        return _OUTCOME_OF[decision.cls], decision.request_level
+    return Outcome.RETRYABLE, False
 
 
 # Exponents above this already exceed any sane cap; avoids float overflow on huge attempts.
@@ -151,8 +149,8 @@ def backoff_delay(
     """Seconds to wait before the next try, after `attempt` failed tries (attempt ≥ 1).
 
     Full jitter: uniform in [0, min(max_s, initial_s * 2**(attempt-1))). A server's
-    `Retry-After` is a floor: the result is never below it (it is not capped by `max_s`; the
-    caller's retry deadline bounds the total wait).
+    `Retry-After` is a floor, itself capped at `max_s`: a proxy's "Retry-After: 7200" must
+    not turn into a two-hour wait (or an immediate dead letter against the retry deadline).
     """
     if attempt < 1:
         raise ValueError(f"attempt must be >= 1, got {attempt}")
@@ -161,7 +159,7 @@ def backoff_delay(
     cap = min(max_s, initial_s * math.pow(2.0, min(attempt - 1, _MAX_EXPONENT)))
     delay = rand() * cap
     if retry_after_s is not None and retry_after_s > delay:
-        delay = retry_after_s
+        delay = min(retry_after_s, max_s)
     return max(0.0, delay)
 
 
@@ -309,6 +307,7 @@ class TikTokClient:
         if not _valid_header_value(access_token):
             return SendResult(
                 outcome=Outcome.AUTH,
+                request_level=True,
                 http_status=None,
                 code=None,
                 message="access token is empty or contains control characters",
@@ -352,8 +351,10 @@ class TikTokClient:
             message = f"HTTP {status} without a TikTok response envelope"
         if not message:
             message = f"HTTP {status} code {code}"
+        outcome, request_level = classify_answer(status, code, message)
         return SendResult(
-            outcome=classify(status, code),
+            outcome=outcome,
+            request_level=request_level,
             http_status=status,
             code=code,
             message=message,
@@ -409,6 +410,7 @@ __all__ = [
     "TikTokClient",
     "backoff_delay",
     "classify",
+    "classify_answer",
     "parse_retry_after",
     "sanitise_message",
 ]

@@ -1,21 +1,20 @@
-"""The delivery stack built from the config: TikTok client, rate limiter, sender, batcher.
+"""The delivery stack built from the config: TikTok client → rate limiter → sender.
 
 The worker and `tiktok-worker dlq redrive` deliver through this same stack, so both batch per
-pixel, share the rate limit, retry, bisect and dead-letter in exactly the same way.
+request key, share the rate limit, retry, bisect and dead-letter in exactly the same way.
+Each part is built from the ones before it; nothing is wired in afterwards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from worker.config import Config
-from worker.delivery.batcher import Batcher
 from worker.delivery.client import ENDPOINT_PATH, TikTokClient
-from worker.delivery.inflight import PendingEvent
 from worker.delivery.ratelimit import RateLimiter, build_rate_limiter, rate_limit_key
-from worker.delivery.sender import Failure, RetryPolicy, Route, Sender
+from worker.delivery.sender import LanePolicy, RetryPolicy, Route, Sender
 from worker.observability.metrics import Metrics
 
 
@@ -33,14 +32,21 @@ def build_routes(config: Config) -> dict[str, Route]:
     }
 
 
+def lane_share(lane_concurrency: int, max_concurrent_requests: int, config: Config) -> int:
+    """Requests one lane may have in flight: `lane_concurrency`, but never more than its fair
+    share of `max_concurrent_requests`, so lanes whose requests hang (timeouts) can never take
+    every connection permit from the others."""
+    share = max(1, max_concurrent_requests // max(1, len(config.destinations)))
+    return min(lane_concurrency, share)
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """The parts that turn mapped events into requests; ``batcher.add`` is the entry point."""
+    """The parts that turn mapped events into requests; ``sender.add`` is the entry point."""
 
     client: TikTokClient
     limiter: RateLimiter
     sender: Sender
-    batcher: Batcher
 
     async def close(self) -> None:
         """Abandon deliveries still running, then release connections (idempotent)."""
@@ -54,13 +60,11 @@ def build_delivery(
     *,
     metrics: Metrics,
     log: Any,
-    on_delivered: Callable[[Sequence[PendingEvent]], None],
-    on_failed: Callable[[Sequence[PendingEvent], Failure], None],
-    client_factory: Callable[..., TikTokClient] = TikTokClient,
+    on_crash: Callable[[BaseException], None],
 ) -> Delivery:
-    """Build the stack; callbacks report each event's fate (on the event loop)."""
+    """Build the stack. `on_crash` hears of a delivery task that failed unexpectedly."""
     tiktok, rate_limit = config.tiktok, config.rate_limit
-    client = client_factory(
+    client = TikTokClient(
         base_url=tiktok.base_url,
         timeout_s=tiktok.request_timeout_s,
         max_connections=tiktok.max_concurrent_requests,
@@ -82,15 +86,14 @@ def build_delivery(
             max_backoff_s=tiktok.retry.max_backoff_s,
             deadline_s=tiktok.retry.deadline_s,
         ),
-        max_concurrent_requests=tiktok.max_concurrent_requests,
+        lanes=LanePolicy(
+            max_events=tiktok.max_batch_events,
+            linger_s=tiktok.batch_linger_ms / 1000,
+            concurrency=lane_share(tiktok.lane_concurrency, tiktok.max_concurrent_requests, config),
+            max_concurrent_requests=tiktok.max_concurrent_requests,
+        ),
         metrics=metrics,
         log=log,
-        on_delivered=on_delivered,
-        on_failed=on_failed,
+        on_crash=on_crash,
     )
-    batcher = Batcher(
-        max_events=tiktok.max_batch_events,
-        linger_s=tiktok.batch_linger_ms / 1000,
-        on_batch=sender.submit,
-    )
-    return Delivery(client=client, limiter=limiter, sender=sender, batcher=batcher)
+    return Delivery(client=client, limiter=limiter, sender=sender)

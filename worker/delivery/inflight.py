@@ -1,62 +1,90 @@
 """Units of in-flight work: a consumed Kafka message and the TikTok events mapped from it.
 
 A message is finished when every event it produced is finished: delivered, dead-lettered and
-acknowledged by the broker, or skipped. Only then is its offset marked in its partition's
-tracker (see `worker.pipeline.pipeline` for the commit invariants).
+acknowledged by the broker, or skipped. Its owner (the pipeline, or a redrive) is told, and
+marks the offset in its ledger (see `worker.kafka.offsets`).
+
+Each message names its owner, so the sender reports an event's fate to whoever made it: the
+sender is built before its users and never needs callbacks wired in afterwards.
+
+A message is *dropped* when its partition is no longer ours (revoke, loss): from then on its
+events are sent no more, dead-lettered never, and finishing them changes nothing; the next
+owner of the partition reads the message again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from worker.kafka.offsets import PartitionTracker
     from worker.mapping.mapper import EventOutcome, MappedEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why events are being dead-lettered after delivery attempts."""
+
+    reason: str
+    error: str
+    code: int | None
+    attempts: int
+
+
+class WorkOwner(Protocol):
+    """Who made the work: told about each event's fate and each finished message."""
+
+    def on_delivered(self, events: Sequence[PendingEvent]) -> None: ...
+
+    def on_failed(self, events: Sequence[PendingEvent], failure: Failure) -> None: ...
+
+    def message_finished(self, message: InflightMessage) -> None: ...
 
 
 class InflightMessage:
     """One consumed Kafka message and the count of its unfinished events."""
 
     __slots__ = (
-        "_on_finished",
+        "dropped",
         "key",
         "offset",
+        "owner",
         "partition",
         "remaining",
         "timestamp_ms",
         "topic",
-        "tracker",
     )
 
     def __init__(
         self,
         *,
+        owner: WorkOwner,
         topic: str,
         partition: int,
         offset: int,
         timestamp_ms: int | None,
         key: bytes | None,
-        tracker: PartitionTracker,
-        on_finished: Callable[[InflightMessage], None],
     ) -> None:
+        self.owner = owner
         self.topic = topic
         self.partition = partition
         self.offset = offset
         self.timestamp_ms = timestamp_ms
         self.key = key
-        self.tracker = tracker
         self.remaining = 0
-        self._on_finished = on_finished
+        self.dropped = False
 
     def add_work(self, count: int = 1) -> None:
         self.remaining += count
 
     def finish_one(self) -> None:
         """One unit of this message's work is finished; at zero the offset is finished."""
+        if self.dropped:
+            return
         self.remaining -= 1
         if self.remaining == 0:
-            self._on_finished(self)
+            self.owner.message_finished(self)
         elif self.remaining < 0:  # pragma: no cover - a bug, never silently tolerated
             raise AssertionError(f"offset {self.offset} finished more often than begun")
 
@@ -74,3 +102,7 @@ class PendingEvent:
     @property
     def payload(self) -> bytes:
         return self.mapped.payload
+
+    @property
+    def dropped(self) -> bool:
+        return self.message.dropped

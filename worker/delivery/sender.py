@@ -1,17 +1,26 @@
-"""Delivery of closed batches: rate limit, send, classify, retry, bisect, dead-letter.
+"""Delivery of mapped events: lanes, slots, requests, retries, bisection, dead letters.
 
-Each batch is delivered by its own task, so a batch waiting out a backoff never holds up
-another pixel's batches or the consumer. Concurrency is bounded by a semaphore held only for
-the rate-limit wait and the request itself, never during a backoff sleep.
+`Sender.add(key, event)` queues an event in the lane of its request key (`worker.delivery.
+lanes`); each lane's pump waits for a batch, one of the lane's own permits, then a rate-limit
+slot of its app (fair across the app's lanes), seals the batch and sends it while holding one
+of the global connection permits. Events report their fate to their own `WorkOwner`.
 
-Outcomes (see ``worker.delivery.client.classify``):
+Response classes (`worker.delivery.client.classify_answer`, `worker.delivery.codes`):
 - success: every event is delivered;
-- throttled / retryable: back off (capped exponential, full jitter, ``Retry-After`` as a floor)
-  and try again until ``retry.deadline_s`` after the first attempt, then dead-letter
-  (``retries_exhausted``);
-- auth: the whole batch is dead-lettered (``auth_error``): no event of it could succeed;
-- permanent: a batch of several events is split in two and each half delivered on its own,
-  so only the offending events are dead-lettered (``permanent_api_error``).
+- throttled (40100/429): the app's schedule backs off (`Retry-After`, capped at
+  `max_backoff_s`), and the batch is retried;
+- retryable (5xx, 5xxxx, timeouts, connection errors): capped exponential backoff with full
+  jitter until `retry.deadline_s` after the batch's first attempt, then `retries_exhausted`.
+  A batch of several events that failed `SPLIT_AFTER_FAILURES` times in a row is split in
+  halves, so one poison event cannot hold the others back;
+- request-level (auth codes, a 40002 on a top-level field, HTTP 3xx/404/405): the whole batch
+  fails at once (`auth_error` or `permanent_api_error`), never bisected;
+- permanent per event: when TikTok's text names the event (`data[3]`, `Batch.3.`) that one is
+  dead-lettered and the rest resent; otherwise the batch is split in halves, and when both
+  halves repeat the parent's error word for word it was request-level after all.
+
+Events of dropped messages (a partition no longer ours) are left out of every request from
+the moment they are dropped, and their fate is reported to nobody.
 """
 
 from __future__ import annotations
@@ -20,16 +29,22 @@ import asyncio
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
-from worker.delivery.batcher import Batch
 from worker.delivery.client import Outcome, SendResult, TikTokClient, backoff_delay
-from worker.delivery.inflight import PendingEvent
+from worker.delivery.codes import event_index
+from worker.delivery.inflight import Failure, PendingEvent, WorkOwner
+from worker.delivery.lanes import DEFAULT_MAX_BATCH_BYTES, AppBudget, Lane, spawn
 from worker.delivery.ratelimit import RateLimiter
 from worker.mapping.body import BatchKey, build_body
 from worker.observability.metrics import Metrics
+
+__all__ = ["SPLIT_AFTER_FAILURES", "Failure", "LanePolicy", "RetryPolicy", "Route", "Sender"]
+
+# Consecutive retryable failures after which a batch of several events is split in halves.
+SPLIT_AFTER_FAILURES: Final = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,17 +64,24 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True, slots=True)
-class Failure:
-    """Why events are being dead-lettered after delivery attempts."""
+class LanePolicy:
+    max_events: int
+    linger_s: float
+    concurrency: int
+    max_concurrent_requests: int
+    max_bytes: int = DEFAULT_MAX_BATCH_BYTES
 
-    reason: str
-    error: str
-    code: int | None
-    attempts: int
+
+def _live(events: Sequence[PendingEvent]) -> list[PendingEvent]:
+    return [e for e in events if not e.message.dropped]
+
+
+def _signature(result: SendResult) -> tuple[int | None, int | None, str]:
+    return (result.http_status, result.code, result.message)
 
 
 class Sender:
-    """Turns batches into Events API requests and reports each event's fate."""
+    """Turns queued events into Events API requests and reports each event's fate."""
 
     def __init__(
         self,
@@ -68,117 +90,294 @@ class Sender:
         limiter: RateLimiter,
         routes: Mapping[str, Route],
         retry: RetryPolicy,
-        max_concurrent_requests: int,
+        lanes: LanePolicy,
         metrics: Metrics,
         log: Any,
-        on_delivered: Callable[[Sequence[PendingEvent]], None],
-        on_failed: Callable[[Sequence[PendingEvent], Failure], None],
+        on_crash: Callable[[BaseException], None],
     ) -> None:
         self._client = client
         self._limiter = limiter
         self._routes = routes
         self._retry = retry
-        self._semaphore = asyncio.Semaphore(max_concurrent_requests)
+        self._policy = lanes
+        self._connections = asyncio.Semaphore(lanes.max_concurrent_requests)
         self._metrics = metrics
         self._log = log
-        self._on_delivered = on_delivered
-        self._on_failed = on_failed
+        self._on_crash = on_crash
+        self._lanes: dict[BatchKey, Lane] = {}
+        self._budgets: dict[str, AppBudget] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._batch_ids = itertools.count(1)
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._gate_open = True
+        self._gate = asyncio.Event()
+        self._gate.set()
+        self.on_wire = 0
 
-    def submit(self, batch: Batch) -> None:
-        """Start delivering ``batch`` in the background."""
-        task = asyncio.get_running_loop().create_task(self._deliver_batch(batch))
-        self._tasks.add(task)
-        self._idle.clear()
-        task.add_done_callback(self._task_done)
+    # -- the face ----------------------------------------------------------------------------
+
+    def add(self, key: BatchKey, event: PendingEvent) -> None:
+        """Queue `event` in its lane (created on first use)."""
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._new_lane(key)
+        lane.add(event)
+
+    def flush(self) -> None:
+        """Every lane sends what it holds without lingering (rebalance, shutdown)."""
+        for lane in self._lanes.values():
+            lane.flush()
+
+    def purge(self) -> int:
+        """Forget queued events of dropped messages at once; returns how many."""
+        return sum(lane.purge() for lane in self._lanes.values())
+
+    def close_gate(self) -> None:
+        """Start no new request from now on (requests on the wire finish)."""
+        self._gate_open = False
+        self._gate.clear()
 
     @property
-    def active_batches(self) -> int:
+    def queued_events(self) -> int:
+        return sum(lane.queued_events for lane in self._lanes.values())
+
+    @property
+    def active_tasks(self) -> int:
         return len(self._tasks)
 
-    async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no batch is being delivered; False on timeout."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
-
     async def close(self) -> None:
-        """Abandon deliveries still running (their offsets stay uncommitted)."""
-        for task in list(self._tasks):
+        """Abandon everything still running (its offsets stay uncommitted)."""
+        self.close_gate()
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for budget in self._budgets.values():
+            await budget.close()
+
+    # -- lanes ---------------------------------------------------------------------------------
+
+    def _new_lane(self, key: BatchKey) -> Lane:
+        route = self._routes[key.destination]
+        budget = self._budgets.get(route.limiter_key)
+        if budget is None:
+            budget = self._budgets[route.limiter_key] = AppBudget(self._limiter, route.limiter_key)
+        policy = self._policy
+        lane = self._lanes[key] = Lane(
+            key,
+            budget,
+            concurrency=policy.concurrency,
+            max_events=policy.max_events,
+            max_bytes=policy.max_bytes,
+        )
+        lane.task = spawn(self._tasks, self._pump(lane), self._task_done, f"lane {key.destination}")
+        return lane
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if not self._tasks:
-            self._idle.set()
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            self._log.error("batch delivery crashed", error=f"{type(exc).__name__}: {exc}")
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._log.error("delivery task crashed", error=f"{type(exc).__name__}: {exc}")
+            self._on_crash(exc)
 
-    async def _deliver_batch(self, batch: Batch) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._retry.deadline_s
+    async def _pump(self, lane: Lane) -> None:
+        """Forever: wait for a batch, a lane permit and a slot; seal; send in the background."""
+        linger_s = self._policy.linger_s
+        while True:
+            await lane.wait_for_batch(linger_s)
+            await self._gate.wait()
+            await self._take_turn(lane)
+            batch = lane.seal()
+            if not batch:
+                lane.permits.release()
+                continue
+            lane.active_events += len(batch)
+            self._gauge(lane)
+            spawn(
+                self._tasks,
+                self._deliver_batch(lane, batch),
+                self._task_done,
+                f"batch {lane.key.destination}",
+            )
+
+    async def _take_turn(self, lane: Lane) -> None:
+        """One of the lane's permits, then a slot of its app: the order SPEC §4 asks for."""
+        await lane.permits.acquire()
+        try:
+            await lane.budget.slot(lane)
+        except BaseException:
+            lane.permits.release()
+            raise
+
+    def _gauge(self, lane: Lane) -> None:
+        self._metrics.lane_inflight_events.labels(destination=lane.key.destination).set(
+            lane.active_events + lane.queued_events
+        )
+
+    def _settle(self, lane: Lane, count: int) -> None:
+        lane.active_events -= count
+        self._gauge(lane)
+
+    # -- one batch -----------------------------------------------------------------------------
+
+    async def _deliver_batch(self, lane: Lane, batch: list[PendingEvent]) -> None:
         # Each batch has its own task, hence its own context: every log line of its attempts,
-        # bisected halves and dead-lettering carries the same batch_id.
+        # halves and dead letters carries the same batch_id.
         structlog.contextvars.bind_contextvars(batch_id=next(self._batch_ids))
-        await self._deliver(batch.key, batch.events, deadline)
+        deadline = asyncio.get_running_loop().time() + self._retry.deadline_s
+        try:
+            await self._deliver(lane, batch, deadline, holding=True)
+        finally:
+            self._settle(lane, len(batch))
 
     async def _deliver(
-        self, key: BatchKey, events: Sequence[PendingEvent], deadline: float
-    ) -> None:
-        route = self._routes[key.destination]
-        body = build_body(key, [event.payload for event in events])
+        self,
+        lane: Lane,
+        events: Sequence[PendingEvent],
+        deadline: float,
+        *,
+        holding: bool = False,
+        attempt: int = 0,
+        repeat_of: tuple[int | None, int | None, str] | None = None,
+    ) -> SendResult | None:
+        """Deliver `events` until each is delivered or failed.
+
+        `holding`: a lane permit and a slot are already held for the first request.
+        `repeat_of`: when the first permanent answer is exactly this error, hand it back to
+        the caller (bisection decides) instead of handling it. Returns None otherwise.
+        """
+        route = self._routes[lane.key.destination]
         loop = asyncio.get_running_loop()
-        attempt = 0
+        failures = 0
         while True:
+            if not holding:
+                await self._gate.wait()
+                await self._take_turn(lane)
+            holding = False
+            live = _live(events)
+            if not live:
+                lane.permits.release()
+                return None
+            events = live
             attempt += 1
-            async with self._semaphore:
-                await self._limiter.acquire(route.limiter_key)
-                result = await self._client.send(body, access_token=route.access_token)
+            body = build_body(lane.key, [event.payload for event in events])
+            try:
+                async with self._connections:
+                    self.on_wire += 1
+                    try:
+                        result = await self._client.send(body, access_token=route.access_token)
+                    finally:
+                        self.on_wire -= 1
+            finally:
+                lane.permits.release()
             self._record(route, len(events), attempt, result)
+            events = _live(events)
+            if not events:
+                return None
             outcome = result.outcome
             if outcome is Outcome.SUCCESS:
-                self._on_delivered(events)
-                return
-            if outcome is Outcome.THROTTLED:
-                self._limiter.throttled(route.limiter_key, result.retry_after_s)
+                self._delivered(events)
+                return None
             if outcome.retryable:
+                retry_after = result.retry_after_s
+                if retry_after is not None:
+                    retry_after = min(retry_after, self._retry.max_backoff_s)
+                if outcome is Outcome.THROTTLED:
+                    self._limiter.throttled(route.limiter_key, retry_after)
+                else:
+                    failures += 1
                 delay = backoff_delay(
                     attempt,
                     initial_s=self._retry.initial_backoff_s,
                     max_s=self._retry.max_backoff_s,
-                    retry_after_s=result.retry_after_s,
+                    retry_after_s=retry_after,
                 )
                 if loop.time() + delay > deadline:
                     self._fail(events, "retries_exhausted", result, attempt)
-                    return
+                    return None
                 self._metrics.retries.labels(destination=route.destination).inc()
                 await asyncio.sleep(delay)
+                if failures >= SPLIT_AFTER_FAILURES and len(events) > 1:
+                    # One poison event (a 5xx or a timeout it causes) must not hold the rest.
+                    left, right = self._halves(_live(events))
+                    await asyncio.gather(
+                        self._deliver(lane, left, deadline, attempt=attempt),
+                        self._deliver(lane, right, deadline, attempt=attempt),
+                    )
+                    return None
                 continue
-            if outcome is Outcome.AUTH:
-                self._fail(events, "auth_error", result, attempt)
-                return
-            if len(events) > 1:
-                middle = len(events) // 2
-                await self._deliver(key, events[:middle], deadline)
-                await self._deliver(key, events[middle:], deadline)
-                return
+            if result.request_level or outcome is Outcome.AUTH:
+                if result.http_status is not None and 300 <= result.http_status < 400:
+                    self._log.error(
+                        "configuration error: tiktok.base_url answered with a redirect, "
+                        "which is not followed",
+                        destination=route.destination,
+                        http_status=result.http_status,
+                    )
+                reason = "auth_error" if outcome is Outcome.AUTH else "permanent_api_error"
+                self._fail(events, reason, result, attempt)
+                return None
+            if repeat_of is not None and _signature(result) == repeat_of:
+                return result
+            await self._bisect(lane, events, result, deadline, attempt)
+            return None
+
+    async def _bisect(
+        self,
+        lane: Lane,
+        events: list[PendingEvent],
+        result: SendResult,
+        deadline: float,
+        attempt: int,
+    ) -> None:
+        """Isolate the events a permanent per-event error is about."""
+        index = event_index(result.message)
+        if index is not None and 0 <= index < len(events):
+            self._fail([events[index]], "permanent_api_error", result, attempt)
+            rest = events[:index] + events[index + 1 :]
+            if rest:
+                await self._deliver(lane, rest, deadline)
+            return
+        if len(events) == 1:
             self._fail(events, "permanent_api_error", result, attempt)
             return
+        left, right = self._halves(events)
+        signature = _signature(result)
+        repeated_left = await self._deliver(lane, left, deadline, repeat_of=signature)
+        if repeated_left is None:  # the left half is settled; the error must be on the right
+            await self._deliver(lane, right, deadline)
+            return
+        repeated_right = await self._deliver(lane, right, deadline, repeat_of=signature)
+        if repeated_right is None:  # the right half is settled: go on in the left one
+            await self._bisect(lane, _live(left), repeated_left, deadline, attempt + 1)
+            return
+        # Both halves answer exactly like the whole: not about an event, so no split helps.
+        self._fail(_live(left) + _live(right), "permanent_api_error", repeated_right, attempt + 2)
+
+    @staticmethod
+    def _halves(events: list[PendingEvent]) -> tuple[list[PendingEvent], list[PendingEvent]]:
+        middle = len(events) // 2
+        return events[:middle], events[middle:]
+
+    # -- fates ---------------------------------------------------------------------------------
+
+    def _delivered(self, events: list[PendingEvent]) -> None:
+        for owner, group in _by_owner(events):
+            owner.on_delivered(group)
 
     def _fail(
         self, events: Sequence[PendingEvent], reason: str, result: SendResult, attempts: int
     ) -> None:
+        events = _live(events)
+        if not events:
+            return
         status = f"HTTP {result.http_status}" if result.http_status is not None else "no response"
         error = f"{result.outcome.value}: {status}, {result.message}"
-        self._on_failed(events, Failure(reason, error, result.code, attempts))
+        failure = Failure(reason, error, result.code, attempts)
+        for owner, group in _by_owner(events):
+            owner.on_failed(group, failure)
 
     def _record(self, route: Route, events: int, attempt: int, result: SendResult) -> None:
         destination = route.destination
@@ -198,3 +397,15 @@ class Sender:
             # Why it failed, in TikTok's words (sanitised by the client: no token, no PII).
             **({} if result.outcome is Outcome.SUCCESS else {"message": result.message}),
         )
+
+
+def _by_owner(events: Sequence[PendingEvent]) -> list[tuple[WorkOwner, list[PendingEvent]]]:
+    """Events grouped by the owner of their message (almost always one group)."""
+    first = events[0].message.owner
+    if all(e.message.owner is first for e in events):
+        return [(first, list(events))]
+    groups: dict[int, tuple[WorkOwner, list[PendingEvent]]] = {}
+    for event in events:
+        owner = event.message.owner
+        groups.setdefault(id(owner), (owner, []))[1].append(event)
+    return list(groups.values())

@@ -22,6 +22,7 @@ from typing import Any, Final, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from worker.kafka.offsets import TopicPartitionKey
 from worker.observability.metrics import Metrics
 
 CONSUME_TIMEOUT_S: Final = 0.1
@@ -31,7 +32,12 @@ CONSUME_TIMEOUT_S: Final = 0.1
 MAX_UNPROCESSED_BATCHES: Final = 2
 HANDOFF_WAIT_S: Final = 0.05
 STATS_INTERVAL_MS: Final = 5000
-TopicPartitionKey = tuple[str, int]
+# Kubernetes defaults: a pod killed with -9 (an OOM kill) has its partitions moved after about
+# 10 s instead of librdkafka's 45 s; heartbeats at a third of it, as Kafka recommends. With
+# static membership (`group.instance.id`, see docs/configuration.md) a restarted pod that is
+# back within the session timeout gets its partitions back without a rebalance.
+SESSION_TIMEOUT_MS: Final = 10000
+HEARTBEAT_INTERVAL_MS: Final = 3000
 
 # Settings at-least-once depends on; user properties cannot override them.
 _FORCED_SETTINGS: Final[dict[str, Any]] = {
@@ -52,7 +58,8 @@ def consumer_config(
         "client.id": "tiktok-worker",
         "statistics.interval.ms": STATS_INTERVAL_MS,
         "max.poll.interval.ms": 300000,
-        "session.timeout.ms": 45000,
+        "session.timeout.ms": SESSION_TIMEOUT_MS,
+        "heartbeat.interval.ms": HEARTBEAT_INTERVAL_MS,
         # librdkafka pre-fetches up to 64 MiB by default; 16 MiB keeps a pod's memory low
         # without slowing consumption (the pipeline, not the fetch, is the bottleneck).
         "queued.max.messages.kbytes": 16384,
@@ -63,6 +70,19 @@ def consumer_config(
     conf.update(client)
     conf.update(_FORCED_SETTINGS)
     return conf
+
+
+class PauseSwitch:
+    """Backpressure, decided on the event loop and applied by the consumer thread.
+
+    Built before both, so neither needs the other to exist first. A plain attribute: a bool
+    store is atomic, and the thread reads it once per loop.
+    """
+
+    __slots__ = ("paused",)
+
+    def __init__(self) -> None:
+        self.paused = False
 
 
 class ConsumerSink(Protocol):
@@ -94,6 +114,7 @@ class ConsumerThread:
         metrics: Metrics,
         log: Any,
         drain_timeout_s: float,
+        pause: PauseSwitch,
         batch_size: int = 2000,
         consumer_factory: Callable[[dict[str, Any]], Any] = Consumer,
     ) -> None:
@@ -111,7 +132,7 @@ class ConsumerThread:
         self._requests: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._handoff = threading.BoundedSemaphore(MAX_UNPROCESSED_BATCHES)
         self._stop = threading.Event()
-        self._pause_wanted = False
+        self._pause = pause
         self._paused: set[TopicPartitionKey] = set()
         self._assigned: set[TopicPartitionKey] = set()
         self._thread = threading.Thread(target=self._run, name="kafka-consumer", daemon=True)
@@ -139,10 +160,6 @@ class ConsumerThread:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def set_paused(self, paused: bool) -> None:
-        """Backpressure: pause (or resume) every assigned partition; keeps polling either way."""
-        self._pause_wanted = paused
-
     def commit(self, offsets: Mapping[TopicPartitionKey, int]) -> asyncio.Future[None]:
         """Commit ``offsets`` synchronously on the consumer thread; the future resolves after."""
         future: asyncio.Future[None] = self._loop.create_future()
@@ -157,20 +174,6 @@ class ConsumerThread:
 
         self._requests.put(run)
         return future
-
-    def watermarks(self) -> dict[TopicPartitionKey, int]:
-        """High watermarks of assigned partitions (cached, no network)."""
-        result: dict[TopicPartitionKey, int] = {}
-        for topic, partition in list(self._assigned):
-            try:
-                _low, high = self._consumer.get_watermark_offsets(
-                    TopicPartition(topic, partition), cached=True
-                )
-            except KafkaException:
-                continue
-            if high >= 0:
-                result[(topic, partition)] = high
-        return result
 
     def _deliver(self, messages: Sequence[Message]) -> None:
         """On the event loop: hand a batch to the pipeline, then let the thread fetch more."""
@@ -229,7 +232,7 @@ class ConsumerThread:
             request()
 
     def _apply_pause(self) -> None:
-        if self._pause_wanted:
+        if self._pause.paused:
             todo = self._assigned - self._paused
             if todo:
                 self._consumer.pause([TopicPartition(t, p) for t, p in todo])

@@ -19,6 +19,7 @@ from worker.errors import DeadLetterUnavailable
 from worker.observability.metrics import Metrics
 
 HEADER_PREFIX: Final = "dlq."
+REDRIVE_COUNT_HEADER: Final = "redrive.count"
 POLL_INTERVAL_S: Final = 0.02
 # librdkafka refuses to produce anything over `message.max.bytes` (default 1 MB), but a
 # dead letter carries the original message, which may be larger when the source topic allows
@@ -49,6 +50,7 @@ class DeadLetter:
         "original_timestamp_ms",
         "original_topic",
         "reason",
+        "redrive_count",
     )
 
     def __init__(
@@ -64,6 +66,7 @@ class DeadLetter:
         code: int | None = None,
         attempts: int = 0,
         batch_index: int | None = None,
+        redrive_count: int | None = None,
     ) -> None:
         self.reason = reason
         self.error = error
@@ -75,6 +78,8 @@ class DeadLetter:
         self.code = code
         self.attempts = attempts
         self.batch_index = batch_index
+        # Set only on letters written back by `dlq redrive` (header `dlq.redrive.count`).
+        self.redrive_count = redrive_count
 
     def headers(self, *, now: dt.datetime | None = None) -> list[tuple[str, str | bytes | None]]:
         """The SPEC §4 header set, in a stable order."""
@@ -95,6 +100,8 @@ class DeadLetter:
         items.append(("failed_at", failed_at.replace("+00:00", "Z")))
         if self.batch_index is not None:
             items.append(("batch_index", str(self.batch_index)))
+        if self.redrive_count is not None:
+            items.append((REDRIVE_COUNT_HEADER, str(self.redrive_count)))
         return [(HEADER_PREFIX + k, v.encode()) for k, v in items]
 
 
@@ -112,7 +119,14 @@ def producer_config(bootstrap_servers: str, client: Mapping[str, Any]) -> dict[s
 
 def _consumer_only(key: str) -> bool:
     return key.startswith(("group.", "auto.offset", "enable.auto", "partition.assignment")) or (
-        key in {"session.timeout.ms", "max.poll.interval.ms", "fetch.min.bytes", "isolation.level"}
+        key
+        in {
+            "session.timeout.ms",
+            "heartbeat.interval.ms",
+            "max.poll.interval.ms",
+            "fetch.min.bytes",
+            "isolation.level",
+        }
     )
 
 

@@ -34,7 +34,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 
 from worker.errors import WorkerError
-from worker.kafka.deadletters import HEADER_PREFIX
+from worker.kafka.deadletters import HEADER_PREFIX, REDRIVE_COUNT_HEADER
 
 # No progress at all for this long while reading (broker gone, partition leaderless): give up
 # with a one-line error instead of hanging.
@@ -42,7 +42,6 @@ DEFAULT_STALL_TIMEOUT_S: Final = 30.0
 METADATA_TIMEOUT_S: Final = 15.0
 
 # Header names without the `dlq.` prefix.
-REDRIVE_COUNT_HEADER: Final = "redrive.count"
 
 
 @dataclass(frozen=True, slots=True)

@@ -119,6 +119,12 @@ class Metrics:
             "1 while the rate limiter runs on its local fallback (Redis unreachable).",
             registry=r,
         )
+        self.lane_inflight_events = Gauge(
+            p + "lane_inflight_events",
+            "Events queued or in requests, per destination lane.",
+            ["destination"],
+            registry=r,
+        )
         self.inflight_messages = Gauge(
             p + "inflight_messages",
             "Kafka messages consumed but not yet finished (delivered, skipped or dead-lettered).",

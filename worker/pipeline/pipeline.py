@@ -14,36 +14,33 @@ Invariants (enforced here and tested in ``tests/test_pipeline.py``):
     without committing the affected offsets.
 (e) Memory is bounded: above ``max_inflight_messages`` unfinished messages every partition is
     paused (the consumer keeps polling, so it stays in the group) until half have finished.
-(f) A revoked partition's work is drained (open batches flushed, deliveries awaited) for at
-    most ``drain_timeout_s``; what finished is committed, the rest is re-read by its next owner.
+(f) A revoked partition's work is drained (lanes flushed, deliveries awaited) for at most
+    ``drain_timeout_s``; what finished is committed. What did not finish is dropped at once:
+    it sends nothing more, dead-letters nothing, and its messages leave the in-flight count;
+    the next owner re-reads it. A lost partition's work is dropped without draining.
+(g) An unexpected exception while processing a message trips the fatal latch: the rest of the
+    consumed batch is not begun, and no offset is committed from then on (not even at the
+    revoke of the shutdown), so the failed message is read again by whoever comes next.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from confluent_kafka import KafkaError, Message
 
-from worker.delivery.batcher import Batcher
-from worker.delivery.inflight import InflightMessage, PendingEvent
-from worker.delivery.sender import Failure
-from worker.kafka.consumer import TopicPartitionKey
+from worker.delivery.inflight import Failure, InflightMessage, PendingEvent
+from worker.delivery.sender import Sender
+from worker.errors import FatalLatch, WorkerError
+from worker.kafka.consumer import PauseSwitch
 from worker.kafka.deadletters import DeadLetter, DeadLetterProducer
-from worker.kafka.offsets import PartitionTracker
+from worker.kafka.offsets import OffsetLedger, TopicPartitionKey
 from worker.mapping.mapper import EventOutcome, InvalidEvent, Mapper
 from worker.observability.metrics import Metrics
 
 DRAIN_POLL_S = 0.02
-
-
-class Committer(Protocol):
-    """The consumer side the pipeline needs: commits and pause/resume (thread-safe)."""
-
-    def commit(self, offsets: dict[TopicPartitionKey, int]) -> asyncio.Future[None]: ...
-
-    def set_paused(self, paused: bool) -> None: ...
 
 
 class Pipeline:
@@ -53,47 +50,50 @@ class Pipeline:
         self,
         *,
         mapper: Mapper,
-        batcher: Batcher,
+        sender: Sender,
         dead_letters: DeadLetterProducer,
+        ledger: OffsetLedger,
+        pause: PauseSwitch,
+        fatal: FatalLatch,
         metrics: Metrics,
         log: Any,
         max_inflight_messages: int,
         drain_timeout_s: float,
     ) -> None:
         self._mapper = mapper
+        self._sender = sender
         self._dead_letters = dead_letters
+        self._ledger = ledger
+        self._pause = pause
+        self._fatal = fatal
         self._metrics = metrics
         self._log = log
         self._max_inflight = max_inflight_messages
         self._resume_below = max_inflight_messages // 2
         self._drain_timeout_s = drain_timeout_s
-        self._trackers: dict[TopicPartitionKey, PartitionTracker] = {}
+        # Unfinished messages by partition and offset: what a revoke or loss drops.
+        self._open: dict[TopicPartitionKey, dict[int, InflightMessage]] = {}
         self._inflight = 0
-        self._paused = False
-        self._committer: Committer | None = None
-        self._batcher = batcher
         self._mapped_counts: dict[tuple[str, str], int] = {}
         self._skipped_counts: dict[str, int] = {}
-        self.fatal: BaseException | None = None
-        self.fatal_event = asyncio.Event()
         self.messages_finished = 0
-
-    def attach(self, committer: Committer) -> None:
-        self._committer = committer
-
-    @property
-    def batcher(self) -> Batcher:
-        return self._batcher
+        fatal.subscribe(self._on_fatal_tripped)
 
     @property
     def inflight_messages(self) -> int:
         return self._inflight
+
+    @property
+    def fatal(self) -> BaseException | None:
+        return self._fatal.error
 
     # -- consumer callbacks (event loop) -------------------------------------------------------
 
     def on_messages(self, messages: Sequence[Message]) -> None:
         consumed: dict[str, int] = {}
         for msg in messages:
+            if self._fatal.error is not None:
+                break  # nothing after a failed message is begun (invariant g)
             err = msg.error()
             if err is not None:
                 if err.code() != KafkaError._PARTITION_EOF:
@@ -105,149 +105,132 @@ class Pipeline:
             if topic is None or partition is None or offset is None:  # only on error events
                 continue
             consumed[topic] = consumed.get(topic, 0) + 1
-            self._process(msg, topic, partition, offset)
+            try:
+                self._process(msg, (topic, partition), offset)
+            except Exception as exc:
+                self._fatal.trip(
+                    WorkerError(
+                        f"processing {topic}[{partition}] offset {offset} failed: "
+                        f"{type(exc).__name__}: {exc}"
+                    )
+                )
         for topic, count in consumed.items():
             self._metrics.messages_consumed.labels(topic=topic).inc(count)
         self._flush_counts()
         self._metrics.inflight_messages.set(self._inflight)
-        if not self._paused and self._inflight >= self._max_inflight:
+        if not self._pause.paused and self._inflight >= self._max_inflight:
             self._set_paused(True)
 
     def on_assigned(self, partitions: Sequence[TopicPartitionKey]) -> None:
-        for key in partitions:
-            old = self._trackers.get(key)
-            if old is not None:
-                old.revoked = True
-            self._trackers[key] = PartitionTracker()
+        self._drop(partitions)  # leftovers of an earlier generation, if any
+        self._ledger.assign(partitions)
 
     async def on_revoked(
         self, partitions: Sequence[TopicPartitionKey]
     ) -> dict[TopicPartitionKey, int]:
-        """Drain the revoked partitions' work (bounded) and return their commit offsets."""
-        self._batcher.flush()
-        trackers = {k: t for k in partitions if (t := self._trackers.get(k)) is not None}
+        """Drain the revoked partitions' work (bounded), drop the rest, return commit offsets."""
+        self._sender.flush()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._drain_timeout_s
         while (
-            any(t.inflight for t in trackers.values())
+            self._ledger.inflight(partitions)
             and loop.time() < deadline
-            and self.fatal is None  # after a fatal error nothing more will finish: don't wait
+            and self._fatal.error is None  # after a fatal error nothing more will finish
         ):
             await asyncio.sleep(DRAIN_POLL_S)
-        offsets: dict[TopicPartitionKey, int] = {}
-        abandoned = 0
-        for key, tracker in trackers.items():
-            tracker.revoked = True
-            abandoned += tracker.inflight
-            committable = tracker.committable()
-            if committable is not None:
-                offsets[key] = committable
-            if self._trackers.get(key) is tracker:
-                del self._trackers[key]
-        if abandoned:
+        offsets = self._ledger.release(partitions)
+        dropped = self._drop(partitions)
+        if dropped:
             self._log.warning(
-                "drain timed out; unfinished work left to the next owner", messages=abandoned
+                "drain timed out; unfinished work dropped for the next owner", messages=dropped
             )
         return offsets
 
     def on_lost(self, partitions: Sequence[TopicPartitionKey]) -> None:
-        for key in partitions:
-            tracker = self._trackers.pop(key, None)
-            if tracker is not None:
-                tracker.revoked = True
+        self._ledger.release(partitions)
+        dropped = self._drop(partitions)
+        if dropped:
+            self._log.warning("partitions lost; unfinished work dropped", messages=dropped)
 
     def on_fatal(self, error: BaseException) -> None:
-        if self.fatal is None:
-            self.fatal = error
-            self._log.error("fatal error; stopping", error=str(error))
-        self.fatal_event.set()
+        self._fatal.trip(error)
 
-    # -- commits -----------------------------------------------------------------------------
+    def _on_fatal_tripped(self, error: BaseException) -> None:
+        self._ledger.halt()
+        self._log.error("fatal error; stopping", error=str(error))
 
-    def pending_commits(self) -> dict[TopicPartitionKey, int]:
-        offsets: dict[TopicPartitionKey, int] = {}
-        for key, tracker in self._trackers.items():
-            offset = tracker.pending_commit()
-            if offset is not None:
-                offsets[key] = offset
-        return offsets
-
-    async def commit_once(self) -> int:
-        """Commit every partition whose finished prefix moved; returns partitions committed."""
-        if self._committer is None or self.fatal is not None:
-            return 0
-        offsets = self.pending_commits()
-        if not offsets:
-            return 0
-        trackers = {k: self._trackers[k] for k in offsets}
-        await self._committer.commit(offsets)
-        for key, offset in offsets.items():
-            trackers[key].mark_committed(offset)
-        return len(offsets)
-
-    async def run_committer(self, interval_s: float) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
+    def _drop(self, partitions: Sequence[TopicPartitionKey]) -> int:
+        """Drop every unfinished message of `partitions`; frees their share of the bounds."""
+        dropped = 0
+        for key in partitions:
+            messages = self._open.pop(key, None)
+            if not messages:
+                continue
+            for message in messages.values():
+                message.dropped = True
+            dropped += len(messages)
+        if dropped:
+            self._inflight -= dropped
+            self._sender.purge()
             self._metrics.inflight_messages.set(self._inflight)
-            try:
-                await self.commit_once()
-            except Exception as exc:  # retried at the next interval; at-least-once holds
-                self._log.warning("commit failed", error=str(exc))
+            if self._pause.paused and self._inflight <= self._resume_below:
+                self._set_paused(False)
+        return dropped
 
     # -- per message ---------------------------------------------------------------------------
 
-    def _process(self, msg: Message, topic: str, partition: int, offset: int) -> None:
-        key = (topic, partition)
-        tracker = self._trackers.get(key)
-        if tracker is None:  # assignment is announced before messages; defensive only
-            tracker = self._trackers[key] = PartitionTracker()
-        tracker.begin(offset)
+    def _process(self, msg: Message, key: TopicPartitionKey, offset: int) -> None:
+        self._ledger.begin(key, offset)
         outcomes = self._mapper.map_message(msg.value())
         work = sum(len(o.mapped) + len(o.invalid) for o in outcomes)
         if work == 0:  # nothing to send or dead-letter: finished right away
             for outcome in outcomes:
                 self._count_skip(outcome)
-            tracker.finish(offset)
+            self._ledger.finish(key, offset)
             self.messages_finished += 1
             return
         self._inflight += 1
         _ts_type, timestamp_ms = msg.timestamp()
         inflight = InflightMessage(
-            topic=topic,
-            partition=partition,
+            owner=self,
+            topic=key[0],
+            partition=key[1],
             offset=offset,
             timestamp_ms=timestamp_ms if timestamp_ms > 0 else None,
             key=msg.key(),
-            tracker=tracker,
-            on_finished=self._message_finished,
         )
+        open_messages = self._open.get(key)
+        if open_messages is None:
+            open_messages = self._open[key] = {}
+        open_messages[offset] = inflight
         # One unit per event outcome plus one held while dispatching, so nothing finishes the
         # message before all of its work is registered.
         inflight.add_work(1 + work)
         mapped_counts = self._mapped_counts
-        batcher_add = self._batcher.add
+        sender_add = self._sender.add
         for outcome in outcomes:
             for mapped in outcome.mapped:
                 label = (mapped.destination, mapped.event)
                 mapped_counts[label] = mapped_counts.get(label, 0) + 1
-                batcher_add(mapped.key, PendingEvent(inflight, outcome, mapped))
+                sender_add(mapped.key, PendingEvent(inflight, outcome, mapped))
             for invalid in outcome.invalid:
                 self._dead_letter_invalid(inflight, outcome, invalid)
             self._count_skip(outcome)
         inflight.finish_one()
 
-    def _message_finished(self, message: InflightMessage) -> None:
+    def message_finished(self, message: InflightMessage) -> None:
+        key = (message.topic, message.partition)
+        open_messages = self._open.get(key)
+        if open_messages is not None:
+            open_messages.pop(message.offset, None)
         self._inflight -= 1
         self.messages_finished += 1
-        if not message.tracker.revoked:
-            message.tracker.finish(message.offset)
-        if self._paused and self._inflight <= self._resume_below:
+        self._ledger.finish(key, message.offset)
+        if self._pause.paused and self._inflight <= self._resume_below:
             self._set_paused(False)
 
     def _set_paused(self, paused: bool) -> None:
-        self._paused = paused
-        if self._committer is not None:
-            self._committer.set_paused(paused)
+        self._pause.paused = paused
         self._log.info("backpressure " + ("on" if paused else "off"), inflight=self._inflight)
 
     def _count_skip(self, outcome: EventOutcome) -> None:
@@ -275,6 +258,9 @@ class Pipeline:
             self._metrics.events_delivered.labels(destination=destination).inc(count)
 
     def on_failed(self, events: Sequence[PendingEvent], failure: Failure) -> None:
+        events = [e for e in events if not e.message.dropped]
+        if not events:
+            return
         self._log.warning(
             "dead-lettering events",
             reason=failure.reason,

@@ -34,27 +34,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from worker.config import Config
-from worker.delivery.client import SendResult, TikTokClient
 from worker.delivery.factory import build_delivery
-from worker.delivery.inflight import InflightMessage, PendingEvent
-from worker.delivery.sender import Failure
-from worker.errors import ConfigError, WorkerError
-from worker.kafka.deadletters import HEADER_PREFIX, DeadLetter, DeadLetterProducer, producer_config
+from worker.delivery.inflight import Failure, InflightMessage, PendingEvent
+from worker.errors import ConfigError, FatalLatch, WorkerError
+from worker.kafka.deadletters import DeadLetter, DeadLetterProducer, producer_config
 from worker.kafka.dlq_reader import (
-    REDRIVE_COUNT_HEADER,
     BoundedReader,
     DeadLetterRecord,
     list_redrive_progress,
     reader_config,
 )
-from worker.kafka.offsets import PartitionTracker
+from worker.kafka.offsets import OffsetLedger, TopicPartitionKey
 from worker.kafka.preflight import preflight
 from worker.mapping.mapper import EventOutcome, Mapper
 from worker.observability.metrics import DLQ_REASONS, Metrics
@@ -213,66 +209,14 @@ class RedriveStats:
         return self.redriven - self.delivered - self.failed_again - self.unmapped
 
 
-class RedriveDeadLetter(DeadLetter):
-    """A dead letter written back by a redrive: the SPEC header set plus `dlq.redrive.count`."""
+class _RecordWork:
+    """One dead letter being redriven: the events sent and the failures seen so far."""
 
-    __slots__ = ("redrive_count",)
+    __slots__ = ("failures", "message", "record", "sent")
 
-    def __init__(self, *, redrive_count: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.redrive_count = redrive_count
-
-    def headers(self, *, now: dt.datetime | None = None) -> list[tuple[str, str | bytes | None]]:
-        items = super().headers(now=now)
-        items.append((HEADER_PREFIX + REDRIVE_COUNT_HEADER, str(self.redrive_count).encode()))
-        return items
-
-
-class GatedClient(TikTokClient):
-    """The worker's client, plus a gate for stopping: after `close_gate()` no new request
-    starts (the caller waits until cancelled), and `on_wire` counts requests under way."""
-
-    __slots__ = ("_gate_open", "on_wire")
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._gate_open = True
-        self.on_wire = 0
-
-    def close_gate(self) -> None:
-        self._gate_open = False
-
-    async def send(self, body: bytes, *, access_token: str) -> SendResult:
-        if not self._gate_open:
-            await asyncio.get_running_loop().create_future()  # until Sender.close() cancels
-        self.on_wire += 1
-        try:
-            return await super().send(body, access_token=access_token)
-        finally:
-            self.on_wire -= 1
-
-
-class _RecordWork(InflightMessage):
-    """One dead letter being redriven: its events in flight and the failures seen so far."""
-
-    __slots__ = ("failures", "record", "sent")
-
-    def __init__(
-        self,
-        record: DeadLetterRecord,
-        tracker: PartitionTracker,
-        on_finished: Callable[[InflightMessage], None],
-    ) -> None:
-        super().__init__(
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            timestamp_ms=record.timestamp_ms,
-            key=record.key,
-            tracker=tracker,
-            on_finished=on_finished,
-        )
+    def __init__(self, record: DeadLetterRecord, message: InflightMessage) -> None:
         self.record = record
+        self.message = message
         self.sent = 0
         # (destination, outcome index) -> (outcome, failure): one write-back per pair.
         self.failures: dict[tuple[str | None, int], tuple[EventOutcome, Failure]] = {}
@@ -312,30 +256,22 @@ class Redrive:
         self._on_progress = on_progress
         self._max_inflight = max_inflight
         self.stats = RedriveStats(to_read=reader.total)
-        self._trackers: dict[int, PartitionTracker] = {}
+        self._offsets = OffsetLedger()
+        self._works: dict[InflightMessage, _RecordWork] = {}
         self._stop = asyncio.Event()
         self._abandon = asyncio.Event()
-        self.fatal: BaseException | None = None
+        self._fatal = FatalLatch()
+        self._fatal.subscribe(self._on_fatal)
         self.ledger_warning: str | None = None
         self._mapper = Mapper(config)
         self._destinations = {d.name for d in config.destinations}
-        self._delivery = build_delivery(
-            config,
-            metrics=metrics,
-            log=log,
-            on_delivered=self._on_delivered,
-            on_failed=self._on_failed,
-            client_factory=GatedClient,
-        )
-        client = self._delivery.client
-        assert isinstance(client, GatedClient)  # built by client_factory above
-        self._client = client
-        self._batcher = self._delivery.batcher
+        self._delivery = build_delivery(config, metrics=metrics, log=log, on_crash=self._fatal.trip)
+        self._sender = self._delivery.sender
         self._dead_letters = DeadLetterProducer(
             config=producer_config(config.kafka.bootstrap_servers, config.kafka.client),
             topic=config.kafka.dead_letter_topic,
             metrics=metrics,
-            on_fatal=self._on_fatal,
+            on_fatal=self._fatal.trip,
         )
 
     @classmethod
@@ -402,9 +338,12 @@ class Redrive:
             self._abandon.set()
         self._stop.set()
 
-    def _on_fatal(self, exc: BaseException) -> None:
-        if self.fatal is None:
-            self.fatal = exc
+    @property
+    def fatal(self) -> BaseException | None:
+        return self._fatal.error
+
+    def _on_fatal(self, _exc: BaseException) -> None:
+        self._offsets.halt()
         self._stop.set()
         self._abandon.set()
 
@@ -415,19 +354,20 @@ class Redrive:
         loop = asyncio.get_running_loop()
         kafka = self._config.kafka
         self._dead_letters.start()
-        committer = loop.create_task(self._commit_forever(kafka.commit_interval_s))
+        committer = loop.create_task(
+            self._offsets.commit_every(kafka.commit_interval_s, self._commit, self._commit_failed)
+        )
         try:
             await self._read_loop(loop)
-            self._batcher.flush()
+            self._sender.flush()
             await self._drain(kafka.drain_timeout_s)
         finally:
             committer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await committer
-            await self._delivery.sender.close()  # abandons gated or backing-off deliveries
+            await self._sender.close()  # abandons gated or backing-off deliveries
             await self._dead_letters.close(timeout_s=5.0)
-            if self.fatal is None:
-                await self._commit_once()
+            await self._offsets.commit_once(self._commit)  # nothing after a fatal error
             await loop.run_in_executor(None, self._reader.close)
             await self._delivery.close()
         if self.fatal is not None:
@@ -474,9 +414,9 @@ class Redrive:
         while self.stats.inflight and not self._abandon.is_set():
             if self._stop.is_set():
                 if deadline is None:
-                    self._client.close_gate()
+                    self._sender.close_gate()
                     deadline = loop.time() + stop_timeout_s
-                quiet = self._client.on_wire == 0 and self._dead_letters.pending == 0
+                quiet = self._sender.on_wire == 0 and self._dead_letters.pending == 0
                 if quiet or loop.time() >= deadline:
                     return
             await asyncio.sleep(DRAIN_POLL_S)
@@ -485,56 +425,61 @@ class Redrive:
 
     def _take(self, record: DeadLetterRecord) -> None:
         stats = self.stats
-        tracker = self._trackers.get(record.partition)
-        if tracker is None:
-            tracker = self._trackers[record.partition] = PartitionTracker()
-        tracker.begin(record.offset)
+        where: TopicPartitionKey = (record.topic, record.partition)
+        self._offsets.begin(where, record.offset)
         stats.read += 1
         if not self._filter.matches(record):
             stats.skipped_filter += 1
-            tracker.finish(record.offset)
+            self._offsets.finish(where, record.offset)
             return
         if self._ledger.handled_by(record, exclude=self.group_id) is not None:
             stats.skipped_redriven += 1
-            tracker.finish(record.offset)
+            self._offsets.finish(where, record.offset)
             return
         target = record.destination
         if target is not None and target not in self._destinations:
             stats.skipped_unconfigured[target] = stats.skipped_unconfigured.get(target, 0) + 1
-            tracker.finish(record.offset)
+            self._offsets.finish(where, record.offset)
             return
         stats.redriven += 1
-        work = _RecordWork(record, tracker, self._record_finished)
-        work.add_work()  # held while dispatching, so nothing finishes the record early
+        message = InflightMessage(
+            owner=self,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            timestamp_ms=record.timestamp_ms,
+            key=record.key,
+        )
+        work = self._works[message] = _RecordWork(record, message)
+        message.add_work()  # held while dispatching, so nothing finishes the record early
         for outcome in self._mapper.map_message(record.value):
             for mapped in outcome.mapped:
                 if target is not None and mapped.destination != target:
                     continue  # that destination already has it (or never failed)
-                work.add_work()
+                message.add_work()
                 work.sent += 1
                 stats.events_sent += 1
-                self._batcher.add(mapped.key, PendingEvent(work, outcome, mapped))
+                self._sender.add(mapped.key, PendingEvent(message, outcome, mapped))
             for invalid in outcome.invalid:
                 if target is not None and invalid.destination not in (None, target):
                     continue
                 failure = Failure(invalid.reason, invalid.error, None, 0)
                 work.fail(target if target is not None else invalid.destination, outcome, failure)
-        work.finish_one()
+        message.finish_one()
 
-    def _on_delivered(self, events: Sequence[PendingEvent]) -> None:
+    # -- WorkOwner: the sender reports here ----------------------------------------------------
+
+    def on_delivered(self, events: Sequence[PendingEvent]) -> None:
         for event in events:
             event.message.finish_one()
 
-    def _on_failed(self, events: Sequence[PendingEvent], failure: Failure) -> None:
+    def on_failed(self, events: Sequence[PendingEvent], failure: Failure) -> None:
         for event in events:
-            work = event.message
-            assert isinstance(work, _RecordWork)
-            work.fail(event.mapped.destination, event.outcome, failure)
-            work.finish_one()
+            self._works[event.message].fail(event.mapped.destination, event.outcome, failure)
+            event.message.finish_one()
 
-    def _record_finished(self, message: InflightMessage) -> None:
-        assert isinstance(message, _RecordWork)
-        work = message
+    def message_finished(self, message: InflightMessage) -> None:
+        work = self._works.pop(message)
         if not work.failures:
             if work.sent:
                 self.stats.delivered += 1
@@ -553,7 +498,7 @@ class Redrive:
 
         record = work.record
         for (destination, _index), (outcome, failure) in work.failures.items():
-            letter = RedriveDeadLetter(
+            letter = DeadLetter(
                 redrive_count=record.redrive_count + 1,
                 reason=failure.reason,
                 error=failure.error,
@@ -580,7 +525,8 @@ class Redrive:
             )
 
     def _handled(self, work: _RecordWork) -> None:
-        work.tracker.finish(work.offset)
+        record = work.record
+        self._offsets.finish((record.topic, record.partition), record.offset)
         self._progress()
 
     def _progress(self) -> None:
@@ -589,22 +535,9 @@ class Redrive:
 
     # -- commits -------------------------------------------------------------------------------
 
-    async def _commit_once(self) -> None:
-        offsets: dict[int, int] = {}
-        for partition, tracker in self._trackers.items():
-            offset = tracker.pending_commit()
-            if offset is not None:
-                offsets[partition] = offset
-        if not offsets:
-            return
-        await asyncio.get_running_loop().run_in_executor(None, self._reader.commit, offsets)
-        for partition, offset in offsets.items():
-            self._trackers[partition].mark_committed(offset)
+    async def _commit(self, offsets: dict[TopicPartitionKey, int]) -> None:
+        by_partition = {partition: offset for (_topic, partition), offset in offsets.items()}
+        await asyncio.get_running_loop().run_in_executor(None, self._reader.commit, by_partition)
 
-    async def _commit_forever(self, interval_s: float) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await self._commit_once()
-            except WorkerError as exc:  # retried at the next interval; at-least-once holds
-                self._log.warning("redrive commit failed", error=str(exc))
+    def _commit_failed(self, exc: Exception) -> None:
+        self._log.warning("redrive commit failed", error=str(exc))

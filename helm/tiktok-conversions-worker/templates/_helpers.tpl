@@ -136,6 +136,13 @@ The worker config as YAML: the `config` values with the computed rate_limit.expe
 {{- $_ := set $rl "expected_replicas" (include "tiktok-worker.maxReplicas" . | int) }}
 {{- end }}
 {{- $_ := set $cfg "rate_limit" $rl }}
+{{- if .Values.staticMembership }}
+{{- $kafka := default dict $cfg.kafka }}
+{{- $client := default dict $kafka.client }}
+{{- $_ := set $client "group.instance.id" "${POD_NAME}" }}
+{{- $_ := set $kafka "client" $client }}
+{{- $_ := set $cfg "kafka" $kafka }}
+{{- end }}
 {{- toYaml $cfg }}
 {{- end }}
 
