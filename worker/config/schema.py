@@ -27,6 +27,7 @@ from worker.errors import ConfigError
 from worker.mapping.spec import DestinationConfig, NonEmptyStr
 
 __all__ = [
+    "CircuitConfig",
     "Config",
     "HttpConfig",
     "KafkaConfig",
@@ -54,6 +55,8 @@ class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     topics: Annotated[tuple[NonEmptyStr, ...], msgspec.Meta(min_length=1)] = ("segment-events",)
     group_id: NonEmptyStr = "tiktok-conversions"
     dead_letter_topic: NonEmptyStr = "segment-events.tiktok-dlq"
+    # Parked events (SPEC §4); consumed by the workers as group `<group_id>.retry`.
+    retry_topic: NonEmptyStr = "segment-events.tiktok-retry"
     # librdkafka properties passed verbatim (security.protocol, sasl.*, ssl.*, ...).
     # (Values are checked in _check_semantics, so the error can name the property.)
     client: dict[str, Any] = msgspec.field(default_factory=dict)
@@ -65,7 +68,14 @@ class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
 class RetryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     initial_backoff_s: PositiveFloat = 0.5
     max_backoff_s: PositiveFloat = 60.0
+    in_memory_s: PositiveFloat = 30.0  # retry in memory this long, then park
     deadline_s: PositiveFloat = 3600.0
+
+
+class CircuitConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    failure_threshold: PositiveInt = 5  # consecutive failed requests that open it
+    open_s: PositiveFloat = 30.0  # first pause before a probe; doubles up to max_open_s
+    max_open_s: PositiveFloat = 300.0
 
 
 class TikTokConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -76,6 +86,7 @@ class TikTokConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     max_concurrent_requests: PositiveInt = 64  # all lanes together
     lane_concurrency: PositiveInt = 8  # requests in flight per lane (request key)
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
+    circuit: CircuitConfig = msgspec.field(default_factory=CircuitConfig)
     # Segment's destination always sends "Segment"; keeping it means the same bodies TikTok
     # already accepts for this customer. null omits the key.
     partner_name: NonEmptyStr | None = "Segment"
@@ -297,6 +308,19 @@ def _check_semantics(config: Config) -> None:
     retry = config.tiktok.retry
     if retry.max_backoff_s < retry.initial_backoff_s:
         raise ConfigError("tiktok.retry.max_backoff_s: must be >= tiktok.retry.initial_backoff_s")
+    if retry.in_memory_s > retry.deadline_s:
+        raise ConfigError("tiktok.retry.in_memory_s: must be <= tiktok.retry.deadline_s")
+    circuit = config.tiktok.circuit
+    if circuit.max_open_s < circuit.open_s:
+        raise ConfigError("tiktok.circuit.max_open_s: must be >= tiktok.circuit.open_s")
+    kafka = config.kafka
+    if kafka.retry_topic == kafka.dead_letter_topic:
+        raise ConfigError(
+            "kafka.retry_topic: must differ from kafka.dead_letter_topic "
+            "(parked events are delivered again, dead letters are not)"
+        )
+    if kafka.retry_topic in kafka.topics:
+        raise ConfigError("kafka.retry_topic: must not be one of kafka.topics")
     for key, value in config.kafka.client.items():
         if not isinstance(value, ClientValue):
             raise ConfigError(

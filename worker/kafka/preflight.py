@@ -1,22 +1,29 @@
 """The start-up check every Kafka-using command runs first: is the cluster reachable with these
-settings, and does the dead-letter topic exist? One line and a bounded wait, never a hang."""
+settings, and does the dead-letter topic exist? One line and a bounded wait, never a hang.
+
+`tiktok-worker run` also checks the retry topic (`kafka.retry_topic`): it must exist and take
+a write. The write is one probe record (no value, header `retry.probe`) that the workers skip
+when they read it back."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
 from worker.config import Config
 from worker.errors import ConfigError, WorkerError
+from worker.kafka.acked import producer_config
+from worker.kafka.parking import PROBE_HEADER
 from worker.observability.logs import kafka_logger
 
 PREFLIGHT_TIMEOUT_S = 15.0
 
 
-def preflight(config: Config) -> None:
-    """Fail fast, in one line, when Kafka is unreachable or the dead-letter topic is missing."""
+def preflight(config: Config, *, retry_topic: bool = False) -> None:
+    """Fail fast, in one line, when Kafka is unreachable or the dead-letter topic is missing
+    (with `retry_topic`: or the retry topic is missing or refuses a write)."""
     conf: dict[str, Any] = {"bootstrap.servers": config.kafka.bootstrap_servers}
     conf.update(config.kafka.client)
     conf["logger"] = kafka_logger()  # never polled: librdkafka's retries stay off stderr
@@ -36,3 +43,32 @@ def preflight(config: Config) -> None:
             f"dead-letter topic {dlq_topic!r} does not exist on "
             f"{config.kafka.bootstrap_servers}: create it before starting the worker"
         )
+    if retry_topic:
+        _check_retry_topic(config, metadata)
+
+
+def _check_retry_topic(config: Config, metadata: Any) -> None:
+    kafka = config.kafka
+    topic = kafka.retry_topic
+    if topic not in metadata.topics or metadata.topics[topic].error is not None:
+        raise WorkerError(
+            f"retry topic {topic!r} does not exist on {kafka.bootstrap_servers}: "
+            "create it before starting the worker (kafka.retry_topic)"
+        )
+    conf = producer_config(kafka.bootstrap_servers, kafka.client, suffix="preflight")
+    conf["logger"] = kafka_logger()
+    conf["message.timeout.ms"] = int(PREFLIGHT_TIMEOUT_S * 1000)
+    producer = Producer(conf)
+    outcome: list[KafkaError | None] = []
+    producer.produce(
+        topic,
+        value=None,
+        headers=[(PROBE_HEADER, b"1")],
+        on_delivery=lambda err, _msg: outcome.append(err),
+    )
+    producer.flush(PREFLIGHT_TIMEOUT_S + 5)
+    if not outcome:
+        raise WorkerError(f"retry topic {topic!r}: no answer to a test write within the timeout")
+    err = outcome[0]
+    if err is not None:
+        raise WorkerError(f"retry topic {topic!r} is not writable: {err.str()}")

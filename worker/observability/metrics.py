@@ -7,7 +7,8 @@ vocabularies below. Never a user id, event id or message content.
 Counters and histograms are exposed without their `_created` series (prometheus_client adds one
 per child by default): they would double the series count and no dashboard or rule reads them.
 Who updates what: the pipeline (consumed, mapped, skipped, delivered, in-flight), the sender
-(requests, latency, batch size, retries), the dead-letter producer (dead letters, on broker
+(requests, latency, batch size, retries, circuit state), the retry producer (parked), the
+retry intake (parked events waiting), the dead-letter producer (dead letters, on broker
 acknowledgement), the rate limiter (wait, fallback), the consumer thread (paused, assigned,
 commits, last commit, rebalances) and `worker.kafka.lag` (consumer lag).
 """
@@ -39,6 +40,8 @@ REQUEST_OUTCOMES: Final = (
     "permanent_error",
     "auth_error",
 )
+# Why events were parked in the retry topic (worker.kafka.parking.PARK_REASONS).
+PARK_REASONS: Final = ("retryable", "throttled", "auth_error", "circuit_open")
 COMMIT_RESULTS: Final = ("ok", "error")
 REBALANCE_KINDS: Final = ("assign", "revoke", "lost")
 
@@ -123,6 +126,23 @@ class Metrics:
             p + "lane_inflight_events",
             "Events queued or in requests, per destination lane.",
             ["destination"],
+            registry=r,
+        )
+        self.circuit_state = Gauge(
+            p + "destination_circuit_state",
+            "Circuit of each destination: 0 closed, 1 half-open (one probe), 2 open (parking).",
+            ["destination"],
+            registry=r,
+        )
+        self.events_parked = Counter(
+            p + "events_parked",
+            "Events written to the retry topic (acknowledged by the broker), by reason.",
+            ["destination", "reason"],
+            registry=r,
+        )
+        self.parked_waiting = Gauge(
+            p + "parked_waiting_events",
+            "Parked events this worker has read from the retry topic and holds until due.",
             registry=r,
         )
         self.inflight_messages = Gauge(

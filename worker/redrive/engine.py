@@ -41,7 +41,7 @@ from typing import Any, Final
 
 from worker.config import Config
 from worker.delivery.factory import build_delivery
-from worker.delivery.inflight import Failure, InflightMessage, PendingEvent
+from worker.delivery.inflight import Failure, InflightMessage, Parking, PendingEvent
 from worker.errors import ConfigError, FatalLatch, WorkerError
 from worker.kafka.deadletters import DeadLetter, DeadLetterProducer, producer_config
 from worker.kafka.dlq_reader import (
@@ -477,6 +477,12 @@ class Redrive:
         for event in events:
             self._works[event.message].fail(event.mapped.destination, event.outcome, failure)
             event.message.finish_one()
+
+    def on_parked(self, events: Sequence[PendingEvent], parking: Parking) -> None:
+        # Redrive's sender is built without parking; were it ever to park, the events go
+        # back to the dead-letter topic like any other failure.
+        reason = "auth_error" if parking.reason == "auth_error" else "retries_exhausted"
+        self.on_failed(events, Failure(reason, parking.error, parking.code, parking.attempts))
 
     def message_finished(self, message: InflightMessage) -> None:
         work = self._works.pop(message)
