@@ -109,6 +109,12 @@ class Circuit:
         if self._failures >= self._policy.failure_threshold:
             self._open(self._open_for)
 
+    def probe_unused(self) -> None:
+        """The probe was granted but nothing was sent (its events were dropped)."""
+        if self.state is CircuitState.HALF_OPEN:
+            self._open_until = self._clock()
+            self._set(CircuitState.OPEN)
+
     def retry_in(self) -> float:
         """Seconds until this destination may be tried again (0 when closed)."""
         now = self._clock()

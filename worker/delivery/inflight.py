@@ -1,8 +1,9 @@
 """Units of in-flight work: a consumed Kafka message and the TikTok events mapped from it.
 
 A message is finished when every event it produced is finished: delivered, skipped, or parked
-in the retry topic or dead-lettered and acknowledged by the broker. Its owner (the pipeline, or a redrive) is told, and
-marks the offset in its ledger (see `worker.kafka.offsets`).
+in the retry topic or dead-lettered and acknowledged by the broker. Its owner (the pipeline,
+the retry intake, or a redrive) is told, and marks the offset in its ledger (see
+`worker.kafka.offsets`).
 
 Each message names its owner, so the sender reports an event's fate to whoever made it: the
 sender is built before its users and never needs callbacks wired in afterwards.
@@ -36,13 +37,17 @@ class Failure:
 class Parking:
     """Why events are being parked in the retry topic instead of retried in memory.
 
-    `reason`: retryable | throttled | auth_error | circuit_open. `first_failed_at` is the wall
+    `reason`: retryable | throttled | auth_error | circuit_open. `failure`: the kind of the
+    destination's last failed request (retryable | throttled | auth_error), also when these
+    events were parked unsent because the circuit was open; `error` and `code` are that
+    request's. `first_failed_at` is the wall
     time of the first failed request of this delivery (None when no request was made: the
     circuit was open). `retry_in_s` is the earliest sensible next attempt (the circuit's pause
     or the backoff); the owner turns it into the parked record's due time.
     """
 
     reason: str
+    failure: str
     error: str
     code: int | None
     attempts: int

@@ -135,6 +135,8 @@ class ConsumerThread:
         self._pause = pause
         self._paused: set[TopicPartitionKey] = set()
         self._assigned: set[TopicPartitionKey] = set()
+        # What this thread added to the shared gauges (the worker runs two consumers).
+        self._shown = {"assigned": 0, "paused": 0}
         self._thread = threading.Thread(target=self._run, name="kafka-consumer", daemon=True)
         self.heartbeat = time.monotonic()  # read by /healthz
         self.brokers_down = False  # read by /readyz
@@ -242,7 +244,7 @@ class ConsumerThread:
             if todo:
                 self._consumer.resume([TopicPartition(t, p) for t, p in todo])
             self._paused.clear()
-        self._metrics.paused_partitions.set(len(self._paused))
+        self._show()
 
     def _commit(self, offsets: Mapping[TopicPartitionKey, int]) -> None:
         owned = {tp: o for tp, o in offsets.items() if tp in self._assigned}
@@ -265,7 +267,7 @@ class ConsumerThread:
         keys = [(tp.topic, tp.partition) for tp in partitions]
         self._assigned.update(keys)
         self._metrics.rebalances.labels(kind="assign").inc()
-        self._metrics.assigned_partitions.set(len(self._assigned))
+        self._show()
         self._log.info("partitions assigned", partitions=_fmt(keys))
         self._call_on_loop(self._sink.on_assigned, keys)
 
@@ -291,7 +293,7 @@ class ConsumerThread:
     def _forget(self, keys: Sequence[TopicPartitionKey]) -> None:
         self._assigned.difference_update(keys)
         self._paused.difference_update(keys)
-        self._metrics.assigned_partitions.set(len(self._assigned))
+        self._show()
         for topic, partition in keys:
             with contextlib.suppress(KeyError):
                 self._metrics.consumer_lag.remove(topic, str(partition))
@@ -320,6 +322,17 @@ class ConsumerThread:
             self._log.debug("kafka error", error=error.str())
 
     # -- helpers -------------------------------------------------------------------------------
+
+    def _show(self) -> None:
+        """Add this consumer's change to the assigned/paused gauges (shared by two consumers)."""
+        for name, gauge, count in (
+            ("assigned", self._metrics.assigned_partitions, len(self._assigned)),
+            ("paused", self._metrics.paused_partitions, len(self._paused)),
+        ):
+            delta = count - self._shown[name]
+            if delta:
+                gauge.inc(delta)
+                self._shown[name] = count
 
     def _call_on_loop(self, fn: Callable[..., None], *args: Any) -> None:
         self._loop.call_soon_threadsafe(fn, *args)

@@ -46,6 +46,7 @@ class DeadLetter:
         "original_topic",
         "reason",
         "redrive_count",
+        "value_omitted",
     )
 
     def __init__(
@@ -62,6 +63,7 @@ class DeadLetter:
         attempts: int = 0,
         batch_index: int | None = None,
         redrive_count: int | None = None,
+        value_omitted: int | None = None,
     ) -> None:
         self.reason = reason
         self.error = error
@@ -75,6 +77,8 @@ class DeadLetter:
         self.batch_index = batch_index
         # Set only on letters written back by `dlq redrive` (header `dlq.redrive.count`).
         self.redrive_count = redrive_count
+        # Set on a reference-only letter: the size of the original value left out.
+        self.value_omitted = value_omitted
 
     def headers(self, *, now: dt.datetime | None = None) -> list[tuple[str, str | bytes | None]]:
         """The SPEC §4 header set, in a stable order."""
@@ -97,6 +101,8 @@ class DeadLetter:
             items.append(("batch_index", str(self.batch_index)))
         if self.redrive_count is not None:
             items.append((REDRIVE_COUNT_HEADER, str(self.redrive_count)))
+        if self.value_omitted is not None:
+            items.append(("value_omitted", str(self.value_omitted)))
         return [(HEADER_PREFIX + k, v.encode()) for k, v in items]
 
 
@@ -139,7 +145,9 @@ class DeadLetterProducer(AckedProducer):
 
         def reference_only() -> None:
             # The provenance headers find the source record; the value stays behind.
-            headers = [*letter.headers(), *omitted_headers(HEADER_PREFIX, value)]
+            headers = letter.headers()
+            if letter.value_omitted is None:
+                headers += omitted_headers(HEADER_PREFIX, value)
             self._produce(value=None, key=short_key(key), headers=headers, on_written=written)
 
         self._produce(

@@ -6,6 +6,8 @@ multi-event message, like a dead letter). Headers, all UTF-8 text (docs/parking.
   retry.destination         the one destination the event is parked for
   retry.subscription        the subscription that mapped it (delivery maps only that one)
   retry.reason              why it was parked: retryable | throttled | auth_error | circuit_open
+  retry.failure             the kind of the last failed request: retryable | throttled |
+                            auth_error (decides the dead-letter reason at the deadline)
   retry.error               the last error, short text (no PII, no token)
   retry.tiktok.code         TikTok's code of the last error, when there was one
   retry.attempts            requests made for it so far, over all its parkings
@@ -33,6 +35,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from worker.kafka.acked import AckedProducer, short_key
+from worker.observability.metrics import PARK_REASONS, Metrics
 
 __all__ = [
     "PARK_REASONS",
@@ -48,7 +51,6 @@ __all__ = [
 RETRY_PREFIX: Final = "retry."
 # Written by the start-up check that the retry topic is writable; consumers skip it.
 PROBE_HEADER: Final = "retry.probe"
-PARK_REASONS: Final = ("retryable", "throttled", "auth_error", "circuit_open")
 
 
 def iso(ts: float) -> str:
@@ -76,6 +78,7 @@ class Parked:
     destination: str
     subscription: str | None
     reason: str
+    failure: str
     error: str
     code: int | None
     attempts: int
@@ -95,6 +98,7 @@ class Parked:
             ("destination", self.destination),
             ("subscription", self.subscription or ""),
             ("reason", self.reason),
+            ("failure", self.failure),
             ("error", self.error[:500]),
         ]
         if self.code is not None:
@@ -150,6 +154,7 @@ class Parked:
             destination=get("destination"),
             subscription=opt("subscription"),
             reason=get("reason"),
+            failure=opt("failure") or "retryable",
             error=headers.get(RETRY_PREFIX + "error", ""),
             code=num("tiktok.code", opt("tiktok.code")),
             attempts=num("attempts", get("attempts")) or 0,
@@ -183,8 +188,8 @@ class RetryProducer(AckedProducer):
         *,
         config: dict[str, Any],
         topic: str,
+        metrics: Metrics,
         on_fatal: Callable[[BaseException], None],
-        on_parked: Callable[[Parked], None] | None = None,
         producer: Any | None = None,
         partitions: int = 1,
     ) -> None:
@@ -192,7 +197,7 @@ class RetryProducer(AckedProducer):
             config=config, topic=topic, what="retry topic", on_fatal=on_fatal, producer=producer
         )
         self.partitions = partitions
-        self._on_parked = on_parked
+        self._metrics = metrics
 
     def learn_partitions(self, timeout_s: float = 15.0) -> int:
         """Read the retry topic's partition count (blocking; call before the first `park`)."""
@@ -214,8 +219,9 @@ class RetryProducer(AckedProducer):
 
         def written(record: Parked) -> Callable[[], None]:
             def done() -> None:
-                if self._on_parked is not None:
-                    self._on_parked(record)
+                self._metrics.events_parked.labels(
+                    destination=record.destination, reason=record.reason
+                ).inc()
                 on_written()
 
             return done
@@ -243,4 +249,3 @@ class RetryProducer(AckedProducer):
     def probe(self, on_written: Callable[[], None]) -> None:
         """A record with no value and a `retry.probe` header: proves the topic is writable."""
         self._produce(value=None, key=None, headers=[(PROBE_HEADER, b"1")], on_written=on_written)
-

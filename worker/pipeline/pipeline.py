@@ -31,14 +31,15 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Message
 
-from worker.delivery.inflight import Failure, InflightMessage, PendingEvent
+from worker.delivery.inflight import Failure, InflightMessage, Parking, PendingEvent
 from worker.delivery.sender import Sender
 from worker.errors import FatalLatch, WorkerError
 from worker.kafka.consumer import PauseSwitch
-from worker.kafka.deadletters import DeadLetter, DeadLetterProducer
+from worker.kafka.deadletters import DeadLetterProducer
 from worker.kafka.offsets import OffsetLedger, TopicPartitionKey
 from worker.mapping.mapper import EventOutcome, InvalidEvent, Mapper
 from worker.observability.metrics import Metrics
+from worker.pipeline.parker import Parker, dead_letter
 
 DRAIN_POLL_S = 0.02
 
@@ -59,10 +60,12 @@ class Pipeline:
         log: Any,
         max_inflight_messages: int,
         drain_timeout_s: float,
+        parker: Parker | None = None,
     ) -> None:
         self._mapper = mapper
         self._sender = sender
         self._dead_letters = dead_letters
+        self._parker = parker
         self._ledger = ledger
         self._pause = pause
         self._fatal = fatal
@@ -133,7 +136,7 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._drain_timeout_s
         while (
-            self._ledger.inflight(partitions)
+            self._draining(partitions)
             and loop.time() < deadline
             and self._fatal.error is None  # after a fatal error nothing more will finish
         ):
@@ -145,6 +148,10 @@ class Pipeline:
                 "drain timed out; unfinished work dropped for the next owner", messages=dropped
             )
         return offsets
+
+    def _draining(self, partitions: Sequence[TopicPartitionKey]) -> int:
+        """Messages of `partitions` a revoke waits for."""
+        return self._ledger.inflight(partitions)
 
     def on_lost(self, partitions: Sequence[TopicPartitionKey]) -> None:
         self._ledger.release(partitions)
@@ -281,6 +288,15 @@ class Pipeline:
                 attempts=failure.attempts,
             )
 
+    def on_parked(self, events: Sequence[PendingEvent], parking: Parking) -> None:
+        parker = self._parker
+        if parker is None:  # built without a retry topic: parking means giving up
+            reason = "auth_error" if parking.failure == "auth_error" else "retries_exhausted"
+            self.on_failed(events, Failure(reason, parking.error, parking.code, parking.attempts))
+            return
+        for event in events:
+            parker.park(event, parking)
+
     def _dead_letter_invalid(
         self, message: InflightMessage, outcome: EventOutcome, invalid: InvalidEvent
     ) -> None:
@@ -304,18 +320,13 @@ class Pipeline:
         attempts: int = 0,
     ) -> None:
         """Write the event's own bytes with its provenance; the ack finishes one unit of work."""
-        letter = DeadLetter(
+        dead_letter(
+            self._dead_letters,
+            message,
+            outcome,
             reason=reason,
             error=error,
-            original_topic=message.topic,
-            original_partition=message.partition,
-            original_offset=message.offset,
-            original_timestamp_ms=message.timestamp_ms,
             destination=destination,
             code=code,
             attempts=attempts,
-            batch_index=outcome.index if outcome.multi else None,
-        )
-        self._dead_letters.send(
-            value=outcome.raw, key=message.key, letter=letter, on_written=message.finish_one
         )
