@@ -119,6 +119,11 @@ def destination(
     return {"name": name, "pixel_code": pixel, "access_token": token, **extra}
 
 
+def retry_topic_for(dlq_topic: str) -> str:
+    """The retry topic the test configs use next to a dead-letter topic (create both)."""
+    return dlq_topic + ".retry"
+
+
 def worker_config(
     *,
     bootstrap: str,
@@ -140,6 +145,7 @@ def worker_config(
             "topics": [topic],
             "group_id": group_id,
             "dead_letter_topic": dlq_topic,
+            "retry_topic": retry_topic_for(dlq_topic),
             "commit_interval_s": 0.5,
             "drain_timeout_s": 10,
             **(kafka or {}),

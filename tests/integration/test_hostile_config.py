@@ -28,6 +28,7 @@ from devkit.harness import (
     destination,
     metric_value,
     produce,
+    retry_topic_for,
     wait_until,
     worker_config,
     write_config,
@@ -76,6 +77,7 @@ def topics(kafka: Any) -> tuple[str, str]:
     topic, dlq = f"hostile-{suffix}", f"hostile-{suffix}.dlq"
     kafka.create_topic(topic, partitions=1)
     kafka.create_topic(dlq, partitions=1)
+    kafka.create_topic(retry_topic_for(dlq), partitions=1)
     return topic, dlq
 
 

@@ -31,6 +31,7 @@ from devkit.harness import (
     committed_offsets,
     metric_value,
     produce,
+    retry_topic_for,
     wait_until,
     worker_config,
     write_config,
@@ -65,6 +66,7 @@ class Stack:
         self.group = f"obs-group-{suffix}"
         kafka.create_topic(self.topic, partitions=partitions)
         kafka.create_topic(self.dlq_topic, partitions=1)
+        kafka.create_topic(retry_topic_for(self.dlq_topic), partitions=1)
         self.fake = FakeTikTokProcess(tmp_path).start()
         self.worker: WorkerProcess | None = None
         self.events = SampleEvents(seed=11, prefix=f"obs{suffix}")

@@ -40,6 +40,7 @@ from devkit.harness import (
     headers_of,
     produce,
     read_topic,
+    retry_topic_for,
     wait_until,
     worker_config,
     write_config,
@@ -184,6 +185,7 @@ def test_no_token_or_raw_pii_leaves_the_worker_except_hashed_in_bodies(
     topic, dlq_topic, group = f"pii-{suffix}", f"pii-{suffix}.dlq", f"pii-{suffix}"
     kafka.create_topic(topic, partitions=2)
     kafka.create_topic(dlq_topic, partitions=1)
+    kafka.create_topic(retry_topic_for(dlq_topic), partitions=1)
 
     delivered = [f"pii-ok-{suffix}-{i}" for i in range(6)]
     rejected = f"pii-rejected-{suffix}"
