@@ -116,6 +116,7 @@ class ConsumerThread:
         drain_timeout_s: float,
         pause: PauseSwitch,
         batch_size: int = 2000,
+        report_partitions: bool = True,
         consumer_factory: Callable[[dict[str, Any]], Any] = Consumer,
     ) -> None:
         self._topics = list(topics)
@@ -135,7 +136,10 @@ class ConsumerThread:
         self._pause = pause
         self._paused: set[TopicPartitionKey] = set()
         self._assigned: set[TopicPartitionKey] = set()
-        # What this thread added to the shared gauges (the worker runs two consumers).
+        # The assigned/paused gauges describe the source topics: the retry intake's consumer
+        # (`report_partitions=False`) stays out of them, so a retry topic paused while parked
+        # events wait for their due time never looks like backpressure.
+        self._report_partitions = report_partitions
         self._shown = {"assigned": 0, "paused": 0}
         self._thread = threading.Thread(target=self._run, name="kafka-consumer", daemon=True)
         self.heartbeat = time.monotonic()  # read by /healthz
@@ -324,7 +328,9 @@ class ConsumerThread:
     # -- helpers -------------------------------------------------------------------------------
 
     def _show(self) -> None:
-        """Add this consumer's change to the assigned/paused gauges (shared by two consumers)."""
+        """Add this consumer's change to the assigned/paused gauges."""
+        if not self._report_partitions:
+            return
         for name, gauge, count in (
             ("assigned", self._metrics.assigned_partitions, len(self._assigned)),
             ("paused", self._metrics.paused_partitions, len(self._paused)),
