@@ -32,7 +32,7 @@ from worker.kafka.consumer import ConsumerThread, PauseSwitch, consumer_config
 from worker.kafka.deadletters import DeadLetterProducer
 from worker.kafka.lag import LagMonitor
 from worker.kafka.offsets import OffsetLedger
-from worker.kafka.parking import RetryProducer
+from worker.kafka.parking import RetryProducer, retry_group_id
 from worker.kafka.preflight import preflight
 from worker.mapping.mapper import Mapper
 from worker.observability.health import HealthServer, liveness_check
@@ -40,7 +40,7 @@ from worker.observability.logs import kafka_logger, register_secrets
 from worker.observability.metrics import Metrics
 from worker.pipeline.parker import Parker, ParkingRules
 from worker.pipeline.pipeline import Pipeline
-from worker.pipeline.retries import RetryIntake, retry_group_id
+from worker.pipeline.retries import RetryIntake
 
 SHUTDOWN_MARGIN_S = 10.0
 

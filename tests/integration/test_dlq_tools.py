@@ -12,6 +12,7 @@ import datetime as dt
 import re
 import signal
 import subprocess
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -30,12 +31,14 @@ from devkit.harness import (
     headers_of,
     produce,
     read_topic,
+    retry_topic_for,
     wait_until,
     worker_config,
     write_config,
 )
 from devkit.sample_events import SampleEvents, encode
 from worker.kafka.deadletters import DeadLetter
+from worker.kafka.parking import PROBE_HEADER, Parked, iso
 
 pytestmark = pytest.mark.integration
 
@@ -56,6 +59,8 @@ class Env:
         self.group = f"group-{suffix}"
         kafka.create_topic(self.source, partitions=1)
         kafka.create_topic(self.dlq, partitions=partitions)
+        self.retry = retry_topic_for(self.dlq)
+        kafka.create_topic(self.retry, partitions=2)
         self.fake = FakeTikTokProcess(tmp_path).start()
         self.samples = SampleEvents(seed=11, prefix=f"m{suffix}")
         self._configs = 0
@@ -246,7 +251,60 @@ def test_inspect_counts_reasons_destinations_codes_and_samples(env: Env) -> None
 def test_inspect_empty_topic_returns_at_once(env: Env) -> None:
     proc = cli("dlq", "inspect", "--config", str(env.config_path()), timeout=30)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == f"dead-letter topic {env.dlq}: 0 record(s) in 2 partition(s)\n"
+    assert proc.stdout == (
+        f"dead-letter topic {env.dlq}: 0 record(s) in 2 partition(s)\n\n"
+        f"retry topic {env.retry}: 0 parked record(s) in 2 partition(s), "
+        f"not yet handled by group {env.group}.retry\n"
+    )
+
+
+def parked_record(
+    value: bytes, dest: str, *, first: float, due: float, reason: str = "retryable"
+) -> tuple[bytes, list[tuple[str, Any]]]:
+    parked = Parked(
+        destination=dest,
+        subscription="Order Completed",
+        reason=reason,
+        failure="retryable",
+        error="retryable_error: HTTP 503, unavailable",
+        code=None,
+        attempts=4,
+        parks=1,
+        first_failed_at=first,
+        parked_at=first + 30,
+        due_at=due,
+        original_topic="segment-events",
+        original_partition=0,
+        original_offset=7,
+        original_timestamp_ms=1_790_000_000_000,
+    )
+    return value, list(parked.headers())
+
+
+def test_inspect_shows_what_is_parked(env: Env) -> None:
+    # A running worker would deliver these when due; here nobody consumes the retry topic.
+    now = time.time()
+    value = encode(env.event())
+    records = [
+        parked_record(value, "shop-a", first=now - 600, due=now - 1),
+        parked_record(value, "shop-a", first=now - 60, due=now + 120, reason="circuit_open"),
+        parked_record(value, "shop-b", first=now - 30, due=now + 7200),
+        (b"", [(PROBE_HEADER, b"1")]),  # the start-up check's write: not a parked event
+    ]
+    produce_letters(env.kafka.bootstrap, env.retry, records, partition=1)
+    proc = cli("dlq", "inspect", "--config", str(env.config_path()))
+    assert proc.returncode == 0, proc.stderr
+    parked = proc.stdout.split("\n\n", 1)[1]
+    assert parked.splitlines()[0] == (
+        f"retry topic {env.retry}: 3 parked record(s) in 2 partition(s), "
+        f"not yet handled by group {env.group}.retry"
+    )
+    assert f"oldest first failure: {iso(now - 600)}" in parked
+    assert "parked by destination:\n  shop-a  2\n  shop-b  1\n" in parked
+    assert "parked by reason:\n  retryable     2\n  circuit_open  1\n" in parked
+    assert parked.endswith(
+        "parked by due time:\n  due now        1\n  within 10 min  1\n  later          1\n"
+    )
 
 
 def test_missing_topic_and_bad_arguments_are_one_line_errors(env: Env) -> None:

@@ -46,11 +46,17 @@ __all__ = [
     "iso",
     "parse_iso",
     "partition_for",
+    "retry_group_id",
 ]
 
 RETRY_PREFIX: Final = "retry."
 # Written by the start-up check that the retry topic is writable; consumers skip it.
 PROBE_HEADER: Final = "retry.probe"
+
+
+def retry_group_id(group_id: str) -> str:
+    """The consumer group of the retry intake (`worker.pipeline.retries`)."""
+    return group_id + ".retry"
 
 
 def iso(ts: float) -> str:

@@ -36,18 +36,13 @@ from worker.kafka.consumer import PauseSwitch
 from worker.kafka.deadletters import DeadLetterProducer
 from worker.kafka.dlq_reader import decode_headers
 from worker.kafka.offsets import OffsetLedger, TopicPartitionKey
-from worker.kafka.parking import PROBE_HEADER, RETRY_PREFIX, Parked
+from worker.kafka.parking import PROBE_HEADER, RETRY_PREFIX, Parked, retry_group_id
 from worker.mapping.mapper import EventOutcome, Mapper
 from worker.observability.metrics import Metrics
 from worker.pipeline.parker import Parker, dead_letter
 from worker.pipeline.pipeline import Pipeline
 
 __all__ = ["RetryIntake", "retry_group_id"]
-
-
-def retry_group_id(group_id: str) -> str:
-    """The consumer group of the retry intake."""
-    return group_id + ".retry"
 
 
 class RetryIntake(Pipeline):
