@@ -117,6 +117,7 @@ def test_no_unexpected_families_and_every_one_is_prefixed() -> None:
         "tiktok_worker_commits_total",
         "tiktok_worker_rebalances_total",
         "tiktok_worker_parked_waiting_events",
+        "tiktok_worker_parked_backlog_messages",
     }
 
 

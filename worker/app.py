@@ -174,6 +174,7 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
             metrics=metrics,
             log=log,
             logger=kafka_logger(),
+            gauge=metrics.parked_backlog,
         )
         lag = LagMonitor.for_consumer(
             bootstrap_servers=kafka.bootstrap_servers,

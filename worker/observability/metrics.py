@@ -140,6 +140,13 @@ class Metrics:
             ["destination", "reason"],
             registry=r,
         )
+        self.parked_backlog = Gauge(
+            p + "parked_backlog_messages",
+            "Parked records in the retry topic the retry intake has not committed yet, per "
+            "partition this worker holds (the retry group's lag).",
+            ["topic", "partition"],
+            registry=r,
+        )
         self.parked_waiting = Gauge(
             p + "parked_waiting_events",
             "Parked events this worker has read from the retry topic and holds until due.",
