@@ -416,6 +416,24 @@ def test_redrive_max_then_resume_sends_each_record_once(env: Env) -> None:
     assert committed_offsets(env.kafka.bootstrap, f"{env.group}-redrive", env.dlq)[0] == 5
 
 
+def test_redrive_skips_reference_only_letters(env: Env) -> None:
+    kept, big = env.event(), env.event()
+    _value, headers = letter(encode(big), reason="event_too_large", dest=None, attempts=0)
+    reference_only = (b"", [*headers, ("dlq.value_omitted", b"2000000")])
+    produce_letters(
+        env.kafka.bootstrap,
+        env.dlq,
+        [reference_only, letter(encode(kept), reason="retries_exhausted", dest="shop-a")],
+    )
+    proc = redrive(env.config_path(), "--reason", "retries_exhausted")
+    assert proc.returncode == 0, proc.stderr
+    assert "1 by filter" in proc.stdout  # the filter comes first
+    proc = redrive(env.config_path(), "--reason", "event_too_large")
+    assert proc.returncode == 0, proc.stderr
+    assert "1 reference-only (no value to send)" in proc.stdout
+    assert env.received() == Counter({(PIXEL_A, kept["messageId"]): 1})
+
+
 def test_redrive_sigterm_finishes_in_flight_and_resumes_without_resending(env: Env) -> None:
     events = [env.event() for _ in range(40)]
     produce_letters(

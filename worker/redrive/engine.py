@@ -43,7 +43,12 @@ from worker.config import Config
 from worker.delivery.factory import build_delivery
 from worker.delivery.inflight import Failure, InflightMessage, Parking, PendingEvent
 from worker.errors import ConfigError, FatalLatch, WorkerError
-from worker.kafka.deadletters import DeadLetter, DeadLetterProducer, producer_config
+from worker.kafka.deadletters import (
+    HEADER_PREFIX,
+    DeadLetter,
+    DeadLetterProducer,
+    producer_config,
+)
 from worker.kafka.dlq_reader import (
     BoundedReader,
     DeadLetterRecord,
@@ -185,7 +190,8 @@ class RedriveLedger:
 @dataclass(slots=True)
 class RedriveStats:
     """Counts of one redrive run. Every record read ends in exactly one of: delivered,
-    failed_again, unmapped, skipped_filter, skipped_redriven, skipped_unconfigured; records
+    failed_again, unmapped, skipped_filter, skipped_redriven, skipped_unconfigured,
+    skipped_reference_only (a letter written without its value: nothing to send); records
     still in flight when a run is interrupted are in none of them."""
 
     to_read: int = 0
@@ -197,12 +203,18 @@ class RedriveStats:
     skipped_filter: int = 0
     skipped_redriven: int = 0
     skipped_unconfigured: dict[str, int] = field(default_factory=dict)
+    skipped_reference_only: int = 0
     events_sent: int = 0
     interrupted: bool = False
 
     @property
     def skipped(self) -> int:
-        return self.skipped_filter + self.skipped_redriven + sum(self.skipped_unconfigured.values())
+        return (
+            self.skipped_filter
+            + self.skipped_redriven
+            + sum(self.skipped_unconfigured.values())
+            + self.skipped_reference_only
+        )
 
     @property
     def inflight(self) -> int:
@@ -434,6 +446,12 @@ class Redrive:
             return
         if self._ledger.handled_by(record, exclude=self.group_id) is not None:
             stats.skipped_redriven += 1
+            self._offsets.finish(where, record.offset)
+            return
+        if HEADER_PREFIX + "value_omitted" in record.headers:
+            # Too large for the dead-letter topic: the source record has the event
+            # (dlq.original.*); there is nothing here to send.
+            stats.skipped_reference_only += 1
             self._offsets.finish(where, record.offset)
             return
         target = record.destination
