@@ -14,6 +14,8 @@ TARGETS: dict[str, float] = {
     "ratelimit_utilisation": 0.95,
     "peak_rss_mb": 200,
     "latency_p99_over_linger_ms": 100,
+    "lanes_outage_over_healthy": 0.9,
+    "lanes_throttled_events_per_request": 500,
 }
 
 
@@ -203,6 +205,24 @@ def markdown(results: dict[str, Any]) -> str:
             "ms",
             f"<= {bound:.0f}",
             _at_most(dig(lat, "p99_ms", "median"), bound),
+        )
+    lanes = r.get("lanes")
+    if lanes:
+        ratio = lanes.get("outage_over_healthy")
+        table.add(
+            "9 healthy destination during another's 503 outage / without it",
+            ratio,
+            "fraction",
+            f">= {t['lanes_outage_over_healthy']}",
+            _at_least(dig(ratio, "median"), t["lanes_outage_over_healthy"]),
+        )
+        per_request = dig(lanes, "throttled", "events_per_request")
+        table.add(
+            "9 events per request, one lane at 2 requests/s with a backlog",
+            per_request,
+            "events/request",
+            f">= {t['lanes_throttled_events_per_request']:.0f}",
+            _at_least(dig(per_request, "median"), t["lanes_throttled_events_per_request"]),
         )
     header = (
         f"Measured {r.get('finished_at')} ({r.get('mode')} run, {r.get('duration_s', 0):.0f} s) "

@@ -11,7 +11,10 @@ make_events`), and measures, each figure as min/median/max over several runs:
  5. the Segment-style baseline, one request per event (`baseline`);
  6. rate-limit precision for 1, 2 and 4 processes (`bench_ratelimit`, as a subprocess);
  7. peak RSS draining a large backlog against a slow fake (`memory`);
- 8. produce→acceptance latency at 10% of the measured capacity (`latency`).
+ 8. produce→acceptance latency at 10% of the measured capacity (`latency`);
+ 9. lanes: a healthy destination's throughput while another answers 503, as a fraction of
+    its throughput without the outage, and events per request of a lane limited to
+    2 requests/s with a backlog (`lanes`).
 
 Writes bench/results.json and bench/results.md (the table the README quotes); docs/benchmarks.md
 explains the method. Figures are reported against the targets of issue #10; nothing fails.
@@ -37,6 +40,7 @@ from bench import bench_mapping
 from bench.baseline import run_baseline
 from bench.common import BenchEnv, fill_topic, log, summary, versions
 from bench.e2e import WorkerSpec, py_spy_path, run_e2e
+from bench.lanes import run_lanes
 from bench.latency import run_latency
 from bench.memory import run_memory
 from bench.profile import summarise
@@ -59,6 +63,7 @@ SECTIONS = (
     "latency",
     "ratelimit",
     "memory",
+    "lanes",
 )
 
 FULL: dict[str, Any] = {
@@ -76,6 +81,11 @@ FULL: dict[str, Any] = {
     "memory_max_s": 150,
     "latency_runs": 3,
     "latency_duration_s": 20,
+    "lanes_runs": 3,
+    "lanes_a_messages": 15_000,
+    "lanes_b_messages": 60_000,
+    "lanes_throttle_backlog": 20_000,
+    "lanes_throttle_s": 10,
 }
 QUICK: dict[str, Any] = {
     **FULL,
@@ -91,6 +101,9 @@ QUICK: dict[str, Any] = {
     "memory_max_s": 20,
     "latency_runs": 1,
     "latency_duration_s": 10,
+    "lanes_runs": 1,
+    "lanes_b_messages": 30_000,
+    "lanes_throttle_s": 6,
 }
 
 
@@ -351,6 +364,9 @@ class Bench:
         )
         self.results["memory"] = result
         log(f"memory: peak RSS {result['peak_rss_mb']} MB, drained={result['drained']}")
+
+    def lanes(self) -> None:
+        self.results["lanes"] = run_lanes(self.env, self.cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

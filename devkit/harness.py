@@ -177,8 +177,15 @@ def write_config(path: Path, config: Mapping[str, Any]) -> Path:
 class WorkerProcess:
     """`tiktok-worker run` as a subprocess; logs go to a file next to its config."""
 
-    def __init__(self, config_path: Path, *, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        cmd: Sequence[str] = WORKER_CMD,
+    ) -> None:
         self.config_path = config_path
+        self._cmd = list(cmd)
         self.config = yaml.safe_load(config_path.read_text())
         self.http_port: int = self.config["http"]["port"]
         self.log_path = config_path.with_suffix(f".{time.monotonic_ns()}.log")
@@ -188,7 +195,7 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         log = self.log_path.open("ab")
         self._proc = subprocess.Popen(
-            [*WORKER_CMD, "run", "--config", str(self.config_path)],
+            [*self._cmd, "run", "--config", str(self.config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=self._env,

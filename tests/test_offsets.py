@@ -90,3 +90,53 @@ def test_committable_never_passes_an_unfinished_offset(
             # the commit reaches exactly the oldest unfinished offset once anything below is done
             assert c == (lowest if lowest > offsets[0] else None)
     assert t.committable() == offsets[-1] + 1
+
+
+# -- the ledger shared by the pipeline and redrive ----------------------------------------------
+
+
+async def test_ledger_commits_what_moved_and_marks_it() -> None:
+    from worker.kafka.offsets import OffsetLedger
+
+    ledger = OffsetLedger()
+    ledger.assign([("t", 0)])
+    for offset in (0, 1, 2):
+        ledger.begin(("t", 0), offset)
+    ledger.finish(("t", 0), 1)
+    assert ledger.pending() == {}  # offset 0 is unfinished
+    ledger.finish(("t", 0), 0)
+    commits: list[dict[tuple[str, int], int]] = []
+
+    async def commit(offsets: dict[tuple[str, int], int]) -> None:
+        commits.append(dict(offsets))
+
+    assert await ledger.commit_once(commit) == 1
+    assert commits == [{("t", 0): 2}]
+    assert await ledger.commit_once(commit) == 0
+    assert ledger.inflight() == 1
+
+
+def test_ledger_release_returns_the_final_offsets_and_forgets() -> None:
+    from worker.kafka.offsets import OffsetLedger
+
+    ledger = OffsetLedger()
+    ledger.assign([("t", 0), ("t", 1)])
+    ledger.begin(("t", 0), 5)
+    ledger.finish(("t", 0), 5)
+    ledger.begin(("t", 1), 9)
+    assert ledger.release([("t", 0), ("t", 1)]) == {("t", 0): 6}
+    assert not ledger.owns(("t", 0))
+    ledger.finish(("t", 1), 9)  # a late finish of a released partition changes nothing
+    assert ledger.pending() == {}
+
+
+def test_a_halted_ledger_never_reports_anything_committable() -> None:
+    from worker.kafka.offsets import OffsetLedger
+
+    ledger = OffsetLedger()
+    ledger.assign([("t", 0)])
+    ledger.begin(("t", 0), 0)
+    ledger.finish(("t", 0), 0)
+    ledger.halt()
+    assert ledger.pending() == {}
+    assert ledger.release([("t", 0)]) == {}

@@ -94,8 +94,20 @@ class AppBudget:
                 self._wanted.clear()
                 await self._wanted.wait()
                 continue
-            await self._limiter.acquire(self._key)
+            try:
+                await self._limiter.acquire(self._key)
+            except Exception as exc:  # a limiter bug: the waiting lanes fail (and so the run)
+                self._fail_all(exc)
+                continue
             self._grant()  # a slot nobody wants any more is left unused (never over budget)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for waiting in self._waiters.values():
+            for future in waiting:
+                if not future.done():
+                    future.set_exception(exc)
+        self._waiters.clear()
+        self._ring.clear()
 
     async def close(self) -> None:
         if self._task is not None:

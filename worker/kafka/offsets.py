@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable
 class PartitionTracker:
     """Tracks in-flight offsets of one assigned partition (one assignment generation)."""
 
-    __slots__ = ("_committed", "_done", "_first_begun", "_inflight", "_last_begun", "revoked")
+    __slots__ = ("_committed", "_done", "_first_begun", "_inflight", "_last_begun")
 
     def __init__(self) -> None:
         self._inflight: deque[int] = deque()
@@ -26,7 +26,6 @@ class PartitionTracker:
         self._first_begun: int | None = None
         self._last_begun: int | None = None
         self._committed: int | None = None
-        self.revoked = False  # completions after revocation are ignored by the pipeline
 
     def begin(self, offset: int) -> None:
         """Start tracking ``offset``; offsets must be begun in increasing order."""
