@@ -531,3 +531,12 @@ def _parked(
 
 def _text(parked: Parked) -> dict[str, str]:
     return {k: v.decode() for k, v in parked.headers()}
+
+
+def test_in_memory_retrying_is_capped_at_the_deadline() -> None:
+    config = config_for(
+        "http://127.0.0.1:9", retry={"in_memory_s": 30, "deadline_s": 5}, circuit={"open_s": 2}
+    )
+    policy = parking_policy(config)
+    assert policy.in_memory_s == 5
+    assert (policy.circuit.failure_threshold, policy.circuit.open_s) == (5, 2)

@@ -308,8 +308,6 @@ def _check_semantics(config: Config) -> None:
     retry = config.tiktok.retry
     if retry.max_backoff_s < retry.initial_backoff_s:
         raise ConfigError("tiktok.retry.max_backoff_s: must be >= tiktok.retry.initial_backoff_s")
-    if retry.in_memory_s > retry.deadline_s:
-        raise ConfigError("tiktok.retry.in_memory_s: must be <= tiktok.retry.deadline_s")
     circuit = config.tiktok.circuit
     if circuit.max_open_s < circuit.open_s:
         raise ConfigError("tiktok.circuit.max_open_s: must be >= tiktok.circuit.open_s")

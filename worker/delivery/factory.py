@@ -44,7 +44,8 @@ def lane_share(lane_concurrency: int, max_concurrent_requests: int, config: Conf
 def parking_policy(config: Config) -> ParkingPolicy:
     circuit = config.tiktok.circuit
     return ParkingPolicy(
-        in_memory_s=config.tiktok.retry.in_memory_s,
+        # Retrying in memory past the deadline would only delay the dead letter.
+        in_memory_s=min(config.tiktok.retry.in_memory_s, config.tiktok.retry.deadline_s),
         circuit=CircuitPolicy(
             failure_threshold=circuit.failure_threshold,
             open_s=circuit.open_s,
