@@ -120,7 +120,7 @@ class Pipeline:
         for topic, count in consumed.items():
             self._metrics.messages_consumed.labels(topic=topic).inc(count)
         self._flush_counts()
-        self._metrics.inflight_messages.set(self._inflight)
+        self._show_inflight()
         if not self._pause.paused and self._inflight >= self._max_inflight:
             self._set_paused(True)
 
@@ -148,6 +148,10 @@ class Pipeline:
                 "drain timed out; unfinished work dropped for the next owner", messages=dropped
             )
         return offsets
+
+    def _show_inflight(self) -> None:
+        """The in-flight gauge is the source topics' (the retry intake keeps out of it)."""
+        self._metrics.inflight_messages.set(self._inflight)
 
     def _draining(self, partitions: Sequence[TopicPartitionKey]) -> int:
         """Messages of `partitions` a revoke waits for."""
@@ -179,7 +183,7 @@ class Pipeline:
         if dropped:
             self._inflight -= dropped
             self._sender.purge()
-            self._metrics.inflight_messages.set(self._inflight)
+            self._show_inflight()
             if self._pause.paused and self._inflight <= self._resume_below:
                 self._set_paused(False)
         return dropped

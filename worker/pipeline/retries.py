@@ -199,6 +199,11 @@ class RetryIntake(Pipeline):
             self._flush_counts()
         message.finish_one()
 
+    def _show_inflight(self) -> None:
+        # `tiktok_worker_inflight_messages` is the source topics' backpressure; parked records
+        # held here show in `tiktok_worker_parked_waiting_events` instead.
+        return
+
     # -- revoke and loss -------------------------------------------------------------------------
 
     def _draining(self, partitions: Sequence[TopicPartitionKey]) -> int:
