@@ -164,7 +164,7 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
             log=log.bind(consumer="retry"),
             drain_timeout_s=kafka.drain_timeout_s,
             pause=retry_pause,
-            report_partitions=False,
+            source_gauges=False,
         )
         retry_lag = LagMonitor.for_consumer(
             bootstrap_servers=kafka.bootstrap_servers,

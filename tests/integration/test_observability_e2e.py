@@ -166,7 +166,15 @@ def test_consumer_lag_matches_kafka_while_paused_and_before_the_first_commit(
         kafka={"max_inflight_messages": 30},
         tiktok={
             "max_batch_events": 10,
-            "retry": {"initial_backoff_s": 0.2, "max_backoff_s": 0.5, "deadline_s": 600},
+            # Nothing is parked (no circuit opening, no end to in-memory retries): the
+            # backlog must stay a backlog for the lag to be measured while paused.
+            "retry": {
+                "initial_backoff_s": 0.2,
+                "max_backoff_s": 0.5,
+                "in_memory_s": 600,
+                "deadline_s": 600,
+            },
+            "circuit": {"failure_threshold": 1_000_000},
         },
     )
 

@@ -116,7 +116,7 @@ class ConsumerThread:
         drain_timeout_s: float,
         pause: PauseSwitch,
         batch_size: int = 2000,
-        report_partitions: bool = True,
+        source_gauges: bool = True,
         consumer_factory: Callable[[dict[str, Any]], Any] = Consumer,
     ) -> None:
         self._topics = list(topics)
@@ -136,10 +136,11 @@ class ConsumerThread:
         self._pause = pause
         self._paused: set[TopicPartitionKey] = set()
         self._assigned: set[TopicPartitionKey] = set()
-        # The assigned/paused gauges describe the source topics: the retry intake's consumer
-        # (`report_partitions=False`) stays out of them, so a retry topic paused while parked
-        # events wait for their due time never looks like backpressure.
-        self._report_partitions = report_partitions
+        # The assigned/paused/last-commit gauges describe the source topics: the retry
+        # intake's consumer (`source_gauges=False`) stays out of them, so a retry topic paused
+        # while parked events wait never looks like backpressure, and its commits never hide
+        # a source consumer that stopped committing.
+        self._source_gauges = source_gauges
         self._shown = {"assigned": 0, "paused": 0}
         self._thread = threading.Thread(target=self._run, name="kafka-consumer", daemon=True)
         self.heartbeat = time.monotonic()  # read by /healthz
@@ -263,7 +264,8 @@ class ConsumerThread:
             self._metrics.commits.labels(result="error").inc()
             raise
         self._metrics.commits.labels(result="ok").inc()
-        self._metrics.last_commit_timestamp.set(time.time())
+        if self._source_gauges:
+            self._metrics.last_commit_timestamp.set(time.time())
 
     # -- librdkafka callbacks (on this thread, inside consume/close) ----------------------------
 
@@ -329,7 +331,7 @@ class ConsumerThread:
 
     def _show(self) -> None:
         """Add this consumer's change to the assigned/paused gauges."""
-        if not self._report_partitions:
+        if not self._source_gauges:
             return
         for name, gauge, count in (
             ("assigned", self._metrics.assigned_partitions, len(self._assigned)),
