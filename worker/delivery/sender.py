@@ -294,10 +294,13 @@ class Sender:
         holding: bool = False,
         attempt: int = 0,
         repeat_of: tuple[int | None, int | None, str] | None = None,
+        failing_since: tuple[float, float] | None = None,
     ) -> SendResult | None:
-        """Deliver `events` until each is delivered or failed.
+        """Deliver `events` until each is delivered, failed or parked.
 
         `holding`: a lane permit and a slot are already held for the first request.
+        `failing_since`: (wall time of the first failure, loop time the in-memory retrying
+        ends) of the batch these events were split from, so halves keep the parent's window.
         `repeat_of`: when the first permanent answer is exactly this error, hand it back to
         the caller (bisection decides) instead of handling it. Returns None otherwise.
         """
@@ -306,8 +309,8 @@ class Sender:
         parking = self._parking
         loop = asyncio.get_running_loop()
         failures = 0
-        first_failed: float | None = None  # wall time of this delivery's first failed request
-        park_after: float | None = None  # loop time when in-memory retrying ends
+        # Wall time of this delivery's first failed request; loop time in-memory retrying ends.
+        first_failed, park_after = failing_since if failing_since is not None else (None, None)
         last: SendResult | None = None
         while True:
             if not holding:
@@ -384,9 +387,10 @@ class Sender:
                 if failures >= SPLIT_AFTER_FAILURES and len(events) > 1:
                     # One poison event (a 5xx or a timeout it causes) must not hold the rest.
                     left, right = self._halves(_live(events))
+                    since = (first_failed, park_after) if park_after is not None else None
                     await asyncio.gather(
-                        self._deliver(lane, left, deadline, attempt=attempt),
-                        self._deliver(lane, right, deadline, attempt=attempt),
+                        self._deliver(lane, left, deadline, attempt=attempt, failing_since=since),
+                        self._deliver(lane, right, deadline, attempt=attempt, failing_since=since),
                     )
                     return None
                 continue
