@@ -303,3 +303,16 @@ async def test_a_crashed_delivery_task_is_fatal(rig_factory: Any, monkeypatch: A
     assert await until(lambda: rig.fatal.error is not None)
     assert "boom" in str(rig.fatal.error)
     assert rig.pending_commits() == {}
+
+
+async def test_an_outage_of_the_whole_destination_is_not_split_down_to_single_events(
+    rig_factory: Any,
+) -> None:
+    rig: Rig = await rig_factory(max_batch_events=16, deadline_s=1.5)
+    rig.fake.add_fault(FaultSpec(kind="http_503"))
+    rig.pipeline.on_messages(messages(order_events(16, "outage")))
+    await rig.settle()
+    sizes = {r.events for r in rig.fake.state.requests}
+    # Split once after 3 failures; neither half gets through, so neither splits again.
+    assert sizes == {16, 8}
+    assert dead_reasons(rig) == ["retries_exhausted"] * 16

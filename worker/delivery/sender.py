@@ -12,7 +12,9 @@ Response classes (`worker.delivery.client.classify_answer`, `worker.delivery.cod
 - retryable (5xx, 5xxxx, timeouts, connection errors): capped exponential backoff with full
   jitter until `retry.deadline_s` after the batch's first attempt, then `retries_exhausted`.
   A batch of several events that failed `SPLIT_AFTER_FAILURES` times in a row is split in
-  halves, so one poison event cannot hold the others back;
+  halves, so one poison event cannot hold the others back; a half splits again only once its
+  sibling got through, so an outage of the whole destination costs two requests per batch,
+  not one per event;
 - request-level (auth codes, a 40002 on a top-level field, HTTP 3xx/404/405): the whole batch
   fails at once (`auth_error` or `permanent_api_error`), never bisected;
 - permanent per event: when TikTok's text names the event (`data[3]`, `Batch.3.`) that one is
@@ -98,6 +100,21 @@ class LanePolicy:
     max_bytes: int = DEFAULT_MAX_BATCH_BYTES
 
 
+class _Halves:
+    """The two halves of a batch split after retryable failures.
+
+    A half splits again only once its sibling was delivered: then the failure follows some
+    events (a poison event) and splitting isolates them. When neither half gets through, the
+    destination itself is failing (an outage), and splitting further would only multiply
+    requests against an app budget other destinations share.
+    """
+
+    __slots__ = ("delivered",)
+
+    def __init__(self) -> None:
+        self.delivered = False
+
+
 def _live(events: Sequence[PendingEvent]) -> list[PendingEvent]:
     return [e for e in events if not e.message.dropped]
 
@@ -145,7 +162,6 @@ class Sender:
         self._budgets: dict[str, AppBudget] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._batch_ids = itertools.count(1)
-        self._gate_open = True
         self._gate = asyncio.Event()
         self._gate.set()
         self.on_wire = 0
@@ -170,7 +186,6 @@ class Sender:
 
     def close_gate(self) -> None:
         """Start no new request from now on (requests on the wire finish)."""
-        self._gate_open = False
         self._gate.clear()
 
     def circuit(self, destination: str) -> Circuit | None:
@@ -294,6 +309,7 @@ class Sender:
         holding: bool = False,
         attempt: int = 0,
         repeat_of: tuple[int | None, int | None, str] | None = None,
+        halves: _Halves | None = None,
         failing_since: tuple[float, float] | None = None,
     ) -> SendResult | None:
         """Deliver `events` until each is delivered, failed or parked.
@@ -303,6 +319,7 @@ class Sender:
         ends) of the batch these events were split from, so halves keep the parent's window.
         `repeat_of`: when the first permanent answer is exactly this error, hand it back to
         the caller (bisection decides) instead of handling it. Returns None otherwise.
+        `halves`: set when `events` is half of a batch split after retryable failures.
         """
         route = self._routes[lane.key.destination]
         circuit = self._circuits.get(route.destination)
@@ -351,6 +368,8 @@ class Sender:
             if not events:
                 return None
             if outcome is Outcome.SUCCESS:
+                if halves is not None:
+                    halves.delivered = True
                 self._delivered(events)
                 return None
             if outcome.retryable:
@@ -384,13 +403,19 @@ class Sender:
                     return None
                 self._metrics.retries.labels(destination=route.destination).inc()
                 await asyncio.sleep(delay)
-                if failures >= SPLIT_AFTER_FAILURES and len(events) > 1:
+                splittable = halves is None or halves.delivered
+                if failures >= SPLIT_AFTER_FAILURES and len(events) > 1 and splittable:
                     # One poison event (a 5xx or a timeout it causes) must not hold the rest.
                     left, right = self._halves(_live(events))
+                    pair = _Halves()
                     since = (first_failed, park_after) if park_after is not None else None
                     await asyncio.gather(
-                        self._deliver(lane, left, deadline, attempt=attempt, failing_since=since),
-                        self._deliver(lane, right, deadline, attempt=attempt, failing_since=since),
+                        self._deliver(
+                            lane, left, deadline, attempt=attempt, halves=pair, failing_since=since
+                        ),
+                        self._deliver(
+                            lane, right, deadline, attempt=attempt, halves=pair, failing_since=since
+                        ),
                     )
                     return None
                 continue
