@@ -1,9 +1,11 @@
 # syntax=docker/dockerfile:1
-# tiktok-conversions-worker image:  docker build -t tiktok-conversions-worker:0.1.0 .
+# tiktok-conversions-worker image:  make image  (docker, podman or buildah; see the README)
 #
-# Stage 1 builds the worker's wheel and collects every dependency as a wheel (binary only:
-# all of them publish manylinux wheels, so no compiler is needed anywhere).
-# Stage 2 installs those wheels offline into /opt/venv, drops pip, and runs as uid/gid 10001.
+# Stage 1 builds the worker's wheel and downloads every dependency as a wheel, at exactly the
+# versions and hashes of requirements.lock (`make lock` refreshes it; binary only: all of them
+# publish manylinux wheels, so no compiler is needed anywhere).
+# Stage 2 installs those wheels offline into /opt/venv, hash-checked again, drops pip, and runs
+# as uid/gid 10001.
 # Nothing is written at run time outside /tmp, so the root filesystem can be read-only
 # (the Helm chart mounts an emptyDir at /tmp and sets readOnlyRootFilesystem).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -13,10 +15,11 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY worker ./worker
 RUN pip wheel --no-deps --wheel-dir /wheels . \
- && pip wheel --only-binary=:all: --wheel-dir /wheels /wheels/tiktok_conversions_worker-*.whl
+ && pip wheel --require-hashes --only-binary=:all: --wheel-dir /wheels -r requirements.lock \
+ && cp requirements.lock /wheels/
 
 FROM ${PYTHON_IMAGE} AS runtime
 ENV PATH=/opt/venv/bin:${PATH} \
@@ -31,7 +34,10 @@ RUN groupadd --system --gid 10001 worker \
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     python -m venv --without-pip /opt/venv \
  && python -m pip --python /opt/venv/bin/python install --no-index --find-links=/wheels \
-      --no-cache-dir --disable-pip-version-check tiktok-conversions-worker \
+      --no-cache-dir --disable-pip-version-check --require-hashes -r /wheels/requirements.lock \
+ && python -m pip --python /opt/venv/bin/python install --no-index --no-deps \
+      --no-cache-dir --disable-pip-version-check /wheels/tiktok_conversions_worker-*.whl \
+ && python -m pip --python /opt/venv/bin/python check --disable-pip-version-check \
  && python -m pip uninstall --yes --quiet pip setuptools wheel \
  && tiktok-worker --version
 USER 10001:10001

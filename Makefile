@@ -6,18 +6,29 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup provision lint fmt test test-unit demo bench chaos manifests manifests-check clean
+.PHONY: setup lock provision lint fmt test test-unit demo bench chaos manifests manifests-check image clean
 
 setup: $(VENV)/.installed provision
 
-# The repository root goes on the venv's path (devtools.pth), so the developer tooling that is
-# kept out of the wheel (devkit/, bench/, tests/) imports the same way from every process.
-$(VENV)/.installed: pyproject.toml Makefile
+# Dependencies come from the lock file, every one pinned and hash-checked; the worker itself is
+# installed editable on top, without resolving anything. The repository root goes on the venv's
+# path (devtools.pth), so the developer tooling that is kept out of the wheel (devkit/, bench/,
+# tests/) imports the same way from every process.
+$(VENV)/.installed: pyproject.toml requirements-dev.lock Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,dev]'
+	$(BIN)/pip install -q --require-hashes -r requirements-dev.lock
+	$(BIN)/pip install -q --no-deps -e .
 	$(BIN)/python -c 'import sysconfig; print("$(CURDIR)", file=open(sysconfig.get_paths()["purelib"] + "/devtools.pth", "w"))'
 	touch $@
+
+# Re-resolve both lock files to the newest versions pyproject.toml allows, with hashes for every
+# platform (the image's arch may differ from this machine's). Commit the result.
+LOCK := $(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 \
+	--generate-hashes --upgrade --quiet --custom-compile-command 'make lock'
+lock: $(VENV)/.installed
+	$(LOCK) -o requirements.lock
+	$(LOCK) --extra test --extra dev -o requirements-dev.lock
 
 # Kafka jars from Maven Central, redis-server and prometheus from Debian, Helm via go install.
 provision:
@@ -26,7 +37,7 @@ provision:
 lint: $(VENV)/.installed
 	$(BIN)/ruff check worker devkit tests scripts bench
 	$(BIN)/ruff format --check worker
-	$(BIN)/mypy worker
+	$(BIN)/mypy
 
 fmt: $(VENV)/.installed
 	$(BIN)/ruff format worker tests bench
@@ -36,9 +47,9 @@ fmt: $(VENV)/.installed
 test: setup lint
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
-# Unit tests only (no servers): the quick loop while editing.
+# Unit tests only (no servers, no Helm/promtool/node, no wheel build): the quick loop.
 test-unit: $(VENV)/.installed
-	$(BIN)/pytest -q -m "not integration" $(PYTEST_ARGS)
+	$(BIN)/pytest -q -m "not integration and not tools" $(PYTEST_ARGS)
 
 demo: setup
 	$(BIN)/python scripts/demo.py
@@ -55,6 +66,11 @@ manifests: setup
 
 manifests-check: setup
 	./scripts/render-manifests --check
+
+# The container image, with docker, podman or buildah (whichever exists; one line if none):
+#   make image IMAGE=registry.example.com/team/tiktok-conversions-worker TAG=0.1.0
+image:
+	@./scripts/build-image
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -10,6 +10,10 @@ Order Completed with 1-4 products, Products Searched), with full web context; ha
 page/track events come from identified users (userId + context.traits with email, phone,
 names and address: six hashes per TikTok event), half from anonymous visitors. The
 `all_identified` figure is the worst case where every event carries all of that PII.
+Event sources (issue 20): one offline destination (Segment's 15 offline presets), one app
+destination (11 app presets; the events get `context.app`, `context.device` and `context.os`
+as a mobile SDK sends them), and one destination of each source (web, crm, offline, app)
+together on those events.
 Run: `.venv/bin/python bench/bench_mapping.py [--events N] [--rounds R]`.
 """
 
@@ -44,6 +48,50 @@ _SECOND = """  - name: web-shop-eu
     presets: documented
 """
 _SECOND_GB = _SECOND + "    phone_default_region: GB\n"
+_OFFLINE = """destinations:
+  - name: stores
+    event_source: offline
+    event_set_id: "7299999999999999999"
+    access_token: token-1
+"""
+_APP = """destinations:
+  - name: mobile
+    event_source: app
+    tiktok_app_id: "7000000001"
+    access_token: token-1
+"""
+_FOUR = (
+    _CONFIG.format(second="")
+    + """  - name: leads
+    event_source: crm
+    pixel_code: CRMSET0000000000001
+    access_token: token-1
+    subscriptions:
+      - {name: Lead, trigger: 'event = "Checkout Started"', event: QualifiedLead}
+"""
+    + _OFFLINE.removeprefix("destinations:\n")
+    + _APP.removeprefix("destinations:\n")
+)
+_APP_CONTEXT: dict[str, Any] = {
+    "app": {"namespace": "com.example.shop", "name": "Shop", "version": "4.2.0"},
+    "device": {
+        "type": "ios",
+        "id": "B5372DB0-C21E-11E4-8DFC-AA07A5B093DB",
+        "advertisingId": "7A3CBEA0-BDF5-11E4-8DFC-AA07A5B093DB",
+        "adTrackingEnabled": True,
+    },
+    "os": {"name": "iOS", "version": "18.1.3"},
+}
+
+
+def with_app_context(events: list[bytes]) -> list[bytes]:
+    """The same events as a mobile SDK would send them (app, device and OS in context)."""
+    out = []
+    for raw in events:
+        event = msgspec.json.decode(raw)
+        event["context"] = {**event.get("context", {}), **_APP_CONTEXT}
+        out.append(msgspec.json.encode(event))
+    return out
 
 _AGENT = (
     "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -183,6 +231,26 @@ def _rate(fn: Any, events: list[bytes], rounds: int) -> dict[str, float]:
     }
 
 
+def _source_rates(events: list[bytes], rounds: int) -> dict[str, Any]:
+    app_events = with_app_context(events)
+    out: dict[str, Any] = {}
+    for label, text, sample in (
+        ("1_offline_destination", _OFFLINE, events),
+        ("1_app_destination", _APP, app_events),
+        ("4_sources", _FOUR, app_events),
+    ):
+        mapper = Mapper(parse_config(text), now=lambda: 1.7e9)
+        outcomes = [o for raw in sample for o in mapper.map_message(raw)]
+        out[f"mapped_per_event_{label}"] = round(
+            sum(len(o.mapped) for o in outcomes) / len(sample), 3
+        )
+        out[f"invalid_per_event_{label}"] = round(
+            sum(len(o.invalid) for o in outcomes) / len(sample), 3
+        )
+        out[f"decode_map_{label}_events_per_s"] = _rate(mapper.map_message, sample, rounds)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=20_000)
@@ -215,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         "decode_map_1_destination_all_identified_events_per_s": _rate(
             mapper1.map_message, all_identified, args.rounds
         ),
+        **_source_rates(events, args.rounds),
         "python": sys.version.split()[0],
     }
     print(json.dumps(result))

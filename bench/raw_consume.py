@@ -1,6 +1,6 @@
 """The raw ceiling: confluent-kafka batched consume of the benchmark topic, no processing.
 
-Same librdkafka settings as the worker (`worker.kafka.consumer.consumer_config`), a fresh group,
+Same librdkafka settings as the worker (`worker.kafka.settings.consumer_settings`), a fresh group,
 `consume(2000, timeout)` in a loop, each message's error checked and value touched, nothing
 else. Timed from the first message to the last, so the group join is not counted. Also reports
 events per CPU-second of this process (librdkafka's threads included).
@@ -13,13 +13,13 @@ from typing import Any
 
 from confluent_kafka import Consumer
 
-from worker.kafka.consumer import consumer_config
+from worker.kafka.settings import consumer_settings
 
 BATCH = 2000
 
 
 def raw_consume(bootstrap: str, topic: str, messages: int, *, group: str) -> dict[str, Any]:
-    conf = consumer_config(bootstrap_servers=bootstrap, group_id=group, client={})
+    conf = consumer_settings(bootstrap_servers=bootstrap, group_id=group, client={})
     conf.pop("statistics.interval.ms", None)  # no stats callback here
     consumer = Consumer(conf)
     consumer.subscribe([topic])

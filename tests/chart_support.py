@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from tests import tools
+
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "tiktok-conversions-worker"
 ALL_ON_VALUES = CHART / "ci" / "all-on-values.yaml"
@@ -40,9 +42,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("TIKTOK_WORKER_CACHE", Path.home() / ".cache" / "tiktok-worker"))
 
 
-@functools.cache
 def helm_binary() -> str:
     """Path of the pinned Helm (built on first use by scripts/provision-helm; minutes, once)."""
+    tools.require("helm")
+    return _provisioned_helm()
+
+
+@functools.cache
+def _provisioned_helm() -> str:
     proc = subprocess.run(
         [str(ROOT / "scripts" / "provision-helm")],
         capture_output=True,

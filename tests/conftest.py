@@ -14,6 +14,8 @@ Function fixtures:
                         for tests that must not disturb the session one.
 - `redis_factory`       `redis_factory(**RedisServer kwargs) -> RedisServer`, likewise.
 
+Tests that run Helm, promtool, node or a wheel build are marked `tools` (see tests/tools.py).
+
 A test that cannot get its infrastructure fails (never skips) with a message that says how to
 provide it. When a test fails, the tails of the logs of the servers it used are attached to
 its report. A test that stops the session broker or Redis should start it again; if it does
@@ -45,11 +47,17 @@ from devkit.infra.kafka import KafkaEndpoint, KafkaServer
 from devkit.infra.procs import tail
 from devkit.infra.prometheus import PrometheusServer
 from devkit.infra.redis_server import RedisEndpoint, RedisServer
+from tests import tools
 
 _LOG_TAIL_LINES = 60
 _STARTUP_KEY = pytest.StashKey[dict[str, float]]()
 
 _S = TypeVar("_S", KafkaServer, RedisServer, PrometheusServer)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    tools.allow(item.get_closest_marker("tools") is not None)
 
 
 class ServerFactory(Generic[_S]):

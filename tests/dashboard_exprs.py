@@ -36,6 +36,7 @@ DEFAULT_VARIABLES: Final[Mapping[str, str]] = {
     "datasource": "prometheus",
     "namespace": "",
     "pod": ".*",
+    "destination": ".*",
     "__rate_interval": "1m",
     "__interval": "15s",
     "__range": "1h",
@@ -118,9 +119,9 @@ def all_expressions(
     ]
 
 
-_METRIC_RE: Final = re.compile(r"\b(tiktok_worker_[a-z0-9_]+|up)\b(?!\s*\()")
+_METRIC_RE: Final = re.compile(r"\b(tiktok_worker_[a-z0-9_]+|process_[a-z_]+|up)\b(?!\s*\()")
 
 
 def metric_names(expr: str) -> set[str]:
-    """Metric names an expression reads (the worker's, plus `up`)."""
+    """Metric names an expression reads (the worker's and its `process_*`, plus `up`)."""
     return set(_METRIC_RE.findall(expr))

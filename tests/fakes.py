@@ -1,25 +1,174 @@
-"""In-memory stand-ins to run `worker.kafka.consumer.ConsumerThread` without a broker.
+"""In-memory stand-ins for the Kafka clients, so unit tests run without a broker.
+
+- `FakeMessage`: a consumed record (the pipeline's input, a dead letter for the reader).
+- `FakeProducer`: the dead-letter producer's librdkafka Producer; holds delivery reports until
+  the test releases them (`ack`) or fails them (`fail_with`).
+- `FakeCommitter`: what the pipeline commits through (the consumer thread's `commit`).
+- `FakeAdmin`: an AdminClient answering ListOffsets/OffsetFetch from dicts (`down` fails all).
+- `FakeKafkaConsumer` / `RecordingSink` / `consumer_thread()`: run
+  `worker.kafka.consumer.ConsumerThread` without a broker.
 
 `FakeKafkaConsumer` plays confluent_kafka.Consumer for the calls the thread makes: the first
-`consume()` assigns `partitions`; `consume()` returns nothing, and blocks while `gate` is clear
-(a stuck consumer loop); `commit()` records or raises when `fail_commits` is set; `close()`
-revokes the assignment like librdkafka does. `RecordingSink` is the pipeline side.
+`consume()` assigns `partitions`; `consume()` returns what `feed()` queued, and blocks while
+`gate` is clear (a stuck consumer loop); `commit()` records or raises when `fail_commits` is
+set; `close()` revokes the assignment like librdkafka does. `RecordingSink` is the pipeline side.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from worker.kafka.consumer import ConsumerThread, PauseSwitch, TopicPartitionKey
+from worker.kafka.consumer import ConsumerThread, PauseSwitch
+from worker.kafka.settings import TopicPartitionKey
 from worker.observability.logs import get_logger
 from worker.observability.metrics import Metrics
+
+
+class FakeMessage:
+    """The parts of confluent_kafka.Message the pipeline and the dead-letter reader use."""
+
+    def __init__(
+        self,
+        partition: int = 0,
+        offset: int = 0,
+        value: bytes | None = b"{}",
+        *,
+        topic: str = "segment",
+        key: bytes | None = None,
+        headers: Any = None,
+        timestamp_ms: int = 1764072000000,
+    ) -> None:
+        self._partition, self._offset, self._value = partition, offset, value
+        self._topic, self._key, self._headers = topic, key, headers
+        self._timestamp_ms = timestamp_ms
+
+    def error(self) -> None:
+        return None
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def headers(self) -> Any:
+        return self._headers
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, self._timestamp_ms)
+
+
+@dataclass
+class FakeProducer:
+    """Holds delivery reports until the test releases them (``ack``) or fails them."""
+
+    records: list[tuple[bytes | None, dict[str, str]]] = field(default_factory=list)
+    held: list[Callable[[Any, Any], None]] = field(default_factory=list)
+    auto_ack: bool = True
+    fail_with: Any = None
+
+    def produce(self, topic: str, *, value: Any, key: Any, headers: Any, on_delivery: Any) -> None:
+        self.records.append((value, {k: v.decode() for k, v in headers}))
+        self.held.append(on_delivery)
+
+    def poll(self, _timeout: float = 0) -> int:
+        if self.auto_ack:
+            self.ack()
+        return 0
+
+    def ack(self) -> None:
+        held, self.held = self.held, []
+        for callback in held:
+            callback(self.fail_with, None)
+
+    def flush(self, _timeout: float = 0) -> int:
+        return 0
+
+
+@dataclass
+class FakeCommitter:
+    commits: list[dict[tuple[str, int], int]] = field(default_factory=list)
+
+    def commit(self, offsets: dict[tuple[str, int], int]) -> asyncio.Future[None]:
+        self.commits.append(dict(offsets))
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+
+
+class _Offset:
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+
+class _Committed:
+    def __init__(self, partitions: list[Any]) -> None:
+        self.topic_partitions = partitions
+
+
+class FakeAdmin:
+    """ListOffsets/OffsetFetch answered from dicts; `down` fails every request."""
+
+    def __init__(self) -> None:
+        self.latest: dict[tuple[str, int], int] = {}
+        self.earliest: dict[tuple[str, int], int] = {}
+        self.committed: dict[tuple[str, int], int] = {}
+        self.down = False
+
+    def poll(self, _timeout: float) -> int:
+        return 0
+
+    @staticmethod
+    def _future(value: Any = None, error: BaseException | None = None) -> Future[Any]:
+        future: Future[Any] = Future()
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+        return future
+
+    def list_offsets(self, request: dict[Any, Any], **_kw: Any) -> dict[Any, Future[Any]]:
+        out = {}
+        for tp, spec in request.items():
+            table = self.latest if "Latest" in type(spec).__name__ else self.earliest
+            key = (tp.topic, tp.partition)
+            out[tp] = (
+                self._future(error=KafkaException(KafkaError(KafkaError._TRANSPORT)))
+                if self.down or key not in table
+                else self._future(_Offset(table[key]))
+            )
+        return out
+
+    def list_consumer_group_offsets(self, request: list[Any], **_kw: Any) -> dict[str, Any]:
+        group = request[0]
+        if self.down:
+            error = KafkaException(KafkaError(KafkaError._TRANSPORT))
+            return {group.group_id: self._future(error=error)}
+        partitions = []
+        for tp in group.topic_partitions:
+            tp.offset = self.committed.get((tp.topic, tp.partition), -1001)
+            partitions.append(tp)
+        return {group.group_id: self._future(_Committed(partitions))}
 
 
 class FakeKafkaConsumer:
@@ -31,6 +180,7 @@ class FakeKafkaConsumer:
         self.fail_commits = False
         self.commits: list[list[tuple[str, int, int]]] = []
         self.paused: set[TopicPartitionKey] = set()
+        self.queued: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._callbacks: dict[str, Callable[..., None]] = {}
         self._assigned = False
 
@@ -44,13 +194,25 @@ class FakeKafkaConsumer:
     def subscribe(self, topics: list[str], **callbacks: Callable[..., None]) -> None:
         self._callbacks = callbacks
 
+    def feed(self, messages: Sequence[Any]) -> None:
+        """Messages for the following `consume()` calls to return (from any thread)."""
+        for message in messages:
+            self.queued.put(message)
+
     def consume(self, num_messages: int, timeout: float) -> list[Any]:
         if not self._assigned:
             self._assigned = True
             self._callbacks["on_assign"](self, self.partitions)
         self.gate.wait()
-        time.sleep(min(timeout, 0.01))
-        return []
+        batch: list[Any] = []
+        while len(batch) < num_messages:
+            try:
+                batch.append(self.queued.get_nowait())
+            except queue.Empty:
+                break
+        if not batch:
+            time.sleep(min(timeout, 0.01))
+        return batch
 
     def pause(self, partitions: list[TopicPartition]) -> None:
         self.paused |= {(tp.topic, tp.partition) for tp in partitions}
@@ -62,9 +224,6 @@ class FakeKafkaConsumer:
         if self.fail_commits:
             raise KafkaException(KafkaError(KafkaError._TRANSPORT))
         self.commits.append([(tp.topic, tp.partition, tp.offset) for tp in offsets])
-
-    def get_watermark_offsets(self, tp: TopicPartition, cached: bool = False) -> tuple[int, int]:
-        return (0, 100)
 
     def close(self) -> None:
         if self._assigned:

@@ -93,18 +93,20 @@ def test_map_prints_one_line_per_result(config_file: Path, tmp_path: Path) -> No
     # the reasons go to stderr, without the offending value.
     assert out[2:4] == [{"index": 2, "invalid": "invalid_event"}] * 2
     errors = result.stderr.splitlines()
-    assert errors[0].startswith("tiktok-worker map: line 2 destination web-shop: invalid_event: ")
+    # stderr names the file's own line (1-based, the blank line counted), stdout's index
+    # counts non-blank lines from 0 (the spec's shape).
+    assert errors[0].startswith("tiktok-worker map: line 3 destination web-shop: invalid_event: ")
     assert errors[1].startswith(
-        "tiktok-worker map: line 2 destination second: invalid_event: "
+        "tiktok-worker map: line 3 destination second: invalid_event: "
         "value ($.properties.value | $.properties.revenue)"
     )
     assert "$100" not in result.stdout + result.stderr
     assert out[4] == {"index": 3, "invalid": "decode_error"}
-    assert errors[2].startswith("tiktok-worker map: line 3: decode_error: not valid JSON")
+    assert errors[2].startswith("tiktok-worker map: line 5: decode_error: not valid JSON")
     assert [o["index"] for o in out[5:]] == [4, 4]
     assert out[5]["subscription"] == "View Content"
     assert out[6] == {"index": 4, "invalid": "invalid_event"}
-    assert errors[3].startswith("tiktok-worker map: line 4 event 1: invalid_event: ")
+    assert errors[3].startswith("tiktok-worker map: line 6 event 1: invalid_event: ")
     assert len(errors) == 4
     assert len(out) == 7
     assert "Jane@Example.com" not in result.stdout
@@ -180,3 +182,78 @@ def test_check_config_bad_trigger_exits_2_with_position(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().endswith("at position 18")
     assert "destinations[0].when:" in result.stderr
+
+
+FOUR_SOURCES = """
+destinations:
+  - {name: web-shop, pixel_code: PIXELWEB01, access_token: t, presets: all}
+  - name: leads
+    event_source: crm
+    pixel_code: CRMSET01
+    access_token: t
+    subscriptions: [{name: Qualified, trigger: 'event = "Order Completed"', event: QualifiedLead}]
+  - {name: stores, event_source: offline, event_set_id: EVSET01, access_token: t,
+     test_event_code: TEST00001}
+  - {name: mobile, event_source: app, tiktok_app_id: "7000000001", access_token: t}
+"""
+
+
+def test_map_shows_each_sources_body_as_sent(tmp_path: Path) -> None:
+    path = tmp_path / "sources.yaml"
+    path.write_text(FOUR_SOURCES)
+    event = {
+        "type": "track",
+        "event": "Order Completed",
+        "messageId": "m1",
+        "timestamp": "2024-01-08T13:52:50.212Z",
+        "userId": "u1",
+        "context": {"app": {"namespace": "com.example"}, "device": {"type": "android"}},
+        "properties": {
+            "lead_id": "L1",
+            "currency": "USD",
+            "value": 3,
+            "products": [{"product_id": "p1", "price": 3}],
+        },
+    }
+    result = run_cli("map", "--config", str(path), stdin=json.dumps(event) + "\n")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    heads = {
+        line["destination"]: (
+            line["body"]["event_source"],
+            line["body"]["event_source_id"],
+            line["body"]["data"][0]["event"],
+        )
+        for line in lines
+    }
+    assert heads == {
+        "web-shop": ("web", "PIXELWEB01", "CompletePayment"),
+        "leads": ("crm", "CRMSET01", "QualifiedLead"),
+        "stores": ("offline", "EVSET01", "CompletePayment"),
+        "mobile": ("app", "7000000001", "Purchase"),
+    }
+    by_name = {line["destination"]: line["body"] for line in lines}
+    # Each source's own shape: offline's test code inside the event, app's app object,
+    # CRM's lead, and the offline user keys in Segment's order.
+    assert "test_event_code" not in by_name["stores"]
+    assert by_name["stores"]["data"][0]["test_event_code"] == "TEST00001"
+    offline_user = by_name["stores"]["data"][0]["user"]
+    assert list(offline_user) == ["external_id", "phone", "email", "lead_id"]
+    assert by_name["mobile"]["data"][0]["app"] == {"app_id": "com.example"}
+    assert by_name["leads"]["data"][0]["lead"] == {"lead_id": "L1"}
+
+
+def test_check_config_rejects_an_app_event_outside_tiktoks_list(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "destinations:\n"
+        "  - {name: mobile, event_source: app, tiktok_app_id: '1', access_token: t,\n"
+        "     subscriptions: [{name: x, trigger: 'type = \"track\"', event: CompletePayment}]}\n"
+    )
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "tiktok-worker: configuration error: destinations[0].subscriptions[0].event: "
+        "'CompletePayment' is not a TikTok app event"
+    )
+    assert "Traceback" not in result.stderr

@@ -14,6 +14,8 @@ import pytest
 from aiohttp import web
 
 from devkit.fake_tiktok.server import FakeTikTok, FaultSpec
+from tests.forward_proxy import ForwardProxy
+from worker.core.redaction import sanitise_message
 from worker.delivery.client import (
     ENDPOINT_PATH,
     Outcome,
@@ -23,7 +25,6 @@ from worker.delivery.client import (
     classify,
     classify_answer,
     parse_retry_after,
-    sanitise_message,
 )
 
 TOKEN = "tok-SECRET-0123456789abcdef"
@@ -171,12 +172,6 @@ def test_event_index_from_error_text(message: str, index: int | None) -> None:
 )
 def test_outcome_retryable(outcome: Outcome, retryable: bool) -> None:
     assert outcome.retryable is retryable
-
-
-def test_outcome_values_are_the_metric_vocabulary() -> None:
-    from worker.observability.metrics import REQUEST_OUTCOMES
-
-    assert sorted(o.value for o in Outcome) == sorted(REQUEST_OUTCOMES)
 
 
 # -- backoff ----------------------------------------------------------------------------------
@@ -534,3 +529,63 @@ def test_constructor_validates() -> None:
         TikTokClient(base_url="https://x", timeout_s=1, max_connections=0)
     c = TikTokClient(base_url="https://business-api.tiktok.com/", timeout_s=1, max_connections=1)
     assert c.url == "https://business-api.tiktok.com/open_api/v1.3/event/track/"
+
+
+# -- proxies (issue 19): HTTP(S)_PROXY and NO_PROXY, through a real forward proxy ------------
+
+
+@pytest.fixture
+async def proxy(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[ForwardProxy]:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    p = await ForwardProxy().start()
+    yield p
+    await p.close()
+
+
+async def _ok(request: web.Request) -> web.Response:
+    await request.read()
+    return web.json_response({"code": 0, "message": "OK", "request_id": "via", "data": {}})
+
+
+async def test_http_proxy_variable_is_honoured(
+    serve: Callable[[Handler], Awaitable[str]],
+    proxy: ForwardProxy,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = (await serve(_ok)).replace("127.0.0.1", "localhost")
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    async with TikTokClient(base_url=url, timeout_s=5, max_connections=1) as c:
+        result = await c.send(body_for("e1"), access_token=TOKEN)
+    assert result.outcome is Outcome.SUCCESS, result
+    assert result.request_id == "via"
+    assert proxy.seen == [("POST", url.rstrip("/") + ENDPOINT_PATH)]
+
+
+async def test_no_proxy_variable_bypasses_the_proxy(
+    serve: Callable[[Handler], Awaitable[str]],
+    proxy: ForwardProxy,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = (await serve(_ok)).replace("127.0.0.1", "localhost")
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.setenv("NO_PROXY", "example.com,localhost")
+    async with TikTokClient(base_url=url, timeout_s=5, max_connections=1) as c:
+        result = await c.send(body_for("e1"), access_token=TOKEN)
+    assert result.outcome is Outcome.SUCCESS, result
+    assert proxy.seen == []
+
+
+async def test_https_proxy_variable_is_used_for_https(
+    proxy: ForwardProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `.invalid` never resolves: only the proxy's CONNECT can be what the client did.
+    monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+    async with TikTokClient(
+        base_url="https://business-api.tiktok.invalid", timeout_s=5, max_connections=1
+    ) as c:
+        result = await c.send(body_for("e1"), access_token=TOKEN)
+    assert proxy.seen == [("CONNECT", "business-api.tiktok.invalid:443")]
+    assert result.outcome is Outcome.CONNECTION  # the test proxy refuses to tunnel
+    assert_no_secret(result)

@@ -82,6 +82,8 @@ def test_full_config_round_trips() -> None:
       client:
         security.protocol: SASL_SSL
         sasl.mechanism: PLAIN
+        sasl.username: user
+        sasl.password: secret
         queued.max.messages.kbytes: 65536
         enable.partition.eof: false
     tiktok: {max_batch_events: 50, partner_name: null, retry: {deadline_s: 60}}
@@ -224,7 +226,7 @@ def test_environment_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch) -> 
         ),
         pytest.param(
             MINIMAL.replace("PIXEL1", "12345"),
-            "destinations[0].pixel_code: expected a string, got an integer "
+            "destinations[0].pixel_code: expected a string or null, got an integer "
             "(quote the value in YAML)",
             id="number-for-string",
         ),
@@ -355,7 +357,7 @@ def test_masked_hides_every_secret() -> None:
         sasl.password: kafka-secret
         ssl.key.password: key-secret
         sasl.oauthbearer.client.secret: oauth-secret
-        sasl.jaas.config: jaas-secret
+        sasl.oauthbearer.config: oauth-config-secret
         ssl.key.location: /etc/key.pem
     rate_limit: {redis_url: "rediss://default:redis-secret@redis:6380/0"}
     destinations:
@@ -368,7 +370,7 @@ def test_masked_hides_every_secret() -> None:
         "kafka-secret",
         "key-secret",
         "oauth-secret",
-        "jaas-secret",
+        "oauth-config-secret",
         "redis-secret",
         "token-secret-1",
         "token-secret-2",
@@ -377,7 +379,7 @@ def test_masked_hides_every_secret() -> None:
     data = masked(c)
     assert data["kafka"]["client"]["sasl.username"] == "user"
     assert data["kafka"]["client"]["ssl.key.location"] == "/etc/key.pem"
-    assert data["rate_limit"]["redis_url"] == "rediss://default:***@redis:6380/0"
+    assert data["rate_limit"]["redis_url"] == "rediss://***@redis:6380/0"  # all of user:password
     assert [d["access_token"] for d in data["destinations"]] == ["***", "***"]
     assert [d["pixel_code"] for d in data["destinations"]] == ["P1", "P2"]
     # The config itself is untouched.
@@ -398,3 +400,168 @@ destinations: [{name: a, pixel_code: P, access_token: t}]
 """
     with pytest.raises(ConfigError, match=r"^http\.liveness_timeout_s: must be greater than"):
         parse_config(text)
+
+
+# --------------------------------------------------------------------------- issue 19
+
+
+def test_start_from_defaults_to_earliest_and_sets_auto_offset_reset() -> None:
+    from worker.kafka.settings import consumer_settings
+
+    assert parse_config(MINIMAL, environ={}).kafka.start_from == "earliest"
+    c = parse_config(MINIMAL + "kafka: {start_from: latest}\n", environ={})
+    assert c.kafka.start_from == "latest"
+    conf = consumer_settings(
+        bootstrap_servers="b:9092",
+        group_id="g",
+        client=c.kafka.client,
+        start_from=c.kafka.start_from,
+    )
+    assert conf["auto.offset.reset"] == "latest"
+    assert config_error(MINIMAL + "kafka: {start_from: beginning}\n") == (
+        "kafka.start_from: must be one of: earliest, latest"
+    )
+    # One place decides it: the raw librdkafka property would contradict start_from.
+    assert config_error(MINIMAL + "kafka: {client: {auto.offset.reset: latest}}\n").startswith(
+        "kafka.client.auto.offset.reset: set kafka.start_from"
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        pytest.param(
+            "kafka: {client: {securty.protocol: SASL_SSL}}\n",
+            'kafka.client.securty.protocol: No such configuration property: "securty.protocol"',
+            id="librdkafka-key-typo",
+        ),
+        pytest.param(
+            "kafka: {client: {security.protocol: SASL_SSLL}}\n",
+            'kafka.client.security.protocol: Invalid value "SASL_SSLL"',
+            id="librdkafka-bad-value",
+        ),
+        pytest.param(
+            "kafka: {client: {security.protocol: SASL_SSL, sasl.mechanism: PLAINX, "
+            "sasl.username: u, sasl.password: p}}\n",
+            "kafka.client.sasl.mechanism: Unsupported SASL mechanism: PLAINX",
+            id="librdkafka-refused-at-client-creation",
+        ),
+        pytest.param(
+            "kafka: {client: {security.protocol: SASL_SSL, sasl.mechanism: PLAIN}}\n",
+            "kafka.client.sasl.username: sasl.username and sasl.password must be set",
+            id="librdkafka-missing-credentials",
+        ),
+        pytest.param(
+            'tiktok: {base_url: "127.0.0.1:44961"}\n',
+            "tiktok.base_url: must be http://host[:port] or https://host[:port]",
+            id="base-url-without-scheme",
+        ),
+        pytest.param(
+            'tiktok: {base_url: "https://:443"}\n',
+            "tiktok.base_url: must be http://host[:port] or https://host[:port]",
+            id="base-url-without-host",
+        ),
+        pytest.param(
+            'tiktok: {base_url: "https://api.example:port"}\n',
+            "tiktok.base_url: must be http://host[:port] or https://host[:port] "
+            "(the port is not a number",
+            id="base-url-bad-port",
+        ),
+        pytest.param(
+            'rate_limit: {redis_url: "not a url"}\n',
+            "rate_limit.redis_url: must start with redis://, rediss:// (TLS) or unix://",
+            id="redis-url-not-a-url",
+        ),
+        pytest.param(
+            'rate_limit: {redis_url: "http://redis:6379/0"}\n',
+            "rate_limit.redis_url: must start with redis://, rediss:// (TLS) or unix://",
+            id="redis-url-wrong-scheme",
+        ),
+        pytest.param(
+            'rate_limit: {redis_url: "redis://:p@ss:w/rd@redis:6379/0"}\n',
+            "rate_limit.redis_url: not a valid URL; percent-encode reserved characters",
+            id="redis-url-unencoded-password",
+        ),
+        pytest.param(
+            'rate_limit: {redis_url: "redis://:pw@redis:6379/0", redis_password: pw2}\n',
+            "rate_limit.redis_password: the redis_url holds a password too",
+            id="redis-password-twice",
+        ),
+    ],
+)
+def test_config_refuses_what_start_up_refuses(extra: str, message: str) -> None:
+    got = config_error(MINIMAL + extra)
+    assert got.startswith(message), got
+    assert "p@ss" not in got  # never the password
+    assert "w/rd" not in got
+
+
+def test_librdkafka_value_of_a_secret_property_is_not_repeated() -> None:
+    from worker.config import librdkafka_error
+
+    text = 'Invalid value "hunter2" for configuration property "sasl.password"'
+    assert librdkafka_error(text) == (
+        "kafka.client.sasl.password: refused by librdkafka (value not shown)"
+    )
+
+
+def test_redis_urls_that_redis_py_accepts_pass() -> None:
+    for url in (
+        "redis://redis:6379/0",
+        "rediss://user:p%40ss%3Aw%2Frd@redis.example:6380/2",
+        "redis://:p@ss@redis:6379/0",  # an unencoded @ is still unambiguous
+        "unix:///run/redis/redis.sock",
+        "redis://redis",
+    ):
+        c = parse_config(MINIMAL + f'rate_limit: {{redis_url: "{url}"}}\n', environ={})
+        assert c.rate_limit.redis_url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "shown", "secrets"),
+    [
+        ("redis://:p%40ss%3Aw%2Frd@redis:6379/0", "redis://***@redis:6379/0", ["p%40ss"]),
+        ("redis://:p@ss@redis:6379/0", "redis://***@redis:6379/0", ["p@ss", "ss@"]),
+        ("rediss://admin:pw-123456@r:6380/1", "rediss://***@r:6380/1", ["admin", "pw-123456"]),
+        ("redis://redis:6379/0", "redis://redis:6379/0", []),
+    ],
+)
+def test_masked_hides_the_whole_userinfo(url: str, shown: str, secrets: list[str]) -> None:
+    from worker.config import secret_values
+
+    c = parse_config(MINIMAL + f'rate_limit: {{redis_url: "{url}"}}\n', environ={})
+    data = masked(c)
+    assert data["rate_limit"]["redis_url"] == shown
+    dump = yaml.safe_dump(data)
+    for secret in secrets:
+        assert secret not in dump
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    if userinfo:
+        assert userinfo in secret_values(c)  # scrubbed from logs too
+
+
+def test_masked_hides_a_password_written_unencoded_however_it_is_written() -> None:
+    from worker.core.redaction import mask_url_credentials
+
+    # The issue's reproduction: the documented form with REDIS_PASSWORD='p@ss:w/rd'. The URL
+    # is refused by validation, but masking must not leak a part of it either.
+    assert mask_url_credentials("redis://:p@ss:w/rd@redis:6379/0") == "redis://***@redis:6379/0"
+
+
+def test_redis_password_key_is_used_verbatim_and_masked() -> None:
+    from worker.config import secret_values
+
+    text = MINIMAL + "rate_limit: {redis_url: redis://redis:6379/0, redis_password: '${RP}'}\n"
+    c = parse_config(text, environ={"RP": "p@ss:w/rd"})
+    assert c.rate_limit.redis_password == "p@ss:w/rd"
+    assert masked(c)["rate_limit"]["redis_password"] == "***"
+    assert "p@ss:w/rd" in secret_values(c)
+    assert parse_config(MINIMAL, environ={}).rate_limit.redis_password is None
+
+
+def test_liveness_default_follows_the_drain_time() -> None:
+    c = parse_config(MINIMAL + "kafka: {drain_timeout_s: 100}\n", environ={})
+    assert c.http.liveness_timeout_s == 135.0  # drain + 35; no error about an untouched key
+    assert masked(c)["http"]["liveness_timeout_s"] == 135.0
+    explicit = "kafka: {drain_timeout_s: 100}\nhttp: {liveness_timeout_s: 111}\n"
+    assert parse_config(MINIMAL + explicit, environ={}).http.liveness_timeout_s == 111.0

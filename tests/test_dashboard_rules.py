@@ -22,6 +22,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
+from tests import tools
 from tests.dashboard_exprs import (
     DATA_PANELS,
     GENERIC_SELECTOR,
@@ -52,6 +53,7 @@ SEVERITIES = frozenset({"critical", "warning", "info"})
 
 
 def promtool() -> str:
+    tools.require("promtool")
     path = shutil.which("promtool")
     assert path, "promtool not found: run scripts/provision (Debian package prometheus)"
     return path
@@ -86,14 +88,19 @@ def exposed_names() -> dict[str, tuple[str, frozenset[str]]]:
         "info": ("_info",),
     }
     out: dict[str, tuple[str, frozenset[str]]] = {}
-    for family, (kind, labels) in metric_catalogue().items():
+    catalogue = dict(metric_catalogue())
+    # The process_* families of prometheus_client's ProcessCollector, on the same registry.
+    for collected in Metrics(CollectorRegistry()).registry.collect():
+        if collected.name.startswith("process_"):
+            catalogue[collected.name] = (collected.type, frozenset())
+    for family, (kind, labels) in catalogue.items():
         for suffix in suffixes[kind]:
             extra = {"le"} if suffix == "_bucket" else set()
             out[family + suffix] = (family, labels | extra)
     return out
 
 
-_SELECTOR_RE = re.compile(r"\b(tiktok_worker_[a-z0-9_]+|up)\s*\{([^}]*)\}")
+_SELECTOR_RE = re.compile(r"\b(tiktok_worker_[a-z0-9_]+|process_[a-z_]+|up)\s*\{([^}]*)\}")
 _MATCHER_RE = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
 _GROUPING_RE = re.compile(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)")
 
@@ -129,18 +136,21 @@ def alerts() -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- promtool
 
 
+@pytest.mark.tools
 def test_promtool_check_rules_accepts_the_rules_file() -> None:
     proc = run_promtool("check", "rules", str(RULES))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"SUCCESS: {len(alerts())} rules found" in proc.stdout
 
 
+@pytest.mark.tools
 def test_promtool_unit_tests_pass() -> None:
     proc = run_promtool("test", "rules", str(PROMTOOL_TEST))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SUCCESS" in proc.stdout
 
 
+@pytest.mark.tools
 def test_promtool_unit_tests_detect_a_wrong_expectation(tmp_path: Path) -> None:
     # Guards the harness itself: a test file that expects the wrong thing must fail.
     tests = yaml.safe_load(PROMTOOL_TEST.read_text(encoding="utf-8"))
@@ -167,6 +177,7 @@ def test_every_alert_has_a_firing_and_a_silent_promtool_case() -> None:
     assert (firing | silent) - names == set(), "tests of alerts that do not exist"
 
 
+@pytest.mark.tools
 def test_every_dashboard_expression_parses(tmp_path: Path) -> None:
     # promtool has no "check expression"; recording rules give every expression to its parser.
     exprs = [e for _, e in dashboard_expressions()]
@@ -187,6 +198,7 @@ def test_every_dashboard_expression_parses(tmp_path: Path) -> None:
     assert f"SUCCESS: {len(exprs)} rules found" in proc.stdout
 
 
+@pytest.mark.tools
 def test_a_broken_expression_is_caught_by_the_parse_check(tmp_path: Path) -> None:
     path = tmp_path / "broken.yaml"
     rule = {"record": "dashboard:broken", "expr": "sum by (topic (rate(x[1m]))"}
@@ -264,6 +276,34 @@ def test_dashboard_identity_and_variables() -> None:
     for name in ("namespace", "pod"):
         assert variables[name]["datasource"]["uid"] == "${datasource}"
         assert "tiktok_worker_build_info" in variables[name]["definition"]
+    # Issue 19: pick one or more destinations.
+    dest = variables["destination"]
+    assert dest["datasource"]["uid"] == "${datasource}"
+    assert dest["definition"].endswith(", destination)")
+    assert (dest["includeAll"], dest["allValue"], dest["multi"]) == (True, ".*", True)
+
+
+def test_every_destination_metric_follows_the_destination_variable() -> None:
+    exposed = exposed_names()
+    checked = 0
+    for title, expr in raw_dashboard_expressions():
+        for name, matchers in selectors(expr):
+            if name in exposed and "destination" in exposed[name][1]:
+                checked += 1
+                assert ("destination", "=~", "$destination") in matchers, (title, name)
+    assert checked >= 10
+
+
+def test_the_dashboard_shows_process_memory_cpu_and_fds() -> None:
+    used = {n for _, e in raw_dashboard_expressions() for n in metric_names(e)}
+    exposed = exposed_names()
+    for name in (
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+    ):
+        assert name in exposed, name
+        assert name in used, name
 
 
 def test_every_panel_queries_the_selected_datasource_namespace_and_pods() -> None:

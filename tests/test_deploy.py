@@ -45,12 +45,14 @@ def committed(subdir: str) -> list[Obj]:
     return objs
 
 
+@pytest.mark.tools
 def test_committed_manifests_match_the_chart() -> None:
     proc = run_script("--check")
     assert proc.returncode == 0, f"deploy/ drifted from the chart:\n{proc.stdout}{proc.stderr}"
     assert "up to date" in proc.stdout
 
 
+@pytest.mark.tools
 def test_the_check_detects_drift(tmp_path: Path) -> None:
     for subdir in ("manifests", "monitoring"):
         shutil.copytree(DEPLOY / subdir, tmp_path / subdir)
@@ -88,6 +90,7 @@ def test_layout_separates_operator_objects() -> None:
         assert set(kustomization["resources"]) == files
 
 
+@pytest.mark.tools
 @pytest.mark.parametrize("subdir", ["manifests", "monitoring"])
 def test_manifests_validate_offline(subdir: str) -> None:
     objs = committed(subdir)

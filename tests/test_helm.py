@@ -97,6 +97,7 @@ def _deep_merge(into: dict[str, Any], other: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- lint and render
 
 
+@pytest.mark.tools
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_helm_lint_strict(name: str) -> None:
     args = ["lint", "--strict", str(CHART)]
@@ -106,6 +107,7 @@ def test_helm_lint_strict(name: str) -> None:
     assert "1 chart(s) linted, 0 chart(s) failed" in proc.stdout
 
 
+@pytest.mark.tools
 def test_renders_the_expected_objects(rendered: dict[str, list[Obj]]) -> None:
     assert {o["kind"] for o in rendered["default"]} == CORE_KINDS
     assert {o["kind"] for o in rendered["all-on"]} == CORE_KINDS | {
@@ -118,6 +120,7 @@ def test_renders_the_expected_objects(rendered: dict[str, list[Obj]]) -> None:
     assert "HorizontalPodAutoscaler" in {o["kind"] for o in rendered["hpa"]}
 
 
+@pytest.mark.tools
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_every_manifest_validates_against_the_kubernetes_schemas(
     rendered: dict[str, list[Obj]], name: str
@@ -131,6 +134,7 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(
     assert [e for o in crds for e in crd_unknown_fields(o)] == []
 
 
+@pytest.mark.tools
 def test_schema_validation_rejects_broken_objects(rendered: dict[str, list[Obj]]) -> None:
     # Guards the validators: each must fail on a defect a typo could introduce.
     deploy = json.loads(json.dumps(deployment(rendered["default"])))
@@ -175,10 +179,12 @@ def test_schema_validation_rejects_broken_objects(rendered: dict[str, list[Obj]]
         ({"keda.minReplicas": "0"}, "minReplicas"),
     ],
 )
+@pytest.mark.tools
 def test_refuses_unsafe_values(set_values: dict[str, str], message: str) -> None:
     assert message in render_error(set_values=set_values)
 
 
+@pytest.mark.tools
 def test_replica_bounds_that_fit_the_partitions_render() -> None:
     objs = render(set_values={"keda.enabled": "true", "topicPartitions": "3"})
     assert one(objs, "ScaledObject")["spec"]["maxReplicaCount"] == 3
@@ -188,6 +194,7 @@ def test_replica_bounds_that_fit_the_partitions_render() -> None:
 # --------------------------------------------------------------------------- the pod
 
 
+@pytest.mark.tools
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_security_context(rendered: dict[str, list[Obj]], name: str) -> None:
     pod = deployment(rendered[name])["spec"]["template"]["spec"]
@@ -203,6 +210,7 @@ def test_security_context(rendered: dict[str, list[Obj]], name: str) -> None:
     assert sc["runAsUser"] != 0
 
 
+@pytest.mark.tools
 def test_writable_tmp_on_a_read_only_root(rendered: dict[str, list[Obj]]) -> None:
     pod = deployment(rendered["default"])["spec"]["template"]["spec"]
     mounts = {m["mountPath"]: m for m in container(rendered["default"])["volumeMounts"]}
@@ -211,6 +219,7 @@ def test_writable_tmp_on_a_read_only_root(rendered: dict[str, list[Obj]]) -> Non
     assert "emptyDir" in tmp_volume
 
 
+@pytest.mark.tools
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_probes_and_ports(rendered: dict[str, list[Obj]], name: str) -> None:
     c = container(rendered[name])
@@ -222,6 +231,7 @@ def test_probes_and_ports(rendered: dict[str, list[Obj]], name: str) -> None:
     assert c["args"] == ["run", "--config", "/etc/tiktok-worker/config.yaml"]
 
 
+@pytest.mark.tools
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_resources(rendered: dict[str, list[Obj]], name: str) -> None:
     resources = container(rendered[name])["resources"]
@@ -229,6 +239,7 @@ def test_resources(rendered: dict[str, list[Obj]], name: str) -> None:
     assert "memory" in resources["limits"]
 
 
+@pytest.mark.tools
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_termination_grace_exceeds_the_drain(rendered: dict[str, list[Obj]], name: str) -> None:
     grace = deployment(rendered[name])["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
@@ -237,6 +248,7 @@ def test_termination_grace_exceeds_the_drain(rendered: dict[str, list[Obj]], nam
     assert grace > drain + 10
 
 
+@pytest.mark.tools
 def test_config_changes_roll_the_pods() -> None:
     def checksums(**set_values: str) -> dict[str, str]:
         objs = render(set_values=set_values)
@@ -257,6 +269,7 @@ def test_config_changes_roll_the_pods() -> None:
 # --------------------------------------------------------------------------- secrets
 
 
+@pytest.mark.tools
 def test_no_token_in_any_configmap(rendered: dict[str, list[Obj]]) -> None:
     objs = rendered["all-on"]
     secret = one(objs, "Secret")
@@ -272,6 +285,7 @@ def test_no_token_in_any_configmap(rendered: dict[str, list[Obj]]) -> None:
         assert ENV_REF.fullmatch(dest["access_token"]), dest["name"]
 
 
+@pytest.mark.tools
 def test_every_config_reference_is_provided_by_the_secret(rendered: dict[str, list[Obj]]) -> None:
     objs = rendered["all-on"]
     text = yaml.safe_dump(worker_config(objs))
@@ -282,6 +296,7 @@ def test_every_config_reference_is_provided_by_the_secret(rendered: dict[str, li
     assert {"secretRef": {"name": one(objs, "Secret")["metadata"]["name"]}} in env_from
 
 
+@pytest.mark.tools
 def test_existing_secret_is_referenced_not_created() -> None:
     objs = render(set_values={"secret.existingSecret": "tiktok-tokens"})
     assert by_kind(objs, "Secret") == []
@@ -292,12 +307,19 @@ def test_existing_secret_is_referenced_not_created() -> None:
 # --------------------------------------------------------------------------- the worker config
 
 
+@pytest.mark.tools
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_rendered_config_is_accepted_by_check_config(
     rendered: dict[str, list[Obj]], name: str, tmp_path: Path
 ) -> None:
     path = tmp_path / "config.yaml"
     config = worker_config(rendered[name])
+    if "ssl.ca.location" in config["kafka"]["client"]:
+        # The pod mounts the CA there; librdkafka reads the file when the config is checked
+        # (as at start-up), so point it at a CA bundle this machine has.
+        import certifi
+
+        config["kafka"]["client"]["ssl.ca.location"] = certifi.where()
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TIKTOK_", "KAFKA_", "REDIS_"))}
     secret_values = {
@@ -320,6 +342,7 @@ def test_rendered_config_is_accepted_by_check_config(
     assert token not in proc.stdout  # masked
 
 
+@pytest.mark.tools
 def test_check_config_rejects_a_config_the_chart_must_not_render(tmp_path: Path) -> None:
     # Guards the previous test: check-config does fail, naming the key, on a bad config.
     config = worker_config(render())
@@ -340,6 +363,7 @@ def test_check_config_rejects_a_config_the_chart_must_not_render(tmp_path: Path)
     assert "kafka.max_inflight_messages" in proc.stderr
 
 
+@pytest.mark.tools
 def test_expected_replicas_follows_the_replica_upper_bound(
     rendered: dict[str, list[Obj]],
 ) -> None:
@@ -359,6 +383,7 @@ def test_chart_app_version_is_the_worker_version() -> None:
 # --------------------------------------------------------------------------- wiring
 
 
+@pytest.mark.tools
 def test_service_pdb_and_monitor_select_the_pods(rendered: dict[str, list[Obj]]) -> None:
     objs = rendered["all-on"]
     pod_labels = deployment(objs)["spec"]["template"]["metadata"]["labels"]
@@ -381,6 +406,7 @@ def test_service_pdb_and_monitor_select_the_pods(rendered: dict[str, list[Obj]])
     assert {53, 443, 9092, 6379} <= egress_ports
 
 
+@pytest.mark.tools
 def test_keda_scales_on_the_consumer_group_lag(rendered: dict[str, list[Obj]]) -> None:
     objs = rendered["all-on"]
     values = values_of(ALL_ON_VALUES)
@@ -397,6 +423,28 @@ def test_keda_scales_on_the_consumer_group_lag(rendered: dict[str, list[Obj]]) -
     assert "replicas" not in deployment(objs)["spec"]
 
 
+@pytest.mark.tools
+@pytest.mark.parametrize("start_from", [None, "earliest", "latest"])
+def test_keda_offset_reset_policy_is_the_workers_start_from(start_from: str | None) -> None:
+    # Issue 19: KEDA must count the lag of a partition without committed offsets the way the
+    # worker will consume it; one setting (config.kafka.start_from, default earliest) decides.
+    set_values = {"keda.enabled": "true", "topicPartitions": "3"}
+    if start_from is not None:
+        set_values["config.kafka.start_from"] = start_from
+    objs = render(set_values=set_values)
+    (trigger,) = one(objs, "ScaledObject")["spec"]["triggers"]
+    assert trigger["metadata"]["offsetResetPolicy"] == (start_from or "earliest")
+    assert worker_config(objs)["kafka"]["start_from"] == (start_from or "earliest")
+
+
+@pytest.mark.tools
+def test_keda_has_no_offset_reset_value_of_its_own() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert "offsetResetPolicy" not in values["keda"]
+    assert "offsetResetPolicy" in render_error(set_values={"keda.offsetResetPolicy": "latest"})
+
+
+@pytest.mark.tools
 def test_prometheus_rule_is_the_rules_file_scoped_to_the_release(
     rendered: dict[str, list[Obj]], tmp_path: Path
 ) -> None:
@@ -424,6 +472,7 @@ def test_prometheus_rule_is_the_rules_file_scoped_to_the_release(
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.tools
 def test_dashboard_configmap_carries_the_dashboard(rendered: dict[str, list[Obj]]) -> None:
     cm = next(
         o
@@ -526,6 +575,7 @@ def _render_notes(tmp_path: Path, **set_values: str) -> str:
     return text
 
 
+@pytest.mark.tools
 def test_notes_guide_the_operator(tmp_path: Path) -> None:
     notes = _render_notes(tmp_path)
     assert "WARNING: secret.env is empty" in notes

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests import tools
 from tests.chart_support import ROOT, cache_root, render
 from worker import __version__
 
@@ -33,9 +34,12 @@ BUILD_REQUIRES = tuple(
 )
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
+LOCK = ROOT / "requirements.lock"
+DEV_LOCK = ROOT / "requirements-dev.lock"
 
 
 def _pip(*args: str, timeout: float = 300) -> None:
+    tools.require("the wheel build")
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "--disable-pip-version-check", *args],
         capture_output=True,
@@ -51,6 +55,7 @@ def _build_context(dest: Path) -> Path:
     dest.mkdir()
     shutil.copy2(ROOT / "pyproject.toml", dest)
     shutil.copy2(ROOT / "README.md", dest)
+    shutil.copy2(ROOT / "requirements.lock", dest)
     shutil.copytree(
         ROOT / "worker", dest / "worker", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
     )
@@ -67,7 +72,9 @@ class Image:
 def image(tmp_path_factory: pytest.TempPathFactory) -> Image:
     """A fresh virtualenv holding the worker installed as the Dockerfile installs it."""
     tmp = tmp_path_factory.mktemp("image")
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + LOCK.read_bytes()).hexdigest()[
+        :16
+    ]
     wheelhouse = cache_root() / f"wheelhouse-{digest}"
     complete = wheelhouse / ".complete"
     if not complete.exists():  # the build backend, for an isolated but offline build
@@ -78,17 +85,22 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Image:
     context = _build_context(tmp / "src")
     _pip("wheel", "--no-deps", *offline, "--wheel-dir", str(dist), str(context))
     (wheel,) = dist.glob("tiktok_conversions_worker-*.whl")
-    # Stage 1: every dependency as a binary wheel (collected once per pyproject.toml).
+    # Stage 1: every dependency as a binary wheel, from the lock, hash-checked (collected once
+    # per pyproject.toml and lock).
     if not complete.exists():
-        _pip("wheel", "--only-binary=:all:", "--wheel-dir", str(wheelhouse), str(wheel))
-        for own in wheelhouse.glob("tiktok_conversions_worker-*.whl"):
-            own.unlink()  # pip copies the input wheel; a stale copy must never be installed
+        lock = str(context / "requirements.lock")
+        _pip("wheel", "--require-hashes", "--only-binary=:all:", "--wheel-dir", str(wheelhouse),
+             "-r", lock)  # fmt: skip
         complete.touch()
-    # Stage 2: a virtualenv without pip, filled offline from the wheels.
+    # Stage 2: a virtualenv without pip, filled offline from the wheels: the locked set with
+    # its hashes, then the worker without resolving anything, then a consistency check.
     target = tmp / "venv"
     venv.EnvBuilder(with_pip=False).create(target)
     python = str(target / "bin" / "python")
-    _pip("--python", python, "install", *offline, str(wheel))
+    lock = str(context / "requirements.lock")
+    _pip("--python", python, "install", *offline, "--require-hashes", "-r", lock)
+    _pip("--python", python, "install", "--no-index", "--no-deps", str(wheel))
+    _pip("--python", python, "check")
     return Image(venv=target, context=context)
 
 
@@ -107,12 +119,14 @@ def _run(venv_dir: Path, *args: str, env: dict[str, str] | None = None, cwd: Pat
     return proc.stdout + proc.stderr
 
 
+@pytest.mark.tools
 def test_installed_console_script_reports_the_version(image: Image, tmp_path: Path) -> None:
     out = _run(image.venv, "--version", cwd=tmp_path)
     assert out.strip() == f"tiktok-worker {__version__}"
     assert not (image.venv / "bin" / "pip").exists()  # like the image: no pip in the venv
 
 
+@pytest.mark.tools
 def test_installed_package_is_complete(image: Image, tmp_path: Path) -> None:
     # Every module of the build context is in the wheel, and every import resolves from the venv.
     modules = sorted(
@@ -140,6 +154,7 @@ def test_installed_package_is_complete(image: Image, tmp_path: Path) -> None:
     assert str(image.venv) in proc.stdout
 
 
+@pytest.mark.tools
 def test_installed_package_holds_no_developer_tooling(image: Image) -> None:
     # The fake Events API, the sample events and the test/bench harnesses live in devkit/,
     # which is neither in the wheel nor in the image.
@@ -156,6 +171,7 @@ def test_installed_package_holds_no_developer_tooling(image: Image) -> None:
     assert leaked == []
 
 
+@pytest.mark.tools
 def test_installed_worker_accepts_the_charts_config(image: Image, tmp_path: Path) -> None:
     (cm,) = [o for o in render() if o["kind"] == "ConfigMap"]
     path = tmp_path / "config.yaml"
@@ -189,6 +205,11 @@ def test_dockerfile_is_multi_stage_on_slim_python() -> None:
     assert build[0] == "FROM ${PYTHON_IMAGE} AS build"
     assert runtime[0] == "FROM ${PYTHON_IMAGE} AS runtime"
     assert any("pip wheel --no-deps" in line for line in build)
+    # Dependencies only from the lock, hash-checked, in both stages (issue 19).
+    assert any("--require-hashes" in ln and "-r requirements.lock" in ln for ln in build)
+    runtime_install = "\n".join(runtime)
+    assert "--require-hashes -r /wheels/requirements.lock" in runtime_install
+    assert "--no-deps" in runtime_install
 
 
 def test_final_stage_runs_tiktok_worker_as_non_root_without_build_tools() -> None:
@@ -218,7 +239,7 @@ def test_dockerignore_sends_only_what_the_build_copies() -> None:
         for line in stage:
             if line.startswith("COPY ") and "--from" not in line:
                 copied |= set(line.split()[1:-1])
-    assert copied == allowed == {"pyproject.toml", "README.md", "worker"}
+    assert copied == allowed == {"pyproject.toml", "README.md", "requirements.lock", "worker"}
 
 
 def test_chart_default_security_context_matches_the_image() -> None:
@@ -231,3 +252,151 @@ def test_chart_default_security_context_matches_the_image() -> None:
     assert values["securityContext"]["runAsUser"] == uid
     assert values["securityContext"]["runAsGroup"] == gid
     assert values["podSecurityContext"]["fsGroup"] == gid
+
+
+# --------------------------------------------------------------------------- lock files
+
+
+def _locked(path: Path) -> dict[str, tuple[str, int]]:
+    """name -> (pinned version, number of hashes) of a pip-style lock file."""
+    text = path.read_text()
+    out: dict[str, tuple[str, int]] = {}
+    for block in re.split(r"\n(?=\S)", text):
+        m = re.match(r"([A-Za-z0-9_.-]+)==([^\s;\\]+)", block)
+        if m:
+            name = re.sub(r"[-_.]+", "-", m.group(1)).lower()
+            out[name] = (m.group(2), block.count("--hash=sha256:"))
+    return out
+
+
+def _requirements(*extras: str) -> list[str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = list(project["dependencies"])
+    for extra in extras:
+        reqs += project["optional-dependencies"][extra]
+    return reqs
+
+
+@pytest.mark.parametrize(
+    ("lock", "extras"), [(LOCK, ()), (DEV_LOCK, ("test", "dev"))], ids=["runtime", "dev"]
+)
+def test_lock_pins_every_requirement_within_its_bounds_with_hashes(
+    lock: Path, extras: tuple[str, ...]
+) -> None:
+    from packaging.requirements import Requirement
+
+    locked = _locked(lock)
+    assert len(locked) >= 10
+    assert all(count >= 1 for _version, count in locked.values()), "a pin without a hash"
+    for text in _requirements(*extras):
+        req = Requirement(text)
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        assert name in locked, f"{req.name} is not in {lock.name}"
+        assert req.specifier.contains(locked[name][0], prereleases=True), (text, locked[name])
+    if lock == LOCK:  # the image gets no test or dev tools
+        for tool in ("pytest", "ruff", "mypy", "uv"):
+            assert tool not in locked
+
+
+def test_runtime_lock_agrees_with_the_dev_lock() -> None:
+    runtime, dev = _locked(LOCK), _locked(DEV_LOCK)
+    assert {n: v for n, (v, _) in runtime.items() if dev.get(n, (None,))[0] != v} == {}
+
+
+def test_msgspec_is_pinned_to_one_minor_version() -> None:
+    from packaging.requirements import Requirement
+
+    (msgspec_req,) = [r for r in _requirements() if r.startswith("msgspec")]
+    spec = Requirement(msgspec_req).specifier
+    version = _locked(LOCK)["msgspec"][0]
+    major, minor = (int(x) for x in version.split(".")[:2])
+    assert spec.contains(version)
+    assert not spec.contains(f"{major}.{minor + 1}.0")  # its error text is parsed
+
+
+def test_setup_and_ci_install_from_the_lock() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    assert "--require-hashes -r requirements-dev.lock" in makefile
+    assert "--no-deps -e ." in makefile
+    assert re.search(r"^lock:", makefile, flags=re.M)
+    assert "make test" in (ROOT / ".ci" / "run").read_text()  # CI runs setup, hence the lock
+
+
+# --------------------------------------------------------------------------- make image
+
+
+def _make_image(path: str, **env: str) -> subprocess.CompletedProcess[str]:
+    make = shutil.which("make")
+    assert make is not None
+    return subprocess.run(
+        [make, "--no-print-directory", "-C", str(ROOT), "image"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": path, "HOME": os.environ.get("HOME", "/tmp"), **env},
+        check=False,
+    )
+
+
+def _base_path(tmp_path: Path) -> str:
+    """A PATH with bash, sed and make but no container builder (they live elsewhere here)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "sed", "head", "make", "env", "dirname"):
+        found = shutil.which(tool)
+        assert found is not None, tool
+        (bin_dir / tool).symlink_to(found)
+    return str(bin_dir)
+
+
+def test_make_image_without_a_builder_says_so_in_one_line(tmp_path: Path) -> None:
+    proc = _make_image(_base_path(tmp_path))
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("make image:")]
+    assert ours == [
+        "make image: no container builder found (docker, podman or buildah): install one, "
+        "or build the Dockerfile on a machine that has one"
+    ], proc.stderr
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("builder", ["docker", "podman", "buildah"])
+def test_make_image_builds_with_the_builder_there_is(tmp_path: Path, builder: str) -> None:
+    # A stand-in for the builder's CLI that records how it was called: the real build needs a
+    # container engine, which this machine need not have.
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    calls = tmp_path / "calls"
+    (shims / builder).write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (shims / builder).chmod(0o755)
+    proc = _make_image(
+        f"{shims}:{_base_path(tmp_path)}", IMAGE="registry.example.com/team/worker", TAG="1.2.3"
+    )
+    assert proc.returncode == 0, proc.stderr
+    ref = "registry.example.com/team/worker:1.2.3"
+    assert calls.read_text().splitlines()[-1] == f"build --tag {ref} --file Dockerfile ."
+    assert proc.stdout.strip() == f"make image: built {ref} with {builder}"
+
+
+def test_make_image_default_tag_is_the_version(tmp_path: Path) -> None:
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    calls = tmp_path / "calls"
+    (shims / "podman").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (shims / "podman").chmod(0o755)
+    proc = _make_image(f"{shims}:{_base_path(tmp_path)}")
+    assert proc.returncode == 0, proc.stderr
+    assert f"--tag tiktok-conversions-worker:{__version__} " in calls.read_text()
+
+
+def test_readmes_start_the_install_from_building_and_pushing_the_image() -> None:
+    chart_readme = (ROOT / "helm" / "tiktok-conversions-worker" / "README.md").read_text()
+    install = chart_readme.split("## Install", 1)[1]
+    first_block = install.split("```sh", 1)[1].split("```", 1)[0]
+    assert "make image" in first_block
+    assert "push" in first_block
+    assert install.index("make image") < install.index("helm install")
+    assert "--set image.repository=" in install
+    readme = (ROOT / "README.md").read_text()
+    assert "make image" in readme
+    assert "push" in readme.split("make image", 1)[1][:800]

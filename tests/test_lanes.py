@@ -18,7 +18,8 @@ import pytest
 import worker.delivery.sender as sender_module
 from devkit.fake_tiktok.server import FaultSpec
 from devkit.sample_events import SampleEvents
-from tests.test_pipeline import PIXEL, TOPIC, FakeMessage, Rig, messages, order_events
+from tests.fakes import FakeMessage
+from tests.test_pipeline import PIXEL, TOPIC, Rig, messages, order_events
 from tests.test_pipeline import rig_factory as rig_factory  # the fixture
 
 PIXEL_B = "C5PIXEL0000000000002"
@@ -277,7 +278,7 @@ async def test_a_message_that_raises_stops_everything_before_it(rig_factory: Any
     rig: Rig = await rig_factory()
     events = order_events(3, "o9")
     # Offsets going backwards (log truncation) make the ledger raise for the second message.
-    batch = [
+    batch: list[Any] = [
         FakeMessage(0, 5, messages(events)[0].value()),
         FakeMessage(0, 3, messages(events)[1].value()),
         FakeMessage(0, 6, messages(events)[2].value()),

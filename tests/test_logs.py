@@ -24,13 +24,8 @@ from devkit.infra.procs import free_port
 from devkit.sample_events import SampleEvents
 from tests.test_pipeline import Rig, messages, order_events
 from tests.test_pipeline import rig_factory as rig_factory  # the fixture
-from worker.observability.logs import (
-    clear_secrets,
-    configure_logging,
-    get_logger,
-    kafka_logger,
-    register_secrets,
-)
+from worker.core.redaction import clear_secrets, register_secrets
+from worker.observability.logs import configure_logging, get_logger, kafka_logger
 
 Capture = Callable[..., io.StringIO]
 

@@ -7,23 +7,23 @@ monitor over a fake admin client.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
-from concurrent.futures import Future
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaException
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from devkit.fake_tiktok.server import FaultSpec
 from devkit.sample_events import SampleEvents, encode
-from tests.fakes import consumer_thread, eventually, stop
-from tests.test_pipeline import TOPIC, FakeMessage, Rig, messages, order_events
+from tests.fakes import FakeAdmin, FakeMessage, consumer_thread, eventually, stop
+from tests.test_pipeline import TOPIC, Rig, messages, order_events
 from tests.test_pipeline import rig_factory as rig_factory  # the fixture
 from worker import __version__
 from worker.kafka.consumer import PauseSwitch
-from worker.kafka.lag import LagMonitor, admin_config, compute_lag
+from worker.kafka.lag import LagMonitor, compute_lag
 from worker.observability.logs import get_logger
 from worker.observability.metrics import (
     COMMIT_RESULTS,
@@ -107,7 +107,7 @@ def test_every_spec_metric_is_exposed_with_its_name_type_and_labels() -> None:
 def test_no_unexpected_families_and_every_one_is_prefixed() -> None:
     metrics = Metrics()
     populate_every_family(metrics)
-    exposed = exposition(metrics)
+    exposed = {n: v for n, v in exposition(metrics).items() if not n.startswith("process_")}
     assert all(name.startswith("tiktok_worker_") for name in exposed)
     extras = set(exposed) - set(SPEC_METRICS)
     # The operator extras documented in docs/operations.md, and nothing else.
@@ -116,9 +116,67 @@ def test_no_unexpected_families_and_every_one_is_prefixed() -> None:
         "tiktok_worker_assigned_partitions",
         "tiktok_worker_commits_total",
         "tiktok_worker_rebalances_total",
+        "tiktok_worker_destination_info",
         "tiktok_worker_parked_waiting_events",
         "tiktok_worker_parked_backlog_messages",
     }
+
+
+def test_process_metrics_are_exposed_on_the_workers_registry() -> None:
+    # Issue 19 / SPEC §7: CPU, resident memory and open fds of the worker process itself.
+    exposed = exposition(Metrics())
+    for name, kind in (
+        ("process_cpu_seconds_total", "counter"),
+        ("process_resident_memory_bytes", "gauge"),
+        ("process_open_fds", "gauge"),
+        ("process_max_fds", "gauge"),
+        ("process_start_time_seconds", "gauge"),
+    ):
+        assert exposed.get(name, ("missing",))[0] == kind, name
+    text = generate_latest(Metrics().registry).decode()
+    rss = next(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "process_resident_memory_bytes"
+    )
+    assert rss > 1_000_000  # a real reading of this process, not a placeholder
+
+
+def test_every_skip_reason_is_emitted_and_documented() -> None:
+    # Issue 19: a documented label value the worker never emits misleads dashboards/alerts.
+    from pathlib import Path
+
+    from worker.config import parse_config
+    from worker.mapping.mapper import Mapper
+
+    mapper = Mapper(
+        parse_config("destinations: [{name: web-shop, pixel_code: P, access_token: t}]\n")
+    )
+    produces = {  # reason -> a message that is skipped with it
+        "no_match": b'{"type": "identify", "userId": "u"}',
+    }
+    assert set(produces) == set(SKIP_REASONS)
+    for reason, message in produces.items():
+        (outcome,) = mapper.map_message(message)
+        assert outcome.skipped == reason
+    # An unknown Segment type is invalid (dead-lettered), never a skip.
+    (outcome,) = mapper.map_message(b'{"type": "screenview"}')
+    assert outcome.skipped is None
+    assert outcome.invalid
+    ops = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    line = next(x for x in ops.splitlines() if x.startswith("- `events_skipped_total{reason}`"))
+    documented = re.findall(r"`([a-z_]+)`", line.split(":", 1)[1].split("(")[0])
+    assert set(documented) == set(SKIP_REASONS)
+
+
+def test_destination_info_joins_each_destination_to_its_event_source() -> None:
+    metrics = Metrics()
+    metrics.describe_destinations({"web-shop": "web", "stores": "offline", "mobile": "app"})
+    text = generate_latest(metrics.registry).decode()
+    for name, source in (("web-shop", "web"), ("stores", "offline"), ("mobile", "app")):
+        line = f'tiktok_worker_destination_info{{destination="{name}",event_source="{source}"}} 1.0'
+        assert line in text
 
 
 def sample(rig: Rig, name: str, **labels: str) -> float:
@@ -269,6 +327,29 @@ async def test_skipped_and_mapped_per_tiktok_event(rig_factory: Any) -> None:
     assert delivered(rig) == 3
 
 
+def test_label_vocabularies_are_the_documented_values() -> None:
+    """The enums are a SPEC interface (`dlq.reason`, metric labels): pinned here, not derived."""
+    assert DLQ_REASONS == (
+        "decode_error",
+        "invalid_event",
+        "event_too_large",
+        "permanent_api_error",
+        "auth_error",
+        "retries_exhausted",
+    )
+    assert SKIP_REASONS == ("no_match",)
+    assert REQUEST_OUTCOMES == (
+        "success",
+        "throttled",
+        "retryable_error",
+        "timeout",
+        "connection_error",
+        "permanent_error",
+        "auth_error",
+    )
+    assert (COMMIT_RESULTS, REBALANCE_KINDS) == (("ok", "error"), ("assign", "revoke", "lost"))
+
+
 async def test_label_values_stay_in_bounded_sets(rig_factory: Any) -> None:
     """Whatever the input (random names, ids, garbage), labels come from fixed vocabularies."""
     rig: Rig = await rig_factory()
@@ -374,61 +455,6 @@ def test_compute_lag(
     assert got == lag
 
 
-class _Offset:
-    def __init__(self, offset: int) -> None:
-        self.offset = offset
-
-
-class _Committed:
-    def __init__(self, partitions: list[Any]) -> None:
-        self.topic_partitions = partitions
-
-
-class FakeAdmin:
-    """ListOffsets/OffsetFetch answered from dicts; `down` fails every request."""
-
-    def __init__(self) -> None:
-        self.latest: dict[tuple[str, int], int] = {}
-        self.earliest: dict[tuple[str, int], int] = {}
-        self.committed: dict[tuple[str, int], int] = {}
-        self.down = False
-
-    def poll(self, _timeout: float) -> int:
-        return 0
-
-    @staticmethod
-    def _future(value: Any = None, error: BaseException | None = None) -> Future[Any]:
-        future: Future[Any] = Future()
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value)
-        return future
-
-    def list_offsets(self, request: dict[Any, Any], **_kw: Any) -> dict[Any, Future[Any]]:
-        out = {}
-        for tp, spec in request.items():
-            table = self.latest if "Latest" in type(spec).__name__ else self.earliest
-            key = (tp.topic, tp.partition)
-            out[tp] = (
-                self._future(error=KafkaException(KafkaError(KafkaError._TRANSPORT)))
-                if self.down or key not in table
-                else self._future(_Offset(table[key]))
-            )
-        return out
-
-    def list_consumer_group_offsets(self, request: list[Any], **_kw: Any) -> dict[str, Any]:
-        group = request[0]
-        if self.down:
-            error = KafkaException(KafkaError(KafkaError._TRANSPORT))
-            return {group.group_id: self._future(error=error)}
-        partitions = []
-        for tp in group.topic_partitions:
-            tp.offset = self.committed.get((tp.topic, tp.partition), -1001)
-            partitions.append(tp)
-        return {group.group_id: self._future(_Committed(partitions))}
-
-
 async def test_lag_monitor_sets_and_removes_series() -> None:
     metrics = Metrics()
     admin = FakeAdmin()
@@ -457,23 +483,3 @@ async def test_lag_monitor_sets_and_removes_series() -> None:
     admin.committed[("t", 1)] = 45
     assert await monitor.measure_once() == {("t", 1): 5}
     assert (lag(0), lag(1)) == (None, 5)
-
-
-def test_admin_config_keeps_client_security_and_drops_consumer_settings() -> None:
-    conf = admin_config(
-        bootstrap_servers="b:9092",
-        client={
-            "security.protocol": "SASL_SSL",
-            "sasl.username": "u",
-            "group.instance.id": "x",
-            "auto.offset.reset": "latest",
-            "session.timeout.ms": 10000,
-            "fetch.min.bytes": 1,
-        },
-    )
-    assert conf == {
-        "bootstrap.servers": "b:9092",
-        "security.protocol": "SASL_SSL",
-        "sasl.username": "u",
-        "client.id": "tiktok-worker-lag",
-    }

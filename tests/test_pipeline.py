@@ -8,20 +8,28 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from devkit.fake_tiktok.server import FakeTikTok, FaultSpec
 from devkit.sample_events import SampleEvents, encode
+from tests.fakes import (
+    FakeCommitter,
+    FakeKafkaConsumer,
+    FakeMessage,
+    FakeProducer,
+    eventually,
+    stop,
+)
 from worker.config import Config, parse_config
 from worker.delivery.client import TikTokClient
 from worker.delivery.factory import build_routes, lane_share
 from worker.delivery.ratelimit import build_rate_limiter
 from worker.delivery.sender import LanePolicy, RetryPolicy, Sender
 from worker.errors import FatalLatch
-from worker.kafka.consumer import PauseSwitch
+from worker.kafka.consumer import ConsumerThread, PauseSwitch
 from worker.kafka.deadletters import DeadLetterProducer
 from worker.kafka.offsets import OffsetLedger
 from worker.mapping.mapper import Mapper
@@ -31,67 +39,6 @@ from worker.pipeline.pipeline import Pipeline
 
 TOPIC = "segment"
 PIXEL = "C5PIXEL0000000000001"
-
-
-class FakeMessage:
-    def __init__(self, partition: int, offset: int, value: bytes) -> None:
-        self._partition, self._offset, self._value = partition, offset, value
-
-    def error(self) -> None:
-        return None
-
-    def topic(self) -> str:
-        return TOPIC
-
-    def partition(self) -> int:
-        return self._partition
-
-    def offset(self) -> int:
-        return self._offset
-
-    def value(self) -> bytes:
-        return self._value
-
-    def key(self) -> bytes | None:
-        return None
-
-    def timestamp(self) -> tuple[int, int]:
-        return (1, 1764072000000)
-
-
-@dataclass
-class FakeProducer:
-    """Holds delivery reports until the test releases them (``ack``) or fails them."""
-
-    records: list[tuple[bytes | None, dict[str, str]]] = field(default_factory=list)
-    held: list[Callable[[Any, Any], None]] = field(default_factory=list)
-    auto_ack: bool = True
-    fail_with: Any = None
-
-    def produce(self, topic: str, *, value: Any, key: Any, headers: Any, on_delivery: Any) -> None:
-        self.records.append((value, {k: v.decode() for k, v in headers}))
-        self.held.append(on_delivery)
-
-    def poll(self, _timeout: float = 0) -> int:
-        if self.auto_ack:
-            self.ack()
-        return 0
-
-    def ack(self) -> None:
-        held, self.held = self.held, []
-        for callback in held:
-            callback(self.fail_with, None)
-
-    def flush(self, _timeout: float = 0) -> int:
-        return 0
-
-
-@dataclass
-class FakeCommitter:
-    commits: list[dict[tuple[str, int], int]] = field(default_factory=list)
-
-    async def commit(self, offsets: dict[tuple[str, int], int]) -> None:
-        self.commits.append(dict(offsets))
 
 
 @dataclass
@@ -262,7 +209,8 @@ async def test_out_of_order_completion_commits_the_contiguous_prefix(rig_factory
 async def test_dead_letter_must_be_acknowledged_before_commit(rig_factory: Any) -> None:
     rig: Rig = await rig_factory()
     rig.producer.auto_ack = False
-    rig.pipeline.on_messages([FakeMessage(1, 0, b"not json"), *messages(order_events(1), 1, 1)])
+    batch: list[Any] = [FakeMessage(1, 0, b"not json"), *messages(order_events(1), 1, 1)]
+    rig.pipeline.on_messages(batch)
     await asyncio.sleep(0.2)
     assert len(rig.producer.records) == 1
     value, headers = rig.producer.records[0]
@@ -284,7 +232,8 @@ async def test_dead_letter_failure_is_fatal_and_never_committed(rig_factory: Any
     rig: Rig = await rig_factory()
     rig.producer.auto_ack = False
     rig.producer.fail_with = KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)
-    rig.pipeline.on_messages([FakeMessage(0, 0, b"{")])
+    batch: list[Any] = [FakeMessage(0, 0, b"{")]
+    rig.pipeline.on_messages(batch)
     rig.producer.ack()
     assert rig.pipeline.fatal is not None
     assert "dead-letter topic" in str(rig.pipeline.fatal)
@@ -370,3 +319,42 @@ async def test_skipped_events_finish_immediately(rig_factory: Any) -> None:
     rig.pipeline.on_messages(messages([gen.identify(), gen.identify()]))
     assert rig.pending_commits() == {(TOPIC, 0): 2}
     assert rig.sample("tiktok_worker_events_skipped_total", reason="no_match") == 2
+
+
+async def test_consumer_thread_hands_messages_to_the_pipeline(rig_factory: Any) -> None:
+    """The real hand-off: batches consumed on the Kafka thread reach `Pipeline.on_messages` on
+    the event loop (call_soon_threadsafe, bounded by the hand-off semaphore), are delivered or
+    dead-lettered, and the revoke at close commits them through the thread."""
+    rig: Rig = await rig_factory()
+    events = order_events(40)
+    fed = [*messages(events[:25], 0), FakeMessage(0, 25, b"not json"), *messages(events[25:], 1)]
+    made: list[FakeKafkaConsumer] = []
+
+    def factory(config: dict[str, Any]) -> FakeKafkaConsumer:
+        made.append(FakeKafkaConsumer(config, [(TOPIC, 0), (TOPIC, 1)]))
+        made[0].feed(fed)
+        return made[0]
+
+    thread = ConsumerThread(
+        config={"group.id": "g"},
+        topics=[TOPIC],
+        loop=asyncio.get_running_loop(),
+        sink=rig.pipeline,
+        metrics=rig.metrics,
+        log=get_logger("test"),
+        drain_timeout_s=5,
+        pause=rig.pause,
+        batch_size=4,  # about a dozen hand-offs, at most MAX_UNPROCESSED_BATCHES ahead
+        consumer_factory=factory,
+    )
+    thread.start()
+    try:
+        assert await eventually(lambda: rig.pipeline.messages_finished == len(fed), within_s=20)
+    finally:
+        await stop(thread, made[0])
+    delivered = sorted(e.event_id or "" for e in rig.fake.events)
+    assert delivered == sorted(e["messageId"] for e in events)
+    assert [value for value, _ in rig.producer.records] == [b"not json"]
+    assert rig.sample("tiktok_worker_messages_consumed_total", topic=TOPIC) == len(fed)
+    assert [sorted(commit) for commit in made[0].commits] == [[(TOPIC, 0, 26), (TOPIC, 1, 15)]]
+    assert made[0].queued.empty()

@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.fakes import FakeMessage
 from worker.commands.dlq_redrive import Progress, summary_line
 from worker.config import parse_config
+from worker.core.vocabulary import DeadLetterReason
 from worker.errors import ConfigError
 from worker.kafka.deadletters import DeadLetter
 from worker.kafka.dlq_reader import DeadLetterRecord, decode_headers, parse_record
@@ -20,41 +22,24 @@ from worker.redrive.engine import RedriveFilter, RedriveLedger, RedriveStats
 from worker.redrive.engine import validate_filter as check_filter
 
 
-class FakeMessage:
-    """The parts of confluent_kafka.Message that parse_record reads."""
-
-    def __init__(self, headers: Any, *, partition: int = 0, offset: int = 0) -> None:
-        self._headers = headers
-        self._partition = partition
-        self._offset = offset
-
-    def headers(self) -> Any:
-        return self._headers
-
-    def timestamp(self) -> tuple[int, int]:
-        return (1, 1_790_000_000_123)
-
-    def topic(self) -> str:
-        return "dlq"
-
-    def partition(self) -> int:
-        return self._partition
-
-    def offset(self) -> int:
-        return self._offset
-
-    def key(self) -> bytes:
-        return b"key"
-
-    def value(self) -> bytes:
-        return b'{"type":"track"}'
+def dead_letter(headers: Any, *, partition: int = 0, offset: int = 0) -> Any:
+    """A record of the dead-letter topic (a stand-in for confluent_kafka.Message)."""
+    return FakeMessage(
+        partition,
+        offset,
+        b'{"type":"track"}',
+        topic="dlq",
+        key=b"key",
+        headers=headers,
+        timestamp_ms=1_790_000_000_123,
+    )
 
 
 def record(
     *, partition: int = 0, offset: int = 0, reason: str = "auth_error", dest: str | None = "a"
 ) -> DeadLetterRecord:
     letter = DeadLetter(
-        reason=reason,
+        reason=DeadLetterReason(reason),
         error="e",
         original_topic="src",
         original_partition=0,
@@ -62,7 +47,7 @@ def record(
         original_timestamp_ms=None,
         destination=dest,
     )
-    return parse_record(FakeMessage(letter.headers(), partition=partition, offset=offset))  # type: ignore[arg-type]
+    return parse_record(dead_letter(letter.headers(), partition=partition, offset=offset))
 
 
 # -- filters and group ids --------------------------------------------------------------------
@@ -155,7 +140,7 @@ def test_ledger_knows_what_matching_groups_committed_past() -> None:
 
 def test_parse_record_reads_every_header() -> None:
     letter = DeadLetter(
-        reason="permanent_api_error",
+        reason=DeadLetterReason.PERMANENT_API_ERROR,
         error="permanent_error: HTTP 200, bad",
         original_topic="segment-events",
         original_partition=3,
@@ -168,7 +153,7 @@ def test_parse_record_reads_every_header() -> None:
     )
     now = dt.datetime(2026, 11, 1, 8, 0, tzinfo=dt.UTC)
     headers = [*letter.headers(now=now), ("dlq.redrive.count", b"2"), ("other", None)]
-    rec = parse_record(FakeMessage(headers, partition=1, offset=7))  # type: ignore[arg-type]
+    rec = parse_record(dead_letter(headers, partition=1, offset=7))
     assert (rec.topic, rec.partition, rec.offset) == ("dlq", 1, 7)
     assert rec.timestamp_ms == 1_790_000_000_123
     assert (rec.reason, rec.destination, rec.code, rec.attempts) == (
@@ -191,9 +176,9 @@ def test_parse_record_reads_every_header() -> None:
 
 def test_parse_record_tolerates_missing_and_malformed_headers() -> None:
     rec = parse_record(
-        FakeMessage(
+        dead_letter(
             [("dlq.attempts", b"many"), ("dlq.tiktok.code", b"\xff"), ("dlq.destination", b"")]
-        )  # type: ignore[arg-type]
+        )
     )
     assert (rec.reason, rec.destination, rec.code, rec.attempts, rec.redrive_count) == (
         "",
@@ -215,7 +200,7 @@ def test_decode_headers_first_value_wins_and_accepts_dicts() -> None:
 def test_written_back_letter_adds_the_redrive_count() -> None:
     letter = DeadLetter(
         redrive_count=3,
-        reason="retries_exhausted",
+        reason=DeadLetterReason.RETRIES_EXHAUSTED,
         error="x",
         original_topic="t",
         original_partition=0,

@@ -192,3 +192,59 @@ def test_select_destinations() -> None:
         ConfigError, match=r"--destination: no destination named 'c' \(configured: a, b\)"
     ):
         select_destinations(cfg, "c")
+
+
+# --------------------------------------------------------------------------- event sources
+
+SOURCE_DESTINATIONS = [
+    pytest.param(
+        {"name": "leads", "event_source": "crm", "pixel_code": PIXEL, "access_token": GOOD,
+         "subscriptions": [{"name": "Q", "trigger": 'event = "Lead Qualified"',
+                            "event": "QualifiedLead"}]},
+        "crm", "TiktokWorkerVerify", f"pixel {PIXEL}", id="crm-fallback",
+    ),
+    pytest.param(
+        {"name": "stores", "event_source": "offline", "event_set_id": "EVSET1",
+         "access_token": GOOD},
+        "offline", "CompletePayment", "event set EVSET1", id="offline-preset",
+    ),
+    pytest.param(
+        {"name": "stores", "event_source": "offline", "event_set_id": "EVSET1",
+         "access_token": GOOD, "presets": "none"},
+        "offline", "ViewContent", "event set EVSET1", id="offline-fallback",
+    ),
+    pytest.param(
+        {"name": "mobile", "event_source": "app", "tiktok_app_id": "7000000001",
+         "access_token": GOOD},
+        "app", "Purchase", "app 7000000001", id="app-preset",
+    ),
+    pytest.param(
+        {"name": "mobile", "event_source": "app", "tiktok_app_id": "7000000001",
+         "access_token": GOOD, "presets": "none"},
+        "app", "ViewContent", "app 7000000001", id="app-fallback",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("destination", "source", "event", "id_words"), SOURCE_DESTINATIONS)
+async def test_verify_works_for_every_event_source(
+    fake: FakeTikTok, destination: dict[str, Any], source: str, event: str, id_words: str
+) -> None:
+    result = await one(config(fake.url, destination))
+    assert result.ok, result.line
+    name = destination["name"]
+    expected = rf"{name}: OK \(event {event}, {id_words}, test_event_code TEST\d{{5}}\)"
+    assert re.fullmatch(expected, result.line), result.line
+    [accepted] = fake.events
+    assert (accepted.event, accepted.event_source) == (event, source)
+    # The test code reached TikTok where the source carries it (inside the event for offline).
+    assert accepted.test_event_code == result.test_event_code
+
+
+async def test_permission_hint_names_the_sources_id_key(fake: FakeTikTok) -> None:
+    offline = {"name": "stores", "event_source": "offline", "event_set_id": "EVSET9",
+               "access_token": OTHER}  # fmt: skip
+    result = await one(config(fake.url, offline))
+    assert not result.ok
+    assert "check destinations[0].event_set_id" in result.line
+    assert "event set EVSET9" in result.line

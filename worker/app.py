@@ -24,19 +24,20 @@ import contextlib
 import signal
 from typing import Any
 
-from worker.config import Config, secret_values
+from worker.config import Config, liveness_timeout_s, secret_values
+from worker.core.redaction import register_secrets
 from worker.delivery.factory import build_delivery
 from worker.errors import FatalLatch, WorkerError
-from worker.kafka.acked import producer_config
-from worker.kafka.consumer import ConsumerThread, PauseSwitch, consumer_config
+from worker.kafka.consumer import ConsumerThread, PauseSwitch
 from worker.kafka.deadletters import DeadLetterProducer
 from worker.kafka.lag import LagMonitor
 from worker.kafka.offsets import OffsetLedger
 from worker.kafka.parking import RetryProducer, retry_group_id
 from worker.kafka.preflight import preflight
+from worker.kafka.settings import consumer_settings, producer_settings
 from worker.mapping.mapper import Mapper
 from worker.observability.health import HealthServer, liveness_check
-from worker.observability.logs import kafka_logger, register_secrets
+from worker.observability.logs import Logger, kafka_logger
 from worker.observability.metrics import Metrics
 from worker.pipeline.parker import Parker, ParkingRules
 from worker.pipeline.pipeline import Pipeline
@@ -45,12 +46,13 @@ from worker.pipeline.retries import RetryIntake
 SHUTDOWN_MARGIN_S = 10.0
 
 
-async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None) -> int:
+async def run_worker(config: Config, *, log: Logger, metrics: Metrics | None = None) -> int:
     """Run until SIGTERM/SIGINT or a fatal error; returns the exit status."""
     register_secrets(secret_values(config))
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, lambda: preflight(config, retry_topic=True))
+    await loop.run_in_executor(None, lambda: preflight(config, log, retry_topic=True))
     metrics = metrics if metrics is not None else Metrics()
+    metrics.describe_destinations({d.name: d.event_source for d in config.destinations})
     kafka = config.kafka
     stop = asyncio.Event()
     fatal = FatalLatch()
@@ -70,20 +72,23 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
         )
         stack.push_async_callback(delivery.close)
         dead_letters = DeadLetterProducer(
-            config={
-                **producer_config(kafka.bootstrap_servers, kafka.client),
-                "logger": kafka_logger(),
-            },
+            config=producer_settings(
+                bootstrap_servers=kafka.bootstrap_servers,
+                client=kafka.client,
+                logger=kafka_logger(),
+            ),
             topic=kafka.dead_letter_topic,
             metrics=metrics,
             on_fatal=fatal.trip,
         )
         stack.push_async_callback(dead_letters.close)
         retry_producer = RetryProducer(
-            config={
-                **producer_config(kafka.bootstrap_servers, kafka.client, suffix="retry"),
-                "logger": kafka_logger(),
-            },
+            config=producer_settings(
+                bootstrap_servers=kafka.bootstrap_servers,
+                client=kafka.client,
+                logger=kafka_logger(),
+                job="retry",
+            ),
             topic=kafka.retry_topic,
             metrics=metrics,
             on_fatal=fatal.trip,
@@ -131,14 +136,13 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
         )
         stack.push_async_callback(intake.close)
         consumer = ConsumerThread(
-            config={
-                **consumer_config(
-                    bootstrap_servers=kafka.bootstrap_servers,
-                    group_id=kafka.group_id,
-                    client=kafka.client,
-                ),
-                "logger": kafka_logger(),
-            },
+            config=consumer_settings(
+                bootstrap_servers=kafka.bootstrap_servers,
+                group_id=kafka.group_id,
+                client=kafka.client,
+                start_from=kafka.start_from,
+                logger=kafka_logger(),
+            ),
             topics=kafka.topics,
             loop=loop,
             sink=pipeline,
@@ -149,13 +153,15 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
         )
         retry_consumer = ConsumerThread(
             config={
-                **consumer_config(
+                **consumer_settings(
                     bootstrap_servers=kafka.bootstrap_servers,
                     group_id=retry_group_id(kafka.group_id),
                     client=kafka.client,
+                    logger=kafka_logger(),
                 ),
                 "client.id": str(kafka.client.get("client.id", "tiktok-worker")) + "-retry",
-                "logger": kafka_logger(),
+                # Parked records are never skipped, whatever kafka.start_from says.
+                "auto.offset.reset": "earliest",
             },
             topics=[kafka.retry_topic],
             loop=loop,
@@ -180,6 +186,7 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
             bootstrap_servers=kafka.bootstrap_servers,
             group_id=kafka.group_id,
             client=kafka.client,
+            start_from=kafka.start_from,
             partitions=consumer.assignment,
             metrics=metrics,
             log=log,
@@ -200,7 +207,7 @@ async def run_worker(config: Config, *, log: Any, metrics: Metrics | None = None
             port=config.http.port,
             registry=metrics.registry,
             live=liveness_check(
-                heartbeat=lambda: consumer.heartbeat, timeout_s=config.http.liveness_timeout_s
+                heartbeat=lambda: consumer.heartbeat, timeout_s=liveness_timeout_s(config)
             ),
             ready=ready,
         )

@@ -1,7 +1,9 @@
 """`tiktok-worker` command line: argument parsing, dispatch and exit statuses.
 
 Exit status: 0 success, 2 configuration or usage error, 1 anything else. Errors are one line
-on stderr; a traceback only with `--debug`.
+on stderr; a traceback only with `--debug` (accepted before or after the sub-command).
+A reader that goes away (`tiktok-worker map ... | head -1`) ends the command quietly, like a
+Unix tool: no message, exit status 1.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import select
 import sys
 import traceback
 from collections.abc import Sequence
@@ -35,13 +38,27 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("TIKTOK_WORKER_CONFIG"),
         help="config YAML file (default: $TIKTOK_WORKER_CONFIG)",
     )
+    _add_debug(parser)
+
+
+def _add_debug(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a sub-command's parser must not reset a --debug given before the sub-command.
+    parser.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tiktok-worker", description="Segment events from Kafka to TikTok.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        title="commands",
+        parser_class=_Parser,
+    )
 
     run = sub.add_parser("run", help="run the worker")
     _add_config(run)
@@ -58,9 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--destination", help="only this destination")
 
     dlq = sub.add_parser("dlq", help="inspect or redrive dead letters")
-    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True, parser_class=_Parser)
+    _add_debug(dlq)
+    dlq_sub = dlq.add_subparsers(
+        dest="dlq_command",
+        required=True,
+        metavar="{inspect,redrive}",
+        title="dlq commands",
+        parser_class=_Parser,
+    )
     inspect = dlq_sub.add_parser("inspect", help="counts of dead letters")
     _add_config(inspect)
+    inspect.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     redrive = dlq_sub.add_parser("redrive", help="send dead letters again")
     _add_config(redrive)
     redrive.add_argument("--reason", help="only dead letters with this dlq.reason")
@@ -89,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         module = importlib.import_module(_COMMAND_MODULES[name])
         status: int = module.run(args)
+        sys.stdout.flush()  # inside the try: a reader that went away is handled below
         return status
     except ConfigError as exc:
         _report(args, f"configuration error: {exc}")
@@ -98,9 +124,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError as exc:
+        if _stdout_closed():
+            return _reader_gone()
+        _report(args, f"unexpected error: {type(exc).__name__}: {exc}")  # a socket, not stdout
+        return EXIT_FAILURE
     except Exception as exc:  # last line of defence: one line, no traceback
         _report(args, f"unexpected error: {type(exc).__name__}: {exc}")
         return EXIT_FAILURE
+
+
+def _stdout_closed() -> bool:
+    """True when stdout is a pipe whose reader has gone (poll reports an error on it)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        events = poller.poll(0)
+    except (OSError, ValueError):
+        return False
+    return any(mask & (select.POLLERR | select.POLLHUP) for _fd, mask in events)
+
+
+def _reader_gone() -> int:
+    """stdout's reader closed the pipe: exit quietly. Later writes, and the interpreter's
+    final flush, go to /dev/null so no second BrokenPipeError is printed at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_FAILURE
 
 
 def _report(args: argparse.Namespace, line: str) -> None:

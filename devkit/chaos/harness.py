@@ -43,6 +43,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ from devkit.harness import (
     write_config,
 )
 from devkit.sample_events import DOCUMENTED_TRACK_EVENTS, SampleEvents, encode
+from worker.kafka.dlq_reader import decode_headers
 
 # librdkafka's connection errors during outages are expected: keep them off the console.
 _RDKAFKA_LOG = logging.getLogger("devkit.chaos.librdkafka")
@@ -391,14 +393,12 @@ class EventStream(threading.Thread):
                 sent += 1
                 if self._malformed_every and sent % self._malformed_every == 0:
                     value, reason = _malformed(sent)
-                    self._send(value, None, lambda v=value, r=reason: self._ok_malformed(v, r))
+                    self._send(value, None, partial(self._ok_malformed, value, reason))
                     continue
                 event = self._events.mixed()
                 mid = event["messageId"]
                 target = self.expected if _mapped(event) else self.unmapped
-                self._send(
-                    encode(event), event["userId"].encode(), lambda t=target, m=mid: t.add(m)
-                )
+                self._send(encode(event), event["userId"].encode(), partial(target.add, mid))
             self._producer.poll(0)
             time.sleep(0.02)
         remaining = self._producer.flush(300)
@@ -460,7 +460,7 @@ class DeadLetterCollector(threading.Thread):
             for msg in self._consumer.consume(500, 0.2):
                 if msg.error() is not None:
                     continue
-                headers = {k: (v or b"").decode() for k, v in (msg.headers() or [])}
+                headers = decode_headers(msg.headers())
                 with self._lock:
                     self.records.append((msg.value() or b"", headers))
                     self.last_record_at = time.monotonic()
@@ -499,6 +499,10 @@ class WorkerSlot:
         self.proc: WorkerProcess | None = None
         self.hold_until = 0.0
         self.killed = False
+
+
+def _started(slot: WorkerSlot) -> bool:
+    return slot.proc is not None
 
 
 class Supervisor(threading.Thread):
@@ -640,7 +644,7 @@ class ChaosRun:
         try:
             supervisor.start()
             for slot in slots:
-                assert wait_until(lambda s=slot: s.proc is not None, 10)
+                assert wait_until(partial(_started, slot), 10)
                 assert slot.proc is not None
                 slot.proc.wait_ready(60)
             collector.start()
@@ -733,10 +737,10 @@ class ChaosRun:
                 actions.append((at, lambda: self._kill(supervisor)))
             at += self.rng.uniform(*plan.kill_interval_s)
         for outage in plan.outages:
-            actions.append((outage.at_s, lambda o=outage: self._down(o)))
-            actions.append((outage.at_s + outage.down_s, lambda o=outage: self._up(o)))
+            actions.append((outage.at_s, partial(self._down, outage)))
+            actions.append((outage.at_s + outage.down_s, partial(self._up, outage)))
         for burst in plan.bursts:
-            actions.append((burst.at_s, lambda b=burst: self._burst(b, fake)))
+            actions.append((burst.at_s, partial(self._burst, burst, fake)))
         actions.sort(key=lambda a: a[0])
         for at_s, action in actions:
             while (delay := start + at_s - time.monotonic()) > 0:

@@ -44,6 +44,7 @@ from devkit.fake_tiktok.validate import (
     Rejection,
     TrackRequest,
     ValidationPolicy,
+    match_keys,
     validate,
 )
 from worker.delivery.client import ENDPOINT_PATH
@@ -145,7 +146,10 @@ class FakeConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True)
 
 
 class AcceptedEvent(msgspec.Struct, frozen=True, gc=False):
-    """One event TikTok would have taken. `duplicate`: (pixel, event, event_id) seen before."""
+    """One event TikTok would have taken. `duplicate`: (pixel, event, event_id) seen before.
+    `pixel` is the request's `event_source_id` (a pixel, event set or app id);
+    `test_event_code` the request's, or the event's own (offline); `match_keys` the user
+    keys TikTok matches on for `event_source` (see devkit.fake_tiktok.validate.match_keys)."""
 
     event_id: str | None
     event: str
@@ -153,6 +157,8 @@ class AcceptedEvent(msgspec.Struct, frozen=True, gc=False):
     test_event_code: str | None
     received_at: float
     duplicate: bool
+    event_source: str = "web"
+    match_keys: tuple[str, ...] = ()
 
 
 class RequestRecord(msgspec.Struct, frozen=True, gc=False):
@@ -253,6 +259,7 @@ class FakeState:
     def record_accepted(self, request: TrackRequest, received_at: float) -> None:
         pixel = self._intern(request.event_source_id)
         test_code = request.test_event_code
+        source = self._intern(request.event_source)
         by_name = self.accepted_events_by_name
         seen = self._seen
         keep = self.max_events - len(self.events)
@@ -270,7 +277,16 @@ class FakeState:
             by_name[label] = by_name.get(label, 0) + 1
             if keep > 0:
                 self.events.append(
-                    AcceptedEvent(event.event_id, name, pixel, test_code, received_at, duplicate)
+                    AcceptedEvent(
+                        event.event_id,
+                        name,
+                        pixel,
+                        test_code or event.test_event_code,
+                        received_at,
+                        duplicate,
+                        source,
+                        match_keys(event, source),
+                    )
                 )
                 keep -= 1
             else:

@@ -8,11 +8,24 @@ with one code and a message naming the field, in TikTok's style
 (`Invalid value for data.3.event_id: not a valid string.`):
 
 - 40002 PARAM_ERROR: missing or mistyped field, unknown `event_source`, empty `data`,
-  unsupported currency or `content_type`, missing `page` on a web event, implausible
-  `event_time` (not Unix seconds), wrong event kind for offline/CRM sources.
+  unsupported currency or `content_type`, implausible `event_time` (not Unix seconds), and
+  the per-source rules below.
 - 40061 INVALID_BATCH_SIZE: more than 1000 events (docs: the whole request is rejected).
 - 40062 PII_NOT_HASHED: email/phone/external_id/first_name/last_name/zip_code not a
-  SHA-256 hex digest (64 hex characters; empty strings count as absent).
+  SHA-256 hex digest (64 hex characters; empty strings count as absent); for app events also
+  `idfa` and `gaid`.
+
+Per event source (docs/tiktok-events-api.md §2.1, §4; docs/tiktok-offline-app.md):
+- `web`: `page` is required; any event name (custom names are accepted);
+- `crm`: `lead.lead_id` is required; custom event names only;
+- `offline`: standard event names only (plus Segment's `PageView`, which the docs say to
+  treat as accepted); `test_event_code` may sit inside the event, where Segment's offline
+  action puts it;
+- `app`: the event name must be one of TikTok's app events; `app.app_id` is required;
+  `user.att_status`, when sent, must be one of TikTok's values.
+`external_id` is a match key only for web and CRM and `page` only for web: elsewhere TikTok
+ignores them, so `match_keys` (what `record`s keep) does not count them. Their values are
+still checked for hashing in every source: the fake is also the tests' PII-leak detector.
 """
 
 from __future__ import annotations
@@ -22,6 +35,9 @@ from dataclasses import dataclass
 from typing import Final
 
 import msgspec
+
+from worker.core.msgspec_errors import ErrorKind, parse_validation_message
+from worker.mapping.fields_app import APP_EVENTS, ATT_STATUSES
 
 CODE_PARAM_ERROR: Final = 40002
 CODE_INVALID_BATCH_SIZE: Final = 40061
@@ -47,6 +63,17 @@ STANDARD_EVENTS: Final = frozenset(
     }
 )  # fmt: skip
 HASHED_USER_FIELDS: Final = ("email", "phone", "external_id", "first_name", "last_name", "zip_code")
+APP_HASHED_USER_FIELDS: Final = ("idfa", "gaid")
+# docs/tiktok-events-api.md §4: Segment's `PageView` is not in the standard list; "treat it as
+# accepted". Segment's offline presets send it for page calls.
+OFFLINE_EVENTS: Final = STANDARD_EVENTS | {"PageView"}
+# The user keys TikTok matches on, per source (external_id: web and CRM only).
+_MATCH_KEYS: Final = {
+    "web": ("email", "phone", "external_id", "ttclid", "ttp", "ip"),
+    "crm": ("email", "phone", "external_id"),
+    "offline": ("email", "phone", "ttclid", "ttp", "ip"),
+    "app": ("email", "phone", "idfa", "gaid", "idfv", "ip"),
+}
 # An integer event_time at or above this is milliseconds (or nonsense), not Unix seconds.
 _MAX_PLAUSIBLE_EVENT_TIME: Final = 10_000_000_000
 
@@ -93,6 +120,11 @@ class User(msgspec.Struct):
     city: str | None = None
     state: str | None = None
     country: str | None = None
+    lead_id: str | None = None
+    idfa: str | None = None
+    gaid: str | None = None
+    idfv: str | None = None
+    att_status: str | None = None
 
 
 class Page(msgspec.Struct):
@@ -105,6 +137,23 @@ class Lead(msgspec.Struct):
     lead_event_source: str | None = None
 
 
+class App(msgspec.Struct):
+    app_id: str | None = None
+    app_name: str | None = None
+    app_version: str | None = None
+
+
+class Ad(msgspec.Struct):
+    callback: str | None = None
+    campaign_id: str | None = None
+    ad_id: str | None = None
+    creative_id: str | None = None
+    is_retargeting: bool | None = None
+    attributed: bool | None = None
+    attribution_type: str | None = None
+    attribution_provider: str | None = None
+
+
 class Event(msgspec.Struct):
     event: str
     event_time: int
@@ -114,6 +163,9 @@ class Event(msgspec.Struct):
     page: Page | None = None
     limited_data_use: bool | None = None
     lead: Lead | None = None
+    app: App | None = None
+    ad: Ad | None = None
+    test_event_code: str | None = None  # offline: Segment's offline action puts it here
 
 
 class TrackRequest(msgspec.Struct):
@@ -134,9 +186,6 @@ class Rejection:
 
 _DECODER: Final = msgspec.json.Decoder(TrackRequest)
 
-_EXPECTED_RE = re.compile(r"^Expected `([^`]*)`, got `[^`]*`(?: - at `\$(.*)`)?$")
-_MISSING_RE = re.compile(r"^Object missing required field `([^`]*)`(?: - at `\$(.*)`)?$")
-_INDEX_RE = re.compile(r"\[(\d+)\]")
 _TYPE_WORDS: Final = {
     "str": "string",
     "int": "integer",
@@ -147,25 +196,17 @@ _TYPE_WORDS: Final = {
 }
 
 
-def _field_path(json_path: str) -> str:
-    """`$.data[0].user.email` (without the `$`) → `data.0.user.email`."""
-    return _INDEX_RE.sub(r".\1", json_path).lstrip(".")
-
-
 def _rejection_from_msgspec(error: msgspec.ValidationError) -> Rejection:
-    text = str(error)
-    match = _EXPECTED_RE.match(text)
-    if match:
-        types = [t.strip() for t in match.group(1).split("|") if t.strip() != "null"]
-        words = " or ".join(_TYPE_WORDS.get(t, t) for t in types)
-        path = _field_path(match.group(2) or "") or "request body"
+    m = parse_validation_message(str(error))
+    if m.kind is ErrorKind.WRONG_TYPE:
+        words = " or ".join(_TYPE_WORDS.get(t, t) for t in m.expected if t != "null")
+        path = m.dotted_path or "request body"
         return Rejection(CODE_PARAM_ERROR, f"Invalid value for {path}: not a valid {words}.")
-    match = _MISSING_RE.match(text)
-    if match:
-        parent = _field_path(match.group(2) or "")
-        path = f"{parent}.{match.group(1)}" if parent else match.group(1)
+    if m.kind is ErrorKind.MISSING_FIELD:
+        parent = m.dotted_path
+        path = f"{parent}.{m.field}" if parent else f"{m.field}"
         return Rejection(CODE_PARAM_ERROR, f"Invalid value for {path}: missing required field.")
-    return Rejection(CODE_PARAM_ERROR, f"Invalid request: {text}")
+    return Rejection(CODE_PARAM_ERROR, f"Invalid request: {error}")
 
 
 def _bad(path: str, reason: str, code: int = CODE_PARAM_ERROR) -> Rejection:
@@ -180,14 +221,25 @@ def _check_hashed(value: str | list[str], path: str) -> Rejection | None:
     return None
 
 
-def _check_user(user: User, prefix: str) -> Rejection | None:
-    for name in HASHED_USER_FIELDS:
+def _check_user(user: User, prefix: str, source: str) -> Rejection | None:
+    names = HASHED_USER_FIELDS + APP_HASHED_USER_FIELDS if source == "app" else HASHED_USER_FIELDS
+    for name in names:
         value = getattr(user, name)
         if value is not None:
             problem = _check_hashed(value, f"{prefix}.user.{name}")
             if problem is not None:
                 return problem
+    if source == "app" and user.att_status is not None and user.att_status not in ATT_STATUSES:
+        return _bad(f"{prefix}.user.att_status", f"must be one of {', '.join(ATT_STATUSES)}")
     return None
+
+
+def match_keys(event: Event, source: str) -> tuple[str, ...]:
+    """The non-empty user keys TikTok matches on for `source` (external_id: web and CRM)."""
+    user = event.user
+    if user is None:
+        return ()
+    return tuple(n for n in _MATCH_KEYS.get(source, ()) if getattr(user, n))
 
 
 def _check_properties(props: Properties, prefix: str) -> Rejection | None:
@@ -216,8 +268,10 @@ def _check_event(
     prefix = f"data.{index}"
     if not event.event:
         return _bad(f"{prefix}.event", "not a valid string")
-    if source == "offline" and event.event not in STANDARD_EVENTS:
+    if source == "offline" and event.event not in OFFLINE_EVENTS:
         return _bad(f"{prefix}.event", "offline events must use a standard event name")
+    if source == "app" and event.event not in APP_EVENTS:
+        return _bad(f"{prefix}.event", "app events must use a TikTok app event name")
     if source == "crm" and event.event in STANDARD_EVENTS:
         return _bad(f"{prefix}.event", "CRM events must use a custom event name")
     t = event.event_time
@@ -231,8 +285,10 @@ def _check_event(
         return _bad(f"{prefix}.page", "required for web events")
     if source == "crm" and (event.lead is None or not event.lead.lead_id):
         return _bad(f"{prefix}.lead.lead_id", "required for CRM events")
+    if source == "app" and (event.app is None or not event.app.app_id):
+        return _bad(f"{prefix}.app.app_id", "required for app events")
     if event.user is not None:
-        problem = _check_user(event.user, prefix)
+        problem = _check_user(event.user, prefix, source)
         if problem is not None:
             return problem
     if event.properties is not None:

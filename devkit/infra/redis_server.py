@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 import redis
 
 from devkit.infra import SETUP_HINT, which
 from devkit.infra.errors import InfraError
 from devkit.infra.procs import LOOPBACK, ManagedProcess, UnmanagedLifecycle, free_port
+from worker.core.redaction import mask_url_credentials
 
 __all__ = ["RedisEndpoint", "RedisServer"]
 
@@ -31,13 +32,7 @@ class RedisEndpoint(UnmanagedLifecycle):
     @property
     def display_url(self) -> str:
         """`url` with any password masked, for messages and logs."""
-        parts = urlsplit(self.url)
-        if parts.password is None:
-            return self.url
-        netloc = f"{parts.username or ''}:***@{parts.hostname}"
-        if parts.port is not None:
-            netloc += f":{parts.port}"
-        return urlunsplit(parts._replace(netloc=netloc))
+        return mask_url_credentials(self.url)
 
     def client(self) -> redis.Redis:
         """A new synchronous client for `url` (short timeouts: tests must not hang)."""

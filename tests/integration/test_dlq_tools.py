@@ -9,6 +9,7 @@ the fake TikTok accepted, per pixel.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 import signal
 import subprocess
@@ -37,6 +38,7 @@ from devkit.harness import (
     write_config,
 )
 from devkit.sample_events import SampleEvents, encode
+from worker.core.vocabulary import DeadLetterReason
 from worker.kafka.deadletters import DeadLetter
 from worker.kafka.parking import PROBE_HEADER, Parked, iso
 
@@ -121,7 +123,7 @@ def letter(
     original_offset: int = 0,
 ) -> tuple[bytes, list[tuple[str, Any]]]:
     headers = DeadLetter(
-        reason=reason,
+        reason=DeadLetterReason(reason),
         error=error,
         original_topic="segment-events",
         original_partition=0,
@@ -241,6 +243,29 @@ def test_inspect_counts_reasons_destinations_codes_and_samples(env: Env) -> None
     assert "  decode_error:\n    1 x not valid JSON" in samples
     assert "Access token is incorrect" in samples
 
+    # Issue 19: the same report as one JSON object, for scripts.
+    as_json = cli("dlq", "inspect", "--config", str(config), "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    (line,) = as_json.stdout.splitlines()
+    report = json.loads(line)
+    assert report["topic"] == env.dlq
+    assert (report["records"], report["partitions"]) == (6, 2)
+    assert report["oldest_failed_at"] == "2026-10-31T08:00:00.000Z"
+    assert report["newest_failed_at"] == "2026-11-01T10:00:00.000Z"
+    assert (report["awaiting_redrive"], report["redriven_before"]) == (6, 0)
+    assert report["written_back"] == 0
+    assert report["by_reason"] == table("by reason")
+    assert list(report["by_reason"]) == list(table("by reason"))  # same order
+    assert report["by_destination"] == {"shop-a": 3, "shop-b": 2, "(none)": 1}
+    assert report["by_tiktok_code"] == {"(none)": 2, "40002": 2, "50000": 1, "40105": 1}
+    assert report["sample_errors"]["permanent_api_error"] == [
+        {
+            "error": "permanent_error: HTTP 200, Invalid value for data.0.event_id: rejected.",
+            "count": 2,
+        }
+    ]
+    assert report["sample_errors"]["decode_error"] == [{"error": "not valid JSON", "count": 1}]
+
     # Inspect never commits: the topic reads the same a second time and no group has offsets.
     again = cli("dlq", "inspect", "--config", str(config))
     assert again.stdout == out
@@ -256,6 +281,9 @@ def test_inspect_empty_topic_returns_at_once(env: Env) -> None:
         f"retry topic {env.retry}: 0 parked record(s) in 2 partition(s), "
         f"not yet handled by group {env.group}.retry\n"
     )
+    report = json.loads(cli("dlq", "inspect", "--config", str(env.config_path()), "--json").stdout)
+    assert (report["records"], report["oldest_failed_at"], report["by_reason"]) == (0, None, {})
+    assert (report["parked"]["records"], report["parked"]["exists"]) == (0, True)
 
 
 def parked_record(
@@ -305,6 +333,10 @@ def test_inspect_shows_what_is_parked(env: Env) -> None:
     assert parked.endswith(
         "parked by due time:\n  due now        1\n  within 10 min  1\n  later          1\n"
     )
+    report = json.loads(cli("dlq", "inspect", "--config", str(env.config_path()), "--json").stdout)
+    assert report["parked"]["by_destination"] == {"shop-a": 2, "shop-b": 1}
+    assert report["parked"]["by_due"] == {"due now": 1, "within 10 min": 1, "later": 1}
+    assert report["parked"]["oldest_first_failure"] == iso(now - 600)
 
 
 def test_missing_topic_and_bad_arguments_are_one_line_errors(env: Env) -> None:
@@ -394,7 +426,9 @@ def test_redrive_sends_only_to_the_recorded_destination_with_filters(env: Env) -
     fifth = redrive(config, "--reason", "decode_error")
     assert fifth.returncode == 1
     assert (summary(fifth)["redriven"], summary(fifth)["failed_again"]) == (1, 1)
-    back = read_topic(env.kafka.bootstrap, env.dlq, idle_s=0.5)[-1]
+    # Two partitions: find the written-back record by its header, not by position.
+    records = read_topic(env.kafka.bootstrap, env.dlq, idle_s=0.5)
+    (back,) = [r for r in records if "dlq.redrive.count" in headers_of(r)]
     assert back.value() == b"not json"
     assert headers_of(back)["dlq.redrive.count"] == "1"
     assert headers_of(back)["dlq.destination"] == ""

@@ -9,6 +9,7 @@ falls back to a local limiter and reports it in a metric. Every run is bounded b
 from __future__ import annotations
 
 import base64
+import json
 import os
 import socket
 import subprocess
@@ -59,8 +60,24 @@ def run_worker(config_path: Path, *, env: dict[str, str] | None = None) -> tuple
 
 
 def error_lines(stderr: str) -> list[str]:
-    """The worker's own error lines (log lines and librdkafka chatter are JSON or %-prefixed)."""
-    return [line for line in stderr.splitlines() if line.startswith("tiktok-worker:")]
+    """The worker's own error lines: plain `tiktok-worker: ...` lines (errors before the config
+    is loaded, or with `logging.format: console`) and, with `logging.format: json`, the
+    `fatal error` log line, rendered as the plain line would read."""
+    lines = []
+    for line in stderr.splitlines():
+        if line.startswith("tiktok-worker:"):
+            lines.append(line)
+        elif (record := json_line(line)) is not None and record.get("event") == "fatal error":
+            lines.append(f"tiktok-worker: error: {record['error']}")
+    return lines
+
+
+def json_line(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def assert_one_line_error(stderr: str, *fragments: str) -> str:
@@ -170,6 +187,14 @@ def test_unreachable_kafka_at_start_fails_fast(
     assert status == 1, stderr
     assert_one_line_error(stderr, "cannot reach Kafka", f"127.0.0.1:{closed}")
     assert seconds < RUN_TIMEOUT_S
+    # Issue 19: the wait is announced (what, where, how long) before it can look like a hang.
+    records = [r for line in stderr.splitlines() if (r := json_line(line)) is not None]
+    events = [r["event"] for r in records]
+    assert "waiting for Kafka" in events, stderr
+    assert events.index("waiting for Kafka") < events.index("fatal error")
+    waiting = records[events.index("waiting for Kafka")]
+    assert waiting["bootstrap_servers"] == f"127.0.0.1:{closed}"
+    assert waiting["timeout_s"] == 15.0
 
 
 def test_missing_dead_letter_topic_fails_fast(
@@ -182,6 +207,33 @@ def test_missing_dead_letter_topic_fails_fast(
     assert status == 1, stderr
     assert_one_line_error(stderr, "dead-letter topic", missing, "does not exist")
     assert missing not in kafka.topics()  # checking did not create it
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_fatal_start_up_error_follows_the_log_format(
+    kafka: Any, topics: tuple[str, str], tmp_path: Path, fmt: str
+) -> None:
+    missing = f"no-such-dlq-{uuid.uuid4().hex[:8]}"
+    config = base_config(kafka, topics)
+    config["kafka"]["dead_letter_topic"] = missing
+    config["logging"]["format"] = fmt
+    status, stderr, _ = run_worker(write_config(tmp_path / "w.yaml", config))
+    assert status == 1, stderr
+    plain = [line for line in stderr.splitlines() if line.startswith("tiktok-worker:")]
+    fatal = [
+        r for line in stderr.splitlines() if (r := json_line(line)) and r["event"] == "fatal error"
+    ]
+    if fmt == "json":
+        # Every line the worker prints is JSON, the fatal one included (issue 19).
+        assert plain == [], stderr
+        assert len(fatal) == 1, stderr
+        assert fatal[0]["level"] == "critical"
+        assert fatal[0]["exit_status"] == 1
+        assert missing in fatal[0]["error"]
+    else:
+        assert fatal == [], stderr
+        assert len(plain) == 1, stderr
+        assert missing in plain[0]
 
 
 def test_http_port_in_use_fails_in_one_line(

@@ -321,3 +321,51 @@ async def test_rediss_url_with_password_uses_tls(tls_redis: RedisEndpoint) -> No
         assert metrics.registry.get_sample_value("tiktok_worker_rate_limit_fallback") == 1
     finally:
         await limiter.close()
+
+
+# -- rate_limit.redis_password (issue 19) -----------------------------------------------------
+
+AWKWARD_PASSWORD = "p@ss:w/rd%40#?"  # every character a URL treats specially
+
+
+@pytest.mark.parametrize("form", ["redis_password", "percent-encoded-url"])
+async def test_a_password_with_url_characters_reaches_redis(
+    redis_factory: Callable[..., RedisServer], form: str
+) -> None:
+    from urllib.parse import quote
+
+    from worker.config import masked, parse_config
+    from worker.delivery.ratelimit import build_rate_limiter
+
+    server = redis_factory(password=AWKWARD_PASSWORD)
+    plain = f"redis://127.0.0.1:{server.port}/0"
+    if form == "redis_password":
+        rate_limit = f"{{redis_url: '{plain}', redis_password: '${{RP}}'}}"
+    else:
+        encoded = f"redis://:{quote(AWKWARD_PASSWORD, safe='')}@127.0.0.1:{server.port}/0"
+        rate_limit = f"{{redis_url: '{encoded}'}}"
+    config = parse_config(
+        f"rate_limit: {rate_limit}\ndestinations: [{{name: a, pixel_code: P, access_token: t}}]\n",
+        environ={"RP": AWKWARD_PASSWORD},
+    )
+    shown = str(masked(config)["rate_limit"])
+    assert AWKWARD_PASSWORD not in shown
+    assert quote(AWKWARD_PASSWORD, safe="") not in shown
+    metrics = Metrics()
+    limiter = build_rate_limiter(
+        backend="redis",
+        qps=100,
+        redis_url=config.rate_limit.redis_url,
+        redis_password=config.rate_limit.redis_password,
+        expected_replicas=1,
+        metrics=metrics,
+    )
+    try:
+        for _ in range(3):
+            await limiter.acquire(f"pw-{form}")
+        # Authenticated: the slots came from Redis (no fallback) and its key is there.
+        assert metrics.registry.get_sample_value("tiktok_worker_rate_limit_fallback") == 0
+        with server.client() as c:
+            assert any(f"pw-{form}" in k.decode() for k in c.keys("*"))
+    finally:
+        await limiter.close()

@@ -4,31 +4,36 @@ Reads the topic from the beginning to the high watermarks captured at start (nev
 new records, never commits, never joins a group) and prints, in a stable plain-text format:
 the record count, oldest/newest `dlq.failed_at`, counts by reason, destination and TikTok
 code, how many records no redrive has handled yet, and up to three sample `dlq.error` texts
-per reason (most frequent first). Exit 0; 1 when Kafka or the topic is unavailable.
+per reason (most frequent first). With `--json`, the same as one JSON object (for scripts;
+see `as_json` for its keys). Exit 0; 1 when Kafka or the topic is unavailable.
 
 Then what is parked in the retry topic (`kafka.retry_topic`): the records after the retry
 intake's committed offsets (group `<group_id>.retry`), which is every parked event not yet
 delivered, parked again or dead-lettered (an upper bound: records handled within the last
 commit interval, or behind one still waiting for its due time, count too). Counts by
-destination, reason and due time, and the oldest first failure.
+destination, reason and due time, and the oldest first failure (with `--json`: the `parked`
+key, see `parked_as_json`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from worker.config import Config, load_config, secret_values
+from worker.core.redaction import register_secrets
 from worker.errors import WorkerError
-from worker.kafka.dlq_reader import BoundedReader, DeadLetterRecord, reader_config
+from worker.kafka.dlq_reader import TOOLS_JOB, BoundedReader, DeadLetterRecord
 from worker.kafka.parking import PROBE_HEADER, Parked, iso, retry_group_id
 from worker.kafka.preflight import preflight
-from worker.observability.logs import configure_logging, register_secrets
+from worker.kafka.settings import reader_settings
+from worker.observability.logs import configure_logging
 from worker.redrive.engine import RedriveLedger
 
 SAMPLES_PER_REASON: Final = 3
@@ -134,7 +139,12 @@ def run(args: argparse.Namespace) -> int:
     register_secrets(secret_values(config))
     summary = inspect_topic(config)
     parked = inspect_parked(config)
-    sys.stdout.write(render(summary) + "\n" + render_parked(parked))
+    if getattr(args, "json", False):
+        report = as_json(summary)
+        report["parked"] = parked_as_json(parked)
+        sys.stdout.write(json.dumps(report, ensure_ascii=False) + "\n")
+    else:
+        sys.stdout.write(render(summary) + "\n" + render_parked(parked))
     sys.stdout.flush()
     return 0
 
@@ -147,7 +157,14 @@ def inspect_parked(config: Config, *, now: float | None = None) -> ParkedSummary
         topic=kafka.retry_topic, group=group, now=time.time() if now is None else now
     )
     reader = BoundedReader(
-        config=reader_config(kafka.bootstrap_servers, kafka.client, group),
+        # The intake's group: its committed offsets are where the parked records start.
+        # Nothing is ever committed to it from here.
+        config=reader_settings(
+            bootstrap_servers=kafka.bootstrap_servers,
+            group_id=group,
+            client=kafka.client,
+            job=TOOLS_JOB,
+        ),
         topic=kafka.retry_topic,
         from_committed=True,
         kind="retry topic",
@@ -209,8 +226,11 @@ def inspect_topic(config: Config) -> Summary:
         ledger = None  # no permission to list groups: the count is left out, not guessed
     reader = BoundedReader(
         # A group id is required by the client; nothing is ever committed to it.
-        config=reader_config(
-            kafka.bootstrap_servers, kafka.client, kafka.group_id + "-dlq-inspect"
+        config=reader_settings(
+            bootstrap_servers=kafka.bootstrap_servers,
+            group_id=kafka.group_id + "-dlq-inspect",
+            client=kafka.client,
+            job=TOOLS_JOB,
         ),
         topic=kafka.dead_letter_topic,
         from_committed=False,
@@ -272,11 +292,67 @@ def render(summary: Summary) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ranked(counts: Counter[str]) -> dict[str, int]:
+    """Most frequent first, ties by name (JSON objects keep this order)."""
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def as_json(summary: Summary) -> dict[str, Any]:
+    """The report as data. Keys are always present; `oldest_failed_at`/`newest_failed_at` are
+    null for an empty topic, `awaiting_redrive`/`redriven_before` null when the redrive groups
+    cannot be listed. `by_destination`/`by_tiktok_code` use `(none)` for a missing header."""
+    known = summary.awaiting_redrive is not None
+    return {
+        "topic": summary.topic,
+        "partitions": summary.partitions,
+        "records": summary.total,
+        "oldest_failed_at": summary.oldest,
+        "newest_failed_at": summary.newest,
+        "awaiting_redrive": summary.awaiting_redrive,
+        "redriven_before": summary.redriven_before if known else None,
+        "written_back": summary.written_back,
+        "by_reason": _ranked(summary.by_reason),
+        "by_destination": _ranked(summary.by_destination),
+        "by_tiktok_code": _ranked(summary.by_code),
+        "sample_errors": {
+            reason: [
+                {"error": text, "count": count}
+                for text, count in list(_ranked(summary.errors.get(reason, Counter())).items())[
+                    :SAMPLES_PER_REASON
+                ]
+            ]
+            for reason in _ranked(summary.by_reason)
+        },
+    }
+
+
+def parked_as_json(summary: ParkedSummary) -> dict[str, Any]:
+    """The parked report as data (the `parked` key of `dlq inspect --json`). `exists` is
+    false when the retry topic does not exist; `oldest_first_failure` is null when nothing
+    is parked; `by_due` keeps the buckets in time order and leaves out empty ones."""
+    oldest = summary.oldest_first_failure
+    return {
+        "topic": summary.topic,
+        "group": summary.group,
+        "exists": summary.exists,
+        "partitions": summary.partitions,
+        "records": summary.total,
+        "unreadable": summary.unreadable,
+        "reference_only": summary.reference_only,
+        "oldest_first_failure": iso(oldest) if oldest is not None else None,
+        "by_destination": _ranked(summary.by_destination),
+        "by_reason": _ranked(summary.by_reason),
+        "by_due": {name: summary.by_due[name] for name, _ in DUE_BUCKETS if summary.by_due[name]},
+    }
+
+
 __all__ = [
     "ParkedSummary",
     "Summary",
+    "as_json",
     "inspect_parked",
     "inspect_topic",
+    "parked_as_json",
     "render",
     "render_parked",
     "run",

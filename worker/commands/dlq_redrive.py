@@ -22,7 +22,8 @@ import time
 from typing import Final, TextIO
 
 from worker.config import Config, load_config, secret_values
-from worker.observability.logs import configure_logging, get_logger, register_secrets
+from worker.core.redaction import register_secrets
+from worker.observability.logs import configure_logging, get_logger
 from worker.redrive.engine import Redrive, RedriveFilter, RedriveStats, validate_filter
 
 TTY_REDRAW_S: Final = 0.1

@@ -2,8 +2,9 @@
 result, no network and no Kafka.
 
 Each non-blank input line is one Kafka message value (an event, an array of events, or a
-batch object); `index` counts non-blank input lines from 0. Output lines on stdout, exactly the
-shapes of the product spec (§6):
+batch object); `index` counts non-blank input lines from 0. Explanations on stderr name the
+input's own line number (1-based, blank lines counted), as an editor shows it. Output lines
+on stdout, exactly these shapes (docs/configuration.md, "What is sent"):
 
     {"index": i, "destination": D, "subscription": S, "body": {...}}   one per TikTok event
     {"index": i, "skipped": REASON}
@@ -39,27 +40,39 @@ def run(args: argparse.Namespace) -> int:
     path = getattr(args, "input", "-") or "-"
     out = sys.stdout.buffer
     if path == "-":
-        _map_stream(mapper, sys.stdin.buffer, out)
+        _map_stream(mapper, sys.stdin.buffer, out, name="stdin")
     else:
         try:
-            with open(path, "rb") as fh:
-                _map_stream(mapper, fh, out)
+            fh = open(path, "rb")  # noqa: SIM115 (closed below; only open/read errors are ours)
         except OSError as exc:
             raise WorkerError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        with fh:
+            _map_stream(mapper, fh, out, name=path)
     out.flush()
     return 0
 
 
-def _map_stream(mapper: Mapper, stream: IO[bytes], out: IO[bytes]) -> None:
+def _map_stream(mapper: Mapper, stream: IO[bytes], out: IO[bytes], *, name: str) -> None:
+    """Map every non-blank line. A failed read blames the input; a failed write (e.g. a
+    closed pipe) propagates as it is, so the CLI can tell the two apart."""
     index = 0
-    for line in stream:
+    lines = iter(stream)
+    line_no = 0
+    while True:
+        try:
+            line = next(lines)
+        except StopIteration:
+            break
+        except OSError as exc:
+            raise WorkerError(f"{name}: cannot read: {exc.strerror or exc}") from None
+        line_no += 1
         value = line.strip()
         if not value:
             continue
         outcomes = mapper.map_message(value)
         for record in render(index, outcomes):
             out.write(_encode(record) + b"\n")
-        for explanation in explain_invalid(index, outcomes):
+        for explanation in explain_invalid(line_no, outcomes):
             sys.stderr.write(explanation + "\n")
         index += 1
 
@@ -82,10 +95,11 @@ def render(index: int, outcomes: list[EventOutcome]) -> Iterator[dict[str, Any]]
             yield {**base, "skipped": outcome.skipped}
 
 
-def explain_invalid(index: int, outcomes: list[EventOutcome]) -> Iterator[str]:
-    """One stderr line per invalid event: where it is and why (never a value from it)."""
+def explain_invalid(line_no: int, outcomes: list[EventOutcome]) -> Iterator[str]:
+    """One stderr line per invalid event: where it is (the input's 1-based line number, as
+    editors show it) and why (never a value from it)."""
     for outcome in outcomes:
-        where = f"line {index}" + (f" event {outcome.index}" if outcome.multi else "")
+        where = f"line {line_no}" + (f" event {outcome.index}" if outcome.multi else "")
         for bad in outcome.invalid:
             target = f" destination {bad.destination}" if bad.destination is not None else ""
             yield f"tiktok-worker map: {where}{target}: {bad.reason}: {bad.error}"

@@ -3,14 +3,19 @@
 For each destination (or only `--destination NAME`), a fixed, obviously synthetic Segment event
 is mapped through that destination's real mapping, so the body is one the worker would send;
 when the destination's presets and subscriptions map none of the candidates, a minimal valid
-`ViewContent` event is sent instead. The request carries the destination's `test_event_code`,
-or a generated `TEST` + 5 digits code (the same for every destination of one run), so it
-shows up under Test Events in TikTok Events Manager and not in reporting.
+event of the destination's event source is sent instead (`ViewContent` for web, offline and
+app; a custom `TiktokWorkerVerify` lead for CRM). The candidates carry what every source
+needs (an email and user id for offline, `context.app` and `context.device` for app, a
+`lead_id` for CRM). The request carries the destination's `test_event_code`, or a generated
+`TEST` + 5 digits code (the same for every destination of one run), where that source puts
+it (top level; inside the event for offline), so it shows up under Test Events in TikTok
+Events Manager and not in reporting.
 
 One request per destination, no retries: verify reports the first answer. Output, one line per
 destination in configuration order:
 
     web-shop: OK (event ViewContent, pixel C5P..., test_event_code TEST04030)
+    stores: OK (event CompletePayment, event set 7123..., test_event_code TEST04030)
     web-shop: FAILED: TikTok code 40105: Access token is incorrect or has been revoked.
         -- hint: ...           <- on the same line in reality
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import random
 import re
@@ -34,16 +40,20 @@ from typing import Final
 import msgspec
 
 from worker.config import Config, DestinationConfig, load_config, secret_values
-from worker.delivery.client import Outcome, SendResult, TikTokClient, sanitise_message
+from worker.core.redaction import register_secrets, sanitise_message
+from worker.delivery.client import Outcome, SendResult, TikTokClient
 from worker.errors import ConfigError
 from worker.mapping.body import BatchKey, build_body
 from worker.mapping.mapper import MappedEvent, Mapper
-from worker.observability.logs import configure_logging, register_secrets
+from worker.mapping.spec import SOURCE_ID_KEYS
+from worker.observability.logs import configure_logging
 
 VERIFY_MESSAGE_PREFIX: Final = "tiktok-worker-verify-"
 VERIFY_PAGE_URL: Final = "https://example.com/tiktok-worker-verify"
 FALLBACK_EVENT: Final = "ViewContent"
 
+# How the id of each event source is called in messages, and its config key.
+_ID_WORDS: Final = {"web": "pixel", "crm": "pixel", "offline": "event set", "app": "app"}
 _AUTH_TOKEN_CODES: Final = frozenset({40102, 40104, 40105})
 _CODE_PERMISSION: Final = 40001
 _FIELD_RE: Final = re.compile(r"(?:Invalid value for|invalid value for)\s+([A-Za-z0-9_.\[\]]+)")
@@ -108,6 +118,15 @@ async def verify(
     )
     code = test_code or generated_test_code()
     when = time.time() if now is None else now
+    # Map with the test code set on every destination, so that it lands where each source's
+    # body carries it (offline: inside the event, which the batch key cannot change).
+    config = msgspec.structs.replace(
+        config,
+        destinations=tuple(
+            msgspec.structs.replace(d, test_event_code=d.test_event_code or code)
+            for d in config.destinations
+        ),
+    )
     mapper = Mapper(config, now=lambda: when)
     by_name = {d.name: (i, d) for i, d in enumerate(config.destinations)}
     try:
@@ -138,7 +157,10 @@ async def _verify_one(
     result = await client.send(build_body(key, [payload]), access_token=dest.access_token)
     ok = result.outcome is Outcome.SUCCESS
     if ok:
-        line = f"{dest.name}: OK (event {event}, pixel {dest.pixel_code}, test_event_code {code})"
+        line = (
+            f"{dest.name}: OK (event {event}, {_ID_WORDS[dest.event_source]} "
+            f"{dest.event_source_id}, test_event_code {code})"
+        )
     else:
         # Second line of defence (the client already masks it): whatever TikTok echoed, the
         # token is never printed.
@@ -166,6 +188,9 @@ def synthetic_events(now: float) -> list[dict[str, object]]:
                 "locale": "en-US",
                 "page": {"url": VERIFY_PAGE_URL, "referrer": "https://example.com/"},
                 "traits": {"email": "verify@example.com"},
+                # What an app event needs (app destinations): the app and the device.
+                "app": {"namespace": "tiktok.worker.verify", "name": "tiktok-worker verify"},
+                "device": {"type": "android", "id": "tiktok-worker-verify"},
             },
         }
 
@@ -202,6 +227,7 @@ def synthetic_events(now: float) -> list[dict[str, object]]:
                 "value": 1.0,
                 "total": 1.0,
                 "query": "tiktok-worker verify",
+                "lead_id": "tiktok-worker-verify",  # CRM events need one
                 "products": [product],
                 **product,
             }
@@ -221,37 +247,68 @@ def test_event(
                 mapped.payload,
                 (mapped.event),
             )
+    source = dest.event_source
     key = BatchKey(
         destination=dest.name,
-        pixel_code=dest.pixel_code,
-        event_source="web",
+        event_source_id=dest.event_source_id,
+        event_source=source,
         test_event_code=code,
         partner_name=config.tiktok.partner_name,
     )
-    # A plain dict rather than the mapper's Structs: this body is the fallback's own,
-    # the smallest one TikTok accepts for a web event (user keys as Segment always sends them).
-    payload = msgspec.json.encode(
-        {
-            "event": FALLBACK_EVENT,
-            "event_time": int(now),
-            "event_id": f"{VERIFY_MESSAGE_PREFIX}{int(now * 1000)}",
-            "user": {
-                "external_id": [],
-                "phone": [],
-                "email": [],
-                "first_name": "",
-                "last_name": "",
-                "city": "",
-                "state": "",
-                "country": "",
-                "zip_code": "",
-            },
-            "properties": {},
-            "page": {"url": VERIFY_PAGE_URL},
-            "limited_data_use": False,
+    event, payload = fallback_payload(source, code, now)
+    return key, msgspec.json.encode(payload), event
+
+
+# The hashed user id of the fallback offline event (offline needs one identifier).
+_VERIFY_USER: Final = hashlib.sha256(b"tiktok-worker-verify").hexdigest()
+
+
+def fallback_payload(source: str, code: str, now: float) -> tuple[str, dict[str, object]]:
+    """(event name, `data[]` element): the smallest event TikTok accepts for `source`.
+
+    Plain dicts rather than the mapper's Structs: these bodies are the fallback's own.
+    """
+    head: dict[str, object] = {
+        "event": "TiktokWorkerVerify" if source == "crm" else FALLBACK_EVENT,
+        "event_time": int(now),
+        "event_id": f"{VERIFY_MESSAGE_PREFIX}{int(now * 1000)}",
+    }
+    if source == "offline":
+        user: dict[str, object] = {"external_id": [_VERIFY_USER], "phone": [], "email": []}
+        body = {**head, "user": user, "properties": {"contents": []}, "page": {}}
+        return str(head["event"]), {**body, "limited_data_use": False, "test_event_code": code}
+    if source == "app":
+        # ViewContent needs content_type, currency and value, and a content_id per item.
+        props = {"contents": [], "content_type": "product", "currency": "USD", "value": 0}
+        body = {
+            **head,
+            "user": {"att_status": "NOT_APPLICABLE"},
+            "properties": props,
+            "app": {"app_id": "tiktok.worker.verify"},
+            "ad": {},
         }
-    )
-    return key, payload, FALLBACK_EVENT
+        return str(head["event"]), {**body, "limited_data_use": False}
+    # web and crm: user keys as Segment always sends them.
+    body = {
+        **head,
+        "user": {
+            "external_id": [],
+            "phone": [],
+            "email": [],
+            "first_name": "",
+            "last_name": "",
+            "city": "",
+            "state": "",
+            "country": "",
+            "zip_code": "",
+        },
+        "properties": {},
+    }
+    if source == "crm":
+        body["lead"] = {"lead_id": "tiktok-worker-verify"}
+    else:
+        body["page"] = {"url": VERIFY_PAGE_URL}
+    return str(head["event"]), {**body, "limited_data_use": False}
 
 
 def _mapped_for(mapper: Mapper, event: dict[str, object], name: str) -> MappedEvent | None:
@@ -282,10 +339,12 @@ def hint(result: SendResult, dest: DestinationConfig, index: int) -> str:
             "bad or expired access token: generate a new one in TikTok Events Manager "
             f"(the pixel's Settings, Events API) and update {where}.access_token"
         )
+    id_key = SOURCE_ID_KEYS[dest.event_source]
     if code == _CODE_PERMISSION:
+        noun = _ID_WORDS[dest.event_source]
         return (
-            f"the access token lacks permission for pixel {dest.pixel_code}: check "
-            f"{where}.pixel_code, and that the token was generated for this pixel's "
+            f"the access token lacks permission for {noun} {dest.event_source_id}: check "
+            f"{where}.{id_key}, and that the token was generated for this {noun}'s "
             "advertiser account"
         )
     if result.outcome is Outcome.THROTTLED:
@@ -293,11 +352,11 @@ def hint(result: SendResult, dest: DestinationConfig, index: int) -> str:
     if result.outcome in (Outcome.RETRYABLE, Outcome.TIMEOUT, Outcome.CONNECTION):
         return (
             "TikTok unreachable or busy: check tiktok.base_url and network access "
-            "(proxy, egress NetworkPolicy), then try again"
+            "(HTTPS_PROXY/NO_PROXY, egress NetworkPolicy), then try again"
         )
     field = _bad_field(result.message)
     if code is not None and 40000 <= code < 41000 and field is not None:
-        extra = f" (check {where}.pixel_code)" if field.startswith("event_source") else ""
+        extra = f" (check {where}.{id_key})" if field.startswith("event_source") else ""
         return f"TikTok rejected a bad parameter: {field}{extra}"
     if code is not None and 40000 <= code < 41000:
         return "TikTok rejected a bad parameter: see the message"

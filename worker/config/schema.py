@@ -13,18 +13,21 @@ Contract:
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Final, Literal, get_args, get_origin, get_type_hints
 
 import msgspec
 import phonenumbers
 import yaml
 
+from worker.core.msgspec_errors import ErrorKind, parse_validation_message
+from worker.core.redaction import MASK, is_secret_key, mask_url_credentials, url_secrets
 from worker.errors import ConfigError
-from worker.mapping.spec import DestinationConfig, NonEmptyStr
+from worker.mapping.spec import SOURCE_ID_KEYS, DestinationConfig, NonEmptyStr
 
 __all__ = [
     "CircuitConfig",
@@ -35,10 +38,18 @@ __all__ = [
     "RateLimitConfig",
     "RetryConfig",
     "TikTokConfig",
+    "liveness_timeout_s",
     "load_config",
     "masked",
     "parse_config",
 ]
+
+# A rebalance or stop blocks the consumer thread (and its heartbeat) for up to the drain time;
+# liveness must allow that plus this much before it declares the loop stuck.
+LIVENESS_MIN_MARGIN_S: Final = 10.0
+# The default liveness timeout is the drain time plus this (60 s with the default drain).
+LIVENESS_DEFAULT_MARGIN_S: Final = 35.0
+REDIS_SCHEMES: Final = ("redis", "rediss", "unix")
 
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
@@ -57,6 +68,8 @@ class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     dead_letter_topic: NonEmptyStr = "segment-events.tiktok-dlq"
     # Parked events (SPEC §4); consumed by the workers as group `<group_id>.retry`.
     retry_topic: NonEmptyStr = "segment-events.tiktok-retry"
+    # Where a group with no committed offset begins (librdkafka's auto.offset.reset).
+    start_from: Literal["earliest", "latest"] = "earliest"
     # librdkafka properties passed verbatim (security.protocol, sasl.*, ssl.*, ...).
     # (Values are checked in _check_semantics, so the error can name the property.)
     client: dict[str, Any] = msgspec.field(default_factory=dict)
@@ -96,13 +109,16 @@ class RateLimitConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
     qps: PositiveFloat = 1000.0
     backend: Literal["redis", "local"] = "redis"
     redis_url: NonEmptyStr = "redis://localhost:6379/0"
+    # The password on its own, so it need not be percent-encoded into redis_url.
+    redis_password: NonEmptyStr | None = None
     expected_replicas: PositiveInt = 1
 
 
 class HttpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     host: NonEmptyStr = "0.0.0.0"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9464
-    liveness_timeout_s: PositiveFloat = 60.0
+    # null: kafka.drain_timeout_s + LIVENESS_DEFAULT_MARGIN_S (see liveness_timeout_s()).
+    liveness_timeout_s: PositiveFloat | None = None
 
 
 class LoggingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -151,6 +167,9 @@ def parse_config(text: str, *, environ: Mapping[str, str] | None = None) -> Conf
     except msgspec.ValidationError as exc:
         raise ConfigError(_translate(str(exc))) from None
     _check_semantics(config)
+    if config.http.liveness_timeout_s is None:  # the effective value, for readers and output
+        http = msgspec.structs.replace(config.http, liveness_timeout_s=liveness_timeout_s(config))
+        config = msgspec.structs.replace(config, http=http)
     return config
 
 
@@ -207,7 +226,6 @@ def _fmt_path(path: tuple[str | int, ...]) -> str:
 
 # --------------------------------------------------------------------------- error text
 
-_AT_RE: Final = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 _TYPE_NAMES: Final = {
     "object": "a mapping",
     "array": "a list",
@@ -221,29 +239,25 @@ _TYPE_NAMES: Final = {
 
 def _translate(message: str) -> str:
     """Turn a msgspec validation message into `<key path>: <reason>`."""
-    m = _AT_RE.match(message)
-    assert m is not None  # the pattern matches any string
-    msg, raw_path = m.group("msg"), m.group("path") or ""
-    path = raw_path.lstrip(".")
-    if mm := re.match(r"Object missing required field `([^`]+)`", msg):
-        return f"{_join(path, mm.group(1))}: required"
-    if mm := re.match(r"Object contains unknown field `([^`]+)`", msg):
-        return f"{_join(path, mm.group(1))}: unknown key"
-    if msg.startswith("Invalid enum value"):
+    m = parse_validation_message(message)
+    path = m.key_path
+    where = path or "(top level)"
+    if m.kind is ErrorKind.MISSING_FIELD:
+        return f"{_join(path, m.field or '')}: required"
+    if m.kind is ErrorKind.UNKNOWN_FIELD:
+        return f"{_join(path, m.field or '')}: unknown key"
+    if m.kind is ErrorKind.INVALID_ENUM:
         choices = _enum_choices(path)
         reason = f"must be one of: {', '.join(choices)}" if choices else "not an allowed value"
-        return f"{path or '(top level)'}: {reason}"
-    if mm := re.match(r"Expected `([^`]+)`, got `([^`]+)`", msg):
-        want = " or ".join(_TYPE_NAMES.get(t.strip(), t.strip()) for t in mm.group(1).split("|"))
-        got = mm.group(2)
-        hint = (
-            " (quote the value in YAML)"
-            if got in ("bool", "int", "float") and "str" in (mm.group(1))
-            else ""
-        )
-        return f"{path or '(top level)'}: expected {want}, got {_TYPE_NAMES.get(got, got)}{hint}"
-    if mm := re.match(r"Expected `([^`]+)` (.+)$", msg):
-        kind, constraint = mm.group(1), mm.group(2)
+        return f"{where}: {reason}"
+    if m.kind is ErrorKind.WRONG_TYPE:
+        want = " or ".join(_TYPE_NAMES.get(t, t) for t in m.expected)
+        got = m.got or ""
+        quote = got in ("bool", "int", "float") and "str" in m.expected
+        hint = " (quote the value in YAML)" if quote else ""
+        return f"{where}: expected {want}, got {_TYPE_NAMES.get(got, got)}{hint}"
+    if m.kind is ErrorKind.CONSTRAINT:
+        kind, constraint = " | ".join(m.expected), m.constraint or ""
         if "matching regex" in constraint and path.endswith("name"):
             return (
                 f"{path}: must be 1-64 characters of letters, digits, '.', '_' or '-', "
@@ -252,7 +266,8 @@ def _translate(message: str) -> str:
         if constraint.startswith("of length >= 1"):
             return f"{path}: must not be empty"
         return f"{path}: must be {_TYPE_NAMES.get(kind, kind)} {constraint}"
-    return f"{path or '(top level)'}: {msg[0].lower() + msg[1:] if msg else 'invalid'}"
+    msg = m.text
+    return f"{where}: {msg[0].lower() + msg[1:] if msg else 'invalid'}"
 
 
 def _join(path: str, key: str) -> str:
@@ -296,15 +311,19 @@ def _strip(tp: Any) -> Any:
 
 
 def _check_semantics(config: Config) -> None:
-    """Checks msgspec cannot express: uniqueness and cross-field ranges."""
+    """Checks msgspec cannot express: uniqueness, cross-field ranges, source ids."""
     # A rebalance or stop blocks the consumer thread (and its heartbeat) for up to the drain
     # time plus a margin; liveness must not declare that stuck and get the pod restarted.
-    if config.http.liveness_timeout_s <= config.kafka.drain_timeout_s + 10:
+    # Only an explicit value can break the rule: the default is derived from the drain time.
+    floor = config.kafka.drain_timeout_s + LIVENESS_MIN_MARGIN_S
+    if config.http.liveness_timeout_s is not None and config.http.liveness_timeout_s <= floor:
         raise ConfigError(
-            "http.liveness_timeout_s: must be greater than kafka.drain_timeout_s + 10 "
-            f"({config.kafka.drain_timeout_s + 10:g}): draining a revoked partition pauses "
-            "the consumer loop that long"
+            f"http.liveness_timeout_s: must be greater than kafka.drain_timeout_s + "
+            f"{LIVENESS_MIN_MARGIN_S:g} ({floor:g}): draining a revoked partition pauses "
+            "the consumer loop that long (leave it out to derive it from the drain time)"
         )
+    _check_base_url(config.tiktok.base_url)
+    _check_redis(config.rate_limit)
     retry = config.tiktok.retry
     if retry.max_backoff_s < retry.initial_backoff_s:
         raise ConfigError("tiktok.retry.max_backoff_s: must be >= tiktok.retry.initial_backoff_s")
@@ -330,6 +349,11 @@ def _check_semantics(config: Config) -> None:
                 f"kafka.client.{key}: managed by the worker; remove it "
                 "(offsets are committed only after delivery)"
             )
+        if key == "auto.offset.reset":
+            raise ConfigError(
+                "kafka.client.auto.offset.reset: set kafka.start_from (earliest or latest) instead"
+            )
+    _check_kafka_client(config.kafka)
     seen: dict[str, int] = {}
     for i, dest in enumerate(config.destinations):
         where = f"destinations[{i}]"
@@ -338,6 +362,7 @@ def _check_semantics(config: Config) -> None:
                 f"{where}.name: duplicate destination name (also destinations[{seen[dest.name]}])"
             )
         seen[dest.name] = i
+        _check_source_ids(dest, where)
         if dest.phone_default_region is not None and (
             dest.phone_default_region not in phonenumbers.SUPPORTED_REGIONS
         ):
@@ -345,29 +370,164 @@ def _check_semantics(config: Config) -> None:
                 f"{where}.phone_default_region: not a supported ISO 3166-1 alpha-2 region "
                 "(upper case, e.g. US, GB, DE)"
             )
+        if dest.event_source == "crm" and not dest.subscriptions:
+            raise ConfigError(
+                f"{where}.subscriptions: required for event_source crm (Segment has no CRM "
+                "presets; CRM events use your own event names)"
+            )
     # Triggers, subscription names and mapping overrides are checked where they are compiled,
     # once, by `worker.mapping.Mapper` (every command that maps builds one at start-up).
 
 
-# --------------------------------------------------------------------------- masking
+def _check_source_ids(dest: DestinationConfig, where: str) -> None:
+    """The id key of the destination's source is required; the other sources' keys are
+    errors (a pixel code on an offline destination is a mistake, not a spare value)."""
+    wanted = SOURCE_ID_KEYS[dest.event_source]
+    if getattr(dest, wanted) is None:
+        because = "" if dest.event_source == "web" else f" for event_source {dest.event_source}"
+        raise ConfigError(f"{where}.{wanted}: required{because}")
+    for key in ("pixel_code", "event_set_id", "tiktok_app_id"):
+        if key != wanted and getattr(dest, key) is not None:
+            raise ConfigError(
+                f"{where}.{key}: not used by event_source {dest.event_source} "
+                f"(it needs {wanted}); remove it"
+            )
 
-_MASK: Final = "***"
-_SECRET_KEY_RE: Final = re.compile(
-    r"password|secret|jaas|token|credential|\.pem$|oauthbearer\.config|api\.key", re.I
-)
+
+def liveness_timeout_s(config: Config) -> float:
+    """`http.liveness_timeout_s`, or its default derived from `kafka.drain_timeout_s`."""
+    if config.http.liveness_timeout_s is not None:
+        return config.http.liveness_timeout_s
+    return config.kafka.drain_timeout_s + LIVENESS_DEFAULT_MARGIN_S
+
+
+def _check_base_url(url: str) -> None:
+    """`tiktok.base_url` must be http(s)://host[:port] with an optional path prefix."""
+    where = "tiktok.base_url"
+    form = "must be http://host[:port] or https://host[:port]"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # raises ValueError for a port that is not a number in range
+    except ValueError:
+        raise ConfigError(f"{where}: {form} (the port is not a number from 1 to 65535)") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}: {form}, got {url!r}")
+    if port == 0 or parts.query or parts.fragment or parts.username or parts.password:
+        raise ConfigError(f"{where}: {form} (no credentials, query or fragment), got {url!r}")
+
+
+def _check_redis(rate_limit: RateLimitConfig) -> None:
+    """`rate_limit.redis_url`: redis://, rediss:// or unix://, parseable as redis-py parses it.
+    Error texts never repeat the URL: it may hold a password."""
+    where = "rate_limit.redis_url"
+    url = rate_limit.redis_url
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    if scheme not in REDIS_SCHEMES:
+        raise ConfigError(
+            f"{where}: must start with redis://, rediss:// (TLS) or unix:// "
+            "(e.g. redis://redis:6379/0)"
+        )
+    encode_hint = (
+        "percent-encode reserved characters in the user name and password "
+        "(@ as %40, : as %3A, / as %2F), or set rate_limit.redis_password"
+    )
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (parsing the port is the check)
+    except ValueError:
+        raise ConfigError(f"{where}: not a valid URL; {encode_hint}") from None
+    if scheme == "unix":
+        if not parts.path:
+            raise ConfigError(f"{where}: unix:// needs a socket path (unix:///run/redis.sock)")
+    elif not parts.hostname:
+        raise ConfigError(f"{where}: no host; {encode_hint}")
+    elif parts.path not in ("", "/") and not parts.path.lstrip("/").isdigit():
+        raise ConfigError(
+            f"{where}: the path must be a database number (redis://host:6379/0); {encode_hint}"
+        )
+    try:  # and as redis-py will at start-up (no connection is made)
+        import redis.asyncio
+
+        redis.asyncio.ConnectionPool.from_url(url)
+    except ValueError:
+        raise ConfigError(f"{where}: not a valid Redis URL; {encode_hint}") from None
+    if rate_limit.redis_password is not None and parts.password:
+        raise ConfigError(
+            "rate_limit.redis_password: the redis_url holds a password too; keep one of them"
+        )
+
+
+def _check_kafka_client(kafka: KafkaConfig) -> None:
+    """Build the consumer and producer settings the worker will use and let librdkafka check
+    every property name and value, exactly as start-up does, without contacting a broker
+    (no bootstrap servers are given to these throw-away clients)."""
+    # Imported here: confluent_kafka is only needed when there is a config to check.
+    from confluent_kafka import Consumer, KafkaException, Producer
+
+    from worker.kafka.settings import consumer_settings, producer_settings
+
+    consumer = consumer_settings(
+        bootstrap_servers="",
+        group_id=kafka.group_id,
+        client=kafka.client,
+        start_from=kafka.start_from,
+    )
+    producer = producer_settings(bootstrap_servers="", client=kafka.client)
+    for factory, conf in ((Consumer, consumer), (Producer, producer)):
+        conf = {k: v for k, v in conf.items() if k != "bootstrap.servers"}
+        # librdkafka's warnings (no bootstrap.servers here) go to a logger nobody polls.
+        conf["logger"] = _SILENT_KAFKA_LOGGER
+        try:
+            client = factory(conf)
+        except KafkaException as exc:
+            raise ConfigError(librdkafka_error(exc.args[0].str(), kafka.client)) from None
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"kafka.client: {exc}") from None
+        if isinstance(client, Consumer):
+            client.close()
+        else:
+            client.flush(0)
+
+
+_SILENT_KAFKA_LOGGER: Final = logging.getLogger("worker.config.librdkafka-check")
+_SILENT_KAFKA_LOGGER.propagate = False
+_SILENT_KAFKA_LOGGER.addHandler(logging.NullHandler())
+
+_DOTTED_RE: Final = re.compile(r"\b[a-z]+(?:\.[a-z]+)+\b")
+_PROPERTY_RE: Final = re.compile(r'property:?\s+"([^"]+)"')
+
+
+def librdkafka_error(text: str, keys: Iterable[str] = ()) -> str:
+    """`kafka.client.<property>: <librdkafka's reason>`, naming the property when the text
+    quotes it or mentions one of `keys` (the configured properties). librdkafka quotes a
+    refused value; for a secret-looking property it is left out."""
+    text = re.sub(r"^Failed to create (consumer|producer|admin client): ", "", text)
+    m = _PROPERTY_RE.search(text)
+    key: str | None = m.group(1) if m else None
+    if key is None:
+        mentioned = [k for k in keys if k in text]
+        if "SASL mechanism" in text:
+            mentioned.append("sasl.mechanism")
+        key = max(mentioned, key=len) if mentioned else None
+    if key is None and (dotted := _DOTTED_RE.search(text)):  # "sasl.username ... must be set"
+        key = dotted.group(0)
+    if key is None:
+        return f"kafka.client: {text}"
+    if is_secret_key(key):
+        return f"kafka.client.{key}: refused by librdkafka (value not shown)"
+    return f"kafka.client.{key}: {text}"
+
+
+# --------------------------------------------------------------------------- masking
 
 
 def secret_values(config: Config) -> list[str]:
     """Every secret the config holds (tokens, passwords), for log scrubbing."""
     values = [d.access_token for d in config.destinations]
-    values += [
-        str(v)
-        for k, v in config.kafka.client.items()
-        if any(word in k for word in ("password", "secret", "sasl.oauthbearer"))
-    ]
-    password = urllib.parse.urlsplit(config.rate_limit.redis_url).password
-    if password:
-        values.append(urllib.parse.unquote(password))
+    values += [str(v) for k, v in config.kafka.client.items() if is_secret_key(k)]
+    values += url_secrets(config.rate_limit.redis_url)
+    if config.rate_limit.redis_password:
+        values.append(config.rate_limit.redis_password)
     return values
 
 
@@ -375,14 +535,11 @@ def masked(config: Config) -> dict[str, Any]:
     """The effective config as plain data, with every secret replaced by `***`."""
     data: dict[str, Any] = msgspec.to_builtins(config)
     data["kafka"]["client"] = {
-        k: (_MASK if _SECRET_KEY_RE.search(k) else v) for k, v in data["kafka"]["client"].items()
+        k: (MASK if is_secret_key(k) else v) for k, v in data["kafka"]["client"].items()
     }
-    data["rate_limit"]["redis_url"] = _mask_url(data["rate_limit"]["redis_url"])
+    data["rate_limit"]["redis_url"] = mask_url_credentials(data["rate_limit"]["redis_url"])
+    if data["rate_limit"]["redis_password"] is not None:
+        data["rate_limit"]["redis_password"] = MASK
     for dest in data["destinations"]:
-        dest["access_token"] = _MASK
+        dest["access_token"] = MASK
     return data
-
-
-def _mask_url(url: str) -> str:
-    """Hide the password in `scheme://user:password@host/...`."""
-    return re.sub(r"^([a-z][a-z0-9+.-]*://)([^:@/]*):([^@/]*)@", rf"\1\2:{_MASK}@", url, flags=re.I)

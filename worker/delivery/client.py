@@ -16,10 +16,8 @@ Contract:
 from __future__ import annotations
 
 import email.utils
-import enum
 import math
 import random
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,33 +27,11 @@ import aiohttp
 import msgspec
 
 from worker import __version__
+from worker.core.redaction import has_control_characters, sanitise_message
+from worker.core.vocabulary import Outcome
 from worker.delivery.codes import AUTH_CODES, THROTTLE_CODES, CodeClass, decide
 
 ENDPOINT_PATH = "/open_api/v1.3/event/track/"
-
-MAX_MESSAGE_CHARS = 200
-
-
-class Outcome(enum.StrEnum):
-    """How one request ended. Values are the `outcome` label of `tiktok_worker_requests_total`."""
-
-    SUCCESS = "success"
-    THROTTLED = "throttled"
-    RETRYABLE = "retryable_error"
-    TIMEOUT = "timeout"
-    CONNECTION = "connection_error"
-    PERMANENT = "permanent_error"
-    AUTH = "auth_error"
-
-    @property
-    def retryable(self) -> bool:
-        """True when the same body may be sent again later (TikTok dedups by event_id)."""
-        return self in _RETRYABLE_OUTCOMES
-
-
-_RETRYABLE_OUTCOMES = frozenset(
-    {Outcome.THROTTLED, Outcome.RETRYABLE, Outcome.TIMEOUT, Outcome.CONNECTION}
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,28 +178,9 @@ class _Envelope(msgspec.Struct):
 
 _ENVELOPE_DECODER = msgspec.json.Decoder(_Envelope)
 
-# Redaction of anything that looks like personal data in a server-provided message.
-_EMAIL_RE = re.compile(r"[^\s@\"']+@[^\s@\"']+")
-# 9+ digits with short space/dash/paren separators; dots excluded so IP addresses survive.
-_PHONE_RE = re.compile(r"\+?\d(?:[\s()-]{0,2}\d){8,}")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")
-
-
-def sanitise_message(text: str, *, secret: str | None = None) -> str:
-    """A short, single-line version of `text` with the secret, emails and phones masked."""
-    if secret:
-        text = text.replace(secret, "***")
-    text = _CONTROL_RE.sub(" ", text)
-    text = _EMAIL_RE.sub("<email>", text)
-    text = _PHONE_RE.sub("<number>", text)
-    text = text.strip()
-    if len(text) > MAX_MESSAGE_CHARS:
-        text = text[: MAX_MESSAGE_CHARS - 3] + "..."
-    return text
-
 
 def _valid_header_value(value: str) -> bool:
-    return bool(value) and not _CONTROL_RE.search(value)
+    return bool(value) and not has_control_characters(value)
 
 
 class TikTokClient:
@@ -231,7 +188,9 @@ class TikTokClient:
 
     The session is created lazily inside the running event loop on the first `send`, with an
     explicit timeout (total = `timeout_s`, TCP connect = `connect_timeout_s`) and a connection
-    pool of `max_connections`. `close()` is idempotent; the client is an async context manager.
+    pool of `max_connections`. It honours the standard proxy variables (`HTTPS_PROXY`,
+    `HTTP_PROXY`, `NO_PROXY`, read when the session is created). `close()` is idempotent; the
+    client is an async context manager.
     """
 
     __slots__ = (
@@ -294,6 +253,9 @@ class TikTokClient:
                 ),
                 headers={"User-Agent": self._user_agent, "Accept": "application/json"},
                 raise_for_status=False,
+                # HTTP_PROXY / HTTPS_PROXY / NO_PROXY (and ~/.netrc) as every HTTP tool does:
+                # clusters often reach the internet only through an egress proxy.
+                trust_env=True,
             )
         return self._session
 
@@ -412,5 +374,4 @@ __all__ = [
     "classify",
     "classify_answer",
     "parse_retry_after",
-    "sanitise_message",
 ]

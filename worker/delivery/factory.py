@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from worker.config import Config
 from worker.delivery.circuit import CircuitPolicy
 from worker.delivery.client import ENDPOINT_PATH, TikTokClient
 from worker.delivery.ratelimit import RateLimiter, build_rate_limiter, rate_limit_key
 from worker.delivery.sender import LanePolicy, ParkingPolicy, RetryPolicy, Route, Sender
+from worker.observability.logs import Logger
 from worker.observability.metrics import Metrics
 
 
@@ -73,7 +73,7 @@ def build_delivery(
     config: Config,
     *,
     metrics: Metrics,
-    log: Any,
+    log: Logger,
     on_crash: Callable[[BaseException], None],
     parking: bool = False,
 ) -> Delivery:
@@ -92,6 +92,7 @@ def build_delivery(
         backend=rate_limit.backend,
         qps=rate_limit.qps,
         redis_url=rate_limit.redis_url,
+        redis_password=rate_limit.redis_password,
         expected_replicas=rate_limit.expected_replicas,
         metrics=metrics,
         logger=log,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from worker.core.vocabulary import DeadLetterReason
     from worker.mapping.mapper import EventOutcome, MappedEvent
 
 
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 class Failure:
     """Why events are being dead-lettered after delivery attempts."""
 
-    reason: str
+    reason: DeadLetterReason
     error: str
     code: int | None
     attempts: int

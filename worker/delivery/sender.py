@@ -40,10 +40,11 @@ import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import structlog
 
+from worker.core.vocabulary import DeadLetterReason
 from worker.delivery.circuit import Circuit, CircuitPolicy, CircuitState, Verdict
 from worker.delivery.client import Outcome, SendResult, TikTokClient, backoff_delay
 from worker.delivery.codes import event_index
@@ -51,6 +52,7 @@ from worker.delivery.inflight import Failure, Parking, PendingEvent, WorkOwner
 from worker.delivery.lanes import DEFAULT_MAX_BATCH_BYTES, AppBudget, Lane, spawn
 from worker.delivery.ratelimit import RateLimiter
 from worker.mapping.body import BatchKey, build_body
+from worker.observability.logs import Logger
 from worker.observability.metrics import Metrics
 
 __all__ = [
@@ -135,7 +137,7 @@ class Sender:
         retry: RetryPolicy,
         lanes: LanePolicy,
         metrics: Metrics,
-        log: Any,
+        log: Logger,
         on_crash: Callable[[BaseException], None],
         parking: ParkingPolicy | None = None,
     ) -> None:
@@ -399,7 +401,7 @@ class Sender:
                     self._park(events, reason, result, attempt, first_failed, circuit, delay)
                     return None
                 if now + delay > deadline:
-                    self._fail(events, "retries_exhausted", result, attempt)
+                    self._fail(events, DeadLetterReason.RETRIES_EXHAUSTED, result, attempt)
                     return None
                 self._metrics.retries.labels(destination=route.destination).inc()
                 await asyncio.sleep(delay)
@@ -432,7 +434,11 @@ class Sender:
                         destination=route.destination,
                         http_status=result.http_status,
                     )
-                reason = "auth_error" if outcome is Outcome.AUTH else "permanent_api_error"
+                reason = (
+                    DeadLetterReason.AUTH_ERROR
+                    if outcome is Outcome.AUTH
+                    else DeadLetterReason.PERMANENT_API_ERROR
+                )
                 self._fail(events, reason, result, attempt)
                 return None
             if repeat_of is not None and _signature(result) == repeat_of:
@@ -451,13 +457,13 @@ class Sender:
         """Isolate the events a permanent per-event error is about."""
         index = event_index(result.message)
         if index is not None and 0 <= index < len(events):
-            self._fail([events[index]], "permanent_api_error", result, attempt)
+            self._fail([events[index]], DeadLetterReason.PERMANENT_API_ERROR, result, attempt)
             rest = events[:index] + events[index + 1 :]
             if rest:
                 await self._deliver(lane, rest, deadline)
             return
         if len(events) == 1:
-            self._fail(events, "permanent_api_error", result, attempt)
+            self._fail(events, DeadLetterReason.PERMANENT_API_ERROR, result, attempt)
             return
         left, right = self._halves(events)
         signature = _signature(result)
@@ -470,7 +476,12 @@ class Sender:
             await self._bisect(lane, _live(left), repeated_left, deadline, attempt + 1)
             return
         # Both halves answer exactly like the whole: not about an event, so no split helps.
-        self._fail(_live(left) + _live(right), "permanent_api_error", repeated_right, attempt + 2)
+        self._fail(
+            _live(left) + _live(right),
+            DeadLetterReason.PERMANENT_API_ERROR,
+            repeated_right,
+            attempt + 2,
+        )
 
     @staticmethod
     def _halves(events: list[PendingEvent]) -> tuple[list[PendingEvent], list[PendingEvent]]:
@@ -484,7 +495,11 @@ class Sender:
             owner.on_delivered(group)
 
     def _fail(
-        self, events: Sequence[PendingEvent], reason: str, result: SendResult, attempts: int
+        self,
+        events: Sequence[PendingEvent],
+        reason: DeadLetterReason,
+        result: SendResult,
+        attempts: int,
     ) -> None:
         events = _live(events)
         if not events:

@@ -9,12 +9,14 @@ A record too large for its topic (the broker's or the client's size limit) is no
 stop: the caller's `on_too_large` writes a reference-only record instead (headers and
 provenance, no value). Any other refusal is fatal (`on_fatal`): these topics are where an event
 goes when it cannot go anywhere else, so the worker stops rather than lose it.
+
+The librdkafka settings are `worker.kafka.settings.producer_settings`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -22,48 +24,8 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from worker.errors import DeadLetterUnavailable
 
 POLL_INTERVAL_S: Final = 0.02
-# librdkafka refuses to produce anything over `message.max.bytes` (default 1 MB), but these
-# records carry the original message, which may be larger when the source topic allows it.
-# Let the broker (the target topic's max.message.bytes) be the judge instead.
-DEFAULT_MESSAGE_MAX_BYTES: Final = 64 * 1024 * 1024
-
-# Producer settings the worker relies on; user properties cannot weaken them.
-_SAFE_PRODUCER_SETTINGS: Final[dict[str, Any]] = {
-    "enable.idempotence": True,
-    "acks": "all",
-    "linger.ms": 20,
-    "compression.type": "lz4",
-    "message.timeout.ms": 60000,
-}
 
 Headers = Sequence[tuple[str, str | bytes | None]]
-
-
-def producer_config(
-    bootstrap_servers: str, client: Mapping[str, Any], *, suffix: str = "dlq"
-) -> dict[str, Any]:
-    """librdkafka producer settings: the user's client properties, then the safe ones."""
-    conf: dict[str, Any] = {
-        "bootstrap.servers": bootstrap_servers,
-        "message.max.bytes": DEFAULT_MESSAGE_MAX_BYTES,
-    }
-    conf.update({k: v for k, v in client.items() if not _consumer_only(k)})
-    conf.update(_SAFE_PRODUCER_SETTINGS)
-    conf["client.id"] = str(client.get("client.id", "tiktok-worker")) + "-" + suffix
-    return conf
-
-
-def _consumer_only(key: str) -> bool:
-    return key.startswith(("group.", "auto.offset", "enable.auto", "partition.assignment")) or (
-        key
-        in {
-            "session.timeout.ms",
-            "heartbeat.interval.ms",
-            "max.poll.interval.ms",
-            "fetch.min.bytes",
-            "isolation.level",
-        }
-    )
 
 
 def too_large(err: KafkaError) -> bool:

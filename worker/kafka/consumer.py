@@ -22,7 +22,9 @@ from typing import Any, Final, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from worker.kafka.offsets import TopicPartitionKey
+from worker.core.vocabulary import CommitResult, RebalanceKind
+from worker.kafka.settings import TopicPartitionKey
+from worker.observability.logs import Logger
 from worker.observability.metrics import Metrics
 
 CONSUME_TIMEOUT_S: Final = 0.1
@@ -31,45 +33,6 @@ CONSUME_TIMEOUT_S: Final = 0.1
 # this many batches (memory bound), while still overlapping consume and processing.
 MAX_UNPROCESSED_BATCHES: Final = 2
 HANDOFF_WAIT_S: Final = 0.05
-STATS_INTERVAL_MS: Final = 5000
-# Kubernetes defaults: a pod killed with -9 (an OOM kill) has its partitions moved after about
-# 10 s instead of librdkafka's 45 s; heartbeats at a third of it, as Kafka recommends. With
-# static membership (`group.instance.id`, see docs/configuration.md) a restarted pod that is
-# back within the session timeout gets its partitions back without a rebalance.
-SESSION_TIMEOUT_MS: Final = 10000
-HEARTBEAT_INTERVAL_MS: Final = 3000
-
-# Settings at-least-once depends on; user properties cannot override them.
-_FORCED_SETTINGS: Final[dict[str, Any]] = {
-    "enable.auto.commit": False,
-    "enable.auto.offset.store": False,
-    "partition.assignment.strategy": "cooperative-sticky",
-}
-
-
-def consumer_config(
-    *, bootstrap_servers: str, group_id: str, client: Mapping[str, Any]
-) -> dict[str, Any]:
-    """librdkafka consumer settings: defaults, the user's properties, then the forced ones."""
-    conf: dict[str, Any] = {
-        "bootstrap.servers": bootstrap_servers,
-        "group.id": group_id,
-        "auto.offset.reset": "earliest",
-        "client.id": "tiktok-worker",
-        "statistics.interval.ms": STATS_INTERVAL_MS,
-        "max.poll.interval.ms": 300000,
-        "session.timeout.ms": SESSION_TIMEOUT_MS,
-        "heartbeat.interval.ms": HEARTBEAT_INTERVAL_MS,
-        # librdkafka pre-fetches up to 64 MiB by default; 16 MiB keeps a pod's memory low
-        # without slowing consumption (the pipeline, not the fetch, is the bottleneck).
-        "queued.max.messages.kbytes": 16384,
-        # With the smaller queue librdkafka backs off 1 s whenever it fills; 20 ms keeps
-        # fetching close behind consumption (measured by `make bench`).
-        "fetch.queue.backoff.ms": 20,
-    }
-    conf.update(client)
-    conf.update(_FORCED_SETTINGS)
-    return conf
 
 
 class PauseSwitch:
@@ -112,7 +75,7 @@ class ConsumerThread:
         loop: asyncio.AbstractEventLoop,
         sink: ConsumerSink,
         metrics: Metrics,
-        log: Any,
+        log: Logger,
         drain_timeout_s: float,
         pause: PauseSwitch,
         batch_size: int = 2000,
@@ -261,9 +224,9 @@ class ConsumerThread:
                 asynchronous=False,
             )
         except KafkaException:
-            self._metrics.commits.labels(result="error").inc()
+            self._metrics.commits.labels(result=CommitResult.ERROR).inc()
             raise
-        self._metrics.commits.labels(result="ok").inc()
+        self._metrics.commits.labels(result=CommitResult.OK).inc()
         if self._source_gauges:
             self._metrics.last_commit_timestamp.set(time.time())
 
@@ -272,14 +235,14 @@ class ConsumerThread:
     def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
         self._assigned.update(keys)
-        self._metrics.rebalances.labels(kind="assign").inc()
+        self._metrics.rebalances.labels(kind=RebalanceKind.ASSIGN).inc()
         self._show()
         self._log.info("partitions assigned", partitions=_fmt(keys))
         self._call_on_loop(self._sink.on_assigned, keys)
 
     def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
-        self._metrics.rebalances.labels(kind="revoke").inc()
+        self._metrics.rebalances.labels(kind=RebalanceKind.REVOKE).inc()
         try:
             offsets = self._await_on_loop(self._sink.on_revoked(keys), self._drain_timeout_s + 5)
             self._commit(offsets)
@@ -291,7 +254,7 @@ class ConsumerThread:
 
     def _on_lost(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
-        self._metrics.rebalances.labels(kind="lost").inc()
+        self._metrics.rebalances.labels(kind=RebalanceKind.LOST).inc()
         self._log.warning("partitions lost", partitions=_fmt(keys))
         self._call_on_loop(self._sink.on_lost, keys)
         self._forget(keys)

@@ -16,7 +16,8 @@ import datetime as dt
 from collections.abc import Callable
 from typing import Any, Final
 
-from worker.kafka.acked import AckedProducer, omitted_headers, producer_config, short_key
+from worker.core.vocabulary import DeadLetterReason
+from worker.kafka.acked import AckedProducer, omitted_headers, short_key
 from worker.observability.metrics import Metrics
 
 __all__ = [
@@ -24,10 +25,10 @@ __all__ = [
     "REDRIVE_COUNT_HEADER",
     "DeadLetter",
     "DeadLetterProducer",
-    "producer_config",
 ]
 
 HEADER_PREFIX: Final = "dlq."
+# Header of letters written back by `dlq redrive` (without the prefix).
 REDRIVE_COUNT_HEADER: Final = "redrive.count"
 
 
@@ -52,7 +53,7 @@ class DeadLetter:
     def __init__(
         self,
         *,
-        reason: str,
+        reason: DeadLetterReason,
         error: str,
         original_topic: str,
         original_partition: int,

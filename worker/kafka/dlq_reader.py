@@ -35,13 +35,14 @@ from confluent_kafka.admin import AdminClient
 
 from worker.errors import WorkerError
 from worker.kafka.deadletters import HEADER_PREFIX, REDRIVE_COUNT_HEADER
+from worker.kafka.settings import admin_settings, reader_settings
 
 # No progress at all for this long while reading (broker gone, partition leaderless): give up
 # with a one-line error instead of hanging.
 DEFAULT_STALL_TIMEOUT_S: Final = 30.0
 METADATA_TIMEOUT_S: Final = 15.0
-
-# Header names without the `dlq.` prefix.
+# The `client.id` suffix of the dead-letter tools' clients (inspect, redrive, their readers).
+TOOLS_JOB: Final = "dlq-tools"
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,32 +137,6 @@ def parse_record(msg: Message) -> DeadLetterRecord:
         original_offset=_int_or_none(get("original.offset")),
         original_timestamp_ms=_int_or_none(get("original.timestamp")),
     )
-
-
-def reader_config(
-    bootstrap_servers: str, client: Mapping[str, Any], group_id: str
-) -> dict[str, Any]:
-    """Consumer settings for reading dead letters: the user's client properties (security),
-    then settings that make the reader commit nothing by itself and report partition ends."""
-    conf: dict[str, Any] = {"bootstrap.servers": bootstrap_servers}
-    conf.update(client)
-    conf.update(
-        {
-            "group.id": group_id,
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "auto.offset.reset": "earliest",
-            "enable.partition.eof": True,
-            "client.id": str(client.get("client.id", "tiktok-worker")) + "-dlq-tools",
-        }
-    )
-    return conf
-
-
-def admin_config(bootstrap_servers: str, client: Mapping[str, Any]) -> dict[str, Any]:
-    conf: dict[str, Any] = {"bootstrap.servers": bootstrap_servers}
-    conf.update(client)
-    return conf
 
 
 class BoundedReader:
@@ -337,7 +312,9 @@ def list_redrive_progress(
     """Committed offsets on `topic` of every consumer group whose id starts with
     `group_prefix`: {group id: {partition: next offset to read}}. Groups without commits on
     the topic are left out. Raises WorkerError if the groups cannot be listed."""
-    admin = AdminClient(admin_config(bootstrap_servers, client))
+    admin = AdminClient(
+        admin_settings(bootstrap_servers=bootstrap_servers, client=client, job=TOOLS_JOB)
+    )
     try:
         listing = _retrying(lambda: admin.list_consumer_groups(request_timeout=timeout_s).result())
     except KafkaException as exc:
@@ -370,7 +347,11 @@ def _group_offsets(
     Not `AdminClient.list_consumer_group_offsets`: librdkafka 2.16 aborts the process when
     the broker goes away during that request (found by the chaos suite).
     """
-    reader = Consumer(reader_config(bootstrap_servers, client, group))
+    reader = Consumer(
+        reader_settings(
+            bootstrap_servers=bootstrap_servers, group_id=group, client=client, job=TOOLS_JOB
+        )
+    )
     try:
         metadata = reader.list_topics(topic, timeout=timeout_s)
         partitions = [TopicPartition(topic, p) for p in metadata.topics[topic].partitions]

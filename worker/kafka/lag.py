@@ -44,38 +44,14 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 from prometheus_client import Gauge
 
+from worker.kafka.settings import TopicPartitionKey, admin_settings, reader_settings
+from worker.observability.logs import Logger
 from worker.observability.metrics import Metrics
-
-TopicPartitionKey = tuple[str, int]
 
 DEFAULT_INTERVAL_S: Final = 5.0
 _LATEST: Final = OffsetSpec.latest()  # type: ignore[no-untyped-call]
 _EARLIEST: Final = OffsetSpec.earliest()  # type: ignore[no-untyped-call]
 _LATEST_RESETS: Final = frozenset({"latest", "largest", "end"})
-# Client properties that only a consumer understands; an AdminClient warns about each.
-_CONSUMER_ONLY_PREFIXES: Final = (
-    "group.",
-    "fetch.",
-    "auto.",
-    "enable.auto.",
-    "queued.",
-    "partition.assignment",
-    "coordinator.",
-)
-_CONSUMER_ONLY_KEYS: Final = frozenset(
-    {
-        "session.timeout.ms",
-        "heartbeat.interval.ms",
-        "max.poll.interval.ms",
-        "isolation.level",
-        "enable.partition.eof",
-        "check.crcs",
-        "max.partition.fetch.bytes",
-        "offset.store.method",
-        "consume.callback.max.messages",
-        "statistics.interval.ms",
-    }
-)
 
 
 def compute_lag(*, latest: int, earliest: int, committed: int | None, reset_to_latest: bool) -> int:
@@ -83,24 +59,6 @@ def compute_lag(*, latest: int, earliest: int, committed: int | None, reset_to_l
     if committed is None or committed < 0:
         return 0 if reset_to_latest else max(0, latest - earliest)
     return max(0, latest - min(max(committed, earliest), latest))
-
-
-def admin_config(
-    *, bootstrap_servers: str, client: Mapping[str, Any], logger: logging.Logger | None = None
-) -> dict[str, Any]:
-    """AdminClient settings: the user's client properties (security, ...) minus consumer ones."""
-    conf: dict[str, Any] = {"bootstrap.servers": bootstrap_servers}
-    conf.update(
-        {
-            k: v
-            for k, v in client.items()
-            if not k.startswith(_CONSUMER_ONLY_PREFIXES) and k not in _CONSUMER_ONLY_KEYS
-        }
-    )
-    conf["client.id"] = str(client.get("client.id", "tiktok-worker")) + "-lag"
-    if logger is not None:
-        conf["logger"] = logger
-    return conf
 
 
 class LagMonitor:
@@ -120,7 +78,7 @@ class LagMonitor:
         group_id: str,
         partitions: Callable[[], Iterable[TopicPartitionKey]],
         metrics: Metrics,
-        log: Any,
+        log: Logger,
         interval_s: float = DEFAULT_INTERVAL_S,
         timeout_s: float | None = None,
         reset_to_latest: bool = False,
@@ -153,30 +111,33 @@ class LagMonitor:
         client: Mapping[str, Any],
         partitions: Callable[[], Iterable[TopicPartitionKey]],
         metrics: Metrics,
-        log: Any,
+        log: Logger,
         logger: logging.Logger | None = None,
         interval_s: float = DEFAULT_INTERVAL_S,
         gauge: Gauge | None = None,
+        start_from: str = "earliest",
     ) -> LagMonitor:
-        """A monitor whose reset and isolation rules match a consumer built from `client`."""
-        reset = str(client.get("auto.offset.reset", "earliest")).lower()
+        """A monitor whose reset and isolation rules match a consumer built from `client`
+        and `start_from` (kafka.start_from)."""
+        reset = start_from
         isolation = str(client.get("isolation.level", "read_committed")).lower()
         admin = AdminClient(
-            admin_config(bootstrap_servers=bootstrap_servers, client=client, logger=logger)
+            admin_settings(
+                bootstrap_servers=bootstrap_servers, client=client, job="lag", logger=logger
+            )
         )
-        reader_conf: dict[str, Any] = {"bootstrap.servers": bootstrap_servers, **client}
-        reader_conf.update(
-            {
-                "group.id": group_id,
-                "enable.auto.commit": False,
-                "client.id": str(client.get("client.id", "tiktok-worker")) + "-lag-offsets",
-            }
+        reader = Consumer(
+            reader_settings(
+                bootstrap_servers=bootstrap_servers,
+                group_id=group_id,
+                client=client,
+                job="lag-offsets",
+                logger=logger,
+            )
         )
-        if logger is not None:
-            reader_conf["logger"] = logger
         return cls(
             admin=admin,
-            offsets_reader=Consumer(reader_conf),
+            offsets_reader=reader,
             group_id=group_id,
             partitions=partitions,
             metrics=metrics,

@@ -14,6 +14,8 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 
+from worker.kafka.settings import TopicPartitionKey
+
 
 class PartitionTracker:
     """Tracks in-flight offsets of one assigned partition (one assignment generation)."""
@@ -71,9 +73,6 @@ class PartitionTracker:
         """Record that ``offset`` was committed (commits may complete out of order)."""
         if self._committed is None or offset > self._committed:
             self._committed = offset
-
-
-TopicPartitionKey = tuple[str, int]
 
 
 class OffsetLedger:

@@ -12,25 +12,36 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
-from worker.config import Config
+from worker.config import Config, librdkafka_error
 from worker.errors import ConfigError, WorkerError
-from worker.kafka.acked import producer_config
 from worker.kafka.parking import PROBE_HEADER
-from worker.observability.logs import kafka_logger
+from worker.kafka.settings import preflight_settings, producer_settings
+from worker.observability.logs import Logger, kafka_logger
 
 PREFLIGHT_TIMEOUT_S = 15.0
 
 
-def preflight(config: Config, *, retry_topic: bool = False) -> None:
+def preflight(config: Config, log: Logger | None = None, *, retry_topic: bool = False) -> None:
     """Fail fast, in one line, when Kafka is unreachable or the dead-letter topic is missing
-    (with `retry_topic`: or the retry topic is missing or refuses a write)."""
-    conf: dict[str, Any] = {"bootstrap.servers": config.kafka.bootstrap_servers}
-    conf.update(config.kafka.client)
-    conf["logger"] = kafka_logger()  # never polled: librdkafka's retries stay off stderr
+    (with `retry_topic`: or the retry topic is missing or refuses a write).
+    With `log`, say what is being waited for: an unreachable Kafka takes up to
+    PREFLIGHT_TIMEOUT_S to give up."""
+    conf = preflight_settings(
+        bootstrap_servers=config.kafka.bootstrap_servers,
+        client=config.kafka.client,
+        logger=kafka_logger(),  # never polled: librdkafka's retries stay off stderr
+    )
     try:
         admin = AdminClient(conf)
     except KafkaException as exc:  # a property librdkafka refuses: a configuration error
-        raise ConfigError(f"kafka.client: {exc.args[0].str()}") from None
+        raise ConfigError(librdkafka_error(exc.args[0].str(), config.kafka.client)) from None
+    if log is not None:
+        log.info(
+            "waiting for Kafka",
+            bootstrap_servers=config.kafka.bootstrap_servers,
+            dead_letter_topic=config.kafka.dead_letter_topic,
+            timeout_s=PREFLIGHT_TIMEOUT_S,
+        )
     try:
         metadata = admin.list_topics(timeout=PREFLIGHT_TIMEOUT_S)
     except KafkaException as exc:
@@ -55,8 +66,12 @@ def _check_retry_topic(config: Config, metadata: Any) -> None:
             f"retry topic {topic!r} does not exist on {kafka.bootstrap_servers}: "
             "create it before starting the worker (kafka.retry_topic)"
         )
-    conf = producer_config(kafka.bootstrap_servers, kafka.client, suffix="preflight")
-    conf["logger"] = kafka_logger()
+    conf = producer_settings(
+        bootstrap_servers=kafka.bootstrap_servers,
+        client=kafka.client,
+        logger=kafka_logger(),
+        job="preflight",
+    )
     conf["message.timeout.ms"] = int(PREFLIGHT_TIMEOUT_S * 1000)
     producer = Producer(conf)
     outcome: list[KafkaError | None] = []

@@ -17,7 +17,6 @@ from typing import Final
 import msgspec
 
 __all__ = [
-    "EVENT_TRACK_PATH",
     "BatchKey",
     "EventOut",
     "Lead",
@@ -27,8 +26,6 @@ __all__ = [
     "encode_event",
 ]
 
-EVENT_TRACK_PATH: Final = "/open_api/v1.3/event/track/"
-
 
 class BatchKey(msgspec.Struct, frozen=True):
     """What one request has in common: events with equal keys may share a request.
@@ -37,7 +34,7 @@ class BatchKey(msgspec.Struct, frozen=True):
     """
 
     destination: str
-    pixel_code: str
+    event_source_id: str  # pixel code (web, crm), event set id (offline) or TikTok app id
     event_source: str = "web"
     test_event_code: str | None = None
     partner_name: str | None = "Segment"
@@ -97,17 +94,22 @@ _ENCODER: Final = msgspec.json.Encoder()
 _encode = _ENCODER.encode
 
 
-def encode_event(event: EventOut) -> bytes:
-    """Encode one `data[]` element with the shared encoder."""
+def encode_event(event: msgspec.Struct) -> bytes:
+    """Encode one `data[]` element (of any event source) with the shared encoder."""
     return _encode(event)
 
 
 @lru_cache(maxsize=256)
 def _prefix(key: BatchKey) -> bytes:
-    head: dict[str, str] = {"event_source": key.event_source, "event_source_id": key.pixel_code}
+    head: dict[str, str] = {
+        "event_source": key.event_source,
+        "event_source_id": key.event_source_id,
+    }
     if key.partner_name:
         head["partner_name"] = key.partner_name
-    if key.test_event_code:
+    # Offline carries its test code inside each `data[]` element (Segment's offline action
+    # does); the key still holds it so that test and live events never share a request.
+    if key.test_event_code and key.event_source != "offline":
         head["test_event_code"] = key.test_event_code
     encoded = _encode(head)
     return encoded[:-1] + b',"data":['

@@ -8,7 +8,7 @@ Contract of `Mapper.map_message(value)`:
 - an outcome carries the TikTok events it produced (`mapped`, one per matching
   (destination, subscription)), the failures (`invalid`, with `destination=None` when the
   event is bad for everyone, or the destination whose mapping failed), and `skipped` (a
-  `worker.observability.metrics.SKIP_REASONS` value) only when nothing was mapped and nothing
+  `SkipReason`) only when nothing was mapped and nothing
   was invalid;
 - error texts name a path and an expectation, never a value: no PII, no token.
 
@@ -16,6 +16,11 @@ Mapping follows Segment's Report Web Event action (docs/segment-tiktok-destinati
 field defaults with `@if exists` fallbacks, removal of null and top-level "", Ajv-style
 coercion, enum checks, then the body builder's rules (which keys are always present, which
 only when truthy), ttclid resolution and PII hashing (worker.mapping.hashing).
+
+Offline and app destinations (SPEC §3 "Event sources") follow Segment's Report Offline Event
+and Report App Event actions instead: their plans live in worker.mapping.plan_offline and
+plan_app, with field tables, presets and start-up checks per source (worker.mapping.sources);
+crm is the web action with `event_source: crm` as the default.
 
 Speed (the hot path of the worker): field reads are generated code, one straight-line
 function per plan (worker.mapping.codegen); work shared between subscriptions and destinations is
@@ -28,19 +33,17 @@ whose trigger is only `event = "X"` / `type = "Y"` are routed by one dict lookup
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from typing import Any, Final, Protocol
-from urllib.parse import parse_qsl
 
 import msgspec
 
+from worker.core.vocabulary import DeadLetterReason, SkipReason
 from worker.errors import ConfigError
 from worker.mapping.body import BatchKey, EventOut, Lead, PageOut, UserOut, encode_event
-from worker.mapping.codegen import Checker, Spec, compile_extractor, compile_function
+from worker.mapping.codegen import Spec, compile_function
 from worker.mapping.coerce import Uncoercible, coerce, coerce_list, js_number_str, json_kind
 from worker.mapping.fields import (
     CONTENTS_ITEM_FIELDS,
@@ -60,7 +63,16 @@ from worker.mapping.hashing import (
     hash_phone,
 )
 from worker.mapping.paths import MISSING, compile_item_getter, parse_mapping_path
+from worker.mapping.plan_app import AppPlan
+from worker.mapping.plan_offline import OfflinePlan
 from worker.mapping.presets import preset_names, presets_for
+from worker.mapping.reading import FieldError as _FieldError
+from worker.mapping.reading import Finisher, SourcePlan
+from worker.mapping.reading import checker as _checker
+from worker.mapping.reading import extractor as _extractor
+from worker.mapping.reading import spec as _spec
+from worker.mapping.reading import timestamp_seconds as _timestamp_seconds
+from worker.mapping.reading import url_ttclid as _url_ttclid
 from worker.mapping.segment import (
     EVENT_TYPES,
     DecodeFailure,
@@ -68,11 +80,11 @@ from worker.mapping.segment import (
     decode_event,
     split_message,
 )
+from worker.mapping.sources import check_subscription, fields_for
 from worker.mapping.spec import DestinationConfig, LiteralValue, SubscriptionConfig
 from worker.mapping.triggers import Trigger, TriggerSyntaxError, parse_trigger
 
 __all__ = [
-    "INVALID_REASONS",
     "EventOutcome",
     "InvalidEvent",
     "MappedEvent",
@@ -80,7 +92,6 @@ __all__ = [
     "compile_subscription_mapping",
 ]
 
-INVALID_REASONS: Final = ("decode_error", "invalid_event", "event_too_large")
 _UNSET: Final = msgspec.UNSET
 _encode_event: Final = encode_event
 
@@ -88,7 +99,7 @@ _encode_event: Final = encode_event
 class InvalidEvent(msgspec.Struct, frozen=True):
     """Why an event cannot be sent. `destination` is None when it is bad for everyone."""
 
-    reason: str  # decode_error | invalid_event | event_too_large
+    reason: DeadLetterReason  # one of INVALID_REASONS
     error: str  # a path and an expectation; never a value from the event
     destination: str | None = None
 
@@ -113,82 +124,7 @@ class EventOutcome(msgspec.Struct):
     message_id: str | None
     mapped: list[MappedEvent]
     invalid: list[InvalidEvent]
-    skipped: str | None
-
-
-class _FieldError(Exception):
-    """A mapped value that cannot be used; `text` is the InvalidEvent error."""
-
-    def __init__(self, field: str, source: Source, reason: str) -> None:
-        where = source.text() if source is not None else "unmapped"
-        self.text = f"{field} ({where}): {reason}"
-        super().__init__(self.text)
-
-
-# --------------------------------------------------------------------------- fields
-
-
-def _checker(fd: FieldDef, source: Source) -> Checker:
-    """Present raw value -> coerced value, None for a top-level "", or _FieldError."""
-    kind, enum, nested = fd.kind, fd.enum, fd.nested
-    name = fd.name
-
-    def fail(reason: str) -> _FieldError:
-        return _FieldError(name, source, reason)
-
-    if fd.multi:
-
-        def check_list(v: Any) -> Any:
-            if not nested and v == "":
-                return None
-            try:
-                out = coerce_list(v, kind)
-            except Uncoercible as exc:
-                raise fail(str(exc)) from None
-            if enum is not None and any(x not in enum for x in out):
-                raise fail(f"not one of {', '.join(enum)}")
-            return out
-
-        return check_list
-
-    def check(v: Any) -> Any:
-        if not nested and v == "":
-            return None
-        try:
-            out = coerce(v, kind)
-        except Uncoercible as exc:
-            raise fail(str(exc)) from None
-        if enum is not None and out not in enum:
-            raise fail(f"not one of {', '.join(enum)}")
-        return out
-
-    return check
-
-
-def _spec(fd: FieldDef, source: Source) -> Spec:
-    """How the generated code reads one field (see worker.mapping.codegen.Spec)."""
-    check = _checker(fd, source)
-    string = fd.kind == "string" and fd.enum is None
-    if string and fd.multi and not fd.nested:
-        mode = "multi_string"
-    elif string and not fd.multi:
-        mode = "nested" if fd.nested else "plain"
-    else:
-        mode = "check"
-    if source is None:
-        return (None, None, check, mode)
-    if isinstance(source, Const):
-        # Literals were validated at load: coerce once here, not per event.
-        value = check(source.value) if source.value is not None else None
-        return (None, value, None, mode)
-    return (source.candidates, None, check, mode)
-
-
-def _extractor(
-    defs: Sequence[FieldDef], sources: dict[str, Source]
-) -> Callable[[SegmentEvent], tuple[Any, ...]]:
-    """One generated function reading `defs` (in order) with their mapped sources."""
-    return compile_extractor([_spec(fd, sources[fd.name]) for fd in defs])
+    skipped: SkipReason | None
 
 
 # --------------------------------------------------------------------------- overrides
@@ -217,21 +153,28 @@ def _parse_source(fd_name: str, raw: Any, where: str) -> Source:
     return Paths(tuple(candidates))
 
 
-def compile_subscription_mapping(sub: SubscriptionConfig, *, where: str) -> dict[str, Source]:
+def compile_subscription_mapping(
+    sub: SubscriptionConfig, event_source: str = "web", *, where: str
+) -> dict[str, Source]:
     """Validate a subscription's `mapping` overrides and return them as Sources.
 
-    Keys are field names (worker.mapping.fields), plus `contents` (the path of the items: an object
-    is one item, an array is many). Literals are checked against the field's type and enum.
+    Keys are the field names of the destination's event `source` (worker.mapping.sources),
+    plus `contents` (the path of the items: an object is one item, an array is many). Literals
+    are checked against the field's type and enum.
     """
+    fields = fields_for(event_source)
     out: dict[str, Source] = {}
     for key, raw in sub.mapping.items():
         kwhere = f"{where}.{key}"
         if key == "contents":
             out[key] = _parse_source(key, raw, kwhere)
             continue
-        fd = FIELDS.get(key)
+        fd = fields.get(key)
         if fd is None:
-            raise ConfigError(f"{kwhere}: unknown field (see docs/configuration.md, Fields)")
+            raise ConfigError(
+                f"{kwhere}: unknown field for event_source {event_source} "
+                "(see docs/configuration.md, Fields)"
+            )
         source = _parse_source(key, raw, kwhere)
         if isinstance(source, Const):
             _check_literal(fd, source, kwhere)
@@ -272,54 +215,6 @@ _PROPERTY_FIELDS: Final = (
 _PLAN_FIELDS: Final = tuple(
     n for n in FIELDS if not n.startswith(("contents.", "travel_fields.", "vehicle_fields."))
 )
-
-
-def _timestamp_seconds(value: str) -> int | None:
-    """Unix seconds (floor) of an ISO-8601 date-time; a value without offset is UTC."""
-    try:
-        dt = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    try:
-        return math.floor(dt.timestamp())  # a float is exact to the microsecond here
-    except (OverflowError, ValueError, OSError):  # pragma: no cover - edges of the range
-        return None
-
-
-_SCHEME_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
-_HOST_SCHEMES: Final = frozenset(("http", "https", "ws", "wss", "ftp"))
-
-
-def _url_ttclid(url: str) -> str | None:
-    """The first `ttclid` query parameter of an absolute URL ("" if present but empty).
-
-    A relative or invalid URL is ignored, as Segment's `new URL(...)` ignores it; the query
-    is decoded like URLSearchParams (`+` is a space, percent-escapes are UTF-8)."""
-    if "?" not in url:
-        return None
-    m = _SCHEME_RE.match(url)
-    if m is None:
-        return None
-    scheme = url[: m.end() - 1].lower()
-    if scheme in _HOST_SCHEMES:
-        rest = url[m.end() :]
-        if not rest.startswith("//") or rest[2:3] in ("", "/", "?", "#"):
-            return None
-    query = url.partition("#")[0].partition("?")[2]
-    if "%" in query or "+" in query:
-        for name, value in parse_qsl(query, keep_blank_values=True):
-            if name == "ttclid":
-                return value
-        return None
-    if "ttclid" not in query:
-        return None
-    for pair in query.split("&"):
-        name, _, value = pair.partition("=")
-        if name == "ttclid":
-            return value
-    return None
 
 
 _VEHICLE_SPECIAL: Final = frozenset(
@@ -404,7 +299,12 @@ _EVALUATE_TAIL: Final = """\
             _travel(event, props)
         elif f_event_spec_type == "vehicle_fields":
             _vehicle(event, props)
-    lead = _lead(event) if event_source == "crm" else _UNSET
+    if event_source == "crm":
+        lead = _lead(event)
+        if lead is _UNSET:
+            raise _lead_error()
+    else:
+        lead = _UNSET
     return _Common(
         user,
         region,
@@ -501,6 +401,13 @@ class _Plan:
         def ts_error() -> _FieldError:
             return _FieldError("timestamp", ts_source, "not an ISO-8601 date-time")
 
+        lead_source = sources["lead_fields.lead_id"]
+
+        def lead_error() -> _FieldError:
+            # TikTok requires lead.lead_id for CRM events; Segment would send the event
+            # without `lead` and have it refused.
+            return _FieldError("lead_fields.lead_id", lead_source, "required for event_source crm")
+
         properties = "\n".join(
             f"    if {_var(n)} is not None:\n        props[{n!r}] = {_var(n)}"
             for n in _PROPERTY_FIELDS
@@ -516,6 +423,7 @@ class _Plan:
                     "_floor": math.floor,
                     "_ts": _timestamp_seconds,
                     "_ts_error": ts_error,
+                    "_lead_error": lead_error,
                     "_hp": hash_phone,
                     "_he": hash_email,
                     "_hx": hash_external_id,
@@ -632,9 +540,11 @@ class _Sub:
     name: str
     event: str
     trigger: Trigger
-    plan: _Plan
+    plan: _Plan | SourcePlan
     contents: ContentsFn
     routing_only: bool  # the (type, event) routing already proves the trigger
+    # offline and app: builds the `data[]` element (None: web and crm, built inline below)
+    finish: Finisher | None = None
 
 
 class _Destination:
@@ -650,7 +560,7 @@ class _Destination:
         partner_name: str | None,
     ) -> None:
         self.name = dest.name
-        self.pixel_code = dest.pixel_code
+        self.event_source_id = dest.event_source_id
         self.test_event_code = dest.test_event_code or None
         self.region = dest.phone_default_region
         self.partner_name = partner_name
@@ -682,7 +592,7 @@ class _Destination:
         if k is None:
             k = BatchKey(
                 destination=self.name,
-                pixel_code=self.pixel_code,
+                event_source_id=self.event_source_id,
                 event_source=event_source,
                 test_event_code=code,
                 partner_name=self.partner_name,
@@ -691,8 +601,18 @@ class _Destination:
         return k
 
 
-def _default_sources() -> dict[str, Source]:
-    return {name: fd.default for name, fd in FIELDS.items()}
+def _source_plan(kind: str, sources: dict[str, Source]) -> SourcePlan:
+    return OfflinePlan(sources) if kind == "offline" else AppPlan(sources)
+
+
+def _default_sources(source: str) -> dict[str, Source]:
+    out = {name: fd.default for name, fd in fields_for(source).items()}
+    if source == "crm":
+        out["event_source"] = _CRM  # the web action with event_source crm (SPEC §3)
+    return out
+
+
+_CRM: Final = Const("crm", b"'crm'")
 
 
 class _PartnerSettings(Protocol):
@@ -728,18 +648,21 @@ class Mapper:
         """Compile every destination once; a bad trigger, duplicate subscription name or mapping
         override raises `ConfigError` naming its key path (`destinations[0].when: ...`)."""
         self._now = now
-        plans: dict[tuple[Any, ...], _Plan] = {}
+        plans: dict[tuple[Any, ...], _Plan | SourcePlan] = {}
         contents_fns: dict[tuple[Any, ...], ContentsFn] = {}
         self._destinations: list[_Destination] = []
         for i, dest in enumerate(config.destinations):
             where = f"destinations[{i}]"
             when = _compile_trigger(dest.when, f"{where}.when") if dest.when is not None else None
             subs: list[_Sub] = []
+            source = dest.event_source
+            # web and crm are one action (Report Web Event); offline and app have their own.
+            kind = "web" if source in ("web", "crm") else source
             specs: list[tuple[str, Trigger, str, str, dict[str, Source]]] = [
                 (p.name, parse_trigger(p.trigger), p.event, p.contents, {})
-                for p in presets_for(dest.presets)
+                for p in presets_for(dest.presets, source)
             ]
-            names = set(preset_names(dest.presets))
+            names = set(preset_names(dest.presets, source))
             for j, sub in enumerate(dest.subscriptions):
                 swhere = f"{where}.subscriptions[{j}]"
                 if sub.name in names:
@@ -749,17 +672,20 @@ class Mapper:
                     )
                 names.add(sub.name)
                 trigger = _compile_trigger(sub.trigger, f"{swhere}.trigger")
-                overrides = compile_subscription_mapping(sub, where=f"{swhere}.mapping")
+                overrides = compile_subscription_mapping(sub, source, where=f"{swhere}.mapping")
+                check_subscription(source, sub, where=swhere)
                 specs.append((sub.name, trigger, sub.event, sub.contents, overrides))
             for order, (name, compiled, event, contents, overrides) in enumerate(specs):
-                sources = _default_sources()
+                sources = _default_sources(source)
                 sources.update({k: v for k, v in overrides.items() if k != "contents"})
                 # Destinations with the same mapping share a plan, so an event is mapped
                 # and hashed once however many destinations it goes to.
-                plan_key = tuple(sorted((k, _source_key(v)) for k, v in sources.items()))
+                plan_key = (kind, *sorted((k, _source_key(v)) for k, v in sources.items()))
                 plan = plans.get(plan_key)
                 if plan is None:
-                    plan = plans[plan_key] = _Plan(sources)
+                    plan = plans[plan_key] = (
+                        _Plan(sources) if kind == "web" else _source_plan(kind, sources)
+                    )
                 csource = (
                     overrides["contents"]
                     if "contents" in overrides
@@ -770,7 +696,12 @@ class Mapper:
                 cfn = contents_fns.get(ckey)
                 if cfn is None:
                     cfn = contents_fns[ckey] = _compile_contents(csource, items)
-                subs.append(_Sub(order, name, event, compiled, plan, cfn, compiled.routing_only))
+                finish = (
+                    plan.finisher(event, csource, items) if not isinstance(plan, _Plan) else None
+                )
+                subs.append(
+                    _Sub(order, name, event, compiled, plan, cfn, compiled.routing_only, finish)
+                )
             self._destinations.append(_Destination(dest, when, subs, config.tiktok.partner_name))
 
     # -- public API ---------------------------------------------------------------------
@@ -784,23 +715,20 @@ class Mapper:
             except DecodeFailure as exc:
                 return [_failed(0, False, value, exc.reason, exc.error)]
             except Exception as exc:  # defensive, as below
-                return [
-                    _failed(0, False, value, "decode_error", f"unreadable: {type(exc).__name__}")
-                ]
+                return [_unreadable(0, False, value, exc)]
             try:
                 return [self.map_event(event, raw=value)]
             except Exception as exc:  # defensive: a mapper bug must not stop the partition
-                error = f"internal mapping error: {type(exc).__name__}"
-                return [_failed(0, False, value, "invalid_event", error)]
+                return [_internal_error(0, False, value, exc)]
         raw = value if value is not None else b""
         try:
             items = split_message(value)
         except DecodeFailure as exc:
             return [_failed(0, False, raw, exc.reason, exc.error)]
         except Exception as exc:  # defensive: framing must not take the worker down
-            return [_failed(0, False, raw, "decode_error", f"unreadable: {type(exc).__name__}")]
+            return [_unreadable(0, False, raw, exc)]
         if not items:
-            return [EventOutcome(0, True, raw, None, [], [], "no_match")]
+            return [EventOutcome(0, True, raw, None, [], [], SkipReason.NO_MATCH)]
         return [self._map_item(item.index, item.multi, item.raw) for item in items]
 
     def map_event(
@@ -822,7 +750,7 @@ class Mapper:
                 self._map_subscription(dest, sub, event, memo, mapped, invalid)
         mid = event.message_id
         message_id = mid if type(mid) is str else _message_id(event)
-        skipped = None if mapped or invalid else "no_match"
+        skipped = None if mapped or invalid else SkipReason.NO_MATCH
         return EventOutcome(index, multi, raw, message_id, mapped, invalid, skipped)
 
     # -- internals ----------------------------------------------------------------------
@@ -833,13 +761,11 @@ class Mapper:
         except DecodeFailure as exc:
             return _failed(index, multi, raw, exc.reason, exc.error)
         except Exception as exc:  # defensive: decoding must not take the worker down
-            return _failed(index, multi, raw, "decode_error", f"unreadable: {type(exc).__name__}")
+            return _unreadable(index, multi, raw, exc)
         try:
             return self.map_event(event, index=index, multi=multi, raw=raw)
         except Exception as exc:  # defensive: a mapper bug must not stop the partition
-            return _failed(
-                index, multi, raw, "invalid_event", f"internal mapping error: {type(exc).__name__}"
-            )
+            return _internal_error(index, multi, raw, exc)
 
     def _map_subscription(
         self,
@@ -850,7 +776,11 @@ class Mapper:
         mapped: list[MappedEvent],
         invalid: list[InvalidEvent],
     ) -> None:
-        plan = sub.plan
+        if sub.finish is not None:
+            self._map_source_subscription(dest, sub, event, memo, mapped, invalid)
+            return
+        # Web and crm subscriptions (no `finish`) always hold a _Plan; no runtime check here.
+        plan: _Plan = sub.plan  # type: ignore[assignment]
         common: _Common | _FieldError | None = memo.get(id(plan))
         if common is None:
             try:
@@ -869,7 +799,7 @@ class Mapper:
         if isinstance(common, _FieldError) or isinstance(contents, _FieldError):
             error = common if isinstance(common, _FieldError) else contents
             assert isinstance(error, _FieldError)
-            failure = InvalidEvent("invalid_event", error.text, dest.name)
+            failure = InvalidEvent(DeadLetterReason.INVALID_EVENT, error.text, dest.name)
             if failure not in invalid:
                 invalid.append(failure)
             return
@@ -901,6 +831,57 @@ class Mapper:
             key = dest.key(common.event_source, common.test_event_code)
         mapped.append(MappedEvent(dest.name, sub.name, sub.event, key, event_id, payload))
 
+    def _map_source_subscription(
+        self,
+        dest: _Destination,
+        sub: _Sub,
+        event: SegmentEvent,
+        memo: dict[Any, Any],
+        mapped: list[MappedEvent],
+        invalid: list[InvalidEvent],
+    ) -> None:
+        """`_map_subscription` for offline and app: the plan evaluates, `finish` encodes."""
+        plan, finish, region = sub.plan, sub.finish, dest.region
+        assert finish is not None
+        assert not isinstance(plan, _Plan)
+        common_key = (id(plan), region)  # phones are hashed for the destination's region
+        common = memo.get(common_key)
+        if common is None:
+            try:
+                common = plan.evaluate(event, self._now, region)
+            except _FieldError as exc:
+                common = exc
+            memo[common_key] = common
+        contents_fn = sub.contents
+        contents = memo.get(id(contents_fn))
+        if contents is None:
+            try:
+                contents = contents_fn(event)
+            except _FieldError as exc:
+                contents = exc
+            memo[id(contents_fn)] = contents
+        payload: bytes | _FieldError | None = None
+        if not isinstance(common, _FieldError) and not isinstance(contents, _FieldError):
+            code = dest.test_event_code
+            payload_key = (id(plan), id(contents_fn), id(finish), region, code)
+            payload = memo.get(payload_key)
+            if payload is None:
+                try:
+                    payload = finish(common, contents, code)
+                except _FieldError as exc:
+                    payload = exc
+                memo[payload_key] = payload
+        for x in (common, contents, payload):
+            if isinstance(x, _FieldError):
+                failure = InvalidEvent(DeadLetterReason.INVALID_EVENT, x.text, dest.name)
+                if failure not in invalid:
+                    invalid.append(failure)
+                return
+        assert isinstance(payload, bytes)
+        assert not isinstance(common, _FieldError)
+        key = dest.key(common.event_source, common.test_event_code)
+        mapped.append(MappedEvent(dest.name, sub.name, sub.event, key, common.event_id, payload))
+
 
 def _source_key(source: Source) -> Any:
     if source is None:
@@ -910,7 +891,9 @@ def _source_key(source: Source) -> Any:
     return ("paths", source.candidates)
 
 
-def _failed(index: int, multi: bool, raw: bytes, reason: str, error: str) -> EventOutcome:
+def _failed(
+    index: int, multi: bool, raw: bytes, reason: DeadLetterReason, error: str
+) -> EventOutcome:
     return EventOutcome(index, multi, raw, None, [], [InvalidEvent(reason, error)], None)
 
 
@@ -921,3 +904,14 @@ def _message_id(event: SegmentEvent) -> str | None:
     if type(mid) is int or type(mid) is float:
         return js_number_str(mid)
     return None
+
+
+def _unreadable(index: int, multi: bool, raw: bytes, exc: Exception) -> EventOutcome:
+    return _failed(
+        index, multi, raw, DeadLetterReason.DECODE_ERROR, f"unreadable: {type(exc).__name__}"
+    )
+
+
+def _internal_error(index: int, multi: bool, raw: bytes, exc: Exception) -> EventOutcome:
+    error = f"internal mapping error: {type(exc).__name__}"
+    return _failed(index, multi, raw, DeadLetterReason.INVALID_EVENT, error)

@@ -9,6 +9,14 @@
 - `none`: nothing; only custom subscriptions.
 
 Every preset uses all field defaults (worker.mapping.fields) plus a fixed TikTok event name.
+
+Per event source (SPEC §3 "Event sources"; docs/tiktok-offline-app.md §1.2, §2.2):
+- `web`: the sets above;
+- `crm`: no presets (Segment has none; CRM events take custom names), whatever the set;
+- `offline`: Segment's 15 offline presets, whose triggers, names and contents are the web
+  ones; `documented` means the same as `all`;
+- `app`: Segment's 11 app presets (`Purchase`, `Checkout`, `LaunchAPP`, ...); `documented`
+  means the same as `all`.
 """
 
 from __future__ import annotations
@@ -53,17 +61,40 @@ _ALL: Final = (
     Preset("Complete Registration", 'event = "Signed Up"', "CompleteRegistration", "none"),
 )
 
+_APP: Final = (
+    Preset("Complete payment", 'event = "Order Completed"', "Purchase", "multi"),
+    Preset("Add payment information", 'event = "Payment Info Entered"', "AddPaymentInfo", "multi"),
+    Preset("Place an order", 'event = "Checkout Started"', "Checkout", "multi"),
+    Preset("Search", 'event = "Products Searched"', "Search", "none"),
+    Preset("View details", 'event = "Product Viewed"', "ViewContent", "single"),
+    Preset("Add to cart", 'event = "Product Added"', "AddToCart", "single"),
+    Preset("Add to wishlist", 'event = "Product Added to Wishlist"', "AddToWishlist", "single"),
+    Preset("Install the app", 'event = "Application Installed"', "InstallApp", "none"),
+    Preset("Launch the app", 'event = "Application Opened"', "LaunchAPP", "none"),
+    Preset("Log in successfully", 'event = "Signed In"', "Login", "none"),
+    Preset("Complete the registration", 'event = "Signed Up"', "Registration", "none"),
+)
+
 PRESET_SETS: Final[dict[str, tuple[Preset, ...]]] = {
     "documented": _DOCUMENTED,
     "all": _ALL,
     "none": (),
 }
 
+# (event source, set name) -> presets; web uses PRESET_SETS.
+_SOURCE_SETS: Final[dict[str, dict[str, tuple[Preset, ...]]]] = {
+    "web": PRESET_SETS,
+    "crm": {"documented": (), "all": (), "none": ()},
+    "offline": {"documented": _ALL, "all": _ALL, "none": ()},
+    "app": {"documented": _APP, "all": _APP, "none": ()},
+}
 
-def presets_for(name: str) -> tuple[Preset, ...]:
-    """The presets of set `name` (documented | all | none), in evaluation order."""
-    return PRESET_SETS[name]
+
+def presets_for(name: str, source: str = "web") -> tuple[Preset, ...]:
+    """The presets of set `name` (documented | all | none) for event source `source`, in
+    evaluation order."""
+    return _SOURCE_SETS[source][name]
 
 
-def preset_names(name: str) -> tuple[str, ...]:
-    return tuple(p.name for p in PRESET_SETS[name])
+def preset_names(name: str, source: str = "web") -> tuple[str, ...]:
+    return tuple(p.name for p in presets_for(name, source))

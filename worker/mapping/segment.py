@@ -16,6 +16,9 @@ from typing import Any, Final
 
 import msgspec
 
+from worker.core.msgspec_errors import ErrorKind, parse_validation_message
+from worker.core.vocabulary import DeadLetterReason
+
 __all__ = [
     "EVENT_TYPES",
     "MAX_EVENT_BYTES",
@@ -120,11 +123,11 @@ def event_type(event: SegmentEvent) -> str:
 class DecodeFailure(Exception):
     """An event (or a whole message) that cannot be used.
 
-    `reason` is a dead-letter reason (`decode_error`, `invalid_event`, `event_too_large`);
+    `reason` is one of the mapper's dead-letter reasons (`INVALID_REASONS`);
     `error` is short text naming a JSON path and an expectation, never a value from the input.
     """
 
-    def __init__(self, reason: str, error: str) -> None:
+    def __init__(self, reason: DeadLetterReason, error: str) -> None:
         super().__init__(error)
         self.reason = reason
         self.error = error
@@ -146,18 +149,18 @@ def split_message(value: bytes | None) -> list[Item]:
     item (it may still fail `decode_event`). An empty array or batch yields no items.
     """
     if not value:
-        raise DecodeFailure("decode_error", "empty message value")
+        raise DecodeFailure(DeadLetterReason.DECODE_ERROR, "empty message value")
     head = value.lstrip()[:1]
     if head == b"[":
         # A large array is still framed: only events over the limit are refused, one by one.
         try:
             parts = _ARRAY_DECODER.decode(value)
         except (msgspec.DecodeError, RecursionError) as exc:
-            raise DecodeFailure("decode_error", _decode_text(exc)) from None
+            raise DecodeFailure(DeadLetterReason.DECODE_ERROR, _decode_text(exc)) from None
         except UnicodeDecodeError:
-            raise DecodeFailure("decode_error", "not valid UTF-8") from None
+            raise DecodeFailure(DeadLetterReason.DECODE_ERROR, "not valid UTF-8") from None
         except msgspec.ValidationError as exc:  # pragma: no cover - list[Raw] accepts any array
-            raise DecodeFailure("decode_error", _decode_text(exc)) from None
+            raise DecodeFailure(DeadLetterReason.DECODE_ERROR, _decode_text(exc)) from None
         return [Item(i, bytes(p), True) for i, p in enumerate(parts)]
     if head == b"{" and b'"batch"' in value:
         try:
@@ -172,47 +175,39 @@ def split_message(value: bytes | None) -> list[Item]:
 def decode_event(raw: bytes) -> SegmentEvent:
     """Decode one event's JSON bytes, or raise `DecodeFailure` with a JSON-path reason."""
     if len(raw) > MAX_EVENT_BYTES:
-        raise DecodeFailure("event_too_large", f"event is {len(raw)} bytes (limit 1 MiB)")
+        raise DecodeFailure(
+            DeadLetterReason.EVENT_TOO_LARGE, f"event is {len(raw)} bytes (limit 1 MiB)"
+        )
     try:
         event: SegmentEvent = _EVENT_DECODER.decode(raw)
         return event
     except msgspec.ValidationError as exc:
         return _not_an_event(raw, str(exc))
     except msgspec.DecodeError as exc:
-        raise DecodeFailure("decode_error", _decode_text(exc)) from None
+        raise DecodeFailure(DeadLetterReason.DECODE_ERROR, _decode_text(exc)) from None
     except UnicodeDecodeError:  # msgspec raises it for invalid UTF-8 inside a string
-        raise DecodeFailure("decode_error", "not valid UTF-8") from None
+        raise DecodeFailure(DeadLetterReason.DECODE_ERROR, "not valid UTF-8") from None
     except RecursionError:
-        raise DecodeFailure("decode_error", "JSON nested too deeply") from None
+        raise DecodeFailure(DeadLetterReason.DECODE_ERROR, "JSON nested too deeply") from None
 
 
 def _not_an_event(raw: bytes, message: str) -> SegmentEvent:
     """Explain a ValidationError without echoing input values (msgspec quotes bad tags)."""
-    text, _, where = message.partition(" - at `")
-    path = where.rstrip("`") or "$"
-    if text.startswith("Invalid value"):
-        raise DecodeFailure(
-            "invalid_event",
-            f"{path}: not a Segment type (track, page, screen, identify, group, alias)",
-        )
-    if text.startswith("Object missing required field `type`"):
-        raise DecodeFailure("invalid_event", "$.type: required")
-    if text.startswith("Expected `object`") and path == "$":
-        raise DecodeFailure("invalid_event", f"$: expected a JSON object, got {_got(text)}")
-    if text.startswith("Expected `"):
-        return _raise(f"{path}: {text[0].lower()}{text[1:]}".replace("`", ""))
-    if text.startswith("Number out of range"):
-        return _raise(f"{path}: number out of range")
-    return _raise(f"{path}: {text}".replace("`", ""))
-
-
-def _raise(error: str) -> SegmentEvent:
-    raise DecodeFailure("invalid_event", error)
-
-
-def _got(text: str) -> str:
-    _, _, rest = text.partition("got `")
-    return rest.split("`", 1)[0] or "something else"
+    m = parse_validation_message(message)
+    path = m.json_path
+    if m.kind is ErrorKind.INVALID_TAG:
+        error = f"{path}: not a Segment type (track, page, screen, identify, group, alias)"
+    elif m.kind is ErrorKind.MISSING_FIELD and m.field == "type" and not m.path:
+        error = "$.type: required"
+    elif m.kind is ErrorKind.WRONG_TYPE and m.expected == ("object",) and not m.path:
+        error = f"$: expected a JSON object, got {m.got or 'something else'}"
+    elif m.kind is ErrorKind.OUT_OF_RANGE:
+        error = f"{path}: number out of range"
+    elif m.kind in (ErrorKind.WRONG_TYPE, ErrorKind.CONSTRAINT):
+        error = f"{path}: {m.text[0].lower()}{m.text[1:]}".replace("`", "")
+    else:
+        error = f"{path}: {m.text}".replace("`", "")
+    raise DecodeFailure(DeadLetterReason.INVALID_EVENT, error)
 
 
 def _decode_text(exc: BaseException) -> str:

@@ -4,13 +4,15 @@ module (the config composes these sections; the Mapper compiles them)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
 __all__ = [
+    "SOURCE_ID_KEYS",
     "DestinationConfig",
     "DestinationName",
+    "EventSource",
     "FieldSource",
     "LiteralValue",
     "NonEmptyStr",
@@ -41,9 +43,23 @@ class SubscriptionConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     mapping: dict[str, FieldSource] = msgspec.field(default_factory=dict)
 
 
+EventSource = Literal["web", "crm", "offline", "app"]
+# The id key each event source needs (SPEC §3 "Event sources"); the others must be absent.
+SOURCE_ID_KEYS: Final[dict[str, str]] = {
+    "web": "pixel_code",
+    "crm": "pixel_code",
+    "offline": "event_set_id",
+    "app": "tiktok_app_id",
+}
+
+
 class DestinationConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     name: DestinationName
-    pixel_code: NonEmptyStr
+    event_source: EventSource = "web"
+    # Exactly the one of these that `event_source` needs (checked by worker.config).
+    pixel_code: NonEmptyStr | None = None
+    event_set_id: NonEmptyStr | None = None
+    tiktok_app_id: NonEmptyStr | None = None
     access_token: NonEmptyStr
     app_id: NonEmptyStr | None = None
     test_event_code: str | None = None
@@ -51,3 +67,10 @@ class DestinationConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True,
     presets: Literal["documented", "all", "none"] = "documented"
     phone_default_region: str | None = None
     subscriptions: tuple[SubscriptionConfig, ...] = ()
+
+    @property
+    def event_source_id(self) -> str:
+        """The request's `event_source_id`: the id key of this destination's source."""
+        value = getattr(self, SOURCE_ID_KEYS[self.event_source])
+        assert isinstance(value, str)  # guaranteed by worker.config's validation
+        return value

@@ -9,78 +9,39 @@
   task that delivers a batch, so its attempts, halves and dead-lettering share it).
 - Secrets and PII: callers log names, counts and codes only. As a second line of defence the
   `scrub` processor, which runs after exceptions are formatted and before rendering, masks the
-  value of any secret-looking key, every occurrence of a value given to `register_secrets`
-  (the configured access tokens, SASL passwords) and anything shaped like an email address, in
-  every string of the line, whichever library logged it.
+  value of any secret key, every occurrence of a value given to
+  `worker.core.redaction.register_secrets` (the configured access tokens, SASL passwords) and
+  anything shaped like an email address, in every string of the line, whichever library
+  logged it (what counts as a secret is decided in `worker.core.redaction`).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import sys
-from collections.abc import Iterable, MutableMapping
-from typing import Any, Final, TextIO
+from collections.abc import MutableMapping
+from typing import Any, Final, TextIO, TypeAlias
 
 import structlog
+from structlog.typing import FilteringBoundLogger
 
-MASK: Final = "***"
+from worker.core.redaction import MASK, is_secret_key, scrub_text
+
 KAFKA_LOGGER_NAME: Final = "kafka"
-_SECRET_KEYS: Final = frozenset(
-    {
-        "access_token",
-        "access-token",
-        "token",
-        "password",
-        "secret",
-        "authorization",
-        "sasl.password",
-        "sasl.oauthbearer.client.secret",
-        "ssl.key.password",
-        "ssl.keystore.password",
-    }
-)
-# Shorter values would mask ordinary words; real tokens and passwords are longer.
-_MIN_SECRET_CHARS: Final = 6
-_EMAIL_RE: Final = re.compile(r"[^\s@\"'<>(),;:]+@[^\s@\"'<>(),;:]+\.[A-Za-z]{2,}")
+# What components take as `log`: structlog's bound logger (`configure_logging` installs
+# `make_filtering_bound_logger`): `info(event, **fields)`, `bind(**fields)`, ...
+Logger: TypeAlias = FilteringBoundLogger
 _MAX_DEPTH: Final = 4
-
-_secrets: set[str] = set()
-
-
-def register_secrets(values: Iterable[str | None]) -> None:
-    """Mask these values wherever they would appear in a log line (idempotent)."""
-    for value in values:
-        if value and len(value) >= _MIN_SECRET_CHARS:
-            _secrets.add(value)
-
-
-def clear_secrets() -> None:
-    """Forget the registered secrets (tests)."""
-    _secrets.clear()
-
-
-def _is_secret_key(key: object) -> bool:
-    return isinstance(key, str) and key.lower() in _SECRET_KEYS
-
-
-def _scrub_text(text: str) -> str:
-    for secret in _secrets:
-        if secret in text:
-            text = text.replace(secret, MASK)
-    if "@" in text:
-        text = _EMAIL_RE.sub("<email>", text)
-    return text
 
 
 def _scrub_value(value: Any, depth: int) -> Any:
     if isinstance(value, str):
-        return _scrub_text(value)
+        return scrub_text(value)
     if depth >= _MAX_DEPTH:
         return value
     if isinstance(value, dict):
         return {
-            k: MASK if _is_secret_key(k) else _scrub_value(v, depth + 1) for k, v in value.items()
+            k: MASK if is_secret_key(k) else _scrub_value(v, depth + 1) for k, v in value.items()
         }
     if isinstance(value, list | tuple):
         return [_scrub_value(v, depth + 1) for v in value]
@@ -90,17 +51,13 @@ def _scrub_value(value: Any, depth: int) -> Any:
 def scrub(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Mask secrets and email addresses in every value of the line (see the module doc)."""
     for key, value in event.items():
-        if _is_secret_key(key):
+        if is_secret_key(key):
             event[key] = MASK
         elif key.startswith("_"):
             continue  # structlog's own bookkeeping (_record, _from_structlog)
         else:
             event[key] = _scrub_value(value, 0)
     return event
-
-
-# Kept for callers of the first version.
-redact = scrub
 
 
 def kafka_logger() -> logging.Logger:
@@ -149,5 +106,6 @@ def configure_logging(
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-def get_logger(name: str = "worker") -> Any:
-    return structlog.get_logger(name)
+def get_logger(name: str = "worker") -> Logger:
+    logger: Logger = structlog.get_logger(name)
+    return logger

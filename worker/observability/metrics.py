@@ -2,7 +2,7 @@
 
 Label values come only from bounded sets: configured destination names, configured TikTok
 event names, topics and partitions of the subscription, and the fixed reason/outcome
-vocabularies below. Never a user id, event id or message content.
+vocabularies of `worker.core.vocabulary`. Never a user id, event id or message content.
 
 Counters and histograms are exposed without their `_created` series (prometheus_client adds one
 per child by default): they would double the series count and no dashboard or rule reads them.
@@ -10,40 +10,40 @@ Who updates what: the pipeline (consumed, mapped, skipped, delivered, in-flight)
 (requests, latency, batch size, retries, circuit state), the retry producer (parked), the
 retry intake (parked events waiting), the dead-letter producer (dead letters, on broker
 acknowledgement), the rate limiter (wait, fallback), the consumer thread (paused, assigned,
-commits, last commit, rebalances) and `worker.kafka.lag` (consumer lag).
+commits, last commit, rebalances) and `worker.kafka.lag` (consumer lag). prometheus_client's
+`ProcessCollector` adds the standard `process_*` families (read from /proc at scrape time).
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
 
 from worker import __version__
+from worker.core.vocabulary import (
+    CommitResult,
+    DeadLetterReason,
+    Outcome,
+    ParkReason,
+    RebalanceKind,
+    SkipReason,
+)
 
-# Fixed label vocabularies (documented in the README's metrics table).
-SKIP_REASONS: Final = ("no_match", "unsupported_type")
-DLQ_REASONS: Final = (
-    "decode_error",
-    "invalid_event",
-    "event_too_large",
-    "permanent_api_error",
-    "auth_error",
-    "retries_exhausted",
-)
-REQUEST_OUTCOMES: Final = (
-    "success",
-    "throttled",
-    "retryable_error",
-    "timeout",
-    "connection_error",
-    "permanent_error",
-    "auth_error",
-)
-# Why events were parked in the retry topic (worker.kafka.parking.PARK_REASONS).
-PARK_REASONS: Final = ("retryable", "throttled", "auth_error", "circuit_open")
-COMMIT_RESULTS: Final = ("ok", "error")
-REBALANCE_KINDS: Final = ("assign", "revoke", "lost")
+# Fixed label vocabularies (documented in the README's metrics table), from the enums.
+SKIP_REASONS: Final = tuple(r.value for r in SkipReason)
+DLQ_REASONS: Final = tuple(r.value for r in DeadLetterReason)
+REQUEST_OUTCOMES: Final = tuple(o.value for o in Outcome)
+COMMIT_RESULTS: Final = tuple(r.value for r in CommitResult)
+REBALANCE_KINDS: Final = tuple(k.value for k in RebalanceKind)
+PARK_REASONS: Final = tuple(r.value for r in ParkReason)
 
 _LATENCY_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS: Final = (1, 2, 5, 10, 25, 50, 100, 250, 500, 750, 1000)
@@ -185,3 +185,22 @@ class Metrics:
             p + "build_info", "Build information; always 1.", ["version"], registry=r
         )
         self.build_info.labels(version=__version__).set(1)
+        # The standard process_* families (CPU seconds, resident/virtual memory, open and max
+        # fds, start time) on this registry, so /metrics carries them: memory against the
+        # pod's limit is what an OOMKilled investigation starts from.
+        ProcessCollector(registry=r)
+        # Joins any per-destination series to its event source (web, crm, offline, app), so
+        # dashboards split by source without a second label on every counter:
+        # `... * on (destination) group_left (event_source) tiktok_worker_destination_info`.
+        self.destination_info = Gauge(
+            p + "destination_info",
+            "One series per configured destination, labelled with its TikTok event source; "
+            "always 1.",
+            ["destination", "event_source"],
+            registry=r,
+        )
+
+    def describe_destinations(self, sources: dict[str, str]) -> None:
+        """Publish `destination_info` for the configured destinations (name -> source)."""
+        for name, source in sources.items():
+            self.destination_info.labels(destination=name, event_source=source).set(1)

@@ -19,12 +19,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from worker.delivery.inflight import InflightMessage, Parking, PendingEvent
 from worker.kafka.deadletters import DeadLetter, DeadLetterProducer
 from worker.kafka.parking import Parked, RetryProducer
 from worker.mapping.mapper import EventOutcome
+from worker.observability.logs import Logger
 
 __all__ = ["Parker", "ParkingRules", "Provenance", "provenance"]
 
@@ -112,7 +112,7 @@ class Parker:
         retry: RetryProducer,
         dead_letters: DeadLetterProducer,
         rules: ParkingRules,
-        log: Any,
+        log: Logger,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._retry = retry

@@ -27,17 +27,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any
 
 from confluent_kafka import KafkaError, Message
 
+from worker.core.vocabulary import DeadLetterReason, SkipReason
 from worker.delivery.inflight import Failure, InflightMessage, Parking, PendingEvent
 from worker.delivery.sender import Sender
 from worker.errors import FatalLatch, WorkerError
 from worker.kafka.consumer import PauseSwitch
 from worker.kafka.deadletters import DeadLetterProducer
-from worker.kafka.offsets import OffsetLedger, TopicPartitionKey
+from worker.kafka.offsets import OffsetLedger
+from worker.kafka.settings import TopicPartitionKey
 from worker.mapping.mapper import EventOutcome, InvalidEvent, Mapper
+from worker.observability.logs import Logger
 from worker.observability.metrics import Metrics
 from worker.pipeline.parker import Parker, dead_letter
 
@@ -57,7 +59,7 @@ class Pipeline:
         pause: PauseSwitch,
         fatal: FatalLatch,
         metrics: Metrics,
-        log: Any,
+        log: Logger,
         max_inflight_messages: int,
         drain_timeout_s: float,
         parker: Parker | None = None,
@@ -78,7 +80,7 @@ class Pipeline:
         self._open: dict[TopicPartitionKey, dict[int, InflightMessage]] = {}
         self._inflight = 0
         self._mapped_counts: dict[tuple[str, str], int] = {}
-        self._skipped_counts: dict[str, int] = {}
+        self._skipped_counts: dict[SkipReason, int] = {}
         self.messages_finished = 0
         fatal.subscribe(self._on_fatal_tripped)
 
@@ -317,7 +319,7 @@ class Pipeline:
         message: InflightMessage,
         outcome: EventOutcome,
         *,
-        reason: str,
+        reason: DeadLetterReason,
         error: str,
         destination: str | None,
         code: int | None = None,

@@ -38,6 +38,7 @@ from worker.kafka.dlq_reader import decode_headers
 from worker.kafka.offsets import OffsetLedger, TopicPartitionKey
 from worker.kafka.parking import PROBE_HEADER, RETRY_PREFIX, Parked, retry_group_id
 from worker.mapping.mapper import EventOutcome, Mapper
+from worker.observability.logs import Logger
 from worker.observability.metrics import Metrics
 from worker.pipeline.parker import Parker, dead_letter
 from worker.pipeline.pipeline import Pipeline
@@ -60,7 +61,7 @@ class RetryIntake(Pipeline):
         pause: PauseSwitch,
         fatal: FatalLatch,
         metrics: Metrics,
-        log: Any,
+        log: Logger,
         max_inflight_messages: int,
         drain_timeout_s: float,
         clock: Callable[[], float] = time.time,

@@ -8,7 +8,7 @@ What a redrive does (`tiktok-worker dlq redrive`, docs/dead-letters.md):
 - Each record that passes the filter (`--reason`, `--destination`; without `--reason`,
   `decode_error` and `event_too_large` records are left alone: the same bytes cannot
   succeed) is mapped again with the
-  worker's `Mapper` and sent with the worker's `Batcher`, `Sender` (retries, backoff,
+  worker's `Mapper` and sent with the worker's `Sender` (lanes, retries, backoff,
   bisection), rate limiter and `TikTokClient`. A record with a `dlq.destination` goes ONLY to
   that destination, so a destination that already accepted the event does not get it twice.
   A record without one (decode_error / invalid_event that failed for every destination) is
@@ -37,28 +37,26 @@ import contextlib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 from worker.config import Config
+from worker.core.vocabulary import UNSENDABLE_REASONS, DeadLetterReason
 from worker.delivery.factory import build_delivery
 from worker.delivery.inflight import Failure, InflightMessage, Parking, PendingEvent
 from worker.errors import ConfigError, FatalLatch, WorkerError
-from worker.kafka.deadletters import (
-    HEADER_PREFIX,
-    DeadLetter,
-    DeadLetterProducer,
-    producer_config,
-)
+from worker.kafka.deadletters import HEADER_PREFIX, DeadLetter, DeadLetterProducer
 from worker.kafka.dlq_reader import (
+    TOOLS_JOB,
     BoundedReader,
     DeadLetterRecord,
     list_redrive_progress,
-    reader_config,
 )
-from worker.kafka.offsets import OffsetLedger, TopicPartitionKey
+from worker.kafka.offsets import OffsetLedger
 from worker.kafka.preflight import preflight
+from worker.kafka.settings import TopicPartitionKey, producer_settings, reader_settings
 from worker.mapping.mapper import EventOutcome, Mapper
-from worker.observability.metrics import DLQ_REASONS, Metrics
+from worker.observability.logs import Logger
+from worker.observability.metrics import Metrics
 
 GROUP_SUFFIX: Final = "-redrive"
 POLL_BATCH: Final = 500
@@ -70,10 +68,6 @@ DEFAULT_MAX_INFLIGHT: Final = 5000
 
 
 # --------------------------------------------------------------------------- filters
-
-
-# The same bytes can never succeed: sent only when asked for by name (`--reason`).
-UNSENDABLE_REASONS: Final = frozenset({"decode_error", "event_too_large"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,8 +124,9 @@ _GROUP_RE: Final = re.compile(
 def validate_filter(config: Config, reason: str | None, destination: str | None) -> RedriveFilter:
     """Check `--reason` / `--destination` against the known reasons and configured
     destinations; raise ConfigError (exit 2) with one line otherwise."""
-    if reason is not None and reason not in DLQ_REASONS:
-        raise ConfigError(f"--reason: unknown reason {reason!r} (one of: {', '.join(DLQ_REASONS)})")
+    if reason is not None and reason not in {r.value for r in DeadLetterReason}:
+        known = ", ".join(DeadLetterReason)
+        raise ConfigError(f"--reason: unknown reason {reason!r} (one of: {known})")
     names = [d.name for d in config.destinations]
     if destination is not None and destination not in names:
         raise ConfigError(
@@ -253,7 +248,7 @@ class Redrive:
         ledger: RedriveLedger,
         group_id: str,
         metrics: Metrics,
-        log: Any,
+        log: Logger,
         on_progress: Callable[[RedriveStats], None] | None = None,
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
     ) -> None:
@@ -280,7 +275,9 @@ class Redrive:
         self._delivery = build_delivery(config, metrics=metrics, log=log, on_crash=self._fatal.trip)
         self._sender = self._delivery.sender
         self._dead_letters = DeadLetterProducer(
-            config=producer_config(config.kafka.bootstrap_servers, config.kafka.client),
+            config=producer_settings(
+                bootstrap_servers=config.kafka.bootstrap_servers, client=config.kafka.client
+            ),
             topic=config.kafka.dead_letter_topic,
             metrics=metrics,
             on_fatal=self._fatal.trip,
@@ -293,7 +290,7 @@ class Redrive:
         flt: RedriveFilter,
         *,
         max_records: int | None,
-        log: Any,
+        log: Logger,
         on_progress: Callable[[RedriveStats], None] | None = None,
         metrics: Metrics | None = None,
     ) -> Redrive:
@@ -313,7 +310,12 @@ class Redrive:
             ledger = RedriveLedger({})
             warning = f"{exc}; records redriven under another filter may be sent again"
         reader = BoundedReader(
-            config=reader_config(kafka.bootstrap_servers, kafka.client, group_id),
+            config=reader_settings(
+                bootstrap_servers=kafka.bootstrap_servers,
+                group_id=group_id,
+                client=kafka.client,
+                job=TOOLS_JOB,
+            ),
             topic=kafka.dead_letter_topic,
             from_committed=True,
         )

@@ -80,6 +80,7 @@ def build_rate_limiter(
     qps: float,
     redis_url: str,
     expected_replicas: int,
+    redis_password: str | None = None,
     metrics: Metrics,
     logger: Any | None = None,
     redis_timeout_s: float = DEFAULT_REDIS_TIMEOUT_S,
@@ -98,7 +99,7 @@ def build_rate_limiter(
         )
     if backend == "redis":
         return RedisRateLimiter(
-            client=connect(redis_url, timeout_s=redis_timeout_s),
+            client=connect(redis_url, timeout_s=redis_timeout_s, password=redis_password),
             qps=qps,
             expected_replicas=expected_replicas,
             metrics=metrics,

@@ -60,17 +60,21 @@ class RedisUnavailable(Exception):
     """Redis did not answer (in time) or refused the script; the caller must fall back."""
 
 
-def connect(url: str, *, timeout_s: float) -> aioredis.Redis:
+def connect(url: str, *, timeout_s: float, password: str | None = None) -> aioredis.Redis:
     """An asyncio Redis client for `url` that fails fast instead of retrying.
 
     `redis://`, `rediss://` (TLS) and passwords in the URL are handled by `from_url`; the
     options below only add timeouts and limit redis-py's own retries to one immediate retry
     on a connection error (a pooled connection that the server closed, e.g. after a Redis
     restart or its idle `timeout`). Timeouts are not retried: the limiter falls back to a local
-    schedule instead of stalling requests.
+    schedule instead of stalling requests. `password` (rate_limit.redis_password) is used
+    verbatim, so it needs no percent-encoding; config validation refuses it when the URL has
+    a password too.
     """
+    extra: dict[str, Any] = {"password": password} if password is not None else {}
     return aioredis.Redis.from_url(
         url,
+        **extra,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)),
