@@ -17,6 +17,7 @@ from confluent_kafka import KafkaError, KafkaException
 from devkit.fake_tiktok.server import FakeTikTok, FaultSpec
 from devkit.sample_events import encode
 from tests.test_pipeline import config_for, order_events
+from worker.core.vocabulary import DeadLetterReason
 from worker.delivery.client import TikTokClient
 from worker.delivery.factory import build_routes, parking_policy
 from worker.delivery.ratelimit import build_rate_limiter
@@ -122,6 +123,11 @@ class Message:
         return (1, 1764072000000)
 
 
+def kafka(messages: list[Message]) -> list[Any]:
+    """Stand-ins where the pipeline takes confluent_kafka messages."""
+    return list(messages)
+
+
 def source_message(offset: int, event: dict[str, Any]) -> Message:
     return Message(Record(SOURCE, encode(event), b"user-1", {}, 0), offset, topic=SOURCE)
 
@@ -145,8 +151,8 @@ class Rig:
     def dead(self) -> list[Record]:
         return self.dlq.records
 
-    def pixels(self, pixel: str) -> list[str | None]:
-        return [e.event_id for e in self.fake.events if e.pixel == pixel]
+    def pixels(self, pixel: str) -> list[str]:
+        return [e.event_id or "" for e in self.fake.events if e.pixel == pixel]
 
     def sample(self, name: str, **labels: str) -> float:
         value = self.metrics.registry.get_sample_value(name, labels)
@@ -156,7 +162,7 @@ class Rig:
         """Hand the parked records from `start` on to the intake; returns the next start."""
         records = self.parked()
         messages = [Message(r, i) for i, r in enumerate(records) if i >= start]
-        self.intake.on_messages(messages)
+        self.intake.on_messages(kafka(messages))
         return len(records)
 
 
@@ -285,7 +291,7 @@ async def test_a_failing_destination_is_parked_while_the_other_flows_and_offsets
     rig: Rig = await rig_factory()
     rig.fake.add_fault(FaultSpec(kind="http_503", pixel=PIXEL_A))
     events = order_events(20)
-    rig.pipeline.on_messages([source_message(i, e) for i, e in enumerate(events)])
+    rig.pipeline.on_messages(kafka([source_message(i, e) for i, e in enumerate(events)]))
     # Every offset finishes: B delivered them, A's copies are parked (acknowledged).
     await eventually(lambda: rig.ledger.pending() == {(SOURCE, 0): 20})
     assert set(rig.pixels(PIXEL_B)) == ids(events)
@@ -320,7 +326,7 @@ async def test_parked_events_are_delivered_when_due_to_their_destination_only(
     rig: Rig = await rig_factory()
     rig.fake.add_fault(FaultSpec(kind="http_503", pixel=PIXEL_A))
     events = order_events(6)
-    rig.pipeline.on_messages([source_message(i, e) for i, e in enumerate(events)])
+    rig.pipeline.on_messages(kafka([source_message(i, e) for i, e in enumerate(events)]))
     await eventually(lambda: len(rig.parked()) == 6)
     rig.fake.clear_faults()
     start = 0
@@ -350,7 +356,7 @@ async def test_a_record_not_yet_due_is_held_without_a_request(rig_factory: Any) 
     assert rig.sample("tiktok_worker_parked_waiting_events") == 1
     # The source topics' in-flight gauge (backpressure) is not the intake's.
     others = order_events(2, "other")
-    rig.pipeline.on_messages([source_message(i, e) for i, e in enumerate(others)])
+    rig.pipeline.on_messages(kafka([source_message(i, e) for i, e in enumerate(others)]))
     assert rig.sample("tiktok_worker_inflight_messages") == 2
     rig.feed_back(1)  # an empty hand-over still runs the intake's bookkeeping
     assert rig.sample("tiktok_worker_inflight_messages") == 2
@@ -390,7 +396,7 @@ async def test_the_next_try_after_the_deadline_dead_letters_instead_of_parking(
 ) -> None:
     rig: Rig = await rig_factory(deadline_s=0.3, in_memory_s=0.05)
     rig.fake.add_fault(FaultSpec(kind="http_500", pixel=PIXEL_A))
-    rig.pipeline.on_messages([source_message(0, order_events(1)[0])])
+    rig.pipeline.on_messages(kafka([source_message(0, order_events(1)[0])]))
     start = 0
     for _ in range(40):
         if rig.dead():
@@ -406,7 +412,7 @@ async def test_auth_errors_park_at_once_and_open_the_circuit(rig_factory: Any) -
     rig: Rig = await rig_factory(failure_threshold=1, open_s=0.2)
     rig.fake.add_fault(FaultSpec(kind="auth", pixel=PIXEL_A, code=40105))
     events = order_events(3)
-    rig.pipeline.on_messages([source_message(i, e) for i, e in enumerate(events)])
+    rig.pipeline.on_messages(kafka([source_message(i, e) for i, e in enumerate(events)]))
     await eventually(lambda: len(rig.parked()) == 3)
     assert {r.headers["retry.failure"] for r in rig.parked()} == {"auth_error"}
     assert rig.sample("tiktok_worker_destination_circuit_state", destination="shop-a") == 2
@@ -429,7 +435,7 @@ async def test_a_dead_letter_too_large_for_its_topic_is_written_reference_only(
     rig_factory: Any,
 ) -> None:
     rig: Rig = await rig_factory(dlq_max_bytes=10)
-    rig.pipeline.on_messages([source_message(0, {"not": "an event" * 10})])
+    rig.pipeline.on_messages(kafka([source_message(0, {"not": "an event" * 10})]))
     await eventually(lambda: rig.ledger.pending() == {(SOURCE, 0): 1})
     (letter,) = rig.dead()
     assert letter.value is None
@@ -443,7 +449,7 @@ async def test_a_parked_event_too_large_for_the_retry_topic_is_parked_reference_
 ) -> None:
     rig: Rig = await rig_factory(retry_max_bytes=10)
     rig.fake.add_fault(FaultSpec(kind="http_503", pixel=PIXEL_A))
-    rig.pipeline.on_messages([source_message(0, order_events(1)[0])])
+    rig.pipeline.on_messages(kafka([source_message(0, order_events(1)[0])]))
     await eventually(lambda: rig.ledger.pending() == {(SOURCE, 0): 1})
     (record,) = rig.parked()
     assert record.value is None
@@ -461,7 +467,7 @@ async def test_probe_records_and_unreadable_parked_records(rig_factory: Any) -> 
     rig: Rig = await rig_factory()
     rig.retry.records.append(Record(RETRY, None, None, {PROBE_HEADER: "1"}, 0))
     rig.retry.records.append(Record(RETRY, b"{}", None, {"retry.destination": "shop-a"}, 0))
-    rig.intake.on_messages([Message(r, i) for i, r in enumerate(rig.retry.records)])
+    rig.intake.on_messages(kafka([Message(r, i) for i, r in enumerate(rig.retry.records)]))
     await eventually(lambda: len(rig.dead()) == 1)
     assert rig.dead()[0].headers["dlq.reason"] == "decode_error"
     assert "retry.reason" in rig.dead()[0].headers["dlq.error"]
@@ -472,7 +478,7 @@ async def test_a_refused_parked_record_stops_the_worker(rig_factory: Any) -> Non
     rig: Rig = await rig_factory()
     rig.retry.produce = _raise  # type: ignore[method-assign]
     rig.fake.add_fault(FaultSpec(kind="http_503", pixel=PIXEL_A))
-    rig.pipeline.on_messages([source_message(0, order_events(1)[0])])
+    rig.pipeline.on_messages(kafka([source_message(0, order_events(1)[0])]))
     await eventually(lambda: rig.fatal.error is not None)
     assert "retry topic" in str(rig.fatal.error)
     assert rig.ledger.pending() == {}
@@ -493,7 +499,7 @@ def test_parked_headers_round_trip_and_name_what_is_missing() -> None:
 
 def test_dead_letter_headers_mark_reference_only_letters() -> None:
     letter = DeadLetter(
-        reason="retries_exhausted",
+        reason=DeadLetterReason.RETRIES_EXHAUSTED,
         error="e",
         original_topic="t",
         original_partition=0,

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from worker.core.vocabulary import DeadLetterReason
 from worker.delivery.inflight import InflightMessage, Parking, PendingEvent
 from worker.kafka.deadletters import DeadLetter, DeadLetterProducer
 from worker.kafka.parking import Parked, RetryProducer
@@ -73,7 +74,7 @@ def dead_letter(
     message: InflightMessage,
     outcome: EventOutcome,
     *,
-    reason: str,
+    reason: DeadLetterReason,
     error: str,
     destination: str | None,
     code: int | None = None,
@@ -145,7 +146,11 @@ class Parker:
                 self._dead_letters,
                 message,
                 event.outcome,
-                reason="auth_error" if parking.failure == "auth_error" else "retries_exhausted",
+                reason=(
+                    DeadLetterReason.AUTH_ERROR
+                    if parking.failure == "auth_error"
+                    else DeadLetterReason.RETRIES_EXHAUSTED
+                ),
                 error=parking.error,
                 destination=destination,
                 code=parking.code,

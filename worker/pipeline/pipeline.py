@@ -297,7 +297,11 @@ class Pipeline:
     def on_parked(self, events: Sequence[PendingEvent], parking: Parking) -> None:
         parker = self._parker
         if parker is None:  # built without a retry topic: parking means giving up
-            reason = "auth_error" if parking.failure == "auth_error" else "retries_exhausted"
+            reason = (
+                DeadLetterReason.AUTH_ERROR
+                if parking.failure == "auth_error"
+                else DeadLetterReason.RETRIES_EXHAUSTED
+            )
             self.on_failed(events, Failure(reason, parking.error, parking.code, parking.attempts))
             return
         for event in events:

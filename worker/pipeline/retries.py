@@ -25,18 +25,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from confluent_kafka import Message
 
+from worker.core.vocabulary import DeadLetterReason, SkipReason
 from worker.delivery.inflight import InflightMessage, PendingEvent
 from worker.delivery.sender import Sender
 from worker.errors import FatalLatch, WorkerError
 from worker.kafka.consumer import PauseSwitch
 from worker.kafka.deadletters import DeadLetterProducer
 from worker.kafka.dlq_reader import decode_headers
-from worker.kafka.offsets import OffsetLedger, TopicPartitionKey
+from worker.kafka.offsets import OffsetLedger
 from worker.kafka.parking import PROBE_HEADER, RETRY_PREFIX, Parked, retry_group_id
+from worker.kafka.settings import TopicPartitionKey
 from worker.mapping.mapper import EventOutcome, Mapper
 from worker.observability.logs import Logger
 from worker.observability.metrics import Metrics
@@ -117,7 +118,7 @@ class RetryIntake(Pipeline):
             self._give_up(
                 message,
                 value,
-                "decode_error",
+                DeadLetterReason.DECODE_ERROR,
                 f"unreadable parked record: {exc}",
                 headers.get(RETRY_PREFIX + "destination") or None,
             )
@@ -125,16 +126,22 @@ class RetryIntake(Pipeline):
         message.parked = parked
         now = self._clock()
         if now >= parked.first_failed_at + self._deadline_s:
-            reason = "auth_error" if parked.failure == "auth_error" else "retries_exhausted"
+            reason = (
+                DeadLetterReason.AUTH_ERROR
+                if parked.failure == "auth_error"
+                else DeadLetterReason.RETRIES_EXHAUSTED
+            )
             self._give_up(message, value, reason, parked.error, parked.destination, parked)
             return
         if parked.destination not in self._destinations:
             error = f"destination {parked.destination!r} is no longer configured"
-            self._give_up(message, value, "invalid_event", error, parked.destination, parked)
+            reason = DeadLetterReason.INVALID_EVENT
+            self._give_up(message, value, reason, error, parked.destination, parked)
             return
         if parked.value_omitted is not None:
             error = "too large for the retry topic, not delivered: " + parked.error
-            self._give_up(message, None, "retries_exhausted", error, parked.destination, parked)
+            reason = DeadLetterReason.RETRIES_EXHAUSTED
+            self._give_up(message, None, reason, error, parked.destination, parked)
             return
         delay = parked.due_at - now
         if delay <= 0:
@@ -148,7 +155,7 @@ class RetryIntake(Pipeline):
         self,
         message: InflightMessage,
         value: bytes | None,
-        reason: str,
+        reason: DeadLetterReason,
         error: str,
         destination: str | None,
         parked: Parked | None = None,
@@ -196,7 +203,8 @@ class RetryIntake(Pipeline):
                     message.add_work(1)
                     self._dead_letter_invalid(message, outcome, invalid)
         if message.remaining == 1:  # maps to nothing any more (config changed, too old)
-            self._skipped_counts["no_match"] = self._skipped_counts.get("no_match", 0) + 1
+            no_match = SkipReason.NO_MATCH
+            self._skipped_counts[no_match] = self._skipped_counts.get(no_match, 0) + 1
             self._flush_counts()
         message.finish_one()
 

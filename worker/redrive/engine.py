@@ -501,7 +501,11 @@ class Redrive:
     def on_parked(self, events: Sequence[PendingEvent], parking: Parking) -> None:
         # Redrive's sender is built without parking; were it ever to park, the events go
         # back to the dead-letter topic like any other failure.
-        reason = "auth_error" if parking.reason == "auth_error" else "retries_exhausted"
+        reason = (
+            DeadLetterReason.AUTH_ERROR
+            if parking.failure == "auth_error"
+            else DeadLetterReason.RETRIES_EXHAUSTED
+        )
         self.on_failed(events, Failure(reason, parking.error, parking.code, parking.attempts))
 
     def message_finished(self, message: InflightMessage) -> None:
