@@ -368,6 +368,26 @@ async def test_a_record_not_yet_due_is_held_without_a_request(rig_factory: Any) 
     assert rig.sample("tiktok_worker_parked_waiting_events") == 0
 
 
+async def test_held_records_go_at_once_when_their_destination_recovers(rig_factory: Any) -> None:
+    rig: Rig = await rig_factory(failure_threshold=1, open_s=0.2)
+    held = order_events(1, "held")[0]
+    now = time.time()
+    parked = _parked("shop-a", first=now - 1, due=now + 60)  # due long after the test ends
+    rig.retry.records.append(Record(RETRY, encode(held), None, _text(parked), 0))
+    rig.fake.add_fault(FaultSpec(kind="http_503", pixel=PIXEL_A))
+    rig.pipeline.on_messages(kafka([source_message(0, order_events(1, "a")[0])]))
+    circuit = "tiktok_worker_destination_circuit_state"
+    await eventually(lambda: rig.sample(circuit, destination="shop-a") == 2)
+    rig.feed_back()
+    await eventually(lambda: rig.intake.waiting >= 1)
+    rig.fake.clear_faults()
+    await asyncio.sleep(0.3)  # past open_s: the next batch is the probe
+    rig.pipeline.on_messages(kafka([source_message(1, order_events(1, "b")[0])]))
+    await eventually(lambda: rig.sample(circuit, destination="shop-a") == 0)
+    await eventually(lambda: held["messageId"] in rig.pixels(PIXEL_A), within_s=5)
+    assert rig.pixels(PIXEL_A).count(held["messageId"]) == 1
+
+
 async def test_past_the_deadline_a_parked_event_is_dead_lettered_with_its_provenance(
     rig_factory: Any,
 ) -> None:

@@ -153,6 +153,7 @@ class Sender:
         self._lanes: dict[BatchKey, Lane] = {}
         self._parking = parking
         self._circuits: dict[str, Circuit] = {}
+        self._circuit_watchers: list[Callable[[str, CircuitState], None]] = []
         # Each destination's last failed request, for events parked unsent (circuit open).
         self._last_failure: dict[str, tuple[str, SendResult]] = {}
         if parking is not None:
@@ -193,6 +194,11 @@ class Sender:
     def circuit(self, destination: str) -> Circuit | None:
         """The destination's circuit (None when the sender does not park)."""
         return self._circuits.get(destination)
+
+    def watch_circuits(self, watcher: Callable[[str, CircuitState], None]) -> None:
+        """Call `watcher(destination, state)` on every change of a circuit (the retry intake
+        releases a destination's parked events when its circuit closes)."""
+        self._circuit_watchers.append(watcher)
 
     @property
     def queued_events(self) -> int:
@@ -555,6 +561,8 @@ class Sender:
         self._metrics.circuit_state.labels(destination=destination).set(int(state))
         log = self._log.warning if state is CircuitState.OPEN else self._log.info
         log("circuit " + state.name.lower().replace("_", "-"), destination=destination)
+        for watcher in self._circuit_watchers:
+            watcher(destination, state)
 
     def _record(self, route: Route, events: int, attempt: int, result: SendResult) -> None:
         destination = route.destination

@@ -13,7 +13,9 @@ For each parked record (`worker.kafka.parking.Parked`):
 - due: mapped again for its destination and subscription only and queued in that destination's
   lane, through the same rate limiter. If the destination's circuit is still open, the lane
   parks it again at once with a later due time (no request), so it never waits in the lane and
-  never holds another destination's parked events.
+  never holds another destination's parked events. When the destination's circuit closes
+  again (a probe succeeded), its records held here, and those read later that were parked
+  before it closed, go at once instead of waiting for due times set while it was down.
 
 Its offset finishes like a source message's: delivered, dead-lettered or parked again, with
 the broker's acknowledgement. A revoke drops the records still waiting for their due time at
@@ -29,6 +31,7 @@ from collections.abc import Callable, Sequence
 from confluent_kafka import Message
 
 from worker.core.vocabulary import DeadLetterReason, SkipReason
+from worker.delivery.circuit import CircuitState
 from worker.delivery.inflight import InflightMessage, PendingEvent
 from worker.delivery.sender import Sender
 from worker.errors import FatalLatch, WorkerError
@@ -84,6 +87,10 @@ class RetryIntake(Pipeline):
         self._destinations = frozenset(destinations)
         self._clock = clock
         self._waiting: dict[InflightMessage, tuple[asyncio.TimerHandle, bytes | None]] = {}
+        # When each destination's circuit last closed here (wall time): a record parked
+        # before that need not wait for its due time.
+        self._closed_at: dict[str, float] = {}
+        sender.watch_circuits(self._circuit_changed)
 
     @property
     def waiting(self) -> int:
@@ -144,7 +151,7 @@ class RetryIntake(Pipeline):
             self._give_up(message, None, reason, error, parked.destination, parked)
             return
         delay = parked.due_at - now
-        if delay <= 0:
+        if delay <= 0 or parked.parked_at < self._closed_at.get(parked.destination, 0.0):
             self._dispatch(message, value)
             return
         handle = asyncio.get_running_loop().call_later(delay, self._due, message)
@@ -185,6 +192,25 @@ class RetryIntake(Pipeline):
                     f"processing {message.topic}[{message.partition}] offset {message.offset} "
                     f"failed: {type(exc).__name__}: {exc}"
                 )
+            )
+
+    def _circuit_changed(self, destination: str, state: CircuitState) -> None:
+        """A destination is back: its parked events held here need not wait for their due
+        times (those were set while it was down). They go to its lane at once."""
+        if state is not CircuitState.CLOSED:
+            return
+        self._closed_at[destination] = self._clock()
+        released = [m for m in self._waiting if m.parked.destination == destination]
+        for message in released:
+            handle, _value = self._waiting[message]
+            handle.cancel()
+            # Not from inside the sender's callback: each on its own turn of the loop.
+            asyncio.get_running_loop().call_soon(self._due, message)
+        if released:
+            self._log.info(
+                "circuit closed: parked events released",
+                destination=destination,
+                events=len(released),
             )
 
     def _dispatch(self, message: InflightMessage, value: bytes | None) -> None:
