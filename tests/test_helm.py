@@ -586,6 +586,7 @@ def test_notes_guide_the_operator(tmp_path: Path) -> None:
     assert 'the existing Secret "tokens"' in notes
 
 
+@pytest.mark.tools
 def test_static_membership_uses_the_pod_name_as_group_instance_id() -> None:
     objs = render(set_values={"staticMembership": "true"})
     env = {e["name"]: e for e in container(objs).get("env", [])}
@@ -594,6 +595,7 @@ def test_static_membership_uses_the_pod_name_as_group_instance_id() -> None:
     assert client["group.instance.id"] == "${POD_NAME}"
 
 
+@pytest.mark.tools
 def test_no_static_membership_by_default() -> None:
     objs = render()
     assert "POD_NAME" not in {e["name"] for e in container(objs).get("env", [])}

@@ -259,6 +259,7 @@ async def test_revoke_drops_a_stuck_lanes_work_and_frees_the_bound(rig_factory: 
     offsets = await rig.pipeline.on_revoked([(TOPIC, 0)])
     assert offsets == {}
     assert rig.pipeline.inflight_messages == 0  # its share of the bound is free at once
+    await until(lambda: rig.sender.on_wire == 0)  # a request already sent cannot be recalled
     sent = len(rig.fake.state.requests)
     rig.fake.clear_faults()
     fresh = order_events(2, "o8")

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from devkit.fake_tiktok.validate import match_keys, validate
 from worker.config import Config, parse_config
 from worker.delivery.factory import build_routes
-from worker.delivery.inflight import PendingEvent
+from worker.delivery.inflight import InflightMessage, PendingEvent
 from worker.delivery.lanes import DEFAULT_MAX_BATCH_BYTES, Lane
 from worker.errors import ConfigError
 from worker.mapping.body import BatchKey, build_body
@@ -486,7 +486,15 @@ def test_batches_never_mix_sources_or_ids_and_share_one_rate_limit_key() -> None
                     max_events=7,
                     max_bytes=DEFAULT_MAX_BATCH_BYTES,
                 )
-            lane.add(PendingEvent(None, None, item))  # type: ignore[arg-type]
+            message = InflightMessage(
+                owner=None,  # type: ignore[arg-type]  # nothing finishes here
+                topic="t",
+                partition=0,
+                offset=0,
+                timestamp_ms=None,
+                key=None,
+            )
+            lane.add(PendingEvent(message, None, item))  # type: ignore[arg-type]
         for key, lane in lanes.items():
             while lane.queue:
                 batches.append((key, lane.seal()))

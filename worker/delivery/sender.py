@@ -252,7 +252,6 @@ class Sender:
         circuit = self._circuits.get(lane.key.destination)
         while True:
             await lane.wait_for_batch(linger_s)
-            await self._gate.wait()
             probe = False
             if circuit is not None:
                 verdict = circuit.allow()
@@ -279,13 +278,20 @@ class Sender:
             )
 
     async def _take_turn(self, lane: Lane) -> None:
-        """One of the lane's permits, then a slot of its app: the order SPEC §4 asks for."""
-        await lane.permits.acquire()
-        try:
-            await lane.budget.slot(lane)
-        except BaseException:
+        """One of the lane's permits, then a slot of its app (the order SPEC §4 asks for), with
+        the gate open once both are held: after `close_gate` no request starts, even one that
+        was already waiting for its slot."""
+        while True:
+            await self._gate.wait()
+            await lane.permits.acquire()
+            try:
+                await lane.budget.slot(lane)
+            except BaseException:
+                lane.permits.release()
+                raise
+            if self._gate.is_set():
+                return
             lane.permits.release()
-            raise
 
     def _gauge(self, lane: Lane) -> None:
         self._metrics.lane_inflight_events.labels(destination=lane.key.destination).set(
@@ -338,11 +344,13 @@ class Sender:
         first_failed, park_after = failing_since if failing_since is not None else (None, None)
         last: SendResult | None = None
         while True:
+            if holding and not self._gate.is_set():  # closed since the turn was taken
+                lane.permits.release()
+                holding = False
             if not holding:
                 if circuit is not None and circuit.allow() is Verdict.PARK:
                     self._park(events, "circuit_open", last, attempt, first_failed, circuit)
                     return None
-                await self._gate.wait()
                 await self._take_turn(lane)
             holding = False
             live = _live(events)
