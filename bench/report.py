@@ -185,6 +185,29 @@ def markdown(results: dict[str, Any]) -> str:
             rl["worst_window_arrival"],
             "requests",
         )
+    arrival = r.get("arrival")
+    if arrival:
+        budget = arrival["budget_qps"]
+        for run in arrival["runs"].values():
+            what = f"{run['processes']} worker process(es), {run['busy_loops']} busy loops"
+            restart = "redis_down_s" in run
+            if restart:
+                what += f", Redis down {run['redis_down_s']:g} s"
+            bound = 1.1 * budget if restart else budget + 1
+            table.add(
+                f"6b {what}: worst 1-s window by arrival",
+                _single(run["worst_window"]),
+                f"requests (budget {budget:g}/s)",
+                f"<= {bound:g}",
+                _at_most(run["worst_window"], bound),
+            )
+            table.add(
+                f"6b {what}: budget used by arrival",
+                _single(run["budget_used"]),
+                "fraction",
+                f">= {t['ratelimit_utilisation']}",
+                _at_least(run["budget_used"], t["ratelimit_utilisation"]),
+            )
     mem = r.get("memory")
     if mem:
         done = "drained" if mem["drained"] else f"{mem['messages_done_estimate']:,} done"

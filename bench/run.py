@@ -10,6 +10,8 @@ make_events`), and measures, each figure as min/median/max over several runs:
     with the Redis rate limiter and one profiled with py-spy (`profile`);
  5. the Segment-style baseline, one request per event (`baseline`);
  6. rate-limit precision for 1, 2 and 4 processes (`bench_ratelimit`, as a subprocess);
+ 6b. the rate limit by arrival at the fake Events API: 1, 2 and 4 real worker processes on a
+    machine loaded by two busy loops, and 4 across a Redis restart (`arrival`);
  7. peak RSS draining a large backlog against a slow fake (`memory`);
  8. produce→acceptance latency at 10% of the measured capacity (`latency`);
  9. lanes: a healthy destination's throughput while another answers 503, as a fraction of
@@ -40,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import bench_mapping
+from bench.arrival import run_arrival
 from bench.baseline import run_baseline
 from bench.common import BenchEnv, fill_topic, log, summary, versions
 from bench.e2e import WorkerSpec, py_spy_path, run_e2e
@@ -66,6 +69,7 @@ SECTIONS = (
     "baseline",
     "latency",
     "ratelimit",
+    "arrival",
     "memory",
     "lanes",
     "parking",
@@ -81,6 +85,10 @@ FULL: dict[str, Any] = {
     "ratelimit_runs": 2,
     "ratelimit_duration_s": 10,
     "ratelimit_qps": 200,
+    "arrival_qps": 40,
+    "arrival_duration_s": 20,
+    "arrival_processes": [1, 2, 4],
+    "arrival_outage": [8.0, 3.0],
     "memory_messages": 1_000_000,
     "memory_slow_delay_s": 1.0,
     "memory_max_s": 150,
@@ -106,6 +114,8 @@ QUICK: dict[str, Any] = {
     "baseline_runs": 2,
     "ratelimit_runs": 1,
     "ratelimit_duration_s": 4,
+    "arrival_duration_s": 12,
+    "arrival_outage": [5.0, 2.0],
     "memory_messages": 200_000,
     "memory_max_s": 20,
     "latency_runs": 1,
@@ -347,6 +357,35 @@ class Bench:
             "runs": runs,
         }
 
+    def arrival(self) -> None:
+        """(6b) The budget as TikTok counts it (see bench/arrival.py)."""
+        qps, duration = self.cfg["arrival_qps"], self.cfg["arrival_duration_s"]
+        runs: dict[str, dict[str, Any]] = {}
+        for n in self.cfg["arrival_processes"]:
+            log(f"arrival: {n} worker process(es), 2 busy loops, {qps:g}/s for {duration}s")
+            runs[f"{n}_loaded"] = run_arrival(
+                self.env, processes=n, qps=qps, duration_s=duration, name=f"arr{n}"
+            )
+            log(f"arrival: {runs[f'{n}_loaded']}")
+        at_s, down_s = self.cfg["arrival_outage"]
+        n = max(self.cfg["arrival_processes"])
+        log(f"arrival: {n} worker processes, 2 busy loops, Redis down {down_s}s at {at_s}s")
+        runs[f"{n}_redis_restart"] = run_arrival(
+            self.env,
+            processes=n,
+            qps=qps,
+            duration_s=duration,
+            redis_outage=(at_s, down_s),
+            name=f"arr{n}r",
+        )
+        log(f"arrival: {runs[f'{n}_redis_restart']}")
+        self.results["arrival"] = {
+            "budget_qps": qps,
+            "duration_s": duration,
+            "headroom": "default (rate_limit.headroom)",
+            "runs": runs,
+        }
+
     def _memory_topic(self) -> tuple[str, int, int]:
         """The large backlog: the bench stream repeated up to `memory_messages` (produced once)."""
         if self._memory is None:
@@ -411,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         results["machine"] = versions()
         bench = Bench(env, cfg, args.out)
         bench.results = results
-        bench.prepare()
+        if set(only) - {"arrival"}:  # the arrival section fills its own topics
+            bench.prepare()
         for section in SECTIONS:
             if section in only:
                 getattr(bench, section)()

@@ -34,8 +34,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from worker.delivery.ratelimit import AdaptiveSettings, build_rate_limiter
-from worker.delivery.ratelimit.limiter import DEFAULT_LATE_TOLERANCE_S
+from worker.delivery.ratelimit import DEFAULT_HEADROOM, AdaptiveSettings, build_rate_limiter
 from worker.observability.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,7 +205,9 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
         probe_interval_s=args.probe_interval,
         adaptive=AdaptiveSettings(recovery_per_s=args.recovery_per_s),
         late_tolerance_s=args.late_tolerance,
+        headroom=args.headroom,
     )
+    await limiter.start()
     key = args.key
     sent = throttled = 0
     deadline = args.start_at + args.duration
@@ -261,7 +262,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--redis-timeout", type=float, default=0.25)
     p.add_argument("--probe-interval", type=float, default=0.25)
     p.add_argument("--recovery-per-s", type=float, default=0.25)
-    p.add_argument("--late-tolerance", type=float, default=DEFAULT_LATE_TOLERANCE_S)
+    p.add_argument("--late-tolerance", type=float, default=None, help="default: from headroom")
+    p.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM)
     args = p.parse_args(argv)
     if args.start_at <= 0:
         args.start_at = time.time()

@@ -54,11 +54,12 @@ def test_defaults_are_the_specs() -> None:
     assert (t.circuit.failure_threshold, t.circuit.open_s, t.circuit.max_open_s) == (5, 30, 300)
     assert c.kafka.retry_topic == "segment-events.tiktok-retry"
     r = c.rate_limit
-    assert (r.qps, r.backend, r.redis_url, r.expected_replicas) == (
+    assert (r.qps, r.backend, r.redis_url, r.expected_replicas, r.headroom) == (
         1000,
         "redis",
         "redis://localhost:6379/0",
         1,
+        0.1,
     )
     assert (c.http.host, c.http.port, c.http.liveness_timeout_s) == ("0.0.0.0", 9464, 60.0)
     assert (c.logging.level, c.logging.format) == ("info", "json")
@@ -469,12 +470,29 @@ def test_start_from_defaults_to_earliest_and_sets_auto_offset_reset() -> None:
         ),
         pytest.param(
             'rate_limit: {redis_url: "not a url"}\n',
-            "rate_limit.redis_url: must start with redis://, rediss:// (TLS) or unix://",
+            "rate_limit.redis_url: must start with redis://, rediss:// (TLS), unix:// or "
+            "redis+sentinel://",
             id="redis-url-not-a-url",
         ),
         pytest.param(
+            'rate_limit: {redis_url: "redis+sentinel://:pw@sentinel-a:26379,sentinel-b/m"}\n',
+            "rate_limit.redis_url: redis+sentinel URL: expected host:port",
+            id="sentinel-url-without-port",
+        ),
+        pytest.param(
+            'rate_limit: {redis_url: "redis+sentinel://sentinel-a:26379"}\n',
+            "rate_limit.redis_url: redis+sentinel URL: expected /<master name>",
+            id="sentinel-url-without-master",
+        ),
+        pytest.param(
+            "rate_limit: {headroom: 0.6}\n",
+            "rate_limit.headroom:",
+            id="headroom-too-large",
+        ),
+        pytest.param(
             'rate_limit: {redis_url: "http://redis:6379/0"}\n',
-            "rate_limit.redis_url: must start with redis://, rediss:// (TLS) or unix://",
+            "rate_limit.redis_url: must start with redis://, rediss:// (TLS), unix:// or "
+            "redis+sentinel://",
             id="redis-url-wrong-scheme",
         ),
         pytest.param(
@@ -565,3 +583,15 @@ def test_liveness_default_follows_the_drain_time() -> None:
     assert masked(c)["http"]["liveness_timeout_s"] == 135.0
     explicit = "kafka: {drain_timeout_s: 100}\nhttp: {liveness_timeout_s: 111}\n"
     assert parse_config(MINIMAL + explicit, environ={}).http.liveness_timeout_s == 111.0
+
+
+def test_a_sentinel_url_is_accepted_and_its_password_masked() -> None:
+    config = parse_config(
+        "rate_limit: {redis_url: 'redis+sentinel://:s3cret@s1:26379,s2:26379/mymaster/2'}\n"
+        "destinations: [{name: a, pixel_code: P, access_token: t}]\n"
+    )
+    assert config.rate_limit.redis_url.startswith("redis+sentinel://")
+    assert "s3cret" not in str(masked(config)["rate_limit"])
+    from worker.config import secret_values
+
+    assert "s3cret" in secret_values(config)  # scrubbed from logs too

@@ -119,6 +119,7 @@ def test_no_unexpected_families_and_every_one_is_prefixed() -> None:
         "tiktok_worker_destination_info",
         "tiktok_worker_parked_waiting_events",
         "tiktok_worker_parked_backlog_messages",
+        "tiktok_worker_rate_limit_late_slots_total",
     }
 
 

@@ -150,6 +150,7 @@ async def run_worker(config: Config, *, log: Logger, metrics: Metrics | None = N
             log=log,
             drain_timeout_s=kafka.drain_timeout_s,
             pause=pause,
+            on_share=delivery.limiter.set_share,
         )
         retry_consumer = ConsumerThread(
             config={
@@ -196,6 +197,8 @@ async def run_worker(config: Config, *, log: Logger, metrics: Metrics | None = N
         def ready() -> tuple[bool, str]:
             if stop.is_set() or fatal.error is not None:
                 return False, "stopping"
+            if not delivery.limiter.ready:
+                return False, "connecting to the rate-limit store"
             if not consumer.alive or not retry_consumer.alive:
                 return False, "consumer not running"
             if consumer.brokers_down:
@@ -213,6 +216,16 @@ async def run_worker(config: Config, *, log: Logger, metrics: Metrics | None = N
         )
         await health.start()
         stack.push_async_callback(health.stop)
+        # The shared rate limit first: work taken before it is connected would be sent unshared.
+        limiter_start = loop.create_task(delivery.limiter.start())
+        stopped = loop.create_task(stop.wait())
+        await asyncio.wait([limiter_start, stopped], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not limiter_start.done():  # SIGTERM while connecting: nothing was taken yet
+            await _cancel(limiter_start)
+            log.info("worker stopped", messages=0)
+            return 0
+        limiter_start.result()
         dead_letters.start()
         retry_producer.start()
 

@@ -12,8 +12,11 @@ reported in the assertion messages and by `bench/bench_ratelimit.py`.
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +24,16 @@ from typing import Any
 
 import pytest
 
+from devkit.harness import (
+    FakeTikTokProcess,
+    WorkerProcess,
+    metric_value,
+    produce,
+    wait_until,
+    worker_config,
+    write_config,
+)
+from devkit.infra.procs import free_port, port_open
 from devkit.infra.redis_server import RedisEndpoint, RedisServer
 from devkit.ratelimit_driver import (
     RecordingServer,
@@ -28,7 +41,8 @@ from devkit.ratelimit_driver import (
     max_in_window,
     run_drivers,
 )
-from worker.delivery.ratelimit import RedisGcra, RedisRateLimiter
+from devkit.sample_events import DOCUMENTED_TRACK_EVENTS, SampleEvents, encode
+from worker.delivery.ratelimit import DEFAULT_HEADROOM, RedisGcra, RedisRateLimiter
 from worker.delivery.ratelimit.redis_gcra import connect
 from worker.observability.metrics import Metrics
 
@@ -53,7 +67,8 @@ async def test_four_processes_share_one_budget_fairly(redis_url: str) -> None:
         f"late slots paid {[s['late_slots_paid'] for s in run.summaries]}"
     )
     assert max_in_window(released) <= q + 1, note
-    assert len(released) >= 0.95 * q * duration, note
+    # The schedule holds back the default headroom (10 %) for arrival jitter.
+    assert len(released) >= 0.85 * q * duration, note
     for worker in range(4):
         assert len(run.released(worker)) >= 0.15 * len(released), note
     assert not any(h.fallback for h in run.hits), "Redis was up: no request may be in fallback"
@@ -200,12 +215,13 @@ async def test_redis_stopped_mid_run_falls_back_per_worker_then_returns(
         note = f"worker {worker}: {len(during_outage)} requests while Redis was down"
         assert max_in_window(during_outage) <= fallback_qps + 1, note
         assert len(during_outage) >= 0.8 * fallback_qps * (up - stop - settle - 1), note
-    back = [h for h in run.hits if h.released >= up + 1.5]
+    # After its return each worker keeps to its local share for 2 probe intervals + 1 s.
+    back = [h for h in run.hits if h.released >= up + 2.5]
     assert back
     assert not any(h.fallback for h in back), "back on Redis: gauge 0"
     back_times = sorted(h.released for h in back)
     assert max_in_window(back_times) <= q + 1
-    assert len(back_times) >= 0.85 * q * (end - up - 1.5)
+    assert len(back_times) >= 0.75 * q * (end - up - 2.5)
     assert all(s["fallback"] == 0 for s in run.summaries)
     for err in run.stderr:  # logged once each way, per worker
         assert err.count("rate_limit_fallback_local") == 1, err[-2000:]
@@ -237,9 +253,9 @@ async def test_throttle_responses_slow_workers_down_then_they_recover(redis_url:
 
     rates = {"before": rate(-1.5, 0.0), "slowed": rate(0.5, 1.5), "after": rate(5.5, 7.0)}
     assert all(s["throttled"] >= 1 for s in run.summaries), run.summaries
-    assert rates["before"] >= 0.85 * q, rates
+    assert rates["before"] >= 0.8 * q, rates  # the schedule is 0.9 q (headroom)
     assert rates["slowed"] <= 0.65 * q, rates
-    assert rates["after"] >= 0.85 * q, rates
+    assert rates["after"] >= 0.8 * q, rates
 
 
 # -- TLS and password -------------------------------------------------------------------------
@@ -369,3 +385,250 @@ async def test_a_password_with_url_characters_reaches_redis(
             assert any(f"pw-{form}" in k.decode() for k in c.keys("*"))
     finally:
         await limiter.close()
+
+
+# -- start-up, slow answers, fair shares (issue 16) -------------------------------------------
+
+
+def redis_limiter(
+    url: str,
+    *,
+    qps: float,
+    expected_replicas: int = 4,
+    timeout_s: float = 0.15,
+    patient_s: float | None = 1.0,
+    probe_interval_s: float = 0.1,
+    metrics: Metrics | None = None,
+    log: RecordingLogger | None = None,
+) -> RedisRateLimiter:
+    return RedisRateLimiter(
+        client=connect(url, timeout_s=timeout_s),
+        patient_client=connect(url, timeout_s=patient_s) if patient_s else None,
+        qps=qps,
+        headroom=DEFAULT_HEADROOM,
+        expected_replicas=expected_replicas,
+        metrics=metrics or Metrics(),
+        logger=log,
+        probe_interval_s=probe_interval_s,
+    )
+
+
+async def test_startup_with_redis_down_falls_back_at_the_expected_share_then_the_assigned_one(
+    redis_factory: Callable[..., RedisServer],
+) -> None:
+    """The start-up case of issue 16: no request before the limiter has tried Redis, and a
+    pod that starts without it sends at its share, first of the replicas, then of the
+    partitions it is assigned, until Redis answers."""
+    server = redis_factory(password="rl-test-pw")
+    await asyncio.to_thread(server.stop)
+    metrics, log = Metrics(), RecordingLogger()
+    limiter = redis_limiter(server.url, qps=40, expected_replicas=4, metrics=metrics, log=log)
+    schedule = 40 * (1 - DEFAULT_HEADROOM)
+    try:
+        assert not limiter.ready  # /readyz says not ready: the worker takes no work yet
+        await limiter.start(timeout_s=0.5)
+        assert limiter.ready
+        assert limiter.in_fallback
+        assert metrics.registry.get_sample_value("tiktok_worker_rate_limit_fallback") == 1
+        assert limiter.fallback_rate == pytest.approx(schedule / 4)
+        limiter.set_share(1, 8)  # the first assignment: 1 of 8 partitions
+        assert limiter.fallback_rate == pytest.approx(schedule / 8)
+        limiter.set_share(4, 8)  # a rebalance after another pod left
+        assert limiter.fallback_rate == pytest.approx(schedule / 2)
+        for _ in range(3):
+            await limiter.acquire("k")
+        assert limiter.in_fallback
+        await asyncio.to_thread(server.start)
+        deadline = time.monotonic() + 5
+        while limiter.in_fallback and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not limiter.in_fallback
+        assert metrics.registry.get_sample_value("tiktok_worker_rate_limit_fallback") == 0
+        await limiter.acquire("k")
+        events = log.events()
+        assert events[0] == "rate_limit_fallback_local"
+        assert events[-1] == "rate_limit_redis_restored"
+        assert "rl-test-pw" not in repr(log.records)
+    finally:
+        await limiter.close()
+
+
+async def test_slow_redis_at_startup_and_one_slow_answer_are_not_an_outage(
+    redis_url: str,
+) -> None:
+    """Under load the first answer can be slow: start-up waits and retries, a slow answer is
+    asked again with the longer timeout; neither switches to the local fallback."""
+    metrics, log = Metrics(), RecordingLogger()
+    limiter = redis_limiter(
+        redis_url, qps=50, timeout_s=0.15, patient_s=2.0, metrics=metrics, log=log
+    )
+    admin = connect(redis_url, timeout_s=3.0)
+    try:
+        await admin.client_pause(600, all=True)  # slower than the short timeout
+        await limiter.start(timeout_s=5.0)
+        assert limiter.ready
+        assert not limiter.in_fallback
+        await limiter.acquire("slow-start")
+        await admin.client_pause(400, all=True)  # one slow answer mid-run
+        await limiter.acquire("slow-start")
+        assert limiter.slow_retries >= 1
+        assert not limiter.in_fallback
+        assert metrics.registry.get_sample_value("tiktok_worker_rate_limit_fallback") == 0
+        assert log.events() == ["rate_limit_redis_connected"]
+    finally:
+        await admin.aclose()
+        await limiter.close()
+
+
+async def test_pods_that_all_want_more_get_equal_shares(redis_url: str) -> None:
+    """Each pod keeps a bounded number of reservations ahead, so a pod with more waiting
+    requests does not crowd out one with fewer; when a pod leaves its share unused, the
+    other one gets it."""
+    key = f"fair-{uuid.uuid4().hex[:8]}"
+    busy = redis_limiter(redis_url, qps=40)
+    modest = redis_limiter(redis_url, qps=40)
+    grants = {"busy": 0, "modest": 0}
+    stop_at = time.monotonic() + 4.0
+
+    async def worker(name: str, limiter: RedisRateLimiter, pause: float = 0.0) -> None:
+        while time.monotonic() < stop_at:
+            await limiter.acquire(key)
+            grants[name] += 1
+            if pause:
+                await asyncio.sleep(pause)
+
+    try:
+        await asyncio.gather(busy.start(), modest.start())
+        tasks = [worker("busy", busy) for _ in range(24)]
+        tasks += [worker("modest", modest) for _ in range(4)]
+        await asyncio.gather(*tasks)
+        total = grants["busy"] + grants["modest"]
+        assert grants["modest"] >= 0.4 * total, grants  # 24 against 4 waiting, still ~half
+        # The modest pod now wants one request a second: the busy one gets the rest.
+        grants.update(busy=0, modest=0)
+        stop_at = time.monotonic() + 3.0
+        await asyncio.gather(
+            *(worker("busy", busy) for _ in range(24)), worker("modest", modest, pause=1.0)
+        )
+        assert grants["modest"] <= 4, grants
+        assert grants["busy"] >= 0.8 * 3.0 * busy.rate, grants
+        assert not busy.in_fallback
+        assert not modest.in_fallback
+    finally:
+        await busy.close()
+        await modest.close()
+
+
+# -- Redis Sentinel -----------------------------------------------------------------------------
+
+
+def _start_sentinel(conf: Path, log_file: Any) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        ["redis-server", str(conf), "--sentinel"], stdout=log_file, stderr=subprocess.STDOUT
+    )
+
+
+async def test_sentinel_url_reaches_the_master_sentinel_names(
+    redis_factory: Callable[..., RedisServer], tmp_path: Path
+) -> None:
+    """`redis+sentinel://` asks a real redis-sentinel for the master and runs the script there."""
+    master = redis_factory()
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"  # sentinel rewrites its config file: it must be writable
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\n"
+        f"sentinel monitor rl-master 127.0.0.1 {master.port} 1\n"
+        "sentinel down-after-milliseconds rl-master 1000\n"
+    )
+    log_file = (tmp_path / "sentinel.log").open("wb")
+    sentinel = await asyncio.to_thread(_start_sentinel, conf, log_file)
+    limiter: RedisRateLimiter | None = None
+    try:
+        deadline = time.monotonic() + 10
+        while not port_open(port) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        metrics, log = Metrics(), RecordingLogger()
+        limiter = redis_limiter(
+            f"redis+sentinel://127.0.0.1:{port}/rl-master/0", qps=20, metrics=metrics, log=log
+        )
+        await limiter.start(timeout_s=5.0)
+        assert not limiter.in_fallback
+        assert log.events() == ["rate_limit_redis_connected"]
+        for _ in range(3):
+            await limiter.acquire("via-sentinel")
+        assert not limiter.in_fallback
+        keys = await asyncio.to_thread(master.client().keys, "tiktok_worker:ratelimit:*")
+        assert b"tiktok_worker:ratelimit:via-sentinel" in keys  # the master holds the schedule
+    finally:
+        if limiter is not None:
+            await limiter.close()
+        sentinel.terminate()
+        sentinel.wait(10)
+        log_file.close()
+
+
+# -- the worker process: no work before the limiter is connected, share from the assignment ---
+
+
+def _readyz(worker: WorkerProcess) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{worker.http_port}/readyz", timeout=2
+        ) as resp:
+            return resp.status, resp.read().decode().strip()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode().strip()
+    except OSError:
+        return 0, ""
+
+
+def test_worker_takes_no_work_before_redis_answers_then_follows_its_assignment(
+    kafka: Any, redis_factory: Callable[..., RedisServer], tmp_path: Path
+) -> None:
+    redis = redis_factory()
+    redis.stop()
+    suffix = uuid.uuid4().hex[:8]
+    topic, dlq = f"rl-start-{suffix}", f"rl-start-{suffix}.dlq"
+    kafka.create_topic(topic, partitions=3)
+    kafka.create_topic(dlq, partitions=1)
+    fake = FakeTikTokProcess(tmp_path).start()
+    events = list(SampleEvents(seed=5, prefix="rl").stream(30))
+    produce(kafka.bootstrap, topic, [encode(e) for e in events])
+    expected = {e["messageId"] for e in events if e["type"] == "page"} | {
+        e["messageId"]
+        for e in events
+        if e["type"] == "track" and e["event"] in DOCUMENTED_TRACK_EVENTS
+    }
+    config = worker_config(
+        bootstrap=kafka.bootstrap,
+        topic=topic,
+        dlq_topic=dlq,
+        base_url=fake.url,
+        group_id=f"rl-start-{suffix}",
+        redis_url=redis.url,
+        rate_limit={"qps": 200, "expected_replicas": 2},
+    )
+    worker = WorkerProcess(write_config(tmp_path / "worker.yaml", config)).start()
+    try:
+        assert wait_until(lambda: _readyz(worker)[0] == 503, 30)
+        status, body = _readyz(worker)
+        assert (status, body) == (503, "connecting to the rate-limit store")
+        assert fake.stats()["accepted_events_total"] == 0  # nothing taken, nothing sent
+        redis.start()
+        worker.wait_ready(30)
+        assert wait_until(lambda: expected <= set(fake.event_ids()), 60)
+        text = worker.metrics()
+        assert metric_value(text, "tiktok_worker_rate_limit_fallback") == 0
+    finally:
+        worker.stop()
+        fake.stop()
+    log = worker.log_path.read_text()
+    assert "rate_limit_redis_connected" in log
+    assert "rate_limit_fallback_local" not in log
+    # The consumer told the limiter its share on every change: all 3 partitions once assigned,
+    # none once revoked at the stop.
+    shares = [
+        (entry["assigned_partitions"], entry["total_partitions"])
+        for entry in (json.loads(line) for line in log.splitlines() if "rate_limit_share" in line)
+    ]
+    assert shares == [(3, 3), (0, 3)]

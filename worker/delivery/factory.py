@@ -94,6 +94,7 @@ def build_delivery(
         redis_url=rate_limit.redis_url,
         redis_password=rate_limit.redis_password,
         expected_replicas=rate_limit.expected_replicas,
+        headroom=rate_limit.headroom,
         metrics=metrics,
         logger=log,
     )

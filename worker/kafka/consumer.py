@@ -81,7 +81,11 @@ class ConsumerThread:
         batch_size: int = 2000,
         source_gauges: bool = True,
         consumer_factory: Callable[[dict[str, Any]], Any] = Consumer,
+        on_share: Callable[[int, int], None] | None = None,
     ) -> None:
+        """`on_share(assigned, total)` runs on the event loop after every assignment change:
+        how many partitions of the subscribed topics this consumer holds, of how many in all
+        (the rate limiter's fallback share)."""
         self._topics = list(topics)
         self._loop = loop
         self._sink = sink
@@ -99,6 +103,8 @@ class ConsumerThread:
         self._pause = pause
         self._paused: set[TopicPartitionKey] = set()
         self._assigned: set[TopicPartitionKey] = set()
+        self._on_share = on_share
+        self._partition_counts: dict[str, int] = {}
         # The assigned/paused/last-commit gauges describe the source topics: the retry
         # intake's consumer (`source_gauges=False`) stays out of them, so a retry topic paused
         # while parked events wait never looks like backpressure, and its commits never hide
@@ -239,6 +245,7 @@ class ConsumerThread:
         self._show()
         self._log.info("partitions assigned", partitions=_fmt(keys))
         self._call_on_loop(self._sink.on_assigned, keys)
+        self._report_share(refresh=True)
 
     def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
@@ -266,6 +273,29 @@ class ConsumerThread:
         for topic, partition in keys:
             with contextlib.suppress(KeyError):
                 self._metrics.consumer_lag.remove(topic, str(partition))
+        self._report_share(refresh=False)
+
+    def _report_share(self, *, refresh: bool) -> None:
+        """Tell `on_share` how many of the subscribed topics' partitions this consumer holds.
+
+        The totals come from the consumer's metadata (refreshed on assignment: partitions can
+        be added); a topic whose metadata cannot be read keeps its last known count.
+        """
+        if self._on_share is None:
+            return
+        if refresh or not self._partition_counts:
+            for topic in self._topics:
+                try:
+                    meta = self._consumer.list_topics(topic, timeout=5.0).topics.get(topic)
+                except KafkaException:
+                    continue
+                if meta is not None and meta.error is None and meta.partitions:
+                    self._partition_counts[topic] = len(meta.partitions)
+        total = sum(self._partition_counts.values())
+        if total <= 0:
+            return
+        assigned = sum(1 for topic, _ in self._assigned if topic in self._partition_counts)
+        self._call_on_loop(self._on_share, assigned, total)
 
     def _on_stats(self, stats_json: str) -> None:
         try:

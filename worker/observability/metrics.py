@@ -152,6 +152,11 @@ class Metrics:
             "Parked events this worker has read from the retry topic and holds until due.",
             registry=r,
         )
+        self.rate_limit_late_slots = Counter(
+            p + "rate_limit_late_slots",
+            "Requests released later than the headroom absorbs; each left one slot empty.",
+            registry=r,
+        )
         self.inflight_messages = Gauge(
             p + "inflight_messages",
             "Kafka messages consumed but not yet finished (delivered, skipped or dead-lettered).",

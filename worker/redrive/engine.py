@@ -367,6 +367,7 @@ class Redrive:
         """Redrive until the captured ends, `--max`, a stop request or a fatal error."""
         loop = asyncio.get_running_loop()
         kafka = self._config.kafka
+        await self._delivery.limiter.start()  # connect before sending (SPEC §5)
         self._dead_letters.start()
         committer = loop.create_task(
             self._offsets.commit_every(kafka.commit_interval_s, self._commit, self._commit_failed)

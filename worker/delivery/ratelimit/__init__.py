@@ -5,12 +5,15 @@ Public interface (used by the sender):
 - `RateLimiter` — `acquire(key)` waits for a slot and returns the seconds waited;
   `throttled(key, retry_after_s)` reports a 40100/429; `close()`.
 - `rate_limit_key(app_id=..., access_token=..., endpoint=...)` — the key to pass.
-- `build_rate_limiter(backend=..., qps=..., redis_url=..., expected_replicas=..., metrics=...)`.
+- `build_rate_limiter(backend=..., qps=..., headroom=..., redis_url=..., expected_replicas=...,
+  metrics=...)`; then `await limiter.start()` before taking work (`ready` says when it is done)
+  and `set_share(assigned, total)` on every rebalance.
 
-Semantics (SPEC §5): GCRA without burst, so no 1-second window holds more than `qps` requests
-of one key across all pods (+1 for window alignment); Redis decides atomically on its own
-clock; when Redis fails each pod falls back to `qps / expected_replicas` locally and returns
-to Redis when it answers; throttling lowers this pod's rate on top of the shared limit.
+Semantics (SPEC §5): GCRA without burst at `qps * (1 - headroom)`, so that no 1-second window
+*by arrival at TikTok* holds more than `qps + 1` requests of one key across all pods; Redis
+decides atomically on its own clock; when Redis fails each pod falls back to its share of the
+source partitions locally and returns to Redis when it answers; throttling lowers this pod's
+rate on top of the shared limit. See `worker.ratelimit.limiter` for the details.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any, Protocol
 from worker.delivery.ratelimit.adaptive import AdaptiveGate, AdaptiveSettings
 from worker.delivery.ratelimit.gcra import LocalGcra
 from worker.delivery.ratelimit.limiter import (
-    DEFAULT_LATE_TOLERANCE_S,
+    DEFAULT_HEADROOM,
     LocalRateLimiter,
     RedisRateLimiter,
 )
@@ -29,6 +32,7 @@ from worker.delivery.ratelimit.redis_gcra import RedisGcra, RedisUnavailable, co
 from worker.observability.metrics import Metrics
 
 __all__ = [
+    "DEFAULT_HEADROOM",
     "AdaptiveGate",
     "AdaptiveSettings",
     "LocalGcra",
@@ -42,6 +46,8 @@ __all__ = [
 ]
 
 DEFAULT_REDIS_TIMEOUT_S = 0.25
+# A script call that timed out is asked once more with this timeout before falling back.
+DEFAULT_REDIS_RETRY_TIMEOUT_S = 1.0
 
 
 class RateLimiter(Protocol):
@@ -54,6 +60,19 @@ class RateLimiter(Protocol):
 
     def throttled(self, key: str, retry_after_s: float | None) -> None:
         """TikTok said 40100/429: slow this worker down for a while, honour Retry-After."""
+        ...
+
+    @property
+    def ready(self) -> bool:
+        """False until `start()` is done (readiness waits for it)."""
+        ...
+
+    async def start(self) -> None:
+        """Connect to the shared store, if any, before the worker takes work."""
+        ...
+
+    def set_share(self, assigned: int, total: int) -> None:
+        """This pod holds `assigned` of the `total` source partitions (fallback share)."""
         ...
 
     async def close(self) -> None: ...
@@ -82,25 +101,35 @@ def build_rate_limiter(
     expected_replicas: int,
     redis_password: str | None = None,
     metrics: Metrics,
+    headroom: float = DEFAULT_HEADROOM,
     logger: Any | None = None,
     redis_timeout_s: float = DEFAULT_REDIS_TIMEOUT_S,
+    redis_retry_timeout_s: float = DEFAULT_REDIS_RETRY_TIMEOUT_S,
     probe_interval_s: float = 1.0,
     adaptive: AdaptiveSettings | None = None,
-    late_tolerance_s: float = DEFAULT_LATE_TOLERANCE_S,
+    late_tolerance_s: float | None = None,
 ) -> RateLimiter:
     """The limiter for `rate_limit.backend` (`redis` or `local`).
 
-    Creating a Redis limiter does not connect; the first `acquire` does, and falls back to
-    the local schedule if Redis is not there.
+    Creating a Redis limiter does not connect; `start()` does (and falls back to the local
+    schedule if Redis is not there in time).
     """
     if backend == "local":
         return LocalRateLimiter(
-            qps=qps, metrics=metrics, adaptive=adaptive, late_tolerance_s=late_tolerance_s
+            qps=qps,
+            headroom=headroom,
+            metrics=metrics,
+            adaptive=adaptive,
+            late_tolerance_s=late_tolerance_s,
         )
     if backend == "redis":
         return RedisRateLimiter(
             client=connect(redis_url, timeout_s=redis_timeout_s, password=redis_password),
+            patient_client=connect(
+                redis_url, timeout_s=redis_retry_timeout_s, password=redis_password
+            ),
             qps=qps,
+            headroom=headroom,
             expected_replicas=expected_replicas,
             metrics=metrics,
             logger=logger,
