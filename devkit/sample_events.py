@@ -30,14 +30,25 @@ _PRODUCTS: Final = (
 )
 
 
+def recent_base(now: dt.datetime | None = None) -> dt.datetime:
+    """The start of the previous UTC hour: recent, yet the same for every generator made
+    within one hour (so two seeded generators still produce equal events)."""
+    now = now if now is not None else dt.datetime.now(dt.UTC)
+    return now.replace(minute=0, second=0, microsecond=0) - dt.timedelta(hours=1)
+
+
 class SampleEvents:
     """A seeded generator of Segment events (dicts) and Kafka message values (bytes)."""
 
-    def __init__(self, *, seed: int = 7, prefix: str = "msg") -> None:
+    def __init__(
+        self, *, seed: int = 7, prefix: str = "msg", base: dt.datetime | None = None
+    ) -> None:
         self._rng = random.Random(seed)
         self._prefix = prefix
         self._count = 0
-        self._base = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
+        # Recent by default: the worker skips events older than tiktok.max_event_age_s (48 h),
+        # so a fixed date would turn every sample into a too_old skip once it ages.
+        self._base = base if base is not None else recent_base()
 
     def _message_id(self) -> str:
         self._count += 1

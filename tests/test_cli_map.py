@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ TOKEN = "tok-SECRET-0123456789"
 CONFIG = """
 kafka:
   client: {sasl.password: kafka-SECRET}
+tiktok: {max_event_age_s: null}  # the events below have fixed (old) timestamps
 rate_limit: {redis_url: "redis://:redis-SECRET@localhost:6379/0"}
 destinations:
   - name: web-shop
@@ -48,6 +51,29 @@ def config_file(tmp_path: Path) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(CONFIG)
     return path
+
+
+def test_map_skips_events_older_than_max_event_age(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG.replace("tiktok: {max_event_age_s: null}", "tiktok: {}"))
+    now = time.time()
+    events = [
+        {"type": "page", "messageId": "old", "timestamp": _iso(now - 172800 - 60)},
+        {"type": "page", "messageId": "new", "timestamp": _iso(now - 172800 + 600)},
+    ]
+    stdin = "\n".join(json.dumps(e) for e in events) + "\n"
+    result = run_cli("map", "--config", str(config), stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    out = [json.loads(line) for line in result.stdout.splitlines()]
+    assert out[0] == {"index": 0, "skipped": "too_old"}
+    assert len(out) == 2
+    assert out[1]["index"] == 1
+    assert out[1]["destination"] == "web-shop"
+    assert "body" in out[1]
+
+
+def _iso(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 def test_map_prints_one_line_per_result(config_file: Path, tmp_path: Path) -> None:
@@ -185,6 +211,7 @@ def test_check_config_bad_trigger_exits_2_with_position(tmp_path: Path) -> None:
 
 
 FOUR_SOURCES = """
+tiktok: {max_event_age_s: null}  # the event below has a fixed (old) timestamp
 destinations:
   - {name: web-shop, pixel_code: PIXELWEB01, access_token: t, presets: all}
   - name: leads

@@ -320,6 +320,17 @@ def test_rendered_config_is_accepted_by_check_config(
         import certifi
 
         config["kafka"]["client"]["ssl.ca.location"] = certifi.where()
+    security = config["kafka"].get("security") or {}
+    if any(key in security for key in ("ca_file", "cert_file", "key_file")):
+        # The pod mounts kafkaTls there; check-config loads the files as a client would, so
+        # point them at a test PKI made here (test_kafka_tls_and_sasl_come_from_existing_secrets
+        # checks the paths the chart renders).
+        from devkit.infra.certs import make_test_pki
+
+        tls = make_test_pki(tmp_path / "pki")
+        made = {"ca_file": tls.ca_cert, "cert_file": tls.client_cert, "key_file": tls.client_key}
+        for key in security.keys() & made.keys():
+            security[key] = str(made[key])
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TIKTOK_", "KAFKA_", "REDIS_"))}
     secret_values = {
@@ -600,3 +611,80 @@ def test_no_static_membership_by_default() -> None:
     objs = render()
     assert "POD_NAME" not in {e["name"] for e in container(objs).get("env", [])}
     assert "group.instance.id" not in worker_config(objs)["kafka"]["client"]
+
+
+# --------------------------------------------------------------------------- Kafka security
+
+
+@pytest.mark.tools
+def test_kafka_tls_and_sasl_come_from_existing_secrets() -> None:
+    objs = render(
+        set_values={
+            "kafkaTls.existingSecret": "kafka-tls",
+            "kafkaTls.certKey": "tls.crt",
+            "kafkaTls.keyKey": "tls.key",
+            "kafkaSasl.existingSecret": "kafka-sasl",
+            "kafkaSasl.usernameKey": "username",
+            "config.kafka.security.mechanism": "scram-sha-512",
+        }
+    )
+    security = worker_config(objs)["kafka"]["security"]
+    assert security == {
+        "mechanism": "scram-sha-512",
+        "username": "${KAFKA_SASL_USERNAME}",
+        "password": "${KAFKA_SASL_PASSWORD}",
+        "ca_file": "/etc/tiktok-worker/kafka-tls/ca.crt",
+        "cert_file": "/etc/tiktok-worker/kafka-tls/tls.crt",
+        "key_file": "/etc/tiktok-worker/kafka-tls/tls.key",
+    }
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container(objs)["env"]}
+    assert env == {
+        "KAFKA_SASL_PASSWORD": {"name": "kafka-sasl", "key": "password"},
+        "KAFKA_SASL_USERNAME": {"name": "kafka-sasl", "key": "username"},
+    }
+    (mount,) = [m for m in container(objs)["volumeMounts"] if m["name"] == "kafka-tls"]
+    assert mount == {
+        "name": "kafka-tls",
+        "mountPath": "/etc/tiktok-worker/kafka-tls",
+        "readOnly": True,
+    }
+    volumes = deployment(objs)["spec"]["template"]["spec"]["volumes"]
+    (volume,) = [v for v in volumes if v["name"] == "kafka-tls"]
+    assert volume["secret"]["secretName"] == "kafka-tls"
+    assert volume["secret"]["defaultMode"] == 0o440
+    assert [i["key"] for i in volume["secret"]["items"]] == ["ca.crt", "tls.crt", "tls.key"]
+    for obj in objs:
+        assert kubernetes_schema_errors(obj) == [], obj["kind"]
+
+
+@pytest.mark.tools
+def test_values_set_in_kafka_security_win_over_the_secret_defaults() -> None:
+    objs = render(
+        set_values={
+            "kafkaTls.existingSecret": "kafka-tls",
+            "config.kafka.security.mechanism": "client-cert-auth",
+            "config.kafka.security.ca_file": "/etc/ssl/certs/ca-certificates.crt",
+            "config.kafka.security.cert_file": "/etc/tiktok-worker/kafka-tls/client.pem",
+            "config.kafka.security.key_file": "/etc/tiktok-worker/kafka-tls/client.key",
+        }
+    )
+    security = worker_config(objs)["kafka"]["security"]
+    assert security["ca_file"] == "/etc/ssl/certs/ca-certificates.crt"
+    assert "password" not in security
+    assert "env" not in container(objs)  # no SASL Secret, no extraEnv
+
+
+@pytest.mark.tools
+@pytest.mark.parametrize(
+    ("set_values", "message"),
+    [
+        ({"config.kafka.security.password": "hunter2"}, "does not match pattern"),
+        (
+            {"kafkaTls.existingSecret": "t", "kafkaTls.certKey": "tls.crt"},
+            "kafkaTls.certKey and kafkaTls.keyKey go together",
+        ),
+        ({"config.kafka.security.mechanism": "gssapi"}, "mechanism"),
+    ],
+)
+def test_refuses_unsafe_kafka_security(set_values: dict[str, str], message: str) -> None:
+    assert message in render_error(set_values=set_values)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -902,3 +903,60 @@ def test_intermediate_values_that_are_not_objects_read_as_missing() -> None:
     assert data["user"]["city"] == ""
     assert data["user"]["email"] == [sha("a@b.c")]
     assert "page" not in data
+
+
+# -- tiktok.max_event_age_s ------------------------------------------------------------------
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z")
+
+
+def test_event_older_than_max_age_is_skipped_as_too_old() -> None:
+    mapper = mapper_for()  # default max_event_age_s: 172800 (TikTok's 48 h dedup window)
+    old = {"type": "page", "messageId": "old", "timestamp": _iso(NOW - 172800 - 1)}
+    (outcome,) = run(mapper, old)
+    assert outcome.skipped == "too_old"
+    assert outcome.mapped == []
+    assert outcome.invalid == []
+    assert outcome.message_id == "old"
+    edge = {"type": "page", "messageId": "edge", "timestamp": _iso(NOW - 172800 + 1)}
+    (outcome,) = run(mapper, edge)
+    assert outcome.skipped is None
+    assert len(outcome.mapped) == 1
+
+
+def test_max_event_age_applies_per_event_of_a_batch() -> None:
+    mapper = mapper_for(tiktok={"max_event_age_s": 60})
+    batch = {
+        "batch": [
+            {"type": "page", "messageId": "a", "timestamp": _iso(NOW - 61)},
+            {"type": "page", "messageId": "b", "timestamp": _iso(NOW - 59)},
+        ]
+    }
+    first, second = run(mapper, batch)
+    assert first.skipped == "too_old"
+    assert second.skipped is None
+    assert len(second.mapped) == 1
+
+
+def test_max_event_age_null_turns_the_check_off_and_an_override_wins() -> None:
+    event = {"type": "page", "messageId": "x", "timestamp": "2001-01-01T00:00:00Z"}
+    (outcome,) = run(mapper_for(tiktok={"max_event_age_s": None}), event)
+    assert outcome.skipped is None
+    assert len(outcome.mapped) == 1
+    config = make_config([{}])
+    (outcome,) = run(Mapper(config, now=lambda: NOW, max_event_age_s=None), event)
+    assert len(outcome.mapped) == 1
+    (outcome,) = run(Mapper(config, now=lambda: NOW, max_event_age_s=10), event)
+    assert outcome.skipped == "too_old"
+
+
+def test_events_without_a_usable_timestamp_are_not_judged_by_age() -> None:
+    mapper = mapper_for(tiktok={"max_event_age_s": 60})
+    (outcome,) = run(mapper, {"type": "page", "messageId": "none"})
+    assert len(outcome.mapped) == 1  # event_time = now, as before
+    (outcome,) = run(mapper, {"type": "page", "messageId": "bad", "timestamp": "yesterday"})
+    assert outcome.skipped is None
+    assert outcome.invalid
+    assert "timestamp" in outcome.invalid[0].error

@@ -156,6 +156,7 @@ def test_every_skip_reason_is_emitted_and_documented() -> None:
     )
     produces = {  # reason -> a message that is skipped with it
         "no_match": b'{"type": "identify", "userId": "u"}',
+        "too_old": b'{"type": "page", "timestamp": "2001-01-01T00:00:00Z"}',
     }
     assert set(produces) == set(SKIP_REASONS)
     for reason, message in produces.items():
@@ -338,7 +339,7 @@ def test_label_vocabularies_are_the_documented_values() -> None:
         "auth_error",
         "retries_exhausted",
     )
-    assert SKIP_REASONS == ("no_match",)
+    assert SKIP_REASONS == ("no_match", "too_old")
     assert REQUEST_OUTCOMES == (
         "success",
         "throttled",

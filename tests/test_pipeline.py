@@ -6,6 +6,7 @@ so every interleaving is under the test's control.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -319,6 +320,18 @@ async def test_skipped_events_finish_immediately(rig_factory: Any) -> None:
     rig.pipeline.on_messages(messages([gen.identify(), gen.identify()]))
     assert rig.pending_commits() == {(TOPIC, 0): 2}
     assert rig.sample("tiktok_worker_events_skipped_total", reason="no_match") == 2
+
+
+async def test_events_older_than_max_age_are_skipped_as_too_old(rig_factory: Any) -> None:
+    rig: Rig = await rig_factory(max_event_age_s=4 * 3600)
+    old = SampleEvents(seed=6, base=dt.datetime.now(dt.UTC) - dt.timedelta(hours=5))
+    fresh = SampleEvents(seed=6, prefix="fresh")
+    events = [old.track("Order Completed"), fresh.track("Order Completed")]
+    rig.pipeline.on_messages(messages(events))
+    await rig.settle()
+    assert rig.pending_commits() == {(TOPIC, 0): 2}  # the skipped one is finished too
+    assert [e.event_id for e in rig.fake.events] == [events[1]["messageId"]]
+    assert rig.sample("tiktok_worker_events_skipped_total", reason="too_old") == 1
 
 
 async def test_consumer_thread_hands_messages_to_the_pipeline(rig_factory: Any) -> None:

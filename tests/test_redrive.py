@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tests.fakes import FakeMessage
-from worker.commands.dlq_redrive import Progress, summary_line
+from worker.commands.dlq_redrive import Progress, parse_max_age, summary_line
 from worker.config import parse_config
 from worker.core.vocabulary import DeadLetterReason
 from worker.errors import ConfigError
@@ -239,6 +239,30 @@ def test_summary_line() -> None:
     assert summary_line(s).endswith(
         "2 skipped (0 by filter, 0 already redriven, 2 reference-only (no value to send))"
     )
+
+
+def test_summary_line_counts_too_old_records_only_when_there_are_some() -> None:
+    s = stats(redriven=7, too_old=1)
+    assert summary_line(s) == (
+        "redrive done: 7 redriven (4 delivered, 1 failed again, 1 not mapped any more, "
+        "1 too old); 10 read, 0 skipped (0 by filter, 0 already redriven)"
+    )
+    assert s.inflight == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("172800", 172800.0), ("36h", 129600.0), ("7d", 604800.0), ("90m", 5400.0),
+     ("1.5h", 5400.0), ("none", None), (" NONE ", None)],
+)  # fmt: skip
+def test_max_age_accepts_seconds_durations_and_none(text: str, seconds: float | None) -> None:
+    assert parse_max_age(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0", "-5", "7w", "soon", "1e9"])
+def test_max_age_refuses_anything_else_in_one_line(text: str) -> None:
+    with pytest.raises(ConfigError, match=r"^--max-age: expected a positive duration"):
+        parse_max_age(text)
 
 
 def test_progress_bar_on_a_terminal_plain_lines_otherwise() -> None:

@@ -34,6 +34,7 @@ from worker.kafka.lag import LagMonitor
 from worker.kafka.offsets import OffsetLedger
 from worker.kafka.parking import RetryProducer, retry_group_id
 from worker.kafka.preflight import preflight
+from worker.kafka.security import client_properties
 from worker.kafka.settings import consumer_settings, producer_settings
 from worker.mapping.mapper import Mapper
 from worker.observability.health import HealthServer, liveness_check
@@ -49,11 +50,13 @@ SHUTDOWN_MARGIN_S = 10.0
 async def run_worker(config: Config, *, log: Logger, metrics: Metrics | None = None) -> int:
     """Run until SIGTERM/SIGINT or a fatal error; returns the exit status."""
     register_secrets(secret_values(config))
+    kafka = config.kafka
+    # One set of connection properties (security included) for every client below.
+    client = client_properties(kafka)
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, lambda: preflight(config, log, retry_topic=True))
+    await loop.run_in_executor(None, lambda: preflight(config, client, log, retry_topic=True))
     metrics = metrics if metrics is not None else Metrics()
     metrics.describe_destinations({d.name: d.event_source for d in config.destinations})
-    kafka = config.kafka
     stop = asyncio.Event()
     fatal = FatalLatch()
     fatal_event = asyncio.Event()
@@ -74,7 +77,7 @@ async def run_worker(config: Config, *, log: Logger, metrics: Metrics | None = N
         dead_letters = DeadLetterProducer(
             config=producer_settings(
                 bootstrap_servers=kafka.bootstrap_servers,
-                client=kafka.client,
+                client=client,
                 logger=kafka_logger(),
             ),
             topic=kafka.dead_letter_topic,
@@ -85,7 +88,7 @@ async def run_worker(config: Config, *, log: Logger, metrics: Metrics | None = N
         retry_producer = RetryProducer(
             config=producer_settings(
                 bootstrap_servers=kafka.bootstrap_servers,
-                client=kafka.client,
+                client=client,
                 logger=kafka_logger(),
                 job="retry",
             ),
@@ -139,7 +142,7 @@ async def run_worker(config: Config, *, log: Logger, metrics: Metrics | None = N
             config=consumer_settings(
                 bootstrap_servers=kafka.bootstrap_servers,
                 group_id=kafka.group_id,
-                client=kafka.client,
+                client=client,
                 start_from=kafka.start_from,
                 logger=kafka_logger(),
             ),
@@ -157,10 +160,10 @@ async def run_worker(config: Config, *, log: Logger, metrics: Metrics | None = N
                 **consumer_settings(
                     bootstrap_servers=kafka.bootstrap_servers,
                     group_id=retry_group_id(kafka.group_id),
-                    client=kafka.client,
+                    client=client,
                     logger=kafka_logger(),
                 ),
-                "client.id": str(kafka.client.get("client.id", "tiktok-worker")) + "-retry",
+                "client.id": str(client.get("client.id", "tiktok-worker")) + "-retry",
                 # Parked records are never skipped, whatever kafka.start_from says.
                 "auto.offset.reset": "earliest",
             },
@@ -176,7 +179,7 @@ async def run_worker(config: Config, *, log: Logger, metrics: Metrics | None = N
         retry_lag = LagMonitor.for_consumer(
             bootstrap_servers=kafka.bootstrap_servers,
             group_id=retry_group_id(kafka.group_id),
-            client=kafka.client,
+            client=client,
             partitions=retry_consumer.assignment,
             metrics=metrics,
             log=log,
@@ -186,7 +189,7 @@ async def run_worker(config: Config, *, log: Logger, metrics: Metrics | None = N
         lag = LagMonitor.for_consumer(
             bootstrap_servers=kafka.bootstrap_servers,
             group_id=kafka.group_id,
-            client=kafka.client,
+            client=client,
             start_from=kafka.start_from,
             partitions=consumer.assignment,
             metrics=metrics,

@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     redrive.add_argument("--reason", help="only dead letters with this dlq.reason")
     redrive.add_argument("--destination", help="only dead letters for this destination")
     redrive.add_argument("--max", type=int, help="stop after this many records")
+    redrive.add_argument(
+        "--max-age",
+        help="send events up to this old (seconds, 36h, 7d, or none) instead of "
+        "tiktok.max_event_age_s: older ones may be counted twice by TikTok (48 h dedup)",
+    )
 
     return parser
 

@@ -11,6 +11,12 @@ directory, so committed offsets and topic data survive, as chaos tests need.
 
 `KafkaEndpoint` holds the topic helpers shared with the external stand-ins
 (devkit/infra/external.py).
+
+Secured listeners (`extra_listeners`, `scram_users`): besides the PLAINTEXT listener the
+helpers use, a broker can listen with SASL_SSL, SSL (mutual TLS) and so on, each with its own
+`listener.name.<name>.*` properties; `secured_listeners(tls)` builds the usual set (SCRAM-SHA-512
+over TLS, mTLS, OAUTHBEARER over TLS with Kafka's unsecured-JWT validator). SCRAM users are
+written into the metadata when the storage is formatted (`kafka-storage format --add-scram`).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +38,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from devkit.infra import REPO_ROOT, SETUP_HINT, cache_dir, which
+from devkit.infra.certs import TlsFiles
 from devkit.infra.errors import InfraError
 from devkit.infra.procs import LOOPBACK, ManagedProcess, UnmanagedLifecycle, free_ports
 
@@ -39,8 +47,10 @@ __all__ = [
     "KAFKA_POM",
     "KafkaEndpoint",
     "KafkaServer",
+    "Listener",
     "kafka_libs_dir",
     "kafka_version",
+    "secured_listeners",
 ]
 
 KAFKA_POM = REPO_ROOT / "infra" / "kafka" / "pom.xml"
@@ -110,6 +120,69 @@ def new_cluster_id() -> str:
         cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         if not cid.startswith("-"):  # Kafka avoids ids that look like command-line flags
             return cid
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One more listener of a `KafkaServer` on 127.0.0.1.
+
+    `name` is the listener name (upper case, e.g. "SASL_SSL", "MTLS"), `protocol` its
+    security protocol (SASL_SSL, SSL, SASL_PLAINTEXT), `properties` the settings that
+    apply to it alone, without the `listener.name.<name>.` prefix (e.g. "ssl.client.auth").
+    `port` 0 means a free port picked when the server is made.
+    """
+
+    name: str
+    protocol: str
+    properties: Mapping[str, str] = field(default_factory=dict)
+    port: int = 0
+
+
+def secured_listeners(tls: TlsFiles) -> list[Listener]:
+    """SASL_SSL with SCRAM-SHA-512, SSL with required client certificates (MTLS), and
+    SASL_SSL with OAUTHBEARER (OAUTH; Kafka's default validator accepts unsecured JWTs, which
+    stands in for AWS MSK IAM's tokens): every one with the test CA's broker certificate."""
+    keystore = {
+        "ssl.keystore.type": "PKCS12",
+        "ssl.keystore.location": str(tls.broker_keystore),
+        "ssl.keystore.password": tls.keystore_password,
+        "ssl.key.password": tls.keystore_password,
+    }
+    return [
+        Listener(
+            "SASL_SSL",
+            "SASL_SSL",
+            {
+                **keystore,
+                "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+                "scram-sha-512.sasl.jaas.config": (
+                    "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+                ),
+            },
+        ),
+        Listener(
+            "MTLS",
+            "SSL",
+            {
+                **keystore,
+                "ssl.truststore.type": "PEM",
+                "ssl.truststore.location": str(tls.ca_cert),
+                "ssl.client.auth": "required",
+            },
+        ),
+        Listener(
+            "OAUTH",
+            "SASL_SSL",
+            {
+                **keystore,
+                "sasl.enabled.mechanisms": "OAUTHBEARER",
+                "oauthbearer.sasl.jaas.config": (
+                    "org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule "
+                    'required unsecuredLoginStringClaim_sub="broker";'
+                ),
+            },
+        ),
+    ]
 
 
 class KafkaEndpoint(UnmanagedLifecycle):
@@ -242,6 +315,8 @@ class KafkaServer(KafkaEndpoint):
         heap: str = "512m",
         jvm_flags: Sequence[str] = DEFAULT_JVM_FLAGS,
         properties: Mapping[str, str] | None = None,
+        extra_listeners: Sequence[Listener] = (),
+        scram_users: Mapping[str, str] | None = None,
         startup_timeout: float = 60.0,
         die_with_parent: bool = True,
     ) -> None:
@@ -250,11 +325,18 @@ class KafkaServer(KafkaEndpoint):
 
             workdir = Path(tempfile.mkdtemp(prefix="kafka-"))
         self.workdir = workdir
-        picked = free_ports(2)
+        picked = free_ports(2 + len(extra_listeners))
         self.port = port if port is not None else picked[0]
         self.controller_port = controller_port if controller_port is not None else picked[1]
         if self.controller_port == self.port:
             raise InfraError("Kafka port and controller port must differ")
+        #: the secured listeners, ports fixed for the life of this object
+        self.listeners = [
+            Listener(lst.name, lst.protocol, dict(lst.properties), lst.port or picked[2 + i])
+            for i, lst in enumerate(extra_listeners)
+        ]
+        #: SCRAM-SHA-512 users (name -> password), created when the storage is formatted
+        self.scram_users = dict(scram_users or {})
         self._libs_dir = libs_dir
         self.heap = heap
         self.jvm_flags = tuple(jvm_flags)
@@ -271,6 +353,13 @@ class KafkaServer(KafkaEndpoint):
     @property
     def bootstrap(self) -> str:
         return f"{LOOPBACK}:{self.port}"
+
+    def listener_bootstrap(self, name: str) -> str:
+        """bootstrap.servers of the extra listener called `name`, e.g. "127.0.0.1:40125"."""
+        for lst in self.listeners:
+            if lst.name == name:
+                return f"{LOOPBACK}:{lst.port}"
+        raise InfraError(f"no listener {name!r} (have: {[x.name for x in self.listeners]})")
 
     @property
     def data_dir(self) -> Path:
@@ -343,6 +432,13 @@ class KafkaServer(KafkaEndpoint):
             "log.cleaner.threads": "1",
             "log.cleaner.dedupe.buffer.size": str(4 * 1024 * 1024),
         }
+        for lst in self.listeners:
+            address = f"{lst.name}://{LOOPBACK}:{lst.port}"
+            props["listeners"] += "," + address
+            props["advertised.listeners"] += "," + address
+            props["listener.security.protocol.map"] += f",{lst.name}:{lst.protocol}"
+            prefix = f"listener.name.{lst.name.lower()}."
+            props.update({prefix + k: v for k, v in lst.properties.items()})
         props.update(self.extra_properties)
         return props
 
@@ -388,6 +484,11 @@ class KafkaServer(KafkaEndpoint):
             "--config",
             str(self.properties_path),
             "--ignore-formatted",
+            *(
+                arg
+                for user, password in self.scram_users.items()
+                for arg in ("--add-scram", f"SCRAM-SHA-512=[name={user},password={password}]")
+            ),
         )
         res = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
         with self.log_path.open("a") as log:

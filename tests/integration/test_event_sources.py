@@ -59,7 +59,8 @@ def test_a_mixed_topic_reaches_every_source_in_batches(
             base_url=fake.url,
             group_id=f"g-{uuid.uuid4().hex[:8]}",
             destinations=dests,
-            tiktok={"batch_linger_ms": 300, "max_batch_events": 50},
+            # mixed_event's timestamp is fixed (2024): no age limit, or all would be too_old.
+            tiktok={"batch_linger_ms": 300, "max_batch_events": 50, "max_event_age_s": None},
         )
         worker = WorkerProcess(write_config(tmp_path / "worker.yaml", cfg)).start()
         try:

@@ -47,6 +47,7 @@ from devkit.harness import (
     write_config,
 )
 from devkit.infra.procs import free_port
+from devkit.sample_events import recent_base
 from worker.delivery.client import ENDPOINT_PATH
 from worker.mapping.hashing import hash_email, hash_external_id, hash_name, hash_phone
 
@@ -166,7 +167,7 @@ def pii_event(kind: str, mid: str, **extra: Any) -> dict[str, Any]:
     event: dict[str, Any] = {
         "type": kind,
         "messageId": mid,
-        "timestamp": "2026-11-25T12:00:00Z",
+        "timestamp": recent_base().isoformat().replace("+00:00", "Z"),
         "userId": EXTERNAL_ID,
         "context": {
             "traits": traits,

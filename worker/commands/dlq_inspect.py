@@ -32,6 +32,7 @@ from worker.errors import WorkerError
 from worker.kafka.dlq_reader import TOOLS_JOB, BoundedReader, DeadLetterRecord
 from worker.kafka.parking import PROBE_HEADER, Parked, iso, retry_group_id
 from worker.kafka.preflight import preflight
+from worker.kafka.security import client_properties
 from worker.kafka.settings import reader_settings
 from worker.observability.logs import configure_logging
 from worker.redrive.engine import RedriveLedger
@@ -162,7 +163,7 @@ def inspect_parked(config: Config, *, now: float | None = None) -> ParkedSummary
         config=reader_settings(
             bootstrap_servers=kafka.bootstrap_servers,
             group_id=group,
-            client=kafka.client,
+            client=client_properties(kafka),
             job=TOOLS_JOB,
         ),
         topic=kafka.retry_topic,
@@ -217,8 +218,9 @@ def render_parked(summary: ParkedSummary) -> str:
 
 def inspect_topic(config: Config) -> Summary:
     """Read the whole dead-letter topic once and aggregate it."""
-    preflight(config)
     kafka = config.kafka
+    client = client_properties(kafka)
+    preflight(config, client)
     ledger: RedriveLedger | None
     try:
         ledger = RedriveLedger.load(config)
@@ -229,7 +231,7 @@ def inspect_topic(config: Config) -> Summary:
         config=reader_settings(
             bootstrap_servers=kafka.bootstrap_servers,
             group_id=kafka.group_id + "-dlq-inspect",
-            client=kafka.client,
+            client=client,
             job=TOOLS_JOB,
         ),
         topic=kafka.dead_letter_topic,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import signal
 import sys
 import time
@@ -23,6 +24,8 @@ from typing import Final, TextIO
 
 from worker.config import Config, load_config, secret_values
 from worker.core.redaction import register_secrets
+from worker.errors import ConfigError
+from worker.mapping.mapper import CONFIG_DEFAULT
 from worker.observability.logs import configure_logging, get_logger
 from worker.redrive.engine import Redrive, RedriveFilter, RedriveStats, validate_filter
 
@@ -77,7 +80,9 @@ def summary_line(stats: RedriveStats) -> str:
     line = (
         f"redrive {'interrupted' if stats.interrupted else 'done'}: "
         f"{stats.redriven} redriven ({stats.delivered} delivered, "
-        f"{stats.failed_again} failed again, {stats.unmapped} not mapped any more); "
+        f"{stats.failed_again} failed again, {stats.unmapped} not mapped any more"
+        + (f", {stats.too_old} too old" if stats.too_old else "")
+        + "); "
         f"{stats.read} read, {stats.skipped} skipped ({', '.join(skipped)})"
     )
     if stats.interrupted:
@@ -90,13 +95,39 @@ def run(args: argparse.Namespace) -> int:
     flt = validate_filter(config, args.reason, args.destination)
     configure_logging(level="info" if args.debug else "warning", fmt=config.logging.format)
     register_secrets(secret_values(config))
-    return asyncio.run(_redrive(config, flt, args.max))
+    max_age = parse_max_age(args.max_age) if args.max_age is not None else CONFIG_DEFAULT
+    return asyncio.run(_redrive(config, flt, args.max, max_age))
 
 
-async def _redrive(config: Config, flt: RedriveFilter, max_records: int | None) -> int:
+_DURATION_RE: Final = re.compile(r"(?P<n>\d+(?:\.\d+)?)(?P<unit>[smhd]?)")
+_UNIT_S: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_max_age(text: str) -> float | None:
+    """`--max-age`: seconds, or a number with s/m/h/d (36h, 7d), or `none` (no limit)."""
+    value = text.strip().lower()
+    if value == "none":
+        return None
+    m = _DURATION_RE.fullmatch(value)
+    if m is None or float(m.group("n")) <= 0:
+        raise ConfigError(
+            f"--max-age: expected a positive duration such as 172800, 36h or 7d, or none "
+            f"(got {text!r})"
+        )
+    return float(m.group("n")) * _UNIT_S[m.group("unit")]
+
+
+async def _redrive(
+    config: Config, flt: RedriveFilter, max_records: int | None, max_age: float | object | None
+) -> int:
     progress = Progress(sys.stderr)
     redrive = await Redrive.create(
-        config, flt, max_records=max_records, log=get_logger("redrive"), on_progress=progress.update
+        config,
+        flt,
+        max_records=max_records,
+        log=get_logger("redrive"),
+        on_progress=progress.update,
+        max_event_age_s=max_age,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -118,9 +149,32 @@ async def _redrive(config: Config, flt: RedriveFilter, max_records: int | None) 
     progress.finish(stats)
     sys.stdout.write(summary_line(stats) + "\n")
     sys.stdout.flush()
+    if stats.too_old:
+        limit = max_age if max_age is not CONFIG_DEFAULT else config.tiktok.max_event_age_s
+        sys.stderr.write(
+            f"tiktok-worker: note: {stats.too_old} dead letter(s) hold events older than "
+            f"{_fmt_age(limit)} and were not sent (too_old): TikTok deduplicates for 48 h only, "
+            "so sending them could count them twice. They are marked handled; to send such "
+            "events on purpose, run a redrive with --max-age before they are read\n"
+        )
+    if stats.too_old:
+        limit = max_age if max_age is not CONFIG_DEFAULT else config.tiktok.max_event_age_s
+        sys.stderr.write(
+            f"tiktok-worker: note: {stats.too_old} dead letter(s) hold events older than "
+            f"{_fmt_age(limit)} and were not sent (too_old): TikTok deduplicates for 48 h only, "
+            "so sending them could count them twice. They are marked handled; to send such "
+            "events on purpose, run a redrive with --max-age before they are read\n"
+        )
     for name, count in sorted(stats.skipped_unconfigured.items()):
         sys.stderr.write(
             f"tiktok-worker: note: {count} dead letter(s) for destination {name!r}, which is not "
             "in the configuration, were skipped\n"
         )
     return 1 if stats.interrupted or stats.failed_again else 0
+
+
+def _fmt_age(seconds: object) -> str:
+    if not isinstance(seconds, int | float):
+        return "the max age"
+    hours = seconds / 3600
+    return f"{hours:g} h" if hours >= 1 else f"{seconds:g} s"

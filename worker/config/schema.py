@@ -36,6 +36,7 @@ __all__ = [
     "Config",
     "HttpConfig",
     "KafkaConfig",
+    "KafkaSecurityConfig",
     "LoggingConfig",
     "RateLimitConfig",
     "RetryConfig",
@@ -63,6 +64,37 @@ ClientValue = str | int | float | bool
 # is an error, not a silent default); kw_only lets required keys follow defaulted ones.
 
 
+# The values of Segment's Kafka destination "Authentication Mechanism" setting, plus none.
+KafkaMechanism = Literal[
+    "none", "plain", "scram-sha-256", "scram-sha-512", "aws", "client-cert-auth"
+]
+
+
+class KafkaSecurityConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """How every Kafka client of the worker authenticates (worker.kafka.security applies it).
+
+    Mirrors the settings of Segment's Kafka destination, so a user copies the same choices;
+    secrets come from `${VAR}` or mounted files, never inline (checked in parse_config)."""
+
+    mechanism: KafkaMechanism = "none"
+    # Segment's "SSL Enabled"; None means on for every mechanism but none.
+    tls: bool | None = None
+    username: NonEmptyStr | None = None
+    password: NonEmptyStr | None = None
+    password_file: NonEmptyStr | None = None
+    ca_file: NonEmptyStr | None = None  # "SSL Certificate Authority", as a PEM file
+    cert_file: NonEmptyStr | None = None  # "SSL Client Certificate"
+    key_file: NonEmptyStr | None = None  # "SSL Client Key"
+    key_password: NonEmptyStr | None = None
+    verify_certificates: bool = True  # "SSL Reject Unauthorized CA"
+    aws_region: NonEmptyStr | None = None  # aws: default $AWS_REGION / $AWS_DEFAULT_REGION
+    aws_role_arn: NonEmptyStr | None = None  # aws: assume this role (default: the credential chain)
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls if self.tls is not None else self.mechanism != "none"
+
+
 class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     bootstrap_servers: NonEmptyStr = "localhost:9092"
     topics: Annotated[tuple[NonEmptyStr, ...], msgspec.Meta(min_length=1)] = ("segment-events",)
@@ -72,6 +104,7 @@ class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     retry_topic: NonEmptyStr = "segment-events.tiktok-retry"
     # Where a group with no committed offset begins (librdkafka's auto.offset.reset).
     start_from: Literal["earliest", "latest"] = "earliest"
+    security: KafkaSecurityConfig = msgspec.field(default_factory=KafkaSecurityConfig)
     # librdkafka properties passed verbatim (security.protocol, sasl.*, ssl.*, ...).
     # (Values are checked in _check_semantics, so the error can name the property.)
     client: dict[str, Any] = msgspec.field(default_factory=dict)
@@ -100,6 +133,9 @@ class TikTokConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     request_timeout_s: PositiveFloat = 10.0
     max_concurrent_requests: PositiveInt = 64  # all lanes together
     lane_concurrency: PositiveInt = 8  # requests in flight per lane (request key)
+    # Events whose Segment `timestamp` is older are skipped (too_old): TikTok deduplicates
+    # event_id for 48 h only, so a replay of older history would count twice. null: no limit.
+    max_event_age_s: PositiveFloat | None = 172800.0
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
     circuit: CircuitConfig = msgspec.field(default_factory=CircuitConfig)
     # Segment's destination always sends "Segment"; keeping it means the same bodies TikTok
@@ -166,6 +202,7 @@ def parse_config(text: str, *, environ: Mapping[str, str] | None = None) -> Conf
         raise ConfigError(_yaml_error(exc)) from None
     if data is None:
         data = {}
+    _check_not_inline(data)
     data = _interpolate(data, (), env)
     try:
         config = msgspec.convert(data, Config, strict=False)
@@ -176,6 +213,26 @@ def parse_config(text: str, *, environ: Mapping[str, str] | None = None) -> Conf
         http = msgspec.structs.replace(config.http, liveness_timeout_s=liveness_timeout_s(config))
         config = msgspec.structs.replace(config, http=http)
     return config
+
+
+# Secrets of kafka.security that must come from the environment (or a *_file key).
+_NOT_INLINE: Final = ("password", "key_password")
+
+
+def _check_not_inline(data: Any) -> None:
+    """Refuse a literal Kafka password in the file: it belongs in ${VAR} or a mounted file."""
+    kafka = data.get("kafka") if isinstance(data, dict) else None
+    security = kafka.get("security") if isinstance(kafka, dict) else None
+    if not isinstance(security, dict):
+        return
+    for key in _NOT_INLINE:
+        value = security.get(key)
+        if isinstance(value, str) and value and "${" not in value:
+            alt = " or password_file" if key == "password" else ""
+            raise ConfigError(
+                f"kafka.security.{key}: must not be written in the file; use ${{VAR}} "
+                f"(an environment variable){alt}"
+            )
 
 
 def _yaml_error(exc: yaml.YAMLError) -> str:
@@ -343,6 +400,7 @@ def _check_semantics(config: Config) -> None:
         )
     if kafka.retry_topic in kafka.topics:
         raise ConfigError("kafka.retry_topic: must not be one of kafka.topics")
+    _check_kafka_security(config.kafka)
     for key, value in config.kafka.client.items():
         if not isinstance(value, ClientValue):
             raise ConfigError(
@@ -530,12 +588,67 @@ def librdkafka_error(text: str, keys: Iterable[str] = ()) -> str:
     return f"kafka.client.{key}: {text}"
 
 
+def _check_kafka_security(kafka: KafkaConfig) -> None:
+    """Combinations of kafka.security that cannot work; files are checked when used."""
+    sec = kafka.security
+    where = "kafka.security"
+    sasl = sec.mechanism in ("plain", "scram-sha-256", "scram-sha-512")
+    if sasl:
+        if sec.username is None:
+            raise ConfigError(f"{where}.username: required for mechanism {sec.mechanism}")
+        if (sec.password is None) == (sec.password_file is None):
+            raise ConfigError(
+                f"{where}.password: mechanism {sec.mechanism} needs exactly one of "
+                "password (${VAR}) and password_file"
+            )
+    else:
+        for key in ("username", "password", "password_file"):
+            if getattr(sec, key) is not None:
+                raise ConfigError(
+                    f"{where}.{key}: only used with mechanism plain, scram-sha-256 or "
+                    f"scram-sha-512 (mechanism is {sec.mechanism})"
+                )
+    if sec.mechanism != "aws":
+        for key in ("aws_region", "aws_role_arn"):
+            if getattr(sec, key) is not None:
+                raise ConfigError(f"{where}.{key}: only used with mechanism aws")
+    if sec.mechanism == "client-cert-auth" and (sec.cert_file is None or sec.key_file is None):
+        raise ConfigError(
+            f"{where}.{'cert_file' if sec.cert_file is None else 'key_file'}: "
+            "required for mechanism client-cert-auth"
+        )
+    if (sec.cert_file is None) != (sec.key_file is None):
+        raise ConfigError(
+            f"{where}.{'cert_file' if sec.cert_file is None else 'key_file'}: "
+            "a client certificate needs both cert_file and key_file"
+        )
+    if sec.key_password is not None and sec.key_file is None:
+        raise ConfigError(f"{where}.key_password: only used with key_file")
+    if not sec.tls_enabled:
+        if sec.mechanism in ("aws", "client-cert-auth"):
+            raise ConfigError(
+                f"{where}.tls: mechanism {sec.mechanism} needs TLS; remove tls: false"
+            )
+        for key in ("ca_file", "cert_file"):
+            if getattr(sec, key) is not None:
+                raise ConfigError(f"{where}.{key}: only used with TLS (tls: true)")
+    if sec.mechanism != "none" or sec.tls_enabled:
+        for key in kafka.client:
+            if key == "security.protocol" or key.startswith(("sasl.", "ssl.")):
+                raise ConfigError(
+                    f"kafka.client.{key}: conflicts with kafka.security; "
+                    "configure authentication and TLS in one place (kafka.security)"
+                )
+
+
 # --------------------------------------------------------------------------- masking
 
 
 def secret_values(config: Config) -> list[str]:
     """Every secret the config holds (tokens, passwords), for log scrubbing."""
     values = [d.access_token for d in config.destinations]
+    security = config.kafka.security
+    values += [v for v in (security.password, security.key_password) if v]
     values += [str(v) for k, v in config.kafka.client.items() if is_secret_key(k)]
     values += url_secrets(config.rate_limit.redis_url)
     if config.rate_limit.redis_password:
@@ -549,6 +662,10 @@ def masked(config: Config) -> dict[str, Any]:
     data["kafka"]["client"] = {
         k: (MASK if is_secret_key(k) else v) for k, v in data["kafka"]["client"].items()
     }
+    security = data["kafka"]["security"]
+    for key in ("password", "key_password"):
+        if security.get(key) is not None:
+            security[key] = MASK
     data["rate_limit"]["redis_url"] = mask_url_credentials(data["rate_limit"]["redis_url"])
     if data["rate_limit"]["redis_password"] is not None:
         data["rate_limit"]["redis_password"] = MASK

@@ -36,7 +36,10 @@ UNSENDABLE_REASONS: Final = frozenset(
 class SkipReason(enum.StrEnum):
     """The `reason` label of `tiktok_worker_events_skipped_total`."""
 
-    NO_MATCH = "no_match"  # the only one emitted: an unknown Segment `type` is invalid_event
+    NO_MATCH = "no_match"  # an unknown Segment `type` is invalid_event, not a skip
+    # The event's Segment `timestamp` is older than tiktok.max_event_age_s (TikTok's 48 h
+    # dedup window): sending it could count it twice.
+    TOO_OLD = "too_old"
 
 
 class Outcome(enum.StrEnum):

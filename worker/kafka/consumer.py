@@ -105,6 +105,8 @@ class ConsumerThread:
         self._assigned: set[TopicPartitionKey] = set()
         self._on_share = on_share
         self._partition_counts: dict[str, int] = {}
+        self._share_stale = False  # set by rebalance callbacks, reported by the thread's loop
+        self._share_refresh = False  # ... re-reading the topics' partition counts first
         # The assigned/paused/last-commit gauges describe the source topics: the retry
         # intake's consumer (`source_gauges=False`) stays out of them, so a retry topic paused
         # while parked events wait never looks like backpressure, and its commits never hide
@@ -171,6 +173,13 @@ class ConsumerThread:
             while not self._stop.is_set():
                 self.heartbeat = time.monotonic()
                 self._serve_requests()
+                if self._share_stale:
+                    # Not from the rebalance callbacks: a blocking client call nested inside
+                    # consume() (list_topics) corrupts confluent-kafka's per-thread call state
+                    # and aborts the process (`CallState_get: Assertion cs != NULL`).
+                    self._share_stale = False
+                    self._report_share(refresh=self._share_refresh)
+                    self._share_refresh = False
                 if not self._handoff.acquire(timeout=HANDOFF_WAIT_S):
                     continue  # the pipeline is behind: wait for it before fetching more
                 self._apply_pause()
@@ -197,6 +206,9 @@ class ConsumerThread:
         # Close triggers on_revoke for the remaining assignment: it drains and commits there.
         self._log.info("consumer closing", assigned=len(self._assigned))
         self._consumer.close()
+        if self._share_stale and self._partition_counts:  # the final revoke: known totals only
+            self._share_stale = False
+            self._report_share(refresh=False)
         self._serve_requests()
 
     def _serve_requests(self) -> None:
@@ -245,7 +257,7 @@ class ConsumerThread:
         self._show()
         self._log.info("partitions assigned", partitions=_fmt(keys))
         self._call_on_loop(self._sink.on_assigned, keys)
-        self._report_share(refresh=True)
+        self._share_stale = self._share_refresh = True
 
     def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
@@ -273,7 +285,7 @@ class ConsumerThread:
         for topic, partition in keys:
             with contextlib.suppress(KeyError):
                 self._metrics.consumer_lag.remove(topic, str(partition))
-        self._report_share(refresh=False)
+        self._share_stale = True
 
     def _report_share(self, *, refresh: bool) -> None:
         """Tell `on_share` how many of the subscribed topics' partitions this consumer holds.

@@ -5,6 +5,8 @@ Contract of `Mapper.map_message(value)`:
 - it returns one `EventOutcome` per Segment event in the message (SPEC §3 framing), at least
   one: a value that is not JSON gives one outcome with `decode_error`; an empty array or
   batch gives one outcome skipped as `no_match`;
+- an event whose Segment `timestamp` is older than `tiktok.max_event_age_s` gives an outcome
+  skipped as `too_old`, without being mapped;
 - an outcome carries the TikTok events it produced (`mapped`, one per matching
   (destination, subscription)), the failures (`invalid`, with `destination=None` when the
   event is bad for everyone, or the destination whose mapping failed), and `skipped` (a
@@ -601,6 +603,13 @@ class _Destination:
         return k
 
 
+class _ConfigDefault:
+    """Marks "take the value from the config" where None has a meaning of its own."""
+
+
+CONFIG_DEFAULT: Final = _ConfigDefault()
+
+
 def _source_plan(kind: str, sources: dict[str, Source]) -> SourcePlan:
     return OfflinePlan(sources) if kind == "offline" else AppPlan(sources)
 
@@ -618,6 +627,9 @@ _CRM: Final = Const("crm", b"'crm'")
 class _PartnerSettings(Protocol):
     @property
     def partner_name(self) -> str | None: ...
+
+    @property
+    def max_event_age_s(self) -> float | None: ...
 
 
 class MappingConfig(Protocol):
@@ -644,10 +656,23 @@ class Mapper:
     pure function of the bytes and the clock (`now`, used when an event has no timestamp).
     """
 
-    def __init__(self, config: MappingConfig, *, now: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        config: MappingConfig,
+        *,
+        now: Callable[[], float] = time.time,
+        max_event_age_s: float | _ConfigDefault | None = CONFIG_DEFAULT,
+    ) -> None:
         """Compile every destination once; a bad trigger, duplicate subscription name or mapping
         override raises `ConfigError` naming its key path (`destinations[0].when: ...`)."""
         self._now = now
+        # Events older than this (by their Segment `timestamp`) are skipped as too_old;
+        # `dlq redrive --max-age` passes its own value, None turns the check off.
+        self._max_age: float | None = (
+            config.tiktok.max_event_age_s
+            if isinstance(max_event_age_s, _ConfigDefault)
+            else max_event_age_s
+        )
         plans: dict[tuple[Any, ...], _Plan | SourcePlan] = {}
         contents_fns: dict[tuple[Any, ...], ContentsFn] = {}
         self._destinations: list[_Destination] = []
@@ -735,6 +760,8 @@ class Mapper:
         self, event: SegmentEvent, *, index: int = 0, multi: bool = False, raw: bytes = b""
     ) -> EventOutcome:
         """Map an already decoded event (the `map` command and tests use this)."""
+        if self._max_age is not None and self._too_old(event.timestamp):
+            return EventOutcome(index, multi, raw, _message_id(event), [], [], SkipReason.TOO_OLD)
         mapped: list[MappedEvent] = []
         invalid: list[InvalidEvent] = []
         # Results shared by subscriptions/destinations with the same plan or contents.
@@ -754,6 +781,15 @@ class Mapper:
         return EventOutcome(index, multi, raw, message_id, mapped, invalid, skipped)
 
     # -- internals ----------------------------------------------------------------------
+
+    def _too_old(self, timestamp: Any) -> bool:
+        """True when the event's own timestamp is older than max_event_age_s. An event
+        without a usable timestamp is not judged here (the mapping decides about it)."""
+        if type(timestamp) is not str:
+            return False
+        seconds = _timestamp_seconds(timestamp)
+        assert self._max_age is not None
+        return seconds is not None and seconds < self._now() - self._max_age
 
     def _map_item(self, index: int, multi: bool, raw: bytes) -> EventOutcome:
         try:

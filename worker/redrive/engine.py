@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from worker.config import Config
-from worker.core.vocabulary import UNSENDABLE_REASONS, DeadLetterReason
+from worker.core.vocabulary import UNSENDABLE_REASONS, DeadLetterReason, SkipReason
 from worker.delivery.factory import build_delivery
 from worker.delivery.inflight import Failure, InflightMessage, Parking, PendingEvent
 from worker.errors import ConfigError, FatalLatch, WorkerError
@@ -53,8 +53,9 @@ from worker.kafka.dlq_reader import (
 )
 from worker.kafka.offsets import OffsetLedger
 from worker.kafka.preflight import preflight
+from worker.kafka.security import client_properties
 from worker.kafka.settings import TopicPartitionKey, producer_settings, reader_settings
-from worker.mapping.mapper import EventOutcome, Mapper
+from worker.mapping.mapper import CONFIG_DEFAULT, EventOutcome, Mapper
 from worker.observability.logs import Logger
 from worker.observability.metrics import Metrics
 
@@ -159,7 +160,7 @@ class RedriveLedger:
         kafka = config.kafka
         offsets = list_redrive_progress(
             bootstrap_servers=kafka.bootstrap_servers,
-            client=kafka.client,
+            client=client_properties(kafka),
             topic=kafka.dead_letter_topic,
             group_prefix=kafka.group_id + GROUP_SUFFIX,
         )
@@ -185,7 +186,7 @@ class RedriveLedger:
 @dataclass(slots=True)
 class RedriveStats:
     """Counts of one redrive run. Every record read ends in exactly one of: delivered,
-    failed_again, unmapped, skipped_filter, skipped_redriven, skipped_unconfigured,
+    failed_again, unmapped, too_old, skipped_filter, skipped_redriven, skipped_unconfigured,
     skipped_reference_only (a letter written without its value: nothing to send); records
     still in flight when a run is interrupted are in none of them."""
 
@@ -195,6 +196,7 @@ class RedriveStats:
     delivered: int = 0
     failed_again: int = 0
     unmapped: int = 0
+    too_old: int = 0  # older than the max age: not sent (TikTok dedups 48 h only), handled
     skipped_filter: int = 0
     skipped_redriven: int = 0
     skipped_unconfigured: dict[str, int] = field(default_factory=dict)
@@ -213,23 +215,29 @@ class RedriveStats:
 
     @property
     def inflight(self) -> int:
-        return self.redriven - self.delivered - self.failed_again - self.unmapped
+        return self.redriven - self.delivered - self.failed_again - self.unmapped - self.too_old
 
 
 class _RecordWork:
     """One dead letter being redriven: the events sent and the failures seen so far."""
 
-    __slots__ = ("failures", "message", "record", "sent")
+    __slots__ = ("failures", "message", "record", "sent", "too_old")
 
     def __init__(self, record: DeadLetterRecord, message: InflightMessage) -> None:
         self.record = record
         self.message = message
         self.sent = 0
+        self.too_old = False
         # (destination, outcome index) -> (outcome, failure): one write-back per pair.
         self.failures: dict[tuple[str | None, int], tuple[EventOutcome, Failure]] = {}
 
     def fail(self, destination: str | None, outcome: EventOutcome, failure: Failure) -> None:
         self.failures.setdefault((destination, outcome.index), (outcome, failure))
+
+
+def _age(value: object) -> float | None:
+    assert value is None or isinstance(value, int | float)
+    return None if value is None else float(value)
 
 
 # --------------------------------------------------------------------------- the engine
@@ -251,6 +259,7 @@ class Redrive:
         log: Logger,
         on_progress: Callable[[RedriveStats], None] | None = None,
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        max_event_age_s: float | object | None = CONFIG_DEFAULT,
     ) -> None:
         self._config = config
         self._filter = flt
@@ -270,13 +279,19 @@ class Redrive:
         self._fatal = FatalLatch()
         self._fatal.subscribe(self._on_fatal)
         self.ledger_warning: str | None = None
-        self._mapper = Mapper(config)
+        # `--max-age` overrides tiktok.max_event_age_s (None: no limit).
+        self._mapper = (
+            Mapper(config)
+            if max_event_age_s is CONFIG_DEFAULT
+            else Mapper(config, max_event_age_s=_age(max_event_age_s))
+        )
         self._destinations = {d.name for d in config.destinations}
         self._delivery = build_delivery(config, metrics=metrics, log=log, on_crash=self._fatal.trip)
         self._sender = self._delivery.sender
         self._dead_letters = DeadLetterProducer(
             config=producer_settings(
-                bootstrap_servers=config.kafka.bootstrap_servers, client=config.kafka.client
+                bootstrap_servers=config.kafka.bootstrap_servers,
+                client=client_properties(config.kafka),
             ),
             topic=config.kafka.dead_letter_topic,
             metrics=metrics,
@@ -293,13 +308,15 @@ class Redrive:
         log: Logger,
         on_progress: Callable[[RedriveStats], None] | None = None,
         metrics: Metrics | None = None,
+        max_event_age_s: float | object | None = CONFIG_DEFAULT,
     ) -> Redrive:
         """Check Kafka and the topic, load the other redrives' progress and open the reader."""
         if max_records is not None and max_records < 1:
             raise ConfigError("--max: must be >= 1")
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, preflight, config)
         kafka = config.kafka
+        client = client_properties(kafka)
+        await loop.run_in_executor(None, preflight, config, client)
         group_id = flt.group_id(kafka.group_id)
         warning: str | None = None
         try:
@@ -313,7 +330,7 @@ class Redrive:
             config=reader_settings(
                 bootstrap_servers=kafka.bootstrap_servers,
                 group_id=group_id,
-                client=kafka.client,
+                client=client,
                 job=TOOLS_JOB,
             ),
             topic=kafka.dead_letter_topic,
@@ -335,6 +352,7 @@ class Redrive:
                 metrics=metrics if metrics is not None else Metrics(),
                 log=log,
                 on_progress=on_progress,
+                max_event_age_s=max_event_age_s,
             )
         except BaseException:
             reader.close()
@@ -474,6 +492,8 @@ class Redrive:
         work = self._works[message] = _RecordWork(record, message)
         message.add_work()  # held while dispatching, so nothing finishes the record early
         for outcome in self._mapper.map_message(record.value):
+            if outcome.skipped == SkipReason.TOO_OLD:
+                work.too_old = True
             for mapped in outcome.mapped:
                 if target is not None and mapped.destination != target:
                     continue  # that destination already has it (or never failed)
@@ -514,6 +534,8 @@ class Redrive:
         if not work.failures:
             if work.sent:
                 self.stats.delivered += 1
+            elif work.too_old:
+                self.stats.too_old += 1
             else:
                 self.stats.unmapped += 1
             self._handled(work)

@@ -107,6 +107,18 @@ so every render runs them.
 {{- fail (printf "terminationGracePeriodSeconds (%v) must exceed config.kafka.drain_timeout_s + 10 (%v): the worker needs the drain time plus its shutdown margin" . (addf $drain 10)) }}
 {{- end }}
 {{- end }}
+{{- with .Values.kafkaTls }}
+{{- if and .existingSecret (ne (empty .certKey) (empty .keyKey)) }}
+{{- fail "kafkaTls.certKey and kafkaTls.keyKey go together: a client certificate needs its key" }}
+{{- end }}
+{{- end }}
+{{- $sec := default dict .Values.config.kafka.security }}
+{{- range $key := list "password" "key_password" }}
+{{- $v := index $sec $key }}
+{{- if and $v (not (regexMatch "^\\$\\{[A-Za-z_][A-Za-z0-9_]*\\}$" (toString $v))) }}
+{{- fail (printf "config.kafka.security.%s must be a ${VAR} reference to an environment variable from a Secret (or use kafkaSasl.existingSecret), not a literal" $key) }}
+{{- end }}
+{{- end }}
 {{- range $i, $d := .Values.config.destinations }}
 {{- if not (regexMatch "^\\$\\{[A-Za-z_][A-Za-z0-9_]*\\}$" (toString $d.access_token)) }}
 {{- fail (printf "config.destinations[%d].access_token must be a ${VAR} reference to an environment variable from the Secret, not a literal token" $i) }}
@@ -136,6 +148,33 @@ The worker config as YAML: the `config` values with the computed rate_limit.expe
 {{- $_ := set $rl "expected_replicas" (include "tiktok-worker.maxReplicas" . | int) }}
 {{- end }}
 {{- $_ := set $cfg "rate_limit" $rl }}
+{{- $kafka := default dict $cfg.kafka }}
+{{- $sec := default dict $kafka.security }}
+{{- with .Values.kafkaTls }}
+{{- if .existingSecret }}
+{{- if and .caKey (not $sec.ca_file) }}
+{{- $_ := set $sec "ca_file" (printf "%s/%s" .mountPath .caKey) }}
+{{- end }}
+{{- if and .certKey (not $sec.cert_file) }}
+{{- $_ := set $sec "cert_file" (printf "%s/%s" .mountPath .certKey) }}
+{{- end }}
+{{- if and .keyKey (not $sec.key_file) }}
+{{- $_ := set $sec "key_file" (printf "%s/%s" .mountPath .keyKey) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if .Values.kafkaSasl.existingSecret }}
+{{- if not (or $sec.password $sec.password_file) }}
+{{- $_ := set $sec "password" "${KAFKA_SASL_PASSWORD}" }}
+{{- end }}
+{{- if and .Values.kafkaSasl.usernameKey (not $sec.username) }}
+{{- $_ := set $sec "username" "${KAFKA_SASL_USERNAME}" }}
+{{- end }}
+{{- end }}
+{{- if $sec }}
+{{- $_ := set $kafka "security" $sec }}
+{{- end }}
+{{- $_ := set $cfg "kafka" $kafka }}
 {{- if .Values.staticMembership }}
 {{- $kafka := default dict $cfg.kafka }}
 {{- $client := default dict $kafka.client }}
