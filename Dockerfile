@@ -9,17 +9,21 @@
 # Nothing is written at run time outside /tmp, so the root filesystem can be read-only
 # (the Helm chart mounts an emptyDir at /tmp and sets readOnlyRootFilesystem).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# requirements.lock, or requirements-aws.lock for kafka.security.mechanism: aws (AWS MSK IAM):
+#   docker build --build-arg LOCK=requirements-aws.lock ...
+ARG LOCK=requirements.lock
 
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-COPY pyproject.toml README.md requirements.lock ./
+ARG LOCK
+COPY pyproject.toml README.md requirements.lock requirements-aws.lock ./
 COPY worker ./worker
 RUN pip wheel --no-deps --wheel-dir /wheels . \
- && pip wheel --require-hashes --only-binary=:all: --wheel-dir /wheels -r requirements.lock \
- && cp requirements.lock /wheels/
+ && pip wheel --require-hashes --only-binary=:all: --wheel-dir /wheels -r ${LOCK} \
+ && cp ${LOCK} /wheels/requirements.lock
 
 FROM ${PYTHON_IMAGE} AS runtime
 ENV PATH=/opt/venv/bin:${PATH} \

@@ -28,6 +28,7 @@ LOCK := $(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 \
 	--generate-hashes --upgrade --quiet --custom-compile-command 'make lock'
 lock: $(VENV)/.installed
 	$(LOCK) -o requirements.lock
+	$(LOCK) --extra aws -c requirements.lock -o requirements-aws.lock
 	$(LOCK) --extra test --extra dev -o requirements-dev.lock
 
 # Kafka jars from Maven Central, redis-server and prometheus from Debian, Helm via go install.

@@ -206,7 +206,8 @@ def test_dockerfile_is_multi_stage_on_slim_python() -> None:
     assert runtime[0] == "FROM ${PYTHON_IMAGE} AS runtime"
     assert any("pip wheel --no-deps" in line for line in build)
     # Dependencies only from the lock, hash-checked, in both stages (issue 19).
-    assert any("--require-hashes" in ln and "-r requirements.lock" in ln for ln in build)
+    assert any(ln == "ARG LOCK=requirements.lock" for ln in DOCKERFILE.read_text().splitlines())
+    assert any("--require-hashes" in ln and "-r ${LOCK}" in ln for ln in build)
     runtime_install = "\n".join(runtime)
     assert "--require-hashes -r /wheels/requirements.lock" in runtime_install
     assert "--no-deps" in runtime_install
@@ -239,7 +240,17 @@ def test_dockerignore_sends_only_what_the_build_copies() -> None:
         for line in stage:
             if line.startswith("COPY ") and "--from" not in line:
                 copied |= set(line.split()[1:-1])
-    assert copied == allowed == {"pyproject.toml", "README.md", "requirements.lock", "worker"}
+    assert (
+        copied
+        == allowed
+        == {
+            "pyproject.toml",
+            "README.md",
+            "requirements.lock",
+            "requirements-aws.lock",
+            "worker",
+        }
+    )
 
 
 def test_chart_default_security_context_matches_the_image() -> None:
@@ -400,3 +411,23 @@ def test_readmes_start_the_install_from_building_and_pushing_the_image() -> None
     readme = (ROOT / "README.md").read_text()
     assert "make image" in readme
     assert "push" in readme.split("make image", 1)[1][:800]
+
+
+def _pins(lock: Path) -> dict[str, str]:
+    pins = {}
+    for line in lock.read_text().splitlines():
+        if m := re.match(r"^([A-Za-z0-9_.-]+)==(\S+)", line):
+            pins[m.group(1).lower()] = m.group(2)
+    return pins
+
+
+def test_aws_lock_is_the_base_lock_plus_the_msk_iam_signer() -> None:
+    # `LOCK=requirements-aws.lock make image` must differ from the default image only by the
+    # `aws` extra: the same pins for every shared package, every line hash-checked.
+    base, aws = _pins(LOCK), _pins(ROOT / "requirements-aws.lock")
+    assert {name: aws.get(name) for name in base} == base
+    assert "aws-msk-iam-sasl-signer-python" in aws
+    text = (ROOT / "requirements-aws.lock").read_text()
+    for block in re.split(r"\n(?=[A-Za-z0-9_.-]+==)", text.split("\n", 1)[1]):
+        if "==" in block.splitlines()[0]:
+            assert "--hash=sha256:" in block, block.splitlines()[0]
