@@ -23,7 +23,7 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from devkit.harness import FakeTikTokProcess
+from devkit.harness import FakeTikTokProcess, retry_topic_for
 from devkit.infra.kafka import KafkaServer, kafka_version
 from devkit.infra.redis_server import RedisServer
 
@@ -89,6 +89,7 @@ class BenchEnv:
         self.redis.start()
         self.fake = FakeTikTokProcess(self.workdir).start()
         self.kafka.create_topic(DLQ_TOPIC, 1)
+        self.kafka.create_topic(retry_topic_for(DLQ_TOPIC), 1)
         return self
 
     def stop(self) -> None:

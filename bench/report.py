@@ -16,6 +16,7 @@ TARGETS: dict[str, float] = {
     "latency_p99_over_linger_ms": 100,
     "lanes_outage_over_healthy": 0.9,
     "lanes_throttled_events_per_request": 500,
+    "parking_outage_over_healthy": 0.9,
 }
 
 
@@ -257,6 +258,33 @@ def markdown(results: dict[str, Any]) -> str:
             f">= {t['lanes_throttled_events_per_request']:.0f}",
             _at_least(dig(per_request, "median"), t["lanes_throttled_events_per_request"]),
         )
+    parking = r.get("parking")
+    if parking:
+        ratio = parking.get("outage_over_healthy")
+        table.add(
+            "10 healthy destination during another's outage, backlog above the in-flight bound",
+            ratio,
+            "fraction",
+            f">= {t['parking_outage_over_healthy']}",
+            _at_least(dig(ratio, "median"), t["parking_outage_over_healthy"]),
+        )
+        table.add(
+            "10 end of the outage to an empty retry backlog",
+            parking.get("recovery_to_empty_s"),
+            "s",
+        )
+        for key, label in (
+            ("source_lag_max", "10 source lag during the outage, maximum"),
+            ("source_lag_when_b_done", "10 source lag when the healthy backlog was delivered"),
+        ):
+            values = [run["outage"].get(key) for run in parking.get("runs", [])]
+            found = sorted(float(v) for v in values if v is not None)
+            figures = (
+                {"min": found[0], "median": found[len(found) // 2], "max": found[-1]}
+                if found
+                else None
+            )
+            table.add(label, figures, "messages")
     header = (
         f"Measured {r.get('finished_at')} ({r.get('mode')} run, {r.get('duration_s', 0):.0f} s) "
         f"on {m['cpu_count']} cores ({m['cpu_model']}); Python {m['python']}, "

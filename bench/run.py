@@ -16,7 +16,10 @@ make_events`), and measures, each figure as min/median/max over several runs:
  8. produce→acceptance latency at 10% of the measured capacity (`latency`);
  9. lanes: a healthy destination's throughput while another answers 503, as a fraction of
     its throughput without the outage, and events per request of a lane limited to
-    2 requests/s with a backlog (`lanes`).
+    2 requests/s with a backlog (`lanes`);
+10. parking: the same with a page-view backlog above the in-flight bound, the source group's
+    lag during the outage, and the time from the end of the outage to an empty retry backlog
+    (`parking`).
 
 Writes bench/results.json and bench/results.md (the table the README quotes); docs/benchmarks.md
 explains the method. Figures are reported against the targets of issue #10; nothing fails.
@@ -46,6 +49,7 @@ from bench.e2e import WorkerSpec, py_spy_path, run_e2e
 from bench.lanes import run_lanes
 from bench.latency import run_latency
 from bench.memory import run_memory
+from bench.parking import run_parking
 from bench.profile import summarise
 from bench.raw_consume import raw_consume
 from bench.report import TARGETS, derive, markdown
@@ -68,6 +72,7 @@ SECTIONS = (
     "arrival",
     "memory",
     "lanes",
+    "parking",
 )
 
 FULL: dict[str, Any] = {
@@ -94,6 +99,10 @@ FULL: dict[str, Any] = {
     "lanes_b_messages": 60_000,
     "lanes_throttle_backlog": 20_000,
     "lanes_throttle_s": 10,
+    "parking_runs": 3,
+    "parking_a_messages": 40_000,
+    "parking_b_messages": 60_000,
+    "parking_outage_s": 120,
 }
 QUICK: dict[str, Any] = {
     **FULL,
@@ -114,6 +123,10 @@ QUICK: dict[str, Any] = {
     "lanes_runs": 2,
     "lanes_b_messages": 30_000,
     "lanes_throttle_s": 6,
+    "parking_runs": 1,
+    "parking_a_messages": 25_000,
+    "parking_b_messages": 30_000,
+    "parking_outage_s": 60,
 }
 
 
@@ -406,6 +419,9 @@ class Bench:
 
     def lanes(self) -> None:
         self.results["lanes"] = run_lanes(self.env, self.cfg)
+
+    def parking(self) -> None:
+        self.results["parking"] = run_parking(self.env, self.cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from devkit.infra.procs import free_port, port_open
 
@@ -119,6 +119,11 @@ def destination(
     return {"name": name, "pixel_code": pixel, "access_token": token, **extra}
 
 
+def retry_topic_for(dlq_topic: str) -> str:
+    """The retry topic the test configs use next to a dead-letter topic (create both)."""
+    return dlq_topic + ".retry"
+
+
 def worker_config(
     *,
     bootstrap: str,
@@ -140,6 +145,7 @@ def worker_config(
             "topics": [topic],
             "group_id": group_id,
             "dead_letter_topic": dlq_topic,
+            "retry_topic": retry_topic_for(dlq_topic),
             "commit_interval_s": 0.5,
             "drain_timeout_s": 10,
             **(kafka or {}),
@@ -318,12 +324,34 @@ def read_topic(bootstrap: str, topic: str, *, idle_s: float = 2.0) -> list[Any]:
 
 
 def committed_offsets(bootstrap: str, group_id: str, topic: str) -> dict[int, int]:
+    """The group's committed offsets; a group coordinator still loading or moving (right after
+    the group's first commit) is asked again for up to 10 s."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id})
-    metadata = consumer.list_topics(topic, timeout=10)
-    tps = [TopicPartition(topic, p) for p in metadata.topics[topic].partitions]
-    result = {tp.partition: tp.offset for tp in consumer.committed(tps, timeout=10)}
-    consumer.close()
-    return result
+    try:
+        metadata = consumer.list_topics(topic, timeout=10)
+        tps = [TopicPartition(topic, p) for p in metadata.topics[topic].partitions]
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                committed = consumer.committed(tps, timeout=10)
+                break
+            except KafkaException as exc:
+                transient = exc.args[0].code() in _COORDINATOR_MOVING
+                if not transient or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        return {tp.partition: tp.offset for tp in committed}
+    finally:
+        consumer.close()
+
+
+_COORDINATOR_MOVING = frozenset(
+    {
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+    }
+)
 
 
 def headers_of(msg: Any) -> dict[str, str]:

@@ -25,6 +25,7 @@ from devkit.harness import (
     metric_value,
     produce,
     read_topic,
+    retry_topic_for,
     wait_until,
     worker_config,
     write_config,
@@ -62,6 +63,7 @@ def main() -> int:
         topic, dlq = "segment-events", "segment-events.tiktok-dlq"
         kafka.create_topic(topic, partitions=PARTITIONS)
         kafka.create_topic(dlq, partitions=1)
+        kafka.create_topic(retry_topic_for(dlq), partitions=1)
 
         gen = SampleEvents(seed=2026, prefix="demo")
         events = list(gen.stream(EVENTS))

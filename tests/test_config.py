@@ -50,6 +50,9 @@ def test_defaults_are_the_specs() -> None:
     )
     assert (t.request_timeout_s, t.max_concurrent_requests, t.partner_name) == (10, 64, "Segment")
     assert (t.retry.initial_backoff_s, t.retry.max_backoff_s, t.retry.deadline_s) == (0.5, 60, 3600)
+    assert t.retry.in_memory_s == 30
+    assert (t.circuit.failure_threshold, t.circuit.open_s, t.circuit.max_open_s) == (5, 30, 300)
+    assert c.kafka.retry_topic == "segment-events.tiktok-retry"
     r = c.rate_limit
     assert (r.qps, r.backend, r.redis_url, r.expected_replicas, r.headroom) == (
         1000,
@@ -282,6 +285,31 @@ def test_environment_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch) -> 
             MINIMAL + "tiktok: {retry: {initial_backoff_s: 5, max_backoff_s: 1}}\n",
             "tiktok.retry.max_backoff_s: must be >= tiktok.retry.initial_backoff_s",
             id="backoff-order",
+        ),
+        pytest.param(
+            MINIMAL + "tiktok: {circuit: {open_s: 60, max_open_s: 30}}\n",
+            "tiktok.circuit.max_open_s: must be >= tiktok.circuit.open_s",
+            id="circuit-open-order",
+        ),
+        pytest.param(
+            MINIMAL + "tiktok: {circuit: {failure_threshold: 0}}\n",
+            "tiktok.circuit.failure_threshold: must be an integer >= 1",
+            id="circuit-threshold",
+        ),
+        pytest.param(
+            MINIMAL + "tiktok: {retry: {in_memory_s: 0}}\n",
+            "tiktok.retry.in_memory_s: must be a number > 0",
+            id="in-memory-positive",
+        ),
+        pytest.param(
+            MINIMAL + "kafka: {retry_topic: segment-events.tiktok-dlq}\n",
+            "kafka.retry_topic: must differ from kafka.dead_letter_topic",
+            id="retry-topic-is-dlq",
+        ),
+        pytest.param(
+            MINIMAL + "kafka: {topics: [a, b], retry_topic: b}\n",
+            "kafka.retry_topic: must not be one of kafka.topics",
+            id="retry-topic-is-source",
         ),
         pytest.param(
             MINIMAL + "kafka: {client: {enable.auto.commit: true}}\n",

@@ -52,6 +52,8 @@ SPEC_METRICS = {
     "tiktok_worker_consumer_lag_messages": ("gauge", {"topic", "partition"}),
     "tiktok_worker_last_commit_timestamp_seconds": ("gauge", set()),
     "tiktok_worker_build_info": ("gauge", {"version"}),
+    "tiktok_worker_destination_circuit_state": ("gauge", {"destination"}),
+    "tiktok_worker_events_parked_total": ("counter", {"destination", "reason"}),
 }
 WEB = "web-shop"
 
@@ -86,6 +88,8 @@ def populate_every_family(m: Metrics) -> None:
     m.consumer_lag.labels(topic="t", partition="0").set(5)
     m.commits.labels(result="ok").inc()
     m.rebalances.labels(kind="assign").inc()
+    m.circuit_state.labels(destination=WEB).set(2)
+    m.events_parked.labels(destination=WEB, reason="circuit_open").inc()
 
 
 def test_every_spec_metric_is_exposed_with_its_name_type_and_labels() -> None:
@@ -113,6 +117,8 @@ def test_no_unexpected_families_and_every_one_is_prefixed() -> None:
         "tiktok_worker_commits_total",
         "tiktok_worker_rebalances_total",
         "tiktok_worker_destination_info",
+        "tiktok_worker_parked_waiting_events",
+        "tiktok_worker_parked_backlog_messages",
         "tiktok_worker_rate_limit_late_slots_total",
     }
 

@@ -235,6 +235,10 @@ def test_summary_line() -> None:
         "10 read, 4 skipped (2 by filter, 0 already redriven, 2 for unconfigured destination "
         "old); 2 unfinished: run the same command again to resume"
     )
+    s = stats(skipped_reference_only=2)
+    assert summary_line(s).endswith(
+        "2 skipped (0 by filter, 0 already redriven, 2 reference-only (no value to send))"
+    )
 
 
 def test_summary_line_counts_too_old_records_only_when_there_are_some() -> None:

@@ -55,6 +55,7 @@ from devkit.harness import (
     committed_offsets,
     http_json,
     metric_value,
+    retry_topic_for,
     wait_until,
     worker_config,
     write_config,
@@ -626,6 +627,7 @@ class ChaosRun:
         self._t0 = time.monotonic()
         self.kafka.create_topic(self.topic, partitions=plan.partitions)
         self.kafka.create_topic(self.dlq_topic, partitions=1)
+        self.kafka.create_topic(retry_topic_for(self.dlq_topic), partitions=2)
         fake = FakeTikTokProcess(self.workdir).start()
         http_json(
             fake.url + "/_fake/config",

@@ -27,6 +27,7 @@ from devkit.harness import (
     metric_value,
     produce,
     read_topic,
+    retry_topic_for,
     wait_until,
     worker_config,
     write_config,
@@ -56,6 +57,7 @@ class Scenario:
         self.group = f"group-{suffix}"
         kafka.create_topic(self.topic, partitions=partitions)
         kafka.create_topic(self.dlq_topic, partitions=1)
+        kafka.create_topic(retry_topic_for(self.dlq_topic), partitions=2)
         self.fake = FakeTikTokProcess(tmp_path, args=fake_args).start()
         self.workers: list[WorkerProcess] = []
         self.produced: list[dict[str, Any]] = []

@@ -13,6 +13,7 @@ import json
 import re
 import signal
 import subprocess
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -31,6 +32,7 @@ from devkit.harness import (
     headers_of,
     produce,
     read_topic,
+    retry_topic_for,
     wait_until,
     worker_config,
     write_config,
@@ -38,6 +40,7 @@ from devkit.harness import (
 from devkit.sample_events import SampleEvents, encode
 from worker.core.vocabulary import DeadLetterReason
 from worker.kafka.deadletters import DeadLetter
+from worker.kafka.parking import PROBE_HEADER, Parked, iso
 
 pytestmark = pytest.mark.integration
 
@@ -58,6 +61,8 @@ class Env:
         self.group = f"group-{suffix}"
         kafka.create_topic(self.source, partitions=1)
         kafka.create_topic(self.dlq, partitions=partitions)
+        self.retry = retry_topic_for(self.dlq)
+        kafka.create_topic(self.retry, partitions=2)
         self.fake = FakeTikTokProcess(tmp_path).start()
         self.samples = SampleEvents(seed=11, prefix=f"m{suffix}")
         self._configs = 0
@@ -271,9 +276,67 @@ def test_inspect_counts_reasons_destinations_codes_and_samples(env: Env) -> None
 def test_inspect_empty_topic_returns_at_once(env: Env) -> None:
     proc = cli("dlq", "inspect", "--config", str(env.config_path()), timeout=30)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == f"dead-letter topic {env.dlq}: 0 record(s) in 2 partition(s)\n"
+    assert proc.stdout == (
+        f"dead-letter topic {env.dlq}: 0 record(s) in 2 partition(s)\n\n"
+        f"retry topic {env.retry}: 0 parked record(s) in 2 partition(s), "
+        f"not yet handled by group {env.group}.retry\n"
+    )
     report = json.loads(cli("dlq", "inspect", "--config", str(env.config_path()), "--json").stdout)
     assert (report["records"], report["oldest_failed_at"], report["by_reason"]) == (0, None, {})
+    assert (report["parked"]["records"], report["parked"]["exists"]) == (0, True)
+
+
+def parked_record(
+    value: bytes, dest: str, *, first: float, due: float, reason: str = "retryable"
+) -> tuple[bytes, list[tuple[str, Any]]]:
+    parked = Parked(
+        destination=dest,
+        subscription="Order Completed",
+        reason=reason,
+        failure="retryable",
+        error="retryable_error: HTTP 503, unavailable",
+        code=None,
+        attempts=4,
+        parks=1,
+        first_failed_at=first,
+        parked_at=first + 30,
+        due_at=due,
+        original_topic="segment-events",
+        original_partition=0,
+        original_offset=7,
+        original_timestamp_ms=1_790_000_000_000,
+    )
+    return value, list(parked.headers())
+
+
+def test_inspect_shows_what_is_parked(env: Env) -> None:
+    # A running worker would deliver these when due; here nobody consumes the retry topic.
+    now = time.time()
+    value = encode(env.event())
+    records = [
+        parked_record(value, "shop-a", first=now - 600, due=now - 1),
+        parked_record(value, "shop-a", first=now - 60, due=now + 120, reason="circuit_open"),
+        parked_record(value, "shop-b", first=now - 30, due=now + 7200),
+        (b"", [(PROBE_HEADER, b"1")]),  # the start-up check's write: not a parked event
+    ]
+    produce_letters(env.kafka.bootstrap, env.retry, records, partition=1)
+    proc = cli("dlq", "inspect", "--config", str(env.config_path()))
+    assert proc.returncode == 0, proc.stderr
+    parked = proc.stdout.split("\n\n", 1)[1]
+    assert parked.splitlines()[0] == (
+        f"retry topic {env.retry}: 3 parked record(s) in 2 partition(s), "
+        f"not yet handled by group {env.group}.retry"
+    )
+    assert f"oldest first failure: {iso(now - 600)}" in parked
+    assert "parked by destination:\n  shop-a  2\n  shop-b  1\n" in parked
+    assert "parked by reason:\n  retryable     2\n  circuit_open  1\n" in parked
+    assert parked.endswith(
+        "parked by due time:\n  due now        1\n  within 10 min  1\n  later          1\n"
+    )
+    report = json.loads(cli("dlq", "inspect", "--config", str(env.config_path()), "--json").stdout)
+    assert report["parked"]["by_destination"] == {"shop-a": 2, "shop-b": 1}
+    assert report["parked"]["by_due"] == {"due now": 1, "within 10 min": 1, "later": 1}
+    assert report["parked"]["oldest_first_failure"] == iso(now - 600)
 
 
 def test_missing_topic_and_bad_arguments_are_one_line_errors(env: Env) -> None:
@@ -385,6 +448,24 @@ def test_redrive_max_then_resume_sends_each_record_once(env: Env) -> None:
     assert [summary(r)["delivered"] for r in runs] == [2, 2, 1]
     assert env.received() == Counter({(PIXEL_A, e["messageId"]): 1 for e in events})
     assert committed_offsets(env.kafka.bootstrap, f"{env.group}-redrive", env.dlq)[0] == 5
+
+
+def test_redrive_skips_reference_only_letters(env: Env) -> None:
+    kept, big = env.event(), env.event()
+    _value, headers = letter(encode(big), reason="event_too_large", dest=None, attempts=0)
+    reference_only = (b"", [*headers, ("dlq.value_omitted", b"2000000")])
+    produce_letters(
+        env.kafka.bootstrap,
+        env.dlq,
+        [reference_only, letter(encode(kept), reason="retries_exhausted", dest="shop-a")],
+    )
+    proc = redrive(env.config_path(), "--reason", "retries_exhausted")
+    assert proc.returncode == 0, proc.stderr
+    assert "1 by filter" in proc.stdout  # the filter comes first
+    proc = redrive(env.config_path(), "--reason", "event_too_large")
+    assert proc.returncode == 0, proc.stderr
+    assert "1 reference-only (no value to send)" in proc.stdout
+    assert env.received() == Counter({(PIXEL_A, kept["messageId"]): 1})
 
 
 def test_redrive_sigterm_finishes_in_flight_and_resumes_without_resending(env: Env) -> None:

@@ -21,6 +21,7 @@ from devkit.harness import (
     metric_value,
     produce,
     read_topic,
+    retry_topic_for,
     wait_until,
     worker_config,
     write_config,
@@ -38,6 +39,7 @@ def test_a_mixed_topic_reaches_every_source_in_batches(
 ) -> None:
     dlq = f"{topic}.dlq"
     kafka.create_topic(dlq, partitions=1)
+    kafka.create_topic(retry_topic_for(dlq), partitions=1)
     events = [mixed_event(NAMES[n % len(NAMES)], n) for n in range(300)]
     dests: list[dict[str, Any]] = [WEB, CRM, OFFLINE, APP]
     # What the worker should send, from the same mapping run in-process.

@@ -39,6 +39,7 @@ from devkit.harness import (
     headers_of,
     metric_value,
     read_topic,
+    retry_topic_for,
     wait_until,
     worker_config,
     write_config,
@@ -315,6 +316,7 @@ def test_hostile_messages_are_dead_lettered_and_good_ones_delivered(
     big = {"max.message.bytes": str(MAX_MESSAGE_BYTES), "segment.bytes": str(16 * MIB)}
     kafka.create_topic(topic, partitions=2, config=big)
     kafka.create_topic(dlq_topic, partitions=1, config=big)
+    kafka.create_topic(retry_topic_for(dlq_topic), partitions=1, config=big)
     produce_corpus(kafka.bootstrap, topic, corpus)
 
     with FakeTikTokProcess(tmp_path) as fake:

@@ -27,8 +27,11 @@ from devkit.harness import (
     WorkerProcess,
     committed_offsets,
     destination,
+    headers_of,
     metric_value,
     produce,
+    read_topic,
+    retry_topic_for,
     wait_until,
     worker_config,
     write_config,
@@ -93,6 +96,7 @@ def topics(kafka: Any) -> tuple[str, str]:
     topic, dlq = f"hostile-{suffix}", f"hostile-{suffix}.dlq"
     kafka.create_topic(topic, partitions=1)
     kafka.create_topic(dlq, partitions=1)
+    kafka.create_topic(retry_topic_for(dlq), partitions=1)
     return topic, dlq
 
 
@@ -281,30 +285,44 @@ def test_unreachable_redis_at_start_falls_back_to_the_local_limiter(
     [({"message.max.bytes": 1_000_000}, 4 * 1024 * 1024), ({}, 1024 * 1024)],
     ids=["producer-limit", "broker-topic-limit"],
 )
-def test_dead_letter_refused_stops_the_worker_without_committing(
+def test_dead_letter_too_large_for_its_topic_is_written_reference_only(
     kafka: Any, tmp_path: Path, client: dict[str, Any], dlq_limit: int
 ) -> None:
-    # A 1.5 MiB event is dead-lettered as event_too_large; here the dead letter is refused,
-    # by the worker's own producer limit or by the dead-letter topic. The dead-letter topic is
-    # the last place an event can go (SPEC §4): the worker must exit 1 with one line and leave
-    # the message uncommitted, not skip it and not stall.
+    # A 1.5 MiB event is dead-lettered as event_too_large, but the dead letter is too large,
+    # for the worker's own producer limit or for the dead-letter topic. Refusing it would
+    # crash-loop the group on this message: the worker writes a reference-only dead letter
+    # (headers and provenance, no value, dlq.value_omitted) and moves on (issue 15).
     suffix = uuid.uuid4().hex[:8]
     topic, dlq, group = f"refused-{suffix}", f"refused-{suffix}.dlq", f"refused-{suffix}"
     big = {"max.message.bytes": str(4 * 1024 * 1024), "segment.bytes": str(16 * 1024 * 1024)}
     kafka.create_topic(topic, partitions=1, config=big)
     kafka.create_topic(dlq, partitions=1, config={**big, "max.message.bytes": str(dlq_limit)})
+    kafka.create_topic(retry_topic_for(dlq), partitions=1)
     event = SampleEvents(seed=9, prefix=f"big{suffix}").track("Order Completed")
     # Random text: the dead-letter producer compresses, and a repeated character would
     # shrink below the topic's limit.
     event["properties"]["description"] = base64.b64encode(os.urandom(1152 * 1024)).decode()
+    value = encode(event)
     producer = Producer(
         {"bootstrap.servers": kafka.bootstrap, "message.max.bytes": 8 * 1024 * 1024}
     )
-    producer.produce(topic, value=encode(event))
+    producer.produce(topic, value=value)
     assert producer.flush(30) == 0
     config = base_config(kafka, (topic, dlq), group_id=group, kafka={"client": client})
-    status, stderr, _ = run_worker(write_config(tmp_path / "w.yaml", config))
-    assert status == 1, stderr
-    assert_one_line_error(stderr, "cannot write to dead-letter topic", dlq)
-    committed = committed_offsets(kafka.bootstrap, group, topic)
-    assert committed.get(0, -1) < 1  # the refused message stays to be read again
+    worker = WorkerProcess(write_config(tmp_path / "w.yaml", config)).start()
+    try:
+        worker.wait_ready()
+        assert wait_until(
+            lambda: committed_offsets(kafka.bootstrap, group, topic).get(0, -1) == 1, 60
+        ), worker.log_tail()
+        assert worker.running()
+        (letter,) = read_topic(kafka.bootstrap, dlq, idle_s=1.0)
+        headers = headers_of(letter)
+        assert headers["dlq.reason"] == "event_too_large"
+        assert headers["dlq.value_omitted"] == str(len(value))
+        assert headers["dlq.original.topic"] == topic
+        assert headers["dlq.original.offset"] == "0"
+        assert not letter.value()
+        assert worker.terminate() == 0
+    finally:
+        worker.stop()

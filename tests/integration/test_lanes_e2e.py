@@ -32,6 +32,7 @@ from devkit.harness import (
     headers_of,
     metric_value,
     read_topic,
+    retry_topic_for,
     wait_until,
     worker_config,
     write_config,
@@ -55,6 +56,7 @@ class Setup:
         self.group = f"lanes-{suffix}"
         kafka.create_topic(self.topic, partitions=partitions)
         kafka.create_topic(self.dlq_topic, partitions=1)
+        kafka.create_topic(retry_topic_for(self.dlq_topic), partitions=1)
         self.fake = FakeTikTokProcess(tmp_path).start()
         self.workers: list[WorkerProcess] = []
         self.producer = Producer({"bootstrap.servers": kafka.bootstrap, "linger.ms": 5})
@@ -218,11 +220,17 @@ def test_revoke_during_a_stuck_lane_frees_the_bound(setup: Any) -> None:
     pages, _ = split_events(6, 0, "r")
     s.produce(pages[:3], partition=0)
     s.produce(pages[3:], partition=1)
-    first = s.start_worker(destinations=shops(), kafka={"drain_timeout_s": 2})
+    # Nothing is parked here (no circuit opening, no end to in-memory retries): the work must
+    # stay in memory for the revoke to find it.
+    stuck = {
+        "circuit": {"failure_threshold": 1_000_000},
+        "retry": {"initial_backoff_s": 0.05, "max_backoff_s": 0.5, "in_memory_s": 600},
+    }
+    first = s.start_worker(destinations=shops(), kafka={"drain_timeout_s": 2}, tiktok=stuck)
     assert wait_until(
         lambda: metric_value(first.metrics(), "tiktok_worker_inflight_messages") == 6, 30
     ), first.log_tail()
-    s.start_worker(destinations=shops(), kafka={"drain_timeout_s": 2})
+    s.start_worker(destinations=shops(), kafka={"drain_timeout_s": 2}, tiktok=stuck)
     # One partition moves to the second worker: its 3 stuck messages leave the first at once.
     assert wait_until(
         lambda: metric_value(first.metrics(), "tiktok_worker_inflight_messages") == 3, 60, 0.5

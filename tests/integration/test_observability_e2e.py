@@ -31,6 +31,7 @@ from devkit.harness import (
     committed_offsets,
     metric_value,
     produce,
+    retry_topic_for,
     wait_until,
     worker_config,
     write_config,
@@ -65,6 +66,7 @@ class Stack:
         self.group = f"obs-group-{suffix}"
         kafka.create_topic(self.topic, partitions=partitions)
         kafka.create_topic(self.dlq_topic, partitions=1)
+        kafka.create_topic(retry_topic_for(self.dlq_topic), partitions=1)
         self.fake = FakeTikTokProcess(tmp_path).start()
         self.worker: WorkerProcess | None = None
         self.events = SampleEvents(seed=11, prefix=f"obs{suffix}")
@@ -164,7 +166,15 @@ def test_consumer_lag_matches_kafka_while_paused_and_before_the_first_commit(
         kafka={"max_inflight_messages": 30},
         tiktok={
             "max_batch_events": 10,
-            "retry": {"initial_backoff_s": 0.2, "max_backoff_s": 0.5, "deadline_s": 600},
+            # Nothing is parked (no circuit opening, no end to in-memory retries): the
+            # backlog must stay a backlog for the lag to be measured while paused.
+            "retry": {
+                "initial_backoff_s": 0.2,
+                "max_backoff_s": 0.5,
+                "in_memory_s": 600,
+                "deadline_s": 600,
+            },
+            "circuit": {"failure_threshold": 1_000_000},
         },
     )
 

@@ -29,6 +29,7 @@ from devkit.harness import (
     WorkerProcess,
     metric_value,
     produce,
+    retry_topic_for,
     wait_until,
     worker_config,
     write_config,
@@ -591,6 +592,7 @@ def test_worker_takes_no_work_before_redis_answers_then_follows_its_assignment(
     topic, dlq = f"rl-start-{suffix}", f"rl-start-{suffix}.dlq"
     kafka.create_topic(topic, partitions=3)
     kafka.create_topic(dlq, partitions=1)
+    kafka.create_topic(retry_topic_for(dlq), partitions=1)
     fake = FakeTikTokProcess(tmp_path).start()
     events = list(SampleEvents(seed=5, prefix="rl").stream(30))
     produce(kafka.bootstrap, topic, [encode(e) for e in events])

@@ -38,8 +38,10 @@ from devkit.harness import (
     committed_offsets,
     destination,
     headers_of,
+    metric_value,
     produce,
     read_topic,
+    retry_topic_for,
     wait_until,
     worker_config,
     write_config,
@@ -185,6 +187,7 @@ def test_no_token_or_raw_pii_leaves_the_worker_except_hashed_in_bodies(
     topic, dlq_topic, group = f"pii-{suffix}", f"pii-{suffix}.dlq", f"pii-{suffix}"
     kafka.create_topic(topic, partitions=2)
     kafka.create_topic(dlq_topic, partitions=1)
+    kafka.create_topic(retry_topic_for(dlq_topic), partitions=1)
 
     delivered = [f"pii-ok-{suffix}-{i}" for i in range(6)]
     rejected = f"pii-rejected-{suffix}"
@@ -230,6 +233,9 @@ def test_no_token_or_raw_pii_leaves_the_worker_except_hashed_in_bodies(
                 destination("web-shop", token=TOKEN),
                 destination("revoked-shop", pixel="C5PIXEL0000000000002", token=REVOKED_TOKEN),
             ],
+            # A short deadline: the revoked token's events are parked, then dead-lettered
+            # (auth_error) within the test.
+            tiktok={"retry": {"initial_backoff_s": 0.05, "max_backoff_s": 0.5, "deadline_s": 3}},
         )
         config["logging"] = {"level": "debug", "format": "json"}
         path = write_config(tmp_path / "worker.yaml", config)
@@ -245,6 +251,12 @@ def test_no_token_or_raw_pii_leaves_the_worker_except_hashed_in_bodies(
 
         assert wait_until(finished, 60, 0.5), worker.log_tail()
         assert set(delivered) <= set(fake.event_ids())
+        auth = {"reason": "auth_error", "destination": "revoked-shop"}
+        assert wait_until(
+            lambda: metric_value(worker.metrics(), "tiktok_worker_dead_letters_total", auth) > 0,
+            60,
+            0.5,
+        ), worker.log_tail()
         port = worker.http_port
         surfaces = {
             "/metrics": worker.metrics(),
@@ -273,6 +285,15 @@ def test_no_token_or_raw_pii_leaves_the_worker_except_hashed_in_bodies(
         surfaces[f"dead-letter headers #{i}"] = json.dumps(headers_of(msg))
     # (Values are the original messages: the PII really went through the pipeline.)
     assert all(EMAIL.strip().encode() in (m.value() or b"") for m in dead)
+    # Parked records (the revoked token's events waited there): clean headers too.
+    parked = [
+        m
+        for m in read_topic(kafka.bootstrap, retry_topic_for(dlq_topic), idle_s=1.0)
+        if "retry.destination" in headers_of(m)
+    ]
+    assert parked
+    for i, msg in enumerate(parked):
+        surfaces[f"parked-record headers #{i}"] = json.dumps(headers_of(msg))
 
     # Redis: rate-limit keys name the app by a digest, never by the token.
     surfaces["redis keys"] = "\n".join(k.decode() for k in redis.client().keys("*"))

@@ -36,6 +36,7 @@ from devkit.harness import (
     committed_offsets,
     metric_value,
     read_topic,
+    retry_topic_for,
     wait_until,
     worker_config,
     write_config,
@@ -73,6 +74,7 @@ class SecuredCluster:
         source, dlq = f"segment-{suffix}", f"segment-{suffix}.dlq"
         self.server.create_topic(source, partitions=3)
         self.server.create_topic(dlq, partitions=1)
+        self.server.create_topic(retry_topic_for(dlq), partitions=1)
         return source, dlq
 
     # -- what a user writes in kafka.security, and the same as librdkafka properties ---------

@@ -75,6 +75,8 @@ def summary_line(stats: RedriveStats) -> str:
     skipped = [f"{stats.skipped_filter} by filter", f"{stats.skipped_redriven} already redriven"]
     for name, count in sorted(stats.skipped_unconfigured.items()):
         skipped.append(f"{count} for unconfigured destination {name}")
+    if stats.skipped_reference_only:
+        skipped.append(f"{stats.skipped_reference_only} reference-only (no value to send)")
     line = (
         f"redrive {'interrupted' if stats.interrupted else 'done'}: "
         f"{stats.redriven} redriven ({stats.delivered} delivered, "

@@ -1,6 +1,7 @@
 """The configuration file: its schema, `${VAR}` interpolation, validation and masking."""
 
 from worker.config.schema import (
+    CircuitConfig,
     Config,
     HttpConfig,
     KafkaConfig,
@@ -19,6 +20,7 @@ from worker.config.schema import (
 from worker.mapping.spec import DestinationConfig, LiteralValue, SubscriptionConfig
 
 __all__ = [
+    "CircuitConfig",
     "Config",
     "DestinationConfig",
     "HttpConfig",

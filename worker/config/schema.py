@@ -32,6 +32,7 @@ from worker.errors import ConfigError
 from worker.mapping.spec import SOURCE_ID_KEYS, DestinationConfig, NonEmptyStr
 
 __all__ = [
+    "CircuitConfig",
     "Config",
     "HttpConfig",
     "KafkaConfig",
@@ -99,6 +100,8 @@ class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     topics: Annotated[tuple[NonEmptyStr, ...], msgspec.Meta(min_length=1)] = ("segment-events",)
     group_id: NonEmptyStr = "tiktok-conversions"
     dead_letter_topic: NonEmptyStr = "segment-events.tiktok-dlq"
+    # Parked events (SPEC §4); consumed by the workers as group `<group_id>.retry`.
+    retry_topic: NonEmptyStr = "segment-events.tiktok-retry"
     # Where a group with no committed offset begins (librdkafka's auto.offset.reset).
     start_from: Literal["earliest", "latest"] = "earliest"
     security: KafkaSecurityConfig = msgspec.field(default_factory=KafkaSecurityConfig)
@@ -113,7 +116,14 @@ class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
 class RetryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     initial_backoff_s: PositiveFloat = 0.5
     max_backoff_s: PositiveFloat = 60.0
+    in_memory_s: PositiveFloat = 30.0  # retry in memory this long, then park
     deadline_s: PositiveFloat = 3600.0
+
+
+class CircuitConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    failure_threshold: PositiveInt = 5  # consecutive failed requests that open it
+    open_s: PositiveFloat = 30.0  # first pause before a probe; doubles up to max_open_s
+    max_open_s: PositiveFloat = 300.0
 
 
 class TikTokConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -127,6 +137,7 @@ class TikTokConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     # event_id for 48 h only, so a replay of older history would count twice. null: no limit.
     max_event_age_s: PositiveFloat | None = 172800.0
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
+    circuit: CircuitConfig = msgspec.field(default_factory=CircuitConfig)
     # Segment's destination always sends "Segment"; keeping it means the same bodies TikTok
     # already accepts for this customer. null omits the key.
     partner_name: NonEmptyStr | None = "Segment"
@@ -378,6 +389,17 @@ def _check_semantics(config: Config) -> None:
     retry = config.tiktok.retry
     if retry.max_backoff_s < retry.initial_backoff_s:
         raise ConfigError("tiktok.retry.max_backoff_s: must be >= tiktok.retry.initial_backoff_s")
+    circuit = config.tiktok.circuit
+    if circuit.max_open_s < circuit.open_s:
+        raise ConfigError("tiktok.circuit.max_open_s: must be >= tiktok.circuit.open_s")
+    kafka = config.kafka
+    if kafka.retry_topic == kafka.dead_letter_topic:
+        raise ConfigError(
+            "kafka.retry_topic: must differ from kafka.dead_letter_topic "
+            "(parked events are delivered again, dead letters are not)"
+        )
+    if kafka.retry_topic in kafka.topics:
+        raise ConfigError("kafka.retry_topic: must not be one of kafka.topics")
     _check_kafka_security(config.kafka)
     for key, value in config.kafka.client.items():
         if not isinstance(value, ClientValue):

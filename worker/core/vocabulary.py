@@ -64,6 +64,16 @@ _RETRYABLE_OUTCOMES: Final = frozenset(
 )
 
 
+class ParkReason(enum.StrEnum):
+    """Why events were parked: `retry.reason` and the `reason` label of
+    `tiktok_worker_events_parked_total` (SPEC §4, Parking)."""
+
+    RETRYABLE = "retryable"  # still failing after tiktok.retry.in_memory_s
+    THROTTLED = "throttled"  # throttled past tiktok.retry.in_memory_s
+    AUTH_ERROR = "auth_error"  # parked at once
+    CIRCUIT_OPEN = "circuit_open"  # parked without a request
+
+
 class CommitResult(enum.StrEnum):
     """The `result` label of `tiktok_worker_commits_total`."""
 

@@ -11,9 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from worker.config import Config
+from worker.delivery.circuit import CircuitPolicy
 from worker.delivery.client import ENDPOINT_PATH, TikTokClient
 from worker.delivery.ratelimit import RateLimiter, build_rate_limiter, rate_limit_key
-from worker.delivery.sender import LanePolicy, RetryPolicy, Route, Sender
+from worker.delivery.sender import LanePolicy, ParkingPolicy, RetryPolicy, Route, Sender
 from worker.observability.logs import Logger
 from worker.observability.metrics import Metrics
 
@@ -40,6 +41,19 @@ def lane_share(lane_concurrency: int, max_concurrent_requests: int, config: Conf
     return min(lane_concurrency, share)
 
 
+def parking_policy(config: Config) -> ParkingPolicy:
+    circuit = config.tiktok.circuit
+    return ParkingPolicy(
+        # Retrying in memory past the deadline would only delay the dead letter.
+        in_memory_s=min(config.tiktok.retry.in_memory_s, config.tiktok.retry.deadline_s),
+        circuit=CircuitPolicy(
+            failure_threshold=circuit.failure_threshold,
+            open_s=circuit.open_s,
+            max_open_s=circuit.max_open_s,
+        ),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """The parts that turn mapped events into requests; ``sender.add`` is the entry point."""
@@ -61,8 +75,13 @@ def build_delivery(
     metrics: Metrics,
     log: Logger,
     on_crash: Callable[[BaseException], None],
+    parking: bool = False,
 ) -> Delivery:
-    """Build the stack. `on_crash` hears of a delivery task that failed unexpectedly."""
+    """Build the stack. `on_crash` hears of a delivery task that failed unexpectedly.
+
+    `parking`: retry in memory for `tiktok.retry.in_memory_s`, then hand events to their owner
+    to park, with a circuit per destination (the worker). Without it (redrive) a batch is
+    retried in memory until `tiktok.retry.deadline_s`."""
     tiktok, rate_limit = config.tiktok, config.rate_limit
     client = TikTokClient(
         base_url=tiktok.base_url,
@@ -97,5 +116,6 @@ def build_delivery(
         metrics=metrics,
         log=log,
         on_crash=on_crash,
+        parking=parking_policy(config) if parking else None,
     )
     return Delivery(client=client, limiter=limiter, sender=sender)

@@ -1,8 +1,9 @@
 """Units of in-flight work: a consumed Kafka message and the TikTok events mapped from it.
 
-A message is finished when every event it produced is finished: delivered, dead-lettered and
-acknowledged by the broker, or skipped. Its owner (the pipeline, or a redrive) is told, and
-marks the offset in its ledger (see `worker.kafka.offsets`).
+A message is finished when every event it produced is finished: delivered, skipped, or parked
+in the retry topic or dead-lettered and acknowledged by the broker. Its owner (the pipeline,
+the retry intake, or a redrive) is told, and marks the offset in its ledger (see
+`worker.kafka.offsets`).
 
 Each message names its owner, so the sender reports an event's fate to whoever made it: the
 sender is built before its users and never needs callbacks wired in afterwards.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from worker.core.vocabulary import DeadLetterReason
@@ -33,12 +34,36 @@ class Failure:
     attempts: int
 
 
+@dataclass(frozen=True, slots=True)
+class Parking:
+    """Why events are being parked in the retry topic instead of retried in memory.
+
+    `reason`: retryable | throttled | auth_error | circuit_open. `failure`: the kind of the
+    destination's last failed request (retryable | throttled | auth_error), also when these
+    events were parked unsent because the circuit was open; `error` and `code` are that
+    request's. `first_failed_at` is the wall
+    time of the first failed request of this delivery (None when no request was made: the
+    circuit was open). `retry_in_s` is the earliest sensible next attempt (the circuit's pause
+    or the backoff); the owner turns it into the parked record's due time.
+    """
+
+    reason: str
+    failure: str
+    error: str
+    code: int | None
+    attempts: int
+    first_failed_at: float | None
+    retry_in_s: float
+
+
 class WorkOwner(Protocol):
     """Who made the work: told about each event's fate and each finished message."""
 
     def on_delivered(self, events: Sequence[PendingEvent]) -> None: ...
 
     def on_failed(self, events: Sequence[PendingEvent], failure: Failure) -> None: ...
+
+    def on_parked(self, events: Sequence[PendingEvent], parking: Parking) -> None: ...
 
     def message_finished(self, message: InflightMessage) -> None: ...
 
@@ -51,6 +76,7 @@ class InflightMessage:
         "key",
         "offset",
         "owner",
+        "parked",
         "partition",
         "remaining",
         "timestamp_ms",
@@ -75,6 +101,8 @@ class InflightMessage:
         self.key = key
         self.remaining = 0
         self.dropped = False
+        # For a record read back from the retry topic: its `worker.kafka.parking.Parked`.
+        self.parked: Any = None
 
     def add_work(self, count: int = 1) -> None:
         self.remaining += count

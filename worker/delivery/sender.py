@@ -21,6 +21,14 @@ Response classes (`worker.delivery.client.classify_answer`, `worker.delivery.cod
   dead-lettered and the rest resent; otherwise the batch is split in halves, and when both
   halves repeat the parent's error word for word it was request-level after all.
 
+Parking (`ParkingPolicy`, the worker; redrive sends without it): a retryable or throttled
+batch is retried in memory for `in_memory_s` after its first failure, then its events are
+handed to their owner to park in the retry topic (`WorkOwner.on_parked`). An auth answer parks
+at once. Each destination has a circuit (`worker.delivery.circuit`): failed requests open it,
+and while it is open the destination's batches are parked without a request; after the pause
+one batch goes as the probe. Any answer that is not a failure of the destination (success,
+permanent errors) closes it.
+
 Events of dropped messages (a partition no longer ours) are left out of every request from
 the moment they are dropped, and their fate is reported to nobody.
 """
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -36,16 +45,25 @@ from typing import Final
 import structlog
 
 from worker.core.vocabulary import DeadLetterReason
+from worker.delivery.circuit import Circuit, CircuitPolicy, CircuitState, Verdict
 from worker.delivery.client import Outcome, SendResult, TikTokClient, backoff_delay
 from worker.delivery.codes import event_index
-from worker.delivery.inflight import Failure, PendingEvent, WorkOwner
+from worker.delivery.inflight import Failure, Parking, PendingEvent, WorkOwner
 from worker.delivery.lanes import DEFAULT_MAX_BATCH_BYTES, AppBudget, Lane, spawn
 from worker.delivery.ratelimit import RateLimiter
 from worker.mapping.body import BatchKey, build_body
 from worker.observability.logs import Logger
 from worker.observability.metrics import Metrics
 
-__all__ = ["SPLIT_AFTER_FAILURES", "Failure", "LanePolicy", "RetryPolicy", "Route", "Sender"]
+__all__ = [
+    "SPLIT_AFTER_FAILURES",
+    "Failure",
+    "LanePolicy",
+    "ParkingPolicy",
+    "RetryPolicy",
+    "Route",
+    "Sender",
+]
 
 # Consecutive retryable failures after which a batch of several events is split in halves.
 SPLIT_AFTER_FAILURES: Final = 3
@@ -65,6 +83,14 @@ class RetryPolicy:
     initial_backoff_s: float
     max_backoff_s: float
     deadline_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class ParkingPolicy:
+    """Retry in memory for `in_memory_s`, then park; a circuit per destination."""
+
+    in_memory_s: float
+    circuit: CircuitPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +139,7 @@ class Sender:
         metrics: Metrics,
         log: Logger,
         on_crash: Callable[[BaseException], None],
+        parking: ParkingPolicy | None = None,
     ) -> None:
         self._client = client
         self._limiter = limiter
@@ -124,6 +151,17 @@ class Sender:
         self._log = log
         self._on_crash = on_crash
         self._lanes: dict[BatchKey, Lane] = {}
+        self._parking = parking
+        self._circuits: dict[str, Circuit] = {}
+        self._circuit_watchers: list[Callable[[str, CircuitState], None]] = []
+        # Each destination's last failed request, for events parked unsent (circuit open).
+        self._last_failure: dict[str, tuple[str, SendResult]] = {}
+        if parking is not None:
+            for destination in routes:
+                self._circuits[destination] = Circuit(
+                    destination, parking.circuit, on_change=self._circuit_changed
+                )
+                metrics.circuit_state.labels(destination=destination).set(0)
         self._budgets: dict[str, AppBudget] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._batch_ids = itertools.count(1)
@@ -152,6 +190,15 @@ class Sender:
     def close_gate(self) -> None:
         """Start no new request from now on (requests on the wire finish)."""
         self._gate.clear()
+
+    def circuit(self, destination: str) -> Circuit | None:
+        """The destination's circuit (None when the sender does not park)."""
+        return self._circuits.get(destination)
+
+    def watch_circuits(self, watcher: Callable[[str, CircuitState], None]) -> None:
+        """Call `watcher(destination, state)` on every change of a circuit (the retry intake
+        releases a destination's parked events when its circuit closes)."""
+        self._circuit_watchers.append(watcher)
 
     @property
     def queued_events(self) -> int:
@@ -202,10 +249,22 @@ class Sender:
     async def _pump(self, lane: Lane) -> None:
         """Forever: wait for a batch, a lane permit and a slot; seal; send in the background."""
         linger_s = self._policy.linger_s
+        circuit = self._circuits.get(lane.key.destination)
         while True:
             await lane.wait_for_batch(linger_s)
+            probe = False
+            if circuit is not None:
+                verdict = circuit.allow()
+                if verdict is Verdict.PARK:
+                    # Open: no slot, no request; the events wait in the retry topic.
+                    self._park_unsent(lane.seal(), circuit)
+                    await asyncio.sleep(0)
+                    continue
+                probe = verdict is Verdict.PROBE
             await self._take_turn(lane)
             batch = lane.seal()
+            if probe and not batch and circuit is not None:
+                circuit.probe_unused()
             if not batch:
                 lane.permits.release()
                 continue
@@ -265,22 +324,33 @@ class Sender:
         attempt: int = 0,
         repeat_of: tuple[int | None, int | None, str] | None = None,
         halves: _Halves | None = None,
+        failing_since: tuple[float, float] | None = None,
     ) -> SendResult | None:
-        """Deliver `events` until each is delivered or failed.
+        """Deliver `events` until each is delivered, failed or parked.
 
         `holding`: a lane permit and a slot are already held for the first request.
+        `failing_since`: (wall time of the first failure, loop time the in-memory retrying
+        ends) of the batch these events were split from, so halves keep the parent's window.
         `repeat_of`: when the first permanent answer is exactly this error, hand it back to
         the caller (bisection decides) instead of handling it. Returns None otherwise.
         `halves`: set when `events` is half of a batch split after retryable failures.
         """
         route = self._routes[lane.key.destination]
+        circuit = self._circuits.get(route.destination)
+        parking = self._parking
         loop = asyncio.get_running_loop()
         failures = 0
+        # Wall time of this delivery's first failed request; loop time in-memory retrying ends.
+        first_failed, park_after = failing_since if failing_since is not None else (None, None)
+        last: SendResult | None = None
         while True:
             if holding and not self._gate.is_set():  # closed since the turn was taken
                 lane.permits.release()
                 holding = False
             if not holding:
+                if circuit is not None and circuit.allow() is Verdict.PARK:
+                    self._park(events, "circuit_open", last, attempt, first_failed, circuit)
+                    return None
                 await self._take_turn(lane)
             holding = False
             live = _live(events)
@@ -300,16 +370,30 @@ class Sender:
             finally:
                 lane.permits.release()
             self._record(route, len(events), attempt, result)
+            last = result
+            outcome = result.outcome
+            failed = outcome.retryable and outcome is not Outcome.THROTTLED
+            if circuit is not None:
+                if failed or outcome is Outcome.AUTH:
+                    circuit.failed()
+                    kind = "auth_error" if outcome is Outcome.AUTH else "retryable"
+                    self._last_failure[route.destination] = (kind, result)
+                elif outcome is not Outcome.THROTTLED:
+                    circuit.succeeded()  # TikTok answered, and not with a failure of its own
             events = _live(events)
             if not events:
                 return None
-            outcome = result.outcome
             if outcome is Outcome.SUCCESS:
                 if halves is not None:
                     halves.delivered = True
                 self._delivered(events)
                 return None
             if outcome.retryable:
+                now = loop.time()
+                if first_failed is None:
+                    first_failed = time.time()
+                    if parking is not None:
+                        park_after = now + parking.in_memory_s
                 retry_after = result.retry_after_s
                 if retry_after is not None:
                     retry_after = min(retry_after, self._retry.max_backoff_s)
@@ -323,7 +407,14 @@ class Sender:
                     max_s=self._retry.max_backoff_s,
                     retry_after_s=retry_after,
                 )
-                if loop.time() + delay > deadline:
+                if park_after is not None and now + delay > park_after:
+                    if outcome is Outcome.THROTTLED and circuit is not None:
+                        circuit.failed()  # throttled past the in-memory window
+                        self._last_failure[route.destination] = ("throttled", result)
+                    reason = "throttled" if outcome is Outcome.THROTTLED else "retryable"
+                    self._park(events, reason, result, attempt, first_failed, circuit, delay)
+                    return None
+                if now + delay > deadline:
                     self._fail(events, DeadLetterReason.RETRIES_EXHAUSTED, result, attempt)
                     return None
                 self._metrics.retries.labels(destination=route.destination).inc()
@@ -333,12 +424,22 @@ class Sender:
                     # One poison event (a 5xx or a timeout it causes) must not hold the rest.
                     left, right = self._halves(_live(events))
                     pair = _Halves()
+                    since = (first_failed, park_after) if park_after is not None else None
                     await asyncio.gather(
-                        self._deliver(lane, left, deadline, attempt=attempt, halves=pair),
-                        self._deliver(lane, right, deadline, attempt=attempt, halves=pair),
+                        self._deliver(
+                            lane, left, deadline, attempt=attempt, halves=pair, failing_since=since
+                        ),
+                        self._deliver(
+                            lane, right, deadline, attempt=attempt, halves=pair, failing_since=since
+                        ),
                     )
                     return None
                 continue
+            if outcome is Outcome.AUTH and parking is not None:
+                # A revoked token may be fixed within the deadline: park, never bisect.
+                first_failed = first_failed if first_failed is not None else time.time()
+                self._park(events, "auth_error", result, attempt, first_failed, circuit)
+                return None
             if result.request_level or outcome is Outcome.AUTH:
                 if result.http_status is not None and 300 <= result.http_status < 400:
                     self._log.error(
@@ -422,6 +523,54 @@ class Sender:
         failure = Failure(reason, error, result.code, attempts)
         for owner, group in _by_owner(events):
             owner.on_failed(group, failure)
+
+    def _park_unsent(self, batch: list[PendingEvent], circuit: Circuit) -> None:
+        """Park a batch the open circuit does not let through (no request made)."""
+        if batch:
+            self._park(batch, "circuit_open", None, 0, None, circuit)
+
+    def _park(
+        self,
+        events: Sequence[PendingEvent],
+        reason: str,
+        result: SendResult | None,
+        attempts: int,
+        first_failed_at: float | None,
+        circuit: Circuit | None,
+        backoff_s: float = 0.0,
+    ) -> None:
+        events = _live(events)
+        if not events:
+            return
+        destination = events[0].mapped.destination
+        if result is None or reason == "circuit_open":
+            # Unsent, or sent before the circuit opened: the failure that opened it speaks.
+            failure, last = self._last_failure.get(destination, ("retryable", result))
+        else:
+            failure, last = reason, result
+        if last is None:
+            error, code = "circuit open: destination failing", None
+        else:
+            status = f"HTTP {last.http_status}" if last.http_status is not None else "no response"
+            error, code = f"{last.outcome.value}: {status}, {last.message}", last.code
+        retry_in = max(backoff_s, circuit.retry_in() if circuit is not None else 0.0)
+        parking = Parking(reason, failure, error, code, attempts, first_failed_at, retry_in)
+        self._log.info(
+            "parking events",
+            destination=destination,
+            reason=reason,
+            events=len(events),
+            retry_in_s=round(retry_in, 3),
+        )
+        for owner, group in _by_owner(events):
+            owner.on_parked(group, parking)
+
+    def _circuit_changed(self, destination: str, state: CircuitState) -> None:
+        self._metrics.circuit_state.labels(destination=destination).set(int(state))
+        log = self._log.warning if state is CircuitState.OPEN else self._log.info
+        log("circuit " + state.name.lower().replace("_", "-"), destination=destination)
+        for watcher in self._circuit_watchers:
+            watcher(destination, state)
 
     def _record(self, route: Route, events: int, attempt: int, result: SendResult) -> None:
         destination = route.destination

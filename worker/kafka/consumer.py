@@ -79,6 +79,7 @@ class ConsumerThread:
         drain_timeout_s: float,
         pause: PauseSwitch,
         batch_size: int = 2000,
+        source_gauges: bool = True,
         consumer_factory: Callable[[dict[str, Any]], Any] = Consumer,
         on_share: Callable[[int, int], None] | None = None,
     ) -> None:
@@ -106,6 +107,12 @@ class ConsumerThread:
         self._partition_counts: dict[str, int] = {}
         self._share_stale = False  # set by rebalance callbacks, reported by the thread's loop
         self._share_refresh = False  # ... re-reading the topics' partition counts first
+        # The assigned/paused/last-commit gauges describe the source topics: the retry
+        # intake's consumer (`source_gauges=False`) stays out of them, so a retry topic paused
+        # while parked events wait never looks like backpressure, and its commits never hide
+        # a source consumer that stopped committing.
+        self._source_gauges = source_gauges
+        self._shown = {"assigned": 0, "paused": 0}
         self._thread = threading.Thread(target=self._run, name="kafka-consumer", daemon=True)
         self.heartbeat = time.monotonic()  # read by /healthz
         self.brokers_down = False  # read by /readyz
@@ -223,7 +230,7 @@ class ConsumerThread:
             if todo:
                 self._consumer.resume([TopicPartition(t, p) for t, p in todo])
             self._paused.clear()
-        self._metrics.paused_partitions.set(len(self._paused))
+        self._show()
 
     def _commit(self, offsets: Mapping[TopicPartitionKey, int]) -> None:
         owned = {tp: o for tp, o in offsets.items() if tp in self._assigned}
@@ -238,7 +245,8 @@ class ConsumerThread:
             self._metrics.commits.labels(result=CommitResult.ERROR).inc()
             raise
         self._metrics.commits.labels(result=CommitResult.OK).inc()
-        self._metrics.last_commit_timestamp.set(time.time())
+        if self._source_gauges:
+            self._metrics.last_commit_timestamp.set(time.time())
 
     # -- librdkafka callbacks (on this thread, inside consume/close) ----------------------------
 
@@ -246,7 +254,7 @@ class ConsumerThread:
         keys = [(tp.topic, tp.partition) for tp in partitions]
         self._assigned.update(keys)
         self._metrics.rebalances.labels(kind=RebalanceKind.ASSIGN).inc()
-        self._metrics.assigned_partitions.set(len(self._assigned))
+        self._show()
         self._log.info("partitions assigned", partitions=_fmt(keys))
         self._call_on_loop(self._sink.on_assigned, keys)
         self._share_stale = self._share_refresh = True
@@ -273,7 +281,7 @@ class ConsumerThread:
     def _forget(self, keys: Sequence[TopicPartitionKey]) -> None:
         self._assigned.difference_update(keys)
         self._paused.difference_update(keys)
-        self._metrics.assigned_partitions.set(len(self._assigned))
+        self._show()
         for topic, partition in keys:
             with contextlib.suppress(KeyError):
                 self._metrics.consumer_lag.remove(topic, str(partition))
@@ -325,6 +333,19 @@ class ConsumerThread:
             self._log.debug("kafka error", error=error.str())
 
     # -- helpers -------------------------------------------------------------------------------
+
+    def _show(self) -> None:
+        """Add this consumer's change to the assigned/paused gauges."""
+        if not self._source_gauges:
+            return
+        for name, gauge, count in (
+            ("assigned", self._metrics.assigned_partitions, len(self._assigned)),
+            ("paused", self._metrics.paused_partitions, len(self._paused)),
+        ):
+            delta = count - self._shown[name]
+            if delta:
+                gauge.inc(delta)
+                self._shown[name] = count
 
     def _call_on_loop(self, fn: Callable[..., None], *args: Any) -> None:
         self._loop.call_soon_threadsafe(fn, *args)

@@ -1,5 +1,9 @@
 """The dead-letter producer: the original message, byte for byte, with headers saying why.
 
+A dead letter too large for the dead-letter topic is written reference-only: the same headers
+plus `dlq.value_omitted` (the original size in bytes), no value, so a group never crash-loops
+on it; the `dlq.original.*` headers find the source record.
+
 Records are produced with an idempotent producer and ``acks=all``. A record counts as written
 only when the broker acknowledges it (the delivery report); only then may the message's offset
 be finished. When the broker refuses a dead letter the worker must stop rather than go on
@@ -8,21 +12,24 @@ be finished. When the broker refuses a dead letter the worker must stop rather t
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 from collections.abc import Callable
 from typing import Any, Final
 
-from confluent_kafka import KafkaError, KafkaException, Producer
-
 from worker.core.vocabulary import DeadLetterReason
-from worker.errors import DeadLetterUnavailable
+from worker.kafka.acked import AckedProducer, omitted_headers, short_key
 from worker.observability.metrics import Metrics
+
+__all__ = [
+    "HEADER_PREFIX",
+    "REDRIVE_COUNT_HEADER",
+    "DeadLetter",
+    "DeadLetterProducer",
+]
 
 HEADER_PREFIX: Final = "dlq."
 # Header of letters written back by `dlq redrive` (without the prefix).
 REDRIVE_COUNT_HEADER: Final = "redrive.count"
-POLL_INTERVAL_S: Final = 0.02
 
 
 class DeadLetter:
@@ -40,6 +47,7 @@ class DeadLetter:
         "original_topic",
         "reason",
         "redrive_count",
+        "value_omitted",
     )
 
     def __init__(
@@ -56,6 +64,7 @@ class DeadLetter:
         attempts: int = 0,
         batch_index: int | None = None,
         redrive_count: int | None = None,
+        value_omitted: int | None = None,
     ) -> None:
         self.reason = reason
         self.error = error
@@ -69,6 +78,8 @@ class DeadLetter:
         self.batch_index = batch_index
         # Set only on letters written back by `dlq redrive` (header `dlq.redrive.count`).
         self.redrive_count = redrive_count
+        # Set on a reference-only letter: the size of the original value left out.
+        self.value_omitted = value_omitted
 
     def headers(self, *, now: dt.datetime | None = None) -> list[tuple[str, str | bytes | None]]:
         """The SPEC §4 header set, in a stable order."""
@@ -91,11 +102,13 @@ class DeadLetter:
             items.append(("batch_index", str(self.batch_index)))
         if self.redrive_count is not None:
             items.append((REDRIVE_COUNT_HEADER, str(self.redrive_count)))
+        if self.value_omitted is not None:
+            items.append(("value_omitted", str(self.value_omitted)))
         return [(HEADER_PREFIX + k, v.encode()) for k, v in items]
 
 
-class DeadLetterProducer:
-    """Writes dead letters and reports each broker acknowledgement on the event loop."""
+class DeadLetterProducer(AckedProducer):
+    """Writes dead letters; a letter too large for the topic becomes a reference-only one."""
 
     def __init__(
         self,
@@ -106,13 +119,14 @@ class DeadLetterProducer:
         on_fatal: Callable[[BaseException], None],
         producer: Any | None = None,
     ) -> None:
-        self.topic = topic
+        super().__init__(
+            config=config,
+            topic=topic,
+            what="dead-letter topic",
+            on_fatal=on_fatal,
+            producer=producer,
+        )
         self._metrics = metrics
-        self._on_fatal = on_fatal
-        self._producer = producer if producer is not None else Producer(config)
-        self._pending = 0
-        self._failed = False
-        self._poller: asyncio.Task[None] | None = None
 
     def send(
         self,
@@ -124,75 +138,23 @@ class DeadLetterProducer:
     ) -> None:
         """Produce one dead letter; ``on_written`` runs once the broker has acknowledged it."""
 
-        def delivered(err: KafkaError | None, _msg: Any) -> None:
-            self._pending -= 1
-            if err is not None:
-                self._failed = True
-                self._on_fatal(
-                    DeadLetterUnavailable(
-                        f"cannot write to dead-letter topic {self.topic!r}: {err.str()}"
-                    )
-                )
-                return
+        def written() -> None:
             self._metrics.dead_letters.labels(
                 reason=letter.reason, destination=letter.destination or ""
             ).inc()
             on_written()
 
-        while True:
-            try:
-                self._producer.produce(
-                    self.topic,
-                    value=value,
-                    key=key,
-                    headers=letter.headers(),
-                    on_delivery=delivered,
-                )
-                break
-            except BufferError:
-                # Local queue full: serve delivery reports to make room, then try again.
-                self._producer.poll(0.05)
-            except KafkaException as exc:
-                # Refused before sending (e.g. over message.max.bytes): like a refusal by the
-                # broker, the worker must stop rather than finish this message. Raising here
-                # instead would abandon the rest of the consumed batch mid-way.
-                self._failed = True
-                self._on_fatal(
-                    DeadLetterUnavailable(
-                        f"cannot write to dead-letter topic {self.topic!r}: {exc.args[0].str()}"
-                    )
-                )
-                return
-        self._pending += 1
+        def reference_only() -> None:
+            # The provenance headers find the source record; the value stays behind.
+            headers = letter.headers()
+            if letter.value_omitted is None:
+                headers += omitted_headers(HEADER_PREFIX, value)
+            self._produce(value=None, key=short_key(key), headers=headers, on_written=written)
 
-    @property
-    def pending(self) -> int:
-        return self._pending
-
-    def poll(self) -> None:
-        """Serve delivery reports; callbacks run on the calling (event-loop) thread."""
-        self._producer.poll(0)
-
-    def start(self) -> None:
-        self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
-
-    async def _poll_forever(self) -> None:
-        while True:
-            self.poll()
-            await asyncio.sleep(POLL_INTERVAL_S)
-
-    async def wait_acknowledged(self, timeout_s: float) -> bool:
-        """Wait until every produced dead letter is acknowledged (or failed)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while self._pending and loop.time() < deadline:
-            self.poll()
-            await asyncio.sleep(POLL_INTERVAL_S)
-        return self._pending == 0
-
-    async def close(self, timeout_s: float = 10.0) -> None:
-        await self.wait_acknowledged(timeout_s)
-        if self._poller is not None:
-            self._poller.cancel()
-            self._poller = None
-        self._producer.flush(0)
+        self._produce(
+            value=value,
+            key=key,
+            headers=letter.headers(),
+            on_written=written,
+            on_too_large=reference_only,
+        )

@@ -156,8 +156,10 @@ class BoundedReader:
         from_committed: bool,
         stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
         consumer_factory: Any = Consumer,
+        kind: str = "dead-letter topic",
     ) -> None:
         self.topic = topic
+        self._kind = kind
         self._from_committed = from_committed
         self._stall_timeout_s = stall_timeout_s
         self._consumer = consumer_factory(config)
@@ -183,7 +185,7 @@ class BoundedReader:
             ) from None
         meta = metadata.topics.get(self.topic)
         if meta is None or meta.error is not None or not meta.partitions:
-            raise WorkerError(f"dead-letter topic {self.topic!r} does not exist")
+            raise WorkerError(f"{self._kind} {self.topic!r} does not exist")
         partitions = sorted(meta.partitions)
         committed: dict[int, int] = {}
         if self._from_committed:

@@ -42,6 +42,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
+from prometheus_client import Gauge
 
 from worker.kafka.settings import TopicPartitionKey, admin_settings, reader_settings
 from worker.observability.logs import Logger
@@ -83,12 +84,14 @@ class LagMonitor:
         reset_to_latest: bool = False,
         read_committed: bool = True,
         offsets_reader: Any | None = None,
+        gauge: Gauge | None = None,
     ) -> None:
         self._admin = admin
         self._offsets_reader = offsets_reader
         self._group_id = group_id
         self._partitions = partitions
-        self._gauge = metrics.consumer_lag
+        # The retry intake's monitor reports into `parked_backlog` instead (see the app).
+        self._gauge = gauge if gauge is not None else metrics.consumer_lag
         self._log = log
         self._interval_s = interval_s
         self._timeout_s = timeout_s if timeout_s is not None else max(interval_s, 5.0)
@@ -111,6 +114,7 @@ class LagMonitor:
         log: Logger,
         logger: logging.Logger | None = None,
         interval_s: float = DEFAULT_INTERVAL_S,
+        gauge: Gauge | None = None,
         start_from: str = "earliest",
     ) -> LagMonitor:
         """A monitor whose reset and isolation rules match a consumer built from `client`
@@ -141,6 +145,7 @@ class LagMonitor:
             interval_s=interval_s,
             reset_to_latest=reset in _LATEST_RESETS,
             read_committed=isolation != "read_uncommitted",
+            gauge=gauge,
         )
 
     async def run(self) -> None:

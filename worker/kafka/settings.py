@@ -7,7 +7,7 @@ then the settings the client's job depends on (user properties cannot override t
   offset store, cooperative-sticky).
 - `reader_settings`: a consumer that never joins its group (dlq inspect/redrive, reading a
   group's committed offsets for the lag metric and the redrive ledger).
-- `producer_settings`: the dead-letter producer (idempotent, acks=all).
+- `producer_settings`: the dead-letter and retry-topic producers (idempotent, acks=all).
 - `admin_settings`: AdminClient (lag watermarks, listing redrive groups).
 - `preflight_settings`: the start-up check, with every user property, so that a property
   librdkafka refuses is a configuration error before anything else starts.
@@ -134,14 +134,19 @@ def reader_settings(
 
 
 def producer_settings(
-    *, bootstrap_servers: str, client: Mapping[str, Any], logger: logging.Logger | None = None
+    *,
+    bootstrap_servers: str,
+    client: Mapping[str, Any],
+    logger: logging.Logger | None = None,
+    job: str = "dlq",
 ) -> dict[str, Any]:
-    """The dead-letter producer: the user's client properties, then the safe ones."""
+    """The dead-letter and retry-topic producers (`job`: dlq, retry, preflight): the user's
+    client properties, then the safe ones."""
     conf: dict[str, Any] = {"bootstrap.servers": bootstrap_servers}
     conf["message.max.bytes"] = DEFAULT_MESSAGE_MAX_BYTES
     conf.update(_shared(client))
     conf.update(_PRODUCER_FORCED)
-    conf["client.id"] = _client_id(client, "dlq")
+    conf["client.id"] = _client_id(client, job)
     return _with_logger(conf, logger)
 
 

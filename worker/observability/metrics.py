@@ -7,7 +7,8 @@ vocabularies of `worker.core.vocabulary`. Never a user id, event id or message c
 Counters and histograms are exposed without their `_created` series (prometheus_client adds one
 per child by default): they would double the series count and no dashboard or rule reads them.
 Who updates what: the pipeline (consumed, mapped, skipped, delivered, in-flight), the sender
-(requests, latency, batch size, retries), the dead-letter producer (dead letters, on broker
+(requests, latency, batch size, retries, circuit state), the retry producer (parked), the
+retry intake (parked events waiting), the dead-letter producer (dead letters, on broker
 acknowledgement), the rate limiter (wait, fallback), the consumer thread (paused, assigned,
 commits, last commit, rebalances) and `worker.kafka.lag` (consumer lag). prometheus_client's
 `ProcessCollector` adds the standard `process_*` families (read from /proc at scrape time).
@@ -31,6 +32,7 @@ from worker.core.vocabulary import (
     CommitResult,
     DeadLetterReason,
     Outcome,
+    ParkReason,
     RebalanceKind,
     SkipReason,
 )
@@ -41,6 +43,7 @@ DLQ_REASONS: Final = tuple(r.value for r in DeadLetterReason)
 REQUEST_OUTCOMES: Final = tuple(o.value for o in Outcome)
 COMMIT_RESULTS: Final = tuple(r.value for r in CommitResult)
 REBALANCE_KINDS: Final = tuple(k.value for k in RebalanceKind)
+PARK_REASONS: Final = tuple(r.value for r in ParkReason)
 
 _LATENCY_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS: Final = (1, 2, 5, 10, 25, 50, 100, 250, 500, 750, 1000)
@@ -123,6 +126,30 @@ class Metrics:
             p + "lane_inflight_events",
             "Events queued or in requests, per destination lane.",
             ["destination"],
+            registry=r,
+        )
+        self.circuit_state = Gauge(
+            p + "destination_circuit_state",
+            "Circuit of each destination: 0 closed, 1 half-open (one probe), 2 open (parking).",
+            ["destination"],
+            registry=r,
+        )
+        self.events_parked = Counter(
+            p + "events_parked",
+            "Events written to the retry topic (acknowledged by the broker), by reason.",
+            ["destination", "reason"],
+            registry=r,
+        )
+        self.parked_backlog = Gauge(
+            p + "parked_backlog_messages",
+            "Parked records in the retry topic the retry intake has not committed yet, per "
+            "partition this worker holds (the retry group's lag).",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.parked_waiting = Gauge(
+            p + "parked_waiting_events",
+            "Parked events this worker has read from the retry topic and holds until due.",
             registry=r,
         )
         self.rate_limit_late_slots = Counter(

@@ -31,16 +31,17 @@ from collections.abc import Sequence
 from confluent_kafka import KafkaError, Message
 
 from worker.core.vocabulary import DeadLetterReason, SkipReason
-from worker.delivery.inflight import Failure, InflightMessage, PendingEvent
+from worker.delivery.inflight import Failure, InflightMessage, Parking, PendingEvent
 from worker.delivery.sender import Sender
 from worker.errors import FatalLatch, WorkerError
 from worker.kafka.consumer import PauseSwitch
-from worker.kafka.deadletters import DeadLetter, DeadLetterProducer
+from worker.kafka.deadletters import DeadLetterProducer
 from worker.kafka.offsets import OffsetLedger
 from worker.kafka.settings import TopicPartitionKey
 from worker.mapping.mapper import EventOutcome, InvalidEvent, Mapper
 from worker.observability.logs import Logger
 from worker.observability.metrics import Metrics
+from worker.pipeline.parker import Parker, dead_letter
 
 DRAIN_POLL_S = 0.02
 
@@ -61,10 +62,12 @@ class Pipeline:
         log: Logger,
         max_inflight_messages: int,
         drain_timeout_s: float,
+        parker: Parker | None = None,
     ) -> None:
         self._mapper = mapper
         self._sender = sender
         self._dead_letters = dead_letters
+        self._parker = parker
         self._ledger = ledger
         self._pause = pause
         self._fatal = fatal
@@ -119,7 +122,7 @@ class Pipeline:
         for topic, count in consumed.items():
             self._metrics.messages_consumed.labels(topic=topic).inc(count)
         self._flush_counts()
-        self._metrics.inflight_messages.set(self._inflight)
+        self._show_inflight()
         if not self._pause.paused and self._inflight >= self._max_inflight:
             self._set_paused(True)
 
@@ -135,7 +138,7 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._drain_timeout_s
         while (
-            self._ledger.inflight(partitions)
+            self._draining(partitions)
             and loop.time() < deadline
             and self._fatal.error is None  # after a fatal error nothing more will finish
         ):
@@ -147,6 +150,14 @@ class Pipeline:
                 "drain timed out; unfinished work dropped for the next owner", messages=dropped
             )
         return offsets
+
+    def _show_inflight(self) -> None:
+        """The in-flight gauge is the source topics' (the retry intake keeps out of it)."""
+        self._metrics.inflight_messages.set(self._inflight)
+
+    def _draining(self, partitions: Sequence[TopicPartitionKey]) -> int:
+        """Messages of `partitions` a revoke waits for."""
+        return self._ledger.inflight(partitions)
 
     def on_lost(self, partitions: Sequence[TopicPartitionKey]) -> None:
         self._ledger.release(partitions)
@@ -174,7 +185,7 @@ class Pipeline:
         if dropped:
             self._inflight -= dropped
             self._sender.purge()
-            self._metrics.inflight_messages.set(self._inflight)
+            self._show_inflight()
             if self._pause.paused and self._inflight <= self._resume_below:
                 self._set_paused(False)
         return dropped
@@ -288,6 +299,19 @@ class Pipeline:
                 attempts=failure.attempts,
             )
 
+    def on_parked(self, events: Sequence[PendingEvent], parking: Parking) -> None:
+        parker = self._parker
+        if parker is None:  # built without a retry topic: parking means giving up
+            reason = (
+                DeadLetterReason.AUTH_ERROR
+                if parking.failure == "auth_error"
+                else DeadLetterReason.RETRIES_EXHAUSTED
+            )
+            self.on_failed(events, Failure(reason, parking.error, parking.code, parking.attempts))
+            return
+        for event in events:
+            parker.park(event, parking)
+
     def _dead_letter_invalid(
         self, message: InflightMessage, outcome: EventOutcome, invalid: InvalidEvent
     ) -> None:
@@ -311,18 +335,13 @@ class Pipeline:
         attempts: int = 0,
     ) -> None:
         """Write the event's own bytes with its provenance; the ack finishes one unit of work."""
-        letter = DeadLetter(
+        dead_letter(
+            self._dead_letters,
+            message,
+            outcome,
             reason=reason,
             error=error,
-            original_topic=message.topic,
-            original_partition=message.partition,
-            original_offset=message.offset,
-            original_timestamp_ms=message.timestamp_ms,
             destination=destination,
             code=code,
             attempts=attempts,
-            batch_index=outcome.index if outcome.multi else None,
-        )
-        self._dead_letters.send(
-            value=outcome.raw, key=message.key, letter=letter, on_written=message.finish_one
         )

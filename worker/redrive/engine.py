@@ -42,9 +42,9 @@ from typing import Final
 from worker.config import Config
 from worker.core.vocabulary import UNSENDABLE_REASONS, DeadLetterReason, SkipReason
 from worker.delivery.factory import build_delivery
-from worker.delivery.inflight import Failure, InflightMessage, PendingEvent
+from worker.delivery.inflight import Failure, InflightMessage, Parking, PendingEvent
 from worker.errors import ConfigError, FatalLatch, WorkerError
-from worker.kafka.deadletters import DeadLetter, DeadLetterProducer
+from worker.kafka.deadletters import HEADER_PREFIX, DeadLetter, DeadLetterProducer
 from worker.kafka.dlq_reader import (
     TOOLS_JOB,
     BoundedReader,
@@ -186,7 +186,8 @@ class RedriveLedger:
 @dataclass(slots=True)
 class RedriveStats:
     """Counts of one redrive run. Every record read ends in exactly one of: delivered,
-    failed_again, unmapped, too_old, skipped_filter, skipped_redriven, skipped_unconfigured; records
+    failed_again, unmapped, too_old, skipped_filter, skipped_redriven, skipped_unconfigured,
+    skipped_reference_only (a letter written without its value: nothing to send); records
     still in flight when a run is interrupted are in none of them."""
 
     to_read: int = 0
@@ -199,12 +200,18 @@ class RedriveStats:
     skipped_filter: int = 0
     skipped_redriven: int = 0
     skipped_unconfigured: dict[str, int] = field(default_factory=dict)
+    skipped_reference_only: int = 0
     events_sent: int = 0
     interrupted: bool = False
 
     @property
     def skipped(self) -> int:
-        return self.skipped_filter + self.skipped_redriven + sum(self.skipped_unconfigured.values())
+        return (
+            self.skipped_filter
+            + self.skipped_redriven
+            + sum(self.skipped_unconfigured.values())
+            + self.skipped_reference_only
+        )
 
     @property
     def inflight(self) -> int:
@@ -462,6 +469,12 @@ class Redrive:
             stats.skipped_redriven += 1
             self._offsets.finish(where, record.offset)
             return
+        if HEADER_PREFIX + "value_omitted" in record.headers:
+            # Too large for the dead-letter topic: the source record has the event
+            # (dlq.original.*); there is nothing here to send.
+            stats.skipped_reference_only += 1
+            self._offsets.finish(where, record.offset)
+            return
         target = record.destination
         if target is not None and target not in self._destinations:
             stats.skipped_unconfigured[target] = stats.skipped_unconfigured.get(target, 0) + 1
@@ -505,6 +518,16 @@ class Redrive:
         for event in events:
             self._works[event.message].fail(event.mapped.destination, event.outcome, failure)
             event.message.finish_one()
+
+    def on_parked(self, events: Sequence[PendingEvent], parking: Parking) -> None:
+        # Redrive's sender is built without parking; were it ever to park, the events go
+        # back to the dead-letter topic like any other failure.
+        reason = (
+            DeadLetterReason.AUTH_ERROR
+            if parking.failure == "auth_error"
+            else DeadLetterReason.RETRIES_EXHAUSTED
+        )
+        self.on_failed(events, Failure(reason, parking.error, parking.code, parking.attempts))
 
     def message_finished(self, message: InflightMessage) -> None:
         work = self._works.pop(message)

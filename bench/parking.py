@@ -1,0 +1,181 @@
+"""Parking (issue 15): a healthy destination during another's outage, source lag, recovery.
+
+Two destinations on different TikTok apps, `shop-a` taking page views and `shop-b` the
+documented track events (the lanes section's setup), one worker with product defaults except
+the circuit's pauses (`open_s` 5, `max_open_s` 20, so the recovery figure is not dominated by
+the 30-300 s default probe interval) and the lifted rate limit of the throughput runs. A
+backlog of `a_messages` page views interleaved with `b_messages` track events, with
+`a_messages` above `kafka.max_inflight_messages` (20000): without parking the outage would
+pause every partition once the bound fills.
+
+Each run drains the backlog twice, with and without the fake answering every `shop-a` request
+with HTTP 503. Figures:
+
+- `outage_over_healthy`: shop-b's throughput (accepted events / (last - first acceptance), at
+  the fake) with the outage, over its throughput without it;
+- `source_lag`: the source group's lag (messages - committed offsets), sampled every second
+  during the outage: its maximum, and its value when shop-b's last event was accepted and
+  `lag_zero_after_s` (seconds from the worker's start until the committed offsets reached the
+  head while shop-a was still down);
+- `recovery_to_empty_s`: the outage ends (`outage_s` after the start at the earliest, and only
+  once the source lag is zero); the time from then until every shop-a event was accepted, that
+  is until the retry backlog is empty.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from bench.common import DLQ_TOPIC, BenchEnv, fill_topic, log, summary
+from bench.e2e import PRODUCT_TIKTOK, THROUGHPUT_RATE_LIMIT
+from bench.lanes import PIXEL_A, PIXEL_B, SHOPS, _accepted_times, _backlog
+from devkit.harness import WorkerProcess, committed_offsets, wait_until, worker_config, write_config
+
+PARTITIONS = 4
+CIRCUIT = {"failure_threshold": 5, "open_s": 5, "max_open_s": 20}
+
+
+def _start(env: BenchEnv, topic: str, group: str, name: str) -> WorkerProcess:
+    assert env.fake is not None
+    # A retry topic per run: a new group would otherwise read the parked records of the
+    # runs before (in production the retry group, and so its offsets, stay the same).
+    retry_topic = env.new_topic(name + "-retry", PARTITIONS)
+    config = worker_config(
+        bootstrap=env.bootstrap,
+        topic=topic,
+        dlq_topic=DLQ_TOPIC,
+        base_url=env.fake.url,
+        group_id=group,
+        destinations=SHOPS,
+        tiktok={
+            **PRODUCT_TIKTOK,
+            "retry": {"initial_backoff_s": 0.5, "max_backoff_s": 60},
+            "circuit": CIRCUIT,
+        },
+        rate_limit=THROUGHPUT_RATE_LIMIT,
+        kafka={"retry_topic": retry_topic},
+    )
+    config["logging"] = {"level": "warning", "format": "json"}
+    worker = WorkerProcess(write_config(env.workdir / f"{name}.yaml", config)).start()
+    worker.wait_ready(90)
+    return worker
+
+
+def _lag(env: BenchEnv, group: str, topic: str, total: int) -> int:
+    try:
+        committed = committed_offsets(env.bootstrap, group, topic)
+    except Exception:  # a coordinator moving: no sample this time
+        return -1
+    return total - sum(o for o in committed.values() if o > 0)
+
+
+def run_outage(
+    env: BenchEnv, *, a_messages: int, b_messages: int, outage: bool, outage_s: float, name: str
+) -> dict[str, Any]:
+    fake = env.fake
+    assert fake is not None
+    fake.reset()
+    if outage:
+        fake.fault(kind="http_503", pixel=PIXEL_A)
+    topic = env.new_topic(name, PARTITIONS)
+    total, _ = fill_topic(env.bootstrap, topic, _backlog(a_messages, b_messages))
+    group = env.new_group(name)
+    started = time.monotonic()
+    worker = _start(env, topic, group, name)
+
+    def accepted(view_content: bool) -> int:
+        stats = fake.stats()
+        pages = int(stats["accepted_events_by_name"].get("ViewContent", 0))
+        return pages if view_content else int(stats["accepted_events_total"]) - pages
+
+    def a_unique() -> int:  # shop-a's distinct events (a resent one counts once)
+        return len({e["event_id"] for e in fake.events() if e["pixel"] == PIXEL_A})
+
+    lags: list[int] = []
+    lag_at_b_done: int | None = None
+    lag_zero_after_s: float | None = None
+    result: dict[str, Any] = {"outage": outage}
+    try:
+        deadline = started + 600
+        while time.monotonic() < deadline:
+            lag = _lag(env, group, topic, total)
+            if lag >= 0:
+                lags.append(lag)
+                if lag == 0 and lag_zero_after_s is None:
+                    lag_zero_after_s = time.monotonic() - started
+            b_done = accepted(False) >= b_messages
+            if b_done and lag_at_b_done is None:
+                lag_at_b_done = lag
+            if not outage and b_done:
+                break
+            if b_done and lag == 0 and time.monotonic() - started >= outage_s:
+                break
+            time.sleep(1.0)
+        times = _accepted_times(env, PIXEL_B)
+        if outage:
+            result["a_accepted_during_outage"] = accepted(True)
+            fake.clear_faults()
+            recovered = time.monotonic()
+            result["outage_lasted_s"] = round(recovered - started, 1)
+            drained = wait_until(
+                lambda: accepted(True) >= a_messages and a_unique() >= a_messages, 600, 0.5
+            )
+            result["recovery_to_empty_s"] = (
+                round(time.monotonic() - recovered, 1) if drained else None
+            )
+            result["a_accepted"] = accepted(True)
+            result["a_distinct"] = a_unique()
+    finally:
+        worker.stop()
+        fake.clear_faults()
+    span = times[-1] - times[0] if len(times) > 1 else 0.0
+    result.update(
+        {
+            "b_events_accepted": len(times),
+            "span_s": round(span, 3),
+            "b_events_per_s": round(len(times) / span) if span > 0 else None,
+            "source_lag_max": max(lags) if lags else None,
+            "source_lag_when_b_done": lag_at_b_done,
+            "lag_zero_after_s": round(lag_zero_after_s, 1) if lag_zero_after_s else None,
+        }
+    )
+    return result
+
+
+def run_parking(env: BenchEnv, cfg: dict[str, Any]) -> dict[str, Any]:
+    ratios: list[float] = []
+    recoveries: list[float] = []
+    runs: list[dict[str, Any]] = []
+    for i in range(cfg["parking_runs"]):
+        pair = {}
+        for outage in (False, True):
+            label = "outage" if outage else "healthy"
+            log(f"parking run {i + 1}: shop-b throughput, shop-a {label}")
+            pair[label] = run_outage(
+                env,
+                a_messages=cfg["parking_a_messages"],
+                b_messages=cfg["parking_b_messages"],
+                outage=outage,
+                outage_s=cfg["parking_outage_s"],
+                name=f"parking-{label}-{i}",
+            )
+            log(f"parking run {i + 1}: {pair[label]}")
+        runs.append(pair)
+        with_outage = pair["outage"]["b_events_per_s"]
+        without = pair["healthy"]["b_events_per_s"]
+        if with_outage and without:
+            ratios.append(with_outage / without)
+        if pair["outage"].get("recovery_to_empty_s") is not None:
+            recoveries.append(pair["outage"]["recovery_to_empty_s"])
+    return {
+        "a_messages": cfg["parking_a_messages"],
+        "b_messages": cfg["parking_b_messages"],
+        "circuit": CIRCUIT,
+        "outage_over_healthy": summary(ratios, 3) if ratios else None,
+        "recovery_to_empty_s": summary(recoveries, 1) if recoveries else None,
+        "runs": runs,
+    }
+
+
+__all__ = ["PIXEL_A", "PIXEL_B", "run_parking"]

@@ -1,0 +1,576 @@
+"""Parking (SPEC §4): in-memory retries then the retry topic, the circuit per destination, the
+retry intake, deadlines and reference-only records. Real mapper, lanes, sender, HTTP client
+and the in-process fake TikTok; the producers and the consumer are in-memory stand-ins."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from devkit.fake_tiktok.server import FakeTikTok, FaultSpec
+from devkit.sample_events import encode
+from tests.test_pipeline import config_for, order_events
+from worker.core.vocabulary import DeadLetterReason
+from worker.delivery.client import TikTokClient
+from worker.delivery.factory import build_routes, parking_policy
+from worker.delivery.ratelimit import build_rate_limiter
+from worker.delivery.sender import LanePolicy, RetryPolicy, Sender
+from worker.errors import FatalLatch
+from worker.kafka.consumer import PauseSwitch
+from worker.kafka.deadletters import DeadLetter, DeadLetterProducer
+from worker.kafka.offsets import OffsetLedger
+from worker.kafka.parking import PROBE_HEADER, Parked, RetryProducer, partition_for
+from worker.mapping.mapper import Mapper
+from worker.observability.logs import get_logger
+from worker.observability.metrics import Metrics
+from worker.pipeline.parker import Parker, ParkingRules
+from worker.pipeline.pipeline import Pipeline
+from worker.pipeline.retries import RetryIntake
+
+SOURCE = "segment"
+RETRY = "retry"
+PIXEL_A = "C5PIXELAAAAAAAAAAAA1"
+PIXEL_B = "C5PIXELBBBBBBBBBBBB2"
+DESTINATIONS = [
+    {"name": "shop-a", "pixel_code": PIXEL_A, "access_token": "tok-a"},
+    {"name": "shop-b", "pixel_code": PIXEL_B, "access_token": "tok-b"},
+]
+
+
+@dataclass
+class Record:
+    topic: str
+    value: bytes | None
+    key: bytes | None
+    headers: dict[str, str]
+    partition: int | None
+
+
+@dataclass
+class Producer:
+    """librdkafka's Producer for what AckedProducer calls; acks on poll unless held."""
+
+    topic_max_bytes: int | None = None
+    records: list[Record] = field(default_factory=list)
+    held: list[tuple[Callable[[Any, Any], None], Any]] = field(default_factory=list)
+    auto_ack: bool = True
+
+    def produce(
+        self,
+        topic: str,
+        *,
+        value: Any,
+        key: Any,
+        headers: Any,
+        on_delivery: Any,
+        partition: int | None = None,
+    ) -> None:
+        err = None
+        if self.topic_max_bytes is not None and len(value or b"") > self.topic_max_bytes:
+            err = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)
+        else:
+            decoded = {k: v.decode() for k, v in headers}
+            self.records.append(Record(topic, value, key, decoded, partition))
+        self.held.append((on_delivery, err))
+
+    def poll(self, _timeout: float = 0) -> int:
+        if self.auto_ack:
+            self.ack()
+        return 0
+
+    def ack(self) -> None:
+        held, self.held = self.held, []
+        for callback, err in held:
+            callback(err, None)
+
+    def flush(self, _timeout: float = 0) -> int:
+        return 0
+
+
+class Message:
+    def __init__(self, record: Record, offset: int, topic: str = RETRY) -> None:
+        self._record, self._offset, self._topic = record, offset, topic
+
+    def error(self) -> None:
+        return None
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+    def value(self) -> bytes | None:
+        return self._record.value
+
+    def key(self) -> bytes | None:
+        return self._record.key
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [(k, v.encode()) for k, v in self._record.headers.items()]
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1764072000000)
+
+
+def kafka(messages: list[Message]) -> list[Any]:
+    """Stand-ins where the pipeline takes confluent_kafka messages."""
+    return list(messages)
+
+
+def source_message(offset: int, event: dict[str, Any]) -> Message:
+    return Message(Record(SOURCE, encode(event), b"user-1", {}, 0), offset, topic=SOURCE)
+
+
+@dataclass
+class Rig:
+    fake: FakeTikTok
+    pipeline: Pipeline
+    intake: RetryIntake
+    sender: Sender
+    retry: Producer
+    dlq: Producer
+    ledger: OffsetLedger
+    retry_ledger: OffsetLedger
+    metrics: Metrics
+    fatal: FatalLatch
+
+    def parked(self) -> list[Record]:
+        return [r for r in self.retry.records if PROBE_HEADER not in r.headers]
+
+    def dead(self) -> list[Record]:
+        return self.dlq.records
+
+    def pixels(self, pixel: str) -> list[str]:
+        return [e.event_id or "" for e in self.fake.events if e.pixel == pixel]
+
+    def sample(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+    def feed_back(self, start: int = 0) -> int:
+        """Hand the parked records from `start` on to the intake; returns the next start."""
+        records = self.parked()
+        messages = [Message(r, i) for i, r in enumerate(records) if i >= start]
+        self.intake.on_messages(kafka(messages))
+        return len(records)
+
+
+async def eventually(check: Callable[[], bool], within_s: float = 10.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def rig_factory() -> AsyncIterator[Callable[..., Any]]:
+    closers: list[Any] = []
+
+    async def make(
+        *,
+        in_memory_s: float = 0.1,
+        deadline_s: float = 30.0,
+        failure_threshold: int = 2,
+        open_s: float = 0.3,
+        dlq_max_bytes: int | None = None,
+        retry_max_bytes: int | None = None,
+    ) -> Rig:
+        fake = FakeTikTok()
+        url = await fake.start()
+        closers.append(fake.stop)
+        config = config_for(
+            url,
+            destinations=DESTINATIONS,
+            retry={
+                "initial_backoff_s": 0.01,
+                "max_backoff_s": 0.05,
+                "in_memory_s": in_memory_s,
+                "deadline_s": deadline_s,
+            },
+            circuit={
+                "failure_threshold": failure_threshold,
+                "open_s": open_s,
+                "max_open_s": open_s * 4,
+            },
+        )
+        metrics = Metrics()
+        log = get_logger("test")
+        fatal = FatalLatch()
+        client = TikTokClient(base_url=url, timeout_s=1, max_connections=8)
+        limiter = build_rate_limiter(
+            backend="local",
+            qps=1000,
+            redis_url="redis://unused",
+            expected_replicas=1,
+            metrics=metrics,
+        )
+        sender = Sender(
+            client=client,
+            limiter=limiter,
+            routes=build_routes(config),
+            retry=RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.05, deadline_s=deadline_s),
+            lanes=LanePolicy(
+                max_events=100, linger_s=0.02, concurrency=4, max_concurrent_requests=8
+            ),
+            metrics=metrics,
+            log=log,
+            on_crash=fatal.trip,
+            parking=parking_policy(config),
+        )
+        dlq = Producer(topic_max_bytes=dlq_max_bytes)
+        retry = Producer(topic_max_bytes=retry_max_bytes)
+        dead_letters = DeadLetterProducer(
+            config={}, topic="dlq", metrics=metrics, on_fatal=fatal.trip, producer=dlq
+        )
+        retry_producer = RetryProducer(
+            config={},
+            topic=RETRY,
+            metrics=metrics,
+            on_fatal=fatal.trip,
+            producer=retry,
+            partitions=4,
+        )
+        for producer in (dead_letters, retry_producer):
+            producer.start()
+            closers.append(producer.close)
+        closers.extend([sender.close, client.close, limiter.close])
+        parker = Parker(
+            retry=retry_producer,
+            dead_letters=dead_letters,
+            rules=ParkingRules(deadline_s=deadline_s, initial_backoff_s=0.01, max_backoff_s=0.05),
+            log=log,
+        )
+        mapper = Mapper(config)
+        ledger, retry_ledger = OffsetLedger(), OffsetLedger()
+        common: dict[str, Any] = {
+            "mapper": mapper,
+            "sender": sender,
+            "dead_letters": dead_letters,
+            "fatal": fatal,
+            "metrics": metrics,
+            "log": log,
+            "max_inflight_messages": 1000,
+            "drain_timeout_s": 2.0,
+            "parker": parker,
+        }
+        pipeline = Pipeline(ledger=ledger, pause=PauseSwitch(), **common)
+        intake = RetryIntake(
+            ledger=retry_ledger,
+            pause=PauseSwitch(),
+            destinations=[d["name"] for d in DESTINATIONS],
+            **common,
+        )
+        closers.append(intake.close)
+        pipeline.on_assigned([(SOURCE, 0)])
+        intake.on_assigned([(RETRY, 0)])
+        return Rig(fake, pipeline, intake, sender, retry, dlq, ledger, retry_ledger, metrics, fatal)
+
+    yield make
+    for close in reversed(closers):
+        await close()
+
+
+def ids(events: list[dict[str, Any]]) -> set[str]:
+    return {e["messageId"] for e in events}
+
+
+async def test_a_failing_destination_is_parked_while_the_other_flows_and_offsets_finish(
+    rig_factory: Any,
+) -> None:
+    rig: Rig = await rig_factory()
+    rig.fake.add_fault(FaultSpec(kind="http_503", pixel=PIXEL_A))
+    events = order_events(20)
+    rig.pipeline.on_messages(kafka([source_message(i, e) for i, e in enumerate(events)]))
+    # Every offset finishes: B delivered them, A's copies are parked (acknowledged).
+    await eventually(lambda: rig.ledger.pending() == {(SOURCE, 0): 20})
+    assert set(rig.pixels(PIXEL_B)) == ids(events)
+    assert rig.pixels(PIXEL_A) == []
+    parked = rig.parked()
+    assert {json.loads(r.value or b"")["messageId"] for r in parked} == ids(events)
+    assert {r.headers["retry.destination"] for r in parked} == {"shop-a"}
+    assert {r.partition for r in parked} == {partition_for("shop-a", 4)}
+    first = Parked.from_headers(parked[0].headers)
+    assert first.failure == "retryable"
+    assert first.original_topic == SOURCE
+    assert first.due_at > first.parked_at >= first.first_failed_at
+    assert all(r.key == b"user-1" for r in parked)
+    # Requests stopped once the circuit opened: far fewer than one per event.
+    failed = rig.sample(
+        "tiktok_worker_requests_total", destination="shop-a", outcome="retryable_error"
+    )
+    assert 2 <= failed < 20
+    assert rig.sample("tiktok_worker_destination_circuit_state", destination="shop-a") == 2
+    assert rig.sample("tiktok_worker_destination_circuit_state", destination="shop-b") == 0
+    parked_total = sum(
+        rig.sample("tiktok_worker_events_parked_total", destination="shop-a", reason=r)
+        for r in ("retryable", "circuit_open")
+    )
+    assert parked_total == 20
+    assert rig.dead() == []
+
+
+async def test_parked_events_are_delivered_when_due_to_their_destination_only(
+    rig_factory: Any,
+) -> None:
+    rig: Rig = await rig_factory()
+    rig.fake.add_fault(FaultSpec(kind="http_503", pixel=PIXEL_A))
+    events = order_events(6)
+    rig.pipeline.on_messages(kafka([source_message(i, e) for i, e in enumerate(events)]))
+    await eventually(lambda: len(rig.parked()) == 6)
+    rig.fake.clear_faults()
+    start = 0
+    # The circuit may still be open when a record comes due: it is parked again with a later
+    # due time (no request) until the probe succeeds.
+    for _ in range(50):
+        if set(rig.pixels(PIXEL_A)) == ids(events):
+            break
+        start = rig.feed_back(start)
+        await asyncio.sleep(0.1)
+    assert set(rig.pixels(PIXEL_A)) == ids(events)
+    assert sorted(rig.pixels(PIXEL_B)) == sorted(ids(events))  # never twice
+    assert rig.dead() == []
+    await eventually(lambda: rig.intake.inflight_messages == 0)
+    assert rig.retry_ledger.pending() == {(RETRY, 0): len(rig.parked())}
+
+
+async def test_a_record_not_yet_due_is_held_without_a_request(rig_factory: Any) -> None:
+    rig: Rig = await rig_factory()
+    event = order_events(1)[0]
+    now = time.time()
+    parked = _parked("shop-a", first=now - 1, due=now + 0.5)
+    rig.retry.records.append(Record(RETRY, encode(event), None, _text(parked), 0))
+    rig.feed_back()
+    await asyncio.sleep(0.2)
+    assert rig.intake.waiting == 1
+    assert rig.sample("tiktok_worker_parked_waiting_events") == 1
+    # The source topics' in-flight gauge (backpressure) is not the intake's.
+    others = order_events(2, "other")
+    rig.pipeline.on_messages(kafka([source_message(i, e) for i, e in enumerate(others)]))
+    assert rig.sample("tiktok_worker_inflight_messages") == 2
+    rig.feed_back(1)  # an empty hand-over still runs the intake's bookkeeping
+    assert rig.sample("tiktok_worker_inflight_messages") == 2
+    assert rig.fake.events == []
+    assert rig.retry_ledger.pending() == {}
+    await eventually(lambda: event["messageId"] in rig.pixels(PIXEL_A))
+    await eventually(lambda: rig.retry_ledger.pending() == {(RETRY, 0): 1})
+    assert event["messageId"] not in rig.pixels(PIXEL_B)
+    assert rig.sample("tiktok_worker_parked_waiting_events") == 0
+
+
+async def test_held_records_go_at_once_when_their_destination_recovers(rig_factory: Any) -> None:
+    rig: Rig = await rig_factory(failure_threshold=1, open_s=0.2)
+    held = order_events(1, "held")[0]
+    now = time.time()
+    parked = _parked("shop-a", first=now - 1, due=now + 60)  # due long after the test ends
+    rig.retry.records.append(Record(RETRY, encode(held), None, _text(parked), 0))
+    rig.fake.add_fault(FaultSpec(kind="http_503", pixel=PIXEL_A))
+    rig.pipeline.on_messages(kafka([source_message(0, order_events(1, "a")[0])]))
+    circuit = "tiktok_worker_destination_circuit_state"
+    await eventually(lambda: rig.sample(circuit, destination="shop-a") == 2)
+    rig.feed_back()
+    await eventually(lambda: rig.intake.waiting >= 1)
+    rig.fake.clear_faults()
+    await asyncio.sleep(0.3)  # past open_s: the next batch is the probe
+    rig.pipeline.on_messages(kafka([source_message(1, order_events(1, "b")[0])]))
+    await eventually(lambda: rig.sample(circuit, destination="shop-a") == 0)
+    await eventually(lambda: held["messageId"] in rig.pixels(PIXEL_A), within_s=5)
+    assert rig.pixels(PIXEL_A).count(held["messageId"]) == 1
+
+
+async def test_past_the_deadline_a_parked_event_is_dead_lettered_with_its_provenance(
+    rig_factory: Any,
+) -> None:
+    rig: Rig = await rig_factory(deadline_s=5)
+    event = order_events(1)[0]
+    now = time.time()
+    auth = _parked("shop-a", first=now - 6, due=now, failure="auth_error", code=40105)
+    flaky = _parked("shop-b", first=now - 6, due=now)
+    for parked in (auth, flaky):
+        rig.retry.records.append(Record(RETRY, encode(event), b"k", _text(parked), 0))
+    rig.feed_back()
+    await eventually(lambda: len(rig.dead()) == 2)
+    reasons = {r.headers["dlq.destination"]: r.headers["dlq.reason"] for r in rig.dead()}
+    assert reasons == {"shop-a": "auth_error", "shop-b": "retries_exhausted"}
+    letter = rig.dead()[0]
+    assert letter.value == encode(event)
+    assert letter.headers["dlq.original.topic"] == SOURCE
+    assert letter.headers["dlq.original.offset"] == "41"
+    assert letter.headers["dlq.tiktok.code"] == "40105"
+    assert rig.fake.events == []
+    await eventually(lambda: rig.retry_ledger.pending() == {(RETRY, 0): 2})
+
+
+async def test_the_next_try_after_the_deadline_dead_letters_instead_of_parking(
+    rig_factory: Any,
+) -> None:
+    rig: Rig = await rig_factory(deadline_s=0.3, in_memory_s=0.05)
+    rig.fake.add_fault(FaultSpec(kind="http_500", pixel=PIXEL_A))
+    rig.pipeline.on_messages(kafka([source_message(0, order_events(1)[0])]))
+    start = 0
+    for _ in range(40):
+        if rig.dead():
+            break
+        start = rig.feed_back(start)
+        await asyncio.sleep(0.05)
+    assert [r.headers["dlq.reason"] for r in rig.dead()] == ["retries_exhausted"]
+    assert rig.dead()[0].headers["dlq.original.topic"] == SOURCE
+    assert rig.dead()[0].headers["dlq.destination"] == "shop-a"
+
+
+async def test_auth_errors_park_at_once_and_open_the_circuit(rig_factory: Any) -> None:
+    rig: Rig = await rig_factory(failure_threshold=1, open_s=0.2)
+    rig.fake.add_fault(FaultSpec(kind="auth", pixel=PIXEL_A, code=40105))
+    events = order_events(3)
+    rig.pipeline.on_messages(kafka([source_message(i, e) for i, e in enumerate(events)]))
+    await eventually(lambda: len(rig.parked()) == 3)
+    assert {r.headers["retry.failure"] for r in rig.parked()} == {"auth_error"}
+    assert rig.sample("tiktok_worker_destination_circuit_state", destination="shop-a") == 2
+    assert (
+        rig.sample("tiktok_worker_requests_total", destination="shop-a", outcome="auth_error") == 1
+    )
+    # The token is fixed: the parked events arrive once the circuit lets a probe through.
+    rig.fake.clear_faults()
+    start = 0
+    for _ in range(50):
+        if set(rig.pixels(PIXEL_A)) == ids(events):
+            break
+        start = rig.feed_back(start)
+        await asyncio.sleep(0.1)
+    assert set(rig.pixels(PIXEL_A)) == ids(events)
+    assert rig.sample("tiktok_worker_destination_circuit_state", destination="shop-a") == 0
+
+
+async def test_a_dead_letter_too_large_for_its_topic_is_written_reference_only(
+    rig_factory: Any,
+) -> None:
+    rig: Rig = await rig_factory(dlq_max_bytes=10)
+    rig.pipeline.on_messages(kafka([source_message(0, {"not": "an event" * 10})]))
+    await eventually(lambda: rig.ledger.pending() == {(SOURCE, 0): 1})
+    (letter,) = rig.dead()
+    assert letter.value is None
+    assert int(letter.headers["dlq.value_omitted"]) > 10
+    assert letter.headers["dlq.original.offset"] == "0"
+    assert rig.fatal.error is None
+
+
+async def test_a_parked_event_too_large_for_the_retry_topic_is_parked_reference_only(
+    rig_factory: Any,
+) -> None:
+    rig: Rig = await rig_factory(retry_max_bytes=10)
+    rig.fake.add_fault(FaultSpec(kind="http_503", pixel=PIXEL_A))
+    rig.pipeline.on_messages(kafka([source_message(0, order_events(1)[0])]))
+    await eventually(lambda: rig.ledger.pending() == {(SOURCE, 0): 1})
+    (record,) = rig.parked()
+    assert record.value is None
+    assert int(record.headers["retry.value_omitted"]) > 10
+    # When it comes due it cannot be delivered: a reference-only dead letter says where it is.
+    rig.feed_back()
+    await eventually(lambda: len(rig.dead()) == 1)
+    letter = rig.dead()[0]
+    assert letter.value is None
+    assert letter.headers["dlq.value_omitted"] == record.headers["retry.value_omitted"]
+    assert letter.headers["dlq.original.topic"] == SOURCE
+
+
+async def test_probe_records_and_unreadable_parked_records(rig_factory: Any) -> None:
+    rig: Rig = await rig_factory()
+    rig.retry.records.append(Record(RETRY, None, None, {PROBE_HEADER: "1"}, 0))
+    rig.retry.records.append(Record(RETRY, b"{}", None, {"retry.destination": "shop-a"}, 0))
+    rig.intake.on_messages(kafka([Message(r, i) for i, r in enumerate(rig.retry.records)]))
+    await eventually(lambda: len(rig.dead()) == 1)
+    assert rig.dead()[0].headers["dlq.reason"] == "decode_error"
+    assert "retry.reason" in rig.dead()[0].headers["dlq.error"]
+    await eventually(lambda: rig.retry_ledger.pending() == {(RETRY, 0): 2})
+
+
+async def test_a_refused_parked_record_stops_the_worker(rig_factory: Any) -> None:
+    rig: Rig = await rig_factory()
+    rig.retry.produce = _raise  # type: ignore[method-assign]
+    rig.fake.add_fault(FaultSpec(kind="http_503", pixel=PIXEL_A))
+    rig.pipeline.on_messages(kafka([source_message(0, order_events(1)[0])]))
+    await eventually(lambda: rig.fatal.error is not None)
+    assert "retry topic" in str(rig.fatal.error)
+    assert rig.ledger.pending() == {}
+
+
+def _raise(*_args: Any, **_kwargs: Any) -> None:
+    raise KafkaException(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED))
+
+
+def test_parked_headers_round_trip_and_name_what_is_missing() -> None:
+    parked = _parked("shop-a", first=1000.25, due=1060.5, failure="throttled", code=40100)
+    assert Parked.from_headers(_text(parked)) == parked
+    with pytest.raises(ValueError, match=r"retry\.due_at missing"):
+        Parked.from_headers({k: v for k, v in _text(parked).items() if k != "retry.due_at"})
+    with pytest.raises(ValueError, match=r"retry\.attempts is not an integer"):
+        Parked.from_headers({**_text(parked), "retry.attempts": "x"})
+
+
+def test_dead_letter_headers_mark_reference_only_letters() -> None:
+    letter = DeadLetter(
+        reason=DeadLetterReason.RETRIES_EXHAUSTED,
+        error="e",
+        original_topic="t",
+        original_partition=0,
+        original_offset=1,
+        original_timestamp_ms=None,
+        value_omitted=123,
+    )
+    headers = {k: v for k, v in letter.headers() if isinstance(v, bytes)}
+    assert headers["dlq.value_omitted"] == b"123"
+
+
+def test_parking_rules_back_off_with_each_parking() -> None:
+    rules = ParkingRules(deadline_s=100, initial_backoff_s=1, max_backoff_s=5)
+    assert [rules.backoff(n) for n in range(5)] == [1, 2, 4, 5, 5]
+
+
+def _parked(
+    destination: str,
+    *,
+    first: float,
+    due: float,
+    failure: str = "retryable",
+    code: int | None = None,
+) -> Parked:
+    return Parked(
+        destination=destination,
+        subscription=None,
+        reason="retryable",
+        failure=failure,
+        error="http_503: HTTP 503, unavailable",
+        code=code,
+        attempts=3,
+        parks=1,
+        first_failed_at=first,
+        parked_at=first,
+        due_at=due,
+        original_topic=SOURCE,
+        original_partition=0,
+        original_offset=41,
+        original_timestamp_ms=1764072000000,
+    )
+
+
+def _text(parked: Parked) -> dict[str, str]:
+    return {k: v.decode() for k, v in parked.headers()}
+
+
+def test_in_memory_retrying_is_capped_at_the_deadline() -> None:
+    config = config_for(
+        "http://127.0.0.1:9", retry={"in_memory_s": 30, "deadline_s": 5}, circuit={"open_s": 2}
+    )
+    policy = parking_policy(config)
+    assert policy.in_memory_s == 5
+    assert (policy.circuit.failure_threshold, policy.circuit.open_s) == (5, 2)

@@ -1,0 +1,185 @@
+"""Where a parked event goes: the retry topic with a due time, or past its deadline the
+dead-letter topic. Shared by the pipeline (fresh events) and the retry intake (parked events
+that failed again), so both count the deadline from the same first failure.
+
+Due time: now + the larger of the sender's hint (the circuit's pause, or the backoff the
+in-memory retry stopped at) and a back-off that doubles with every parking
+(`initial_backoff_s` * 2^parks, capped at `max_backoff_s`), so a destination that keeps failing
+is not hammered through the retry topic. An event whose next try would fall after
+`retry.deadline_s` from its first failure is dead-lettered now (`auth_error` when the last
+failure was an auth answer, else `retries_exhausted`).
+
+Provenance: a fresh event's source record is its own message; an event read back from the
+retry topic keeps the `retry.original.*` of the record it came from, so a dead letter always
+points at the source topic, never at the retry topic.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from worker.core.vocabulary import DeadLetterReason
+from worker.delivery.inflight import InflightMessage, Parking, PendingEvent
+from worker.kafka.deadletters import DeadLetter, DeadLetterProducer
+from worker.kafka.parking import Parked, RetryProducer
+from worker.mapping.mapper import EventOutcome
+from worker.observability.logs import Logger
+
+__all__ = ["Parker", "ParkingRules", "Provenance", "provenance"]
+
+
+@dataclass(frozen=True, slots=True)
+class ParkingRules:
+    deadline_s: float
+    initial_backoff_s: float
+    max_backoff_s: float
+
+    def backoff(self, parks: int) -> float:
+        return float(min(self.max_backoff_s, self.initial_backoff_s * 2 ** min(parks, 30)))
+
+
+@dataclass(frozen=True, slots=True)
+class Provenance:
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int | None
+    batch_index: int | None
+
+
+def provenance(message: InflightMessage, outcome: EventOutcome) -> Provenance:
+    """The source record of an event, also when it was read back from the retry topic."""
+    prior: Parked | None = message.parked
+    if prior is not None:
+        return Provenance(
+            prior.original_topic,
+            prior.original_partition,
+            prior.original_offset,
+            prior.original_timestamp_ms,
+            prior.batch_index,
+        )
+    return Provenance(
+        message.topic,
+        message.partition,
+        message.offset,
+        message.timestamp_ms,
+        outcome.index if outcome.multi else None,
+    )
+
+
+def dead_letter(
+    dead_letters: DeadLetterProducer,
+    message: InflightMessage,
+    outcome: EventOutcome,
+    *,
+    reason: DeadLetterReason,
+    error: str,
+    destination: str | None,
+    code: int | None = None,
+    attempts: int = 0,
+) -> None:
+    """Write the event's own bytes with its provenance; the ack finishes one unit of work."""
+    source = provenance(message, outcome)
+    prior: Parked | None = message.parked
+    letter = DeadLetter(
+        reason=reason,
+        error=error,
+        original_topic=source.topic,
+        original_partition=source.partition,
+        original_offset=source.offset,
+        original_timestamp_ms=source.timestamp_ms,
+        destination=destination,
+        code=code,
+        attempts=attempts,
+        batch_index=source.batch_index,
+        value_omitted=prior.value_omitted if prior is not None else None,
+    )
+    dead_letters.send(
+        value=outcome.raw if letter.value_omitted is None else None,
+        key=message.key,
+        letter=letter,
+        on_written=message.finish_one,
+    )
+
+
+class Parker:
+    """Parks events (or dead-letters them past their deadline)."""
+
+    def __init__(
+        self,
+        *,
+        retry: RetryProducer,
+        dead_letters: DeadLetterProducer,
+        rules: ParkingRules,
+        log: Logger,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._retry = retry
+        self._dead_letters = dead_letters
+        self._rules = rules
+        self._log = log
+        self._clock = clock
+
+    @property
+    def rules(self) -> ParkingRules:
+        return self._rules
+
+    def park(self, event: PendingEvent, parking: Parking) -> None:
+        message = event.message
+        if message.dropped:
+            return
+        prior: Parked | None = message.parked
+        now = self._clock()
+        if prior is not None:
+            first = prior.first_failed_at
+        else:
+            first = parking.first_failed_at if parking.first_failed_at is not None else now
+        attempts = (prior.attempts if prior is not None else 0) + parking.attempts
+        parks = (prior.parks if prior is not None else 0) + 1
+        due = now + max(parking.retry_in_s, self._rules.backoff(parks - 1))
+        destination = event.mapped.destination
+        if due >= first + self._rules.deadline_s:
+            # The next try would come after the deadline: give up now.
+            dead_letter(
+                self._dead_letters,
+                message,
+                event.outcome,
+                reason=(
+                    DeadLetterReason.AUTH_ERROR
+                    if parking.failure == "auth_error"
+                    else DeadLetterReason.RETRIES_EXHAUSTED
+                ),
+                error=parking.error,
+                destination=destination,
+                code=parking.code,
+                attempts=attempts,
+            )
+            return
+        source = provenance(message, event.outcome)
+        parked = Parked(
+            destination=destination,
+            subscription=event.mapped.subscription,
+            reason=parking.reason,
+            failure=parking.failure,
+            error=parking.error,
+            code=parking.code,
+            attempts=attempts,
+            parks=parks,
+            first_failed_at=first,
+            parked_at=now,
+            due_at=due,
+            original_topic=source.topic,
+            original_partition=source.partition,
+            original_offset=source.offset,
+            original_timestamp_ms=source.timestamp_ms,
+            batch_index=source.batch_index,
+            value_omitted=prior.value_omitted if prior is not None else None,
+        )
+        self._retry.park(
+            value=None if parked.value_omitted is not None else event.outcome.raw,
+            key=message.key,
+            parked=parked,
+            on_written=message.finish_one,
+        )

@@ -1,0 +1,264 @@
+"""The retry intake: the workers' second consumer, on `kafka.retry_topic` (SPEC §4, Parking).
+
+It runs as its own consumer group (`<group_id>.retry`) with its own pause switch and ledger,
+so a backlog of parked events never pauses the source topic, and the source never pauses it.
+For each parked record (`worker.kafka.parking.Parked`):
+
+- past `retry.deadline_s` from its first failure: dead-lettered (`auth_error` when the last
+  failure was an auth answer, else `retries_exhausted`) with the source record's provenance;
+- its destination no longer configured: dead-lettered (`invalid_event`);
+- reference-only (the event was too large for the retry topic): dead-lettered reference-only;
+- not yet due: held in memory (a timer) until its due time. Held records count as in flight,
+  so above `max_inflight_messages` the retry topic is paused until half have gone;
+- due: mapped again for its destination and subscription only and queued in that destination's
+  lane, through the same rate limiter. If the destination's circuit is still open, the lane
+  parks it again at once with a later due time (no request), so it never waits in the lane and
+  never holds another destination's parked events. When the destination's circuit closes
+  again (a probe succeeded), its records held here, and those read later that were parked
+  before it closed, go at once instead of waiting for due times set while it was down.
+
+Its offset finishes like a source message's: delivered, dead-lettered or parked again, with
+the broker's acknowledgement. A revoke drops the records still waiting for their due time at
+once (the next owner re-reads them) and drains only those already handed to a lane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+
+from confluent_kafka import Message
+
+from worker.core.vocabulary import DeadLetterReason, SkipReason
+from worker.delivery.circuit import CircuitState
+from worker.delivery.inflight import InflightMessage, PendingEvent
+from worker.delivery.sender import Sender
+from worker.errors import FatalLatch, WorkerError
+from worker.kafka.consumer import PauseSwitch
+from worker.kafka.deadletters import DeadLetterProducer
+from worker.kafka.dlq_reader import decode_headers
+from worker.kafka.offsets import OffsetLedger
+from worker.kafka.parking import PROBE_HEADER, RETRY_PREFIX, Parked, retry_group_id
+from worker.kafka.settings import TopicPartitionKey
+from worker.mapping.mapper import EventOutcome, Mapper
+from worker.observability.logs import Logger
+from worker.observability.metrics import Metrics
+from worker.pipeline.parker import Parker, dead_letter
+from worker.pipeline.pipeline import Pipeline
+
+__all__ = ["RetryIntake", "retry_group_id"]
+
+
+class RetryIntake(Pipeline):
+    """Delivers parked events when due, each to its own destination."""
+
+    def __init__(
+        self,
+        *,
+        mapper: Mapper,
+        sender: Sender,
+        dead_letters: DeadLetterProducer,
+        parker: Parker,
+        destinations: Sequence[str],
+        ledger: OffsetLedger,
+        pause: PauseSwitch,
+        fatal: FatalLatch,
+        metrics: Metrics,
+        log: Logger,
+        max_inflight_messages: int,
+        drain_timeout_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(
+            mapper=mapper,
+            sender=sender,
+            dead_letters=dead_letters,
+            ledger=ledger,
+            pause=pause,
+            fatal=fatal,
+            metrics=metrics,
+            log=log,
+            max_inflight_messages=max_inflight_messages,
+            drain_timeout_s=drain_timeout_s,
+            parker=parker,
+        )
+        self._deadline_s = parker.rules.deadline_s
+        self._destinations = frozenset(destinations)
+        self._clock = clock
+        self._waiting: dict[InflightMessage, tuple[asyncio.TimerHandle, bytes | None]] = {}
+        # When each destination's circuit last closed here (wall time): a record parked
+        # before that need not wait for its due time.
+        self._closed_at: dict[str, float] = {}
+        sender.watch_circuits(self._circuit_changed)
+
+    @property
+    def waiting(self) -> int:
+        """Parked events read and held until their due time."""
+        return len(self._waiting)
+
+    # -- per record ----------------------------------------------------------------------------
+
+    def _process(self, msg: Message, key: TopicPartitionKey, offset: int) -> None:
+        self._ledger.begin(key, offset)
+        headers = decode_headers(msg.headers())
+        if PROBE_HEADER in headers:  # the start-up check's write: nothing to do
+            self._ledger.finish(key, offset)
+            self.messages_finished += 1
+            return
+        _ts_type, timestamp_ms = msg.timestamp()
+        message = InflightMessage(
+            owner=self,
+            topic=key[0],
+            partition=key[1],
+            offset=offset,
+            timestamp_ms=timestamp_ms if timestamp_ms > 0 else None,
+            key=msg.key(),
+        )
+        self._inflight += 1
+        self._open.setdefault(key, {})[offset] = message
+        message.add_work(1)  # held until the record is dispatched or given up
+        value = msg.value()
+        try:
+            parked = Parked.from_headers(headers)
+        except ValueError as exc:
+            self._give_up(
+                message,
+                value,
+                DeadLetterReason.DECODE_ERROR,
+                f"unreadable parked record: {exc}",
+                headers.get(RETRY_PREFIX + "destination") or None,
+            )
+            return
+        message.parked = parked
+        now = self._clock()
+        if now >= parked.first_failed_at + self._deadline_s:
+            reason = (
+                DeadLetterReason.AUTH_ERROR
+                if parked.failure == "auth_error"
+                else DeadLetterReason.RETRIES_EXHAUSTED
+            )
+            self._give_up(message, value, reason, parked.error, parked.destination, parked)
+            return
+        if parked.destination not in self._destinations:
+            error = f"destination {parked.destination!r} is no longer configured"
+            reason = DeadLetterReason.INVALID_EVENT
+            self._give_up(message, value, reason, error, parked.destination, parked)
+            return
+        if parked.value_omitted is not None:
+            error = "too large for the retry topic, not delivered: " + parked.error
+            reason = DeadLetterReason.RETRIES_EXHAUSTED
+            self._give_up(message, None, reason, error, parked.destination, parked)
+            return
+        delay = parked.due_at - now
+        if delay <= 0 or parked.parked_at < self._closed_at.get(parked.destination, 0.0):
+            self._dispatch(message, value)
+            return
+        handle = asyncio.get_running_loop().call_later(delay, self._due, message)
+        self._waiting[message] = (handle, value)
+        self._metrics.parked_waiting.inc()
+
+    def _give_up(
+        self,
+        message: InflightMessage,
+        value: bytes | None,
+        reason: DeadLetterReason,
+        error: str,
+        destination: str | None,
+        parked: Parked | None = None,
+    ) -> None:
+        outcome = EventOutcome(0, False, value or b"", None, [], [], None)
+        dead_letter(
+            self._dead_letters,
+            message,
+            outcome,
+            reason=reason,
+            error=error,
+            destination=destination,
+            code=parked.code if parked is not None else None,
+            attempts=parked.attempts if parked is not None else 0,
+        )
+
+    def _due(self, message: InflightMessage) -> None:
+        entry = self._waiting.pop(message, None)
+        if entry is None or message.dropped:
+            return
+        self._metrics.parked_waiting.dec()
+        try:
+            self._dispatch(message, entry[1])
+        except Exception as exc:
+            self._fatal.trip(
+                WorkerError(
+                    f"processing {message.topic}[{message.partition}] offset {message.offset} "
+                    f"failed: {type(exc).__name__}: {exc}"
+                )
+            )
+
+    def _circuit_changed(self, destination: str, state: CircuitState) -> None:
+        """A destination is back: its parked events held here need not wait for their due
+        times (those were set while it was down). They go to its lane at once."""
+        if state is not CircuitState.CLOSED:
+            return
+        self._closed_at[destination] = self._clock()
+        released = [m for m in self._waiting if m.parked.destination == destination]
+        for message in released:
+            handle, _value = self._waiting[message]
+            handle.cancel()
+            # Not from inside the sender's callback: each on its own turn of the loop.
+            asyncio.get_running_loop().call_soon(self._due, message)
+        if released:
+            self._log.info(
+                "circuit closed: parked events released",
+                destination=destination,
+                events=len(released),
+            )
+
+    def _dispatch(self, message: InflightMessage, value: bytes | None) -> None:
+        """Map the event again for its own destination and subscription; queue it in its lane."""
+        parked: Parked = message.parked
+        for outcome in self._mapper.map_message(value):
+            for mapped in outcome.mapped:
+                if mapped.destination != parked.destination:
+                    continue  # another destination already has it
+                if parked.subscription and mapped.subscription != parked.subscription:
+                    continue
+                message.add_work(1)
+                self._sender.add(mapped.key, PendingEvent(message, outcome, mapped))
+            for invalid in outcome.invalid:
+                if invalid.destination in (None, parked.destination):
+                    message.add_work(1)
+                    self._dead_letter_invalid(message, outcome, invalid)
+        if message.remaining == 1:  # maps to nothing any more (config changed, too old)
+            no_match = SkipReason.NO_MATCH
+            self._skipped_counts[no_match] = self._skipped_counts.get(no_match, 0) + 1
+            self._flush_counts()
+        message.finish_one()
+
+    def _show_inflight(self) -> None:
+        # `tiktok_worker_inflight_messages` is the source topics' backpressure; parked records
+        # held here show in `tiktok_worker_parked_waiting_events` instead.
+        return
+
+    # -- revoke and loss -------------------------------------------------------------------------
+
+    def _draining(self, partitions: Sequence[TopicPartitionKey]) -> int:
+        # Records waiting for their due time would only time the drain out: they are dropped
+        # (the next owner re-reads them); only those already in a lane are waited for.
+        wanted = set(partitions)
+        waiting = sum(1 for m in self._waiting if (m.topic, m.partition) in wanted)
+        return self._ledger.inflight(partitions) - waiting
+
+    def _drop(self, partitions: Sequence[TopicPartitionKey]) -> int:
+        wanted = set(partitions)
+        for message in [m for m in self._waiting if (m.topic, m.partition) in wanted]:
+            handle, _value = self._waiting.pop(message)
+            handle.cancel()
+            self._metrics.parked_waiting.dec()
+        return super()._drop(partitions)
+
+    async def close(self) -> None:
+        """Cancel every timer (shutdown after the consumer closed)."""
+        for handle, _value in self._waiting.values():
+            handle.cancel()
+        self._metrics.parked_waiting.dec(len(self._waiting))
+        self._waiting.clear()
