@@ -6,6 +6,7 @@ loopback; every process is stopped by whoever started it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,14 +14,19 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import yaml
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from devkit.infra.procs import free_port, port_open
+
+if TYPE_CHECKING:
+    from devkit.infra.kafka import KafkaEndpoint
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -174,6 +180,40 @@ def write_config(path: Path, config: Mapping[str, Any]) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class TopicSet:
+    """A source topic with its dead-letter and retry topics, and the group id to consume it."""
+
+    topic: str
+    dlq_topic: str
+    group: str
+
+    @property
+    def retry_topic(self) -> str:
+        return retry_topic_for(self.dlq_topic)
+
+    @classmethod
+    def create(
+        cls,
+        kafka: KafkaEndpoint,
+        prefix: str,
+        partitions: int = 1,
+        *,
+        dlq_partitions: int = 1,
+        retry_partitions: int = 1,
+        config: Mapping[str, str] | None = None,
+        dlq_config: Mapping[str, str] | None = None,
+        retry_config: Mapping[str, str] | None = None,
+    ) -> TopicSet:
+        """Creates the three topics under names no other test uses (`<prefix>-<random>`)."""
+        topic = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        made = cls(topic=topic, dlq_topic=topic + ".dlq", group=topic)
+        kafka.create_topic(made.topic, partitions=partitions, config=config)
+        kafka.create_topic(made.dlq_topic, partitions=dlq_partitions, config=dlq_config)
+        kafka.create_topic(made.retry_topic, partitions=retry_partitions, config=retry_config)
+        return made
+
+
 class WorkerProcess:
     """`tiktok-worker run` as a subprocess; logs go to a file next to its config."""
 
@@ -260,6 +300,92 @@ class WorkerProcess:
                 self.terminate(30)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+class Stack:
+    """A `TopicSet` on one broker, a fake TikTok server and the worker processes of one test."""
+
+    def __init__(
+        self,
+        kafka: KafkaEndpoint,
+        workdir: Path,
+        *,
+        prefix: str,
+        partitions: int = 1,
+        dlq_partitions: int = 1,
+        retry_partitions: int = 1,
+        fake_args: Sequence[str] = (),
+    ) -> None:
+        self.kafka = kafka
+        self.workdir = workdir
+        self.topics = TopicSet.create(
+            kafka,
+            prefix,
+            partitions,
+            dlq_partitions=dlq_partitions,
+            retry_partitions=retry_partitions,
+        )
+        self.topic = self.topics.topic
+        self.dlq_topic = self.topics.dlq_topic
+        self.retry_topic = self.topics.retry_topic
+        self.group = self.topics.group
+        self.fake = FakeTikTokProcess(workdir, args=fake_args).start()
+        self.workers: list[WorkerProcess] = []
+        self._configs = 0
+
+    def config(self, **overrides: Any) -> dict[str, Any]:
+        return worker_config(
+            bootstrap=self.kafka.bootstrap,
+            topic=self.topic,
+            dlq_topic=self.dlq_topic,
+            base_url=self.fake.url,
+            group_id=self.group,
+            **overrides,
+        )
+
+    def config_path(self, **overrides: Any) -> Path:
+        """`config(**overrides)` written to a new file in the work dir."""
+        self._configs += 1
+        path = self.workdir / f"{self.topic}-{self._configs}.yaml"
+        return write_config(path, self.config(**overrides))
+
+    def start_worker(
+        self, *, cmd: Sequence[str] = WORKER_CMD, wait: bool = True, **overrides: Any
+    ) -> WorkerProcess:
+        worker = WorkerProcess(self.config_path(**overrides), cmd=cmd).start()
+        self.workers.append(worker)
+        if wait:
+            worker.wait_ready()
+        return worker
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.fake.stop()
+
+
+class _Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+_S = TypeVar("_S", bound=_Stoppable)
+
+
+@contextlib.contextmanager
+def stopping_all(make: Callable[..., _S]) -> Iterator[Callable[..., _S]]:
+    """A factory for a fixture to yield: everything it made is stopped on the way out."""
+    made: list[_S] = []
+
+    def tracked(*args: Any, **kwargs: Any) -> _S:
+        item = make(*args, **kwargs)
+        made.append(item)
+        return item
+
+    try:
+        yield tracked
+    finally:
+        for item in made:
+            item.stop()
 
 
 def metric_value(text: str, name: str, labels: Mapping[str, str] | None = None) -> float:

@@ -8,10 +8,10 @@ dead-lettered.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
-import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +19,15 @@ import pytest
 
 from devkit.harness import (
     TOKEN,
-    FakeTikTokProcess,
-    WorkerProcess,
+    Stack,
     committed_offsets,
     destination,
     headers_of,
     metric_value,
     produce,
     read_topic,
-    retry_topic_for,
+    stopping_all,
     wait_until,
-    worker_config,
-    write_config,
 )
 from devkit.sample_events import DOCUMENTED_TRACK_EVENTS, MALFORMED_VALUES, SampleEvents, encode
 
@@ -43,44 +40,22 @@ def mapped_by_documented_preset(event: dict[str, Any]) -> bool:
     return event["type"] == "track" and event["event"] in DOCUMENTED_TRACK_EVENTS
 
 
-class Scenario:
+class Scenario(Stack):
     """Topics, a fake TikTok server and worker processes for one test."""
 
     def __init__(
         self, kafka: Any, tmp_path: Path, *, partitions: int = 3, fake_args: tuple[str, ...] = ()
     ):
-        suffix = uuid.uuid4().hex[:8]
-        self.kafka = kafka
-        self.tmp_path = tmp_path
-        self.topic = f"segment-{suffix}"
-        self.dlq_topic = f"segment-{suffix}.dlq"
-        self.group = f"group-{suffix}"
-        kafka.create_topic(self.topic, partitions=partitions)
-        kafka.create_topic(self.dlq_topic, partitions=1)
-        kafka.create_topic(retry_topic_for(self.dlq_topic), partitions=2)
-        self.fake = FakeTikTokProcess(tmp_path, args=fake_args).start()
-        self.workers: list[WorkerProcess] = []
+        super().__init__(
+            kafka,
+            tmp_path,
+            prefix="segment",
+            partitions=partitions,
+            retry_partitions=2,
+            fake_args=fake_args,
+        )
         self.produced: list[dict[str, Any]] = []
         self.malformed: list[bytes] = []
-
-    def config(self, **overrides: Any) -> dict[str, Any]:
-        return worker_config(
-            bootstrap=self.kafka.bootstrap,
-            topic=self.topic,
-            dlq_topic=self.dlq_topic,
-            base_url=self.fake.url,
-            group_id=self.group,
-            **overrides,
-        )
-
-    def start_worker(self, **overrides: Any) -> WorkerProcess:
-        path = write_config(
-            self.tmp_path / f"worker-{len(self.workers)}.yaml", self.config(**overrides)
-        )
-        worker = WorkerProcess(path).start()
-        self.workers.append(worker)
-        worker.wait_ready()
-        return worker
 
     def produce_events(self, count: int, *, seed: int = 1, malformed_every: int = 0) -> None:
         gen = SampleEvents(seed=seed, prefix=f"s{seed}")
@@ -115,24 +90,11 @@ class Scenario:
         text = "".join(w.metrics() for w in self.workers if w.running())
         return int(metric_value(text, "tiktok_worker_dead_letters_total"))
 
-    def stop(self) -> None:
-        for worker in self.workers:
-            worker.stop()
-        self.fake.stop()
-
 
 @pytest.fixture
-def scenario(kafka: Any, tmp_path: Path) -> Iterator[Scenario]:
-    made: list[Scenario] = []
-
-    def make(**kwargs: Any) -> Scenario:
-        s = Scenario(kafka, tmp_path, **kwargs)
-        made.append(s)
-        return s
-
-    yield make  # type: ignore[misc]
-    for s in made:
-        s.stop()
+def scenario(kafka: Any, tmp_path: Path) -> Iterator[Callable[..., Scenario]]:
+    with stopping_all(functools.partial(Scenario, kafka, tmp_path)) as make:
+        yield make
 
 
 def reconcile(s: Scenario, dead: list[Any]) -> tuple[set[str], Counter[str]]:

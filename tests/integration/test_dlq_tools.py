@@ -14,7 +14,6 @@ import re
 import signal
 import subprocess
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,17 +24,14 @@ from confluent_kafka import Producer
 
 from devkit.harness import (
     WORKER_CMD,
-    FakeTikTokProcess,
+    Stack,
     WorkerProcess,
     committed_offsets,
     destination,
     headers_of,
     produce,
     read_topic,
-    retry_topic_for,
     wait_until,
-    worker_config,
-    write_config,
 )
 from devkit.sample_events import SampleEvents, encode
 from worker.core.vocabulary import DeadLetterReason
@@ -49,50 +45,25 @@ PIXEL_B = "C5PIXELBBBBBBBBBBBB2"
 CLI_TIMEOUT_S = 60
 
 
-class Env:
+class Env(Stack):
     """A dead-letter topic, a fake TikTok and a config with destinations shop-a and shop-b."""
 
     def __init__(self, kafka: Any, tmp_path: Path, *, partitions: int = 2) -> None:
-        suffix = uuid.uuid4().hex[:8]
-        self.kafka = kafka
-        self.tmp_path = tmp_path
-        self.source = f"segment-{suffix}"
-        self.dlq = f"segment-{suffix}.dlq"
-        self.group = f"group-{suffix}"
-        kafka.create_topic(self.source, partitions=1)
-        kafka.create_topic(self.dlq, partitions=partitions)
-        self.retry = retry_topic_for(self.dlq)
-        kafka.create_topic(self.retry, partitions=2)
-        self.fake = FakeTikTokProcess(tmp_path).start()
-        self.samples = SampleEvents(seed=11, prefix=f"m{suffix}")
-        self._configs = 0
+        super().__init__(
+            kafka, tmp_path, prefix="segment", dlq_partitions=partitions, retry_partitions=2
+        )
+        self.samples = SampleEvents(seed=11, prefix="m" + self.topic.removeprefix("segment-"))
 
     def config(self, **overrides: Any) -> dict[str, Any]:
         overrides.setdefault(
             "destinations",
             [destination("shop-a", pixel=PIXEL_A), destination("shop-b", pixel=PIXEL_B)],
         )
-        return worker_config(
-            bootstrap=self.kafka.bootstrap,
-            topic=self.source,
-            dlq_topic=self.dlq,
-            base_url=self.fake.url,
-            group_id=self.group,
-            **overrides,
-        )
-
-    def config_path(self, **overrides: Any) -> Path:
-        self._configs += 1
-        return write_config(
-            self.tmp_path / f"config-{self._configs}.yaml", self.config(**overrides)
-        )
+        return super().config(**overrides)
 
     def event(self) -> dict[str, Any]:
         """A Segment event both destinations map (documented preset: PlaceAnOrder)."""
         return self.samples.track("Order Completed")
-
-    def stop(self) -> None:
-        self.fake.stop()
 
     # -- fake TikTok views -------------------------------------------------------------------
 
@@ -211,14 +182,16 @@ def test_inspect_counts_reasons_destinations_codes_and_samples(env: Env) -> None
                error="auth_error: HTTP 200, Access token is incorrect or has been revoked.",
                failed_at=t0 + dt.timedelta(minutes=30)),
     ]  # fmt: skip
-    produce_letters(env.kafka.bootstrap, env.dlq, p0, partition=0)
-    produce_letters(env.kafka.bootstrap, env.dlq, p1, partition=1)
+    produce_letters(env.kafka.bootstrap, env.dlq_topic, p0, partition=0)
+    produce_letters(env.kafka.bootstrap, env.dlq_topic, p1, partition=1)
     config = env.config_path()
 
     proc = cli("dlq", "inspect", "--config", str(config))
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert out.splitlines()[0] == f"dead-letter topic {env.dlq}: 6 record(s) in 2 partition(s)"
+    assert (
+        out.splitlines()[0] == f"dead-letter topic {env.dlq_topic}: 6 record(s) in 2 partition(s)"
+    )
     assert "oldest failed_at: 2026-10-31T08:00:00.000Z" in out
     assert "newest failed_at: 2026-11-01T10:00:00.000Z" in out
     assert "not yet redriven: 6 (handled by an earlier redrive: 0)" in out
@@ -248,7 +221,7 @@ def test_inspect_counts_reasons_destinations_codes_and_samples(env: Env) -> None
     assert as_json.returncode == 0, as_json.stderr
     (line,) = as_json.stdout.splitlines()
     report = json.loads(line)
-    assert report["topic"] == env.dlq
+    assert report["topic"] == env.dlq_topic
     assert (report["records"], report["partitions"]) == (6, 2)
     assert report["oldest_failed_at"] == "2026-10-31T08:00:00.000Z"
     assert report["newest_failed_at"] == "2026-11-01T10:00:00.000Z"
@@ -269,7 +242,7 @@ def test_inspect_counts_reasons_destinations_codes_and_samples(env: Env) -> None
     # Inspect never commits: the topic reads the same a second time and no group has offsets.
     again = cli("dlq", "inspect", "--config", str(config))
     assert again.stdout == out
-    offsets = committed_offsets(env.kafka.bootstrap, f"{env.group}-dlq-inspect", env.dlq)
+    offsets = committed_offsets(env.kafka.bootstrap, f"{env.group}-dlq-inspect", env.dlq_topic)
     assert all(o < 0 for o in offsets.values()), offsets
 
 
@@ -277,8 +250,8 @@ def test_inspect_empty_topic_returns_at_once(env: Env) -> None:
     proc = cli("dlq", "inspect", "--config", str(env.config_path()), timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == (
-        f"dead-letter topic {env.dlq}: 0 record(s) in 2 partition(s)\n\n"
-        f"retry topic {env.retry}: 0 parked record(s) in 2 partition(s), "
+        f"dead-letter topic {env.dlq_topic}: 0 record(s) in 2 partition(s)\n\n"
+        f"retry topic {env.retry_topic}: 0 parked record(s) in 2 partition(s), "
         f"not yet handled by group {env.group}.retry\n"
     )
     report = json.loads(cli("dlq", "inspect", "--config", str(env.config_path()), "--json").stdout)
@@ -319,12 +292,12 @@ def test_inspect_shows_what_is_parked(env: Env) -> None:
         parked_record(value, "shop-b", first=now - 30, due=now + 7200),
         (b"", [(PROBE_HEADER, b"1")]),  # the start-up check's write: not a parked event
     ]
-    produce_letters(env.kafka.bootstrap, env.retry, records, partition=1)
+    produce_letters(env.kafka.bootstrap, env.retry_topic, records, partition=1)
     proc = cli("dlq", "inspect", "--config", str(env.config_path()))
     assert proc.returncode == 0, proc.stderr
     parked = proc.stdout.split("\n\n", 1)[1]
     assert parked.splitlines()[0] == (
-        f"retry topic {env.retry}: 3 parked record(s) in 2 partition(s), "
+        f"retry topic {env.retry_topic}: 3 parked record(s) in 2 partition(s), "
         f"not yet handled by group {env.group}.retry"
     )
     assert f"oldest first failure: {iso(now - 600)}" in parked
@@ -365,7 +338,7 @@ def test_redrive_sends_only_to_the_recorded_destination_with_filters(env: Env) -
     a1, a2, b1, b2, n1, gone = (env.event() for _ in range(6))
     produce_letters(
         env.kafka.bootstrap,
-        env.dlq,
+        env.dlq_topic,
         [
             letter(encode(a1), reason="retries_exhausted", dest="shop-a"),
             letter(encode(b1), reason="retries_exhausted", dest="shop-b"),
@@ -427,7 +400,7 @@ def test_redrive_sends_only_to_the_recorded_destination_with_filters(env: Env) -
     assert fifth.returncode == 1
     assert (summary(fifth)["redriven"], summary(fifth)["failed_again"]) == (1, 1)
     # Two partitions: find the written-back record by its header, not by position.
-    records = read_topic(env.kafka.bootstrap, env.dlq, idle_s=0.5)
+    records = read_topic(env.kafka.bootstrap, env.dlq_topic, idle_s=0.5)
     (back,) = [r for r in records if "dlq.redrive.count" in headers_of(r)]
     assert back.value() == b"not json"
     assert headers_of(back)["dlq.redrive.count"] == "1"
@@ -439,7 +412,7 @@ def test_redrive_max_then_resume_sends_each_record_once(env: Env) -> None:
     events = [env.event() for _ in range(5)]
     produce_letters(
         env.kafka.bootstrap,
-        env.dlq,
+        env.dlq_topic,
         [letter(encode(e), reason="retries_exhausted", dest="shop-a") for e in events],
     )
     config = env.config_path()
@@ -447,7 +420,7 @@ def test_redrive_max_then_resume_sends_each_record_once(env: Env) -> None:
     assert [r.returncode for r in runs] == [0, 0, 0], [r.stderr for r in runs]
     assert [summary(r)["delivered"] for r in runs] == [2, 2, 1]
     assert env.received() == Counter({(PIXEL_A, e["messageId"]): 1 for e in events})
-    assert committed_offsets(env.kafka.bootstrap, f"{env.group}-redrive", env.dlq)[0] == 5
+    assert committed_offsets(env.kafka.bootstrap, f"{env.group}-redrive", env.dlq_topic)[0] == 5
 
 
 def test_redrive_skips_reference_only_letters(env: Env) -> None:
@@ -456,7 +429,7 @@ def test_redrive_skips_reference_only_letters(env: Env) -> None:
     reference_only = (b"", [*headers, ("dlq.value_omitted", b"2000000")])
     produce_letters(
         env.kafka.bootstrap,
-        env.dlq,
+        env.dlq_topic,
         [reference_only, letter(encode(kept), reason="retries_exhausted", dest="shop-a")],
     )
     proc = redrive(env.config_path(), "--reason", "retries_exhausted")
@@ -472,7 +445,7 @@ def test_redrive_sigterm_finishes_in_flight_and_resumes_without_resending(env: E
     events = [env.event() for _ in range(40)]
     produce_letters(
         env.kafka.bootstrap,
-        env.dlq,
+        env.dlq_topic,
         [letter(encode(e), reason="retries_exhausted", dest="shop-b") for e in events],
     )
     # One event per request, one request at a time, 0.1 s each: about 4 s for all of them.
@@ -495,7 +468,7 @@ def test_redrive_sigterm_finishes_in_flight_and_resumes_without_resending(env: E
     assert "redrive interrupted" in out
     first = env.received()
     assert 5 <= sum(first.values()) < 40
-    committed = committed_offsets(env.kafka.bootstrap, f"{env.group}-redrive", env.dlq)[0]
+    committed = committed_offsets(env.kafka.bootstrap, f"{env.group}-redrive", env.dlq_topic)[0]
     assert committed == sum(first.values())  # in-flight work finished and was committed
 
     env.fake.clear_faults()
@@ -509,7 +482,7 @@ def test_redrive_killed_resumes_from_committed_progress(env: Env) -> None:
     events = [env.event() for _ in range(40)]
     produce_letters(
         env.kafka.bootstrap,
-        env.dlq,
+        env.dlq_topic,
         [letter(encode(e), reason="retries_exhausted", dest="shop-a") for e in events],
     )
     config = env.config_path(tiktok={"max_batch_events": 1, "max_concurrent_requests": 1})
@@ -523,12 +496,12 @@ def test_redrive_killed_resumes_from_committed_progress(env: Env) -> None:
     try:
         # Wait for a commit (commit_interval_s 0.5) to land, then kill -9 mid-way.
         assert wait_until(
-            lambda: committed_offsets(env.kafka.bootstrap, group, env.dlq)[0] >= 5, 30, 0.2
+            lambda: committed_offsets(env.kafka.bootstrap, group, env.dlq_topic)[0] >= 5, 30, 0.2
         )
     finally:
         proc.kill()
         proc.wait()
-    committed = committed_offsets(env.kafka.bootstrap, group, env.dlq)[0]
+    committed = committed_offsets(env.kafka.bootstrap, group, env.dlq_topic)[0]
     assert 5 <= committed < 40
     env.fake.clear_faults()
     rest = redrive(config)
@@ -545,7 +518,7 @@ def test_failing_again_goes_back_to_the_dlq_with_incremented_headers(env: Env) -
     value = encode(event)
     produce_letters(
         env.kafka.bootstrap,
-        env.dlq,
+        env.dlq_topic,
         [
             letter(
                 value,
@@ -564,7 +537,7 @@ def test_failing_again_goes_back_to_the_dlq_with_incremented_headers(env: Env) -
     assert summary(failed)["failed_again"] == 1
     assert env.received() == Counter()
 
-    records = read_topic(env.kafka.bootstrap, env.dlq, idle_s=1.0)
+    records = read_topic(env.kafka.bootstrap, env.dlq_topic, idle_s=1.0)
     assert len(records) == 2
     # The topic has two partitions: find the written-back record by its header, not position.
     (back,) = [r for r in records if "dlq.redrive.count" in headers_of(r)]
@@ -603,14 +576,14 @@ def test_worker_dead_letters_then_redrive_never_duplicates_the_accepting_destina
     worker = WorkerProcess(env.config_path()).start()
     try:
         worker.wait_ready()
-        produce(env.kafka.bootstrap, env.source, [encode(e) for e in events])
+        produce(env.kafka.bootstrap, env.topic, [encode(e) for e in events])
         assert wait_until(
-            lambda: len(read_topic(env.kafka.bootstrap, env.dlq, idle_s=0.3)) >= 10, 60, 0.5
+            lambda: len(read_topic(env.kafka.bootstrap, env.dlq_topic, idle_s=0.3)) >= 10, 60, 0.5
         ), worker.log_tail()
         assert wait_until(lambda: len(env.fake.events()) >= 10, 30)
     finally:
         worker.stop()
-    letters = read_topic(env.kafka.bootstrap, env.dlq, idle_s=0.5)
+    letters = read_topic(env.kafka.bootstrap, env.dlq_topic, idle_s=0.5)
     assert {headers_of(m)["dlq.destination"] for m in letters} == {"shop-b"}
     assert {headers_of(m)["dlq.reason"] for m in letters} == {"auth_error"}
     assert env.received() == Counter({(PIXEL_A, e["messageId"]): 1 for e in events})
@@ -628,7 +601,7 @@ def test_worker_dead_letters_then_redrive_never_duplicates_the_accepting_destina
 def test_progress_is_plain_lines_without_a_terminal(env: Env) -> None:
     produce_letters(
         env.kafka.bootstrap,
-        env.dlq,
+        env.dlq_topic,
         [letter(encode(env.event()), reason="retries_exhausted", dest="shop-a")],
     )
     proc = redrive(env.config_path())
@@ -646,7 +619,7 @@ def test_redrive_skips_events_older_than_max_age_unless_max_age_allows_them(env:
     old = [old_samples.track("Order Completed") for _ in range(2)]
     fresh = [env.event() for _ in range(2)]
     letters = [letter(encode(e), reason="retries_exhausted", dest="shop-a") for e in old + fresh]
-    produce_letters(env.kafka.bootstrap, env.dlq, letters)
+    produce_letters(env.kafka.bootstrap, env.dlq_topic, letters)
     # Default max age (48 h): the 3-day-old events are not sent, and are handled.
     plain = redrive(env.config_path(), "--reason", "retries_exhausted", "--max", "4")
     assert plain.returncode == 0, plain.stderr
@@ -658,7 +631,7 @@ def test_redrive_skips_events_older_than_max_age_unless_max_age_allows_them(env:
     # (The ledger sees them handled by the first group, so write them again first.)
     produce_letters(
         env.kafka.bootstrap,
-        env.dlq,
+        env.dlq_topic,
         [letter(encode(e), reason="retries_exhausted", dest="shop-b") for e in old],
     )
     allowed = redrive(env.config_path(), "--destination", "shop-b", "--max-age", "4d")

@@ -8,7 +8,6 @@ batches that never mix sources or ids, and nothing is dead-lettered.
 from __future__ import annotations
 
 import json
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,11 @@ import pytest
 
 from devkit.harness import (
     FakeTikTokProcess,
+    TopicSet,
     WorkerProcess,
     metric_value,
     produce,
     read_topic,
-    retry_topic_for,
     wait_until,
     worker_config,
     write_config,
@@ -34,12 +33,9 @@ pytestmark = pytest.mark.integration
 NAMES = ["Order Completed", "Lead Qualified", "Product Added", None, "Signed Up", "Signed In"]
 
 
-def test_a_mixed_topic_reaches_every_source_in_batches(
-    kafka: Any, topic: str, tmp_path: Path
-) -> None:
-    dlq = f"{topic}.dlq"
-    kafka.create_topic(dlq, partitions=1)
-    kafka.create_topic(retry_topic_for(dlq), partitions=1)
+def test_a_mixed_topic_reaches_every_source_in_batches(kafka: Any, tmp_path: Path) -> None:
+    topics = TopicSet.create(kafka, "sources", 3)
+    topic, dlq = topics.topic, topics.dlq_topic
     events = [mixed_event(NAMES[n % len(NAMES)], n) for n in range(300)]
     dests: list[dict[str, Any]] = [WEB, CRM, OFFLINE, APP]
     # What the worker should send, from the same mapping run in-process.
@@ -57,7 +53,7 @@ def test_a_mixed_topic_reaches_every_source_in_batches(
             topic=topic,
             dlq_topic=dlq,
             base_url=fake.url,
-            group_id=f"g-{uuid.uuid4().hex[:8]}",
+            group_id=topics.group,
             destinations=dests,
             # mixed_event's timestamp is fixed (2024): no age limit, or all would be too_old.
             tiktok={"batch_linger_ms": 300, "max_batch_events": 50, "max_event_age_s": None},

@@ -34,12 +34,12 @@ from devkit.harness import (
     PIXEL,
     TOKEN,
     FakeTikTokProcess,
+    TopicSet,
     WorkerProcess,
     committed_offsets,
     headers_of,
     metric_value,
     read_topic,
-    retry_topic_for,
     wait_until,
     worker_config,
     write_config,
@@ -310,13 +310,10 @@ def test_hostile_messages_are_dead_lettered_and_good_ones_delivered(
     kafka: Any, tmp_path: Path
 ) -> None:
     corpus = build_corpus()
-    suffix = uuid.uuid4().hex[:8]
-    topic, dlq_topic, group = f"fuzz-{suffix}", f"fuzz-{suffix}.dlq", f"fuzz-{suffix}"
     # The test broker writes 1 MiB segments; a record batch must fit in one.
     big = {"max.message.bytes": str(MAX_MESSAGE_BYTES), "segment.bytes": str(16 * MIB)}
-    kafka.create_topic(topic, partitions=2, config=big)
-    kafka.create_topic(dlq_topic, partitions=1, config=big)
-    kafka.create_topic(retry_topic_for(dlq_topic), partitions=1, config=big)
+    topics = TopicSet.create(kafka, "fuzz", 2, config=big, dlq_config=big, retry_config=big)
+    topic, dlq_topic, group = topics.topic, topics.dlq_topic, topics.group
     produce_corpus(kafka.bootstrap, topic, corpus)
 
     with FakeTikTokProcess(tmp_path) as fake:

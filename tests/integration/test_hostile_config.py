@@ -24,6 +24,7 @@ from confluent_kafka import Producer
 from devkit.harness import (
     WORKER_CMD,
     FakeTikTokProcess,
+    TopicSet,
     WorkerProcess,
     committed_offsets,
     destination,
@@ -31,7 +32,6 @@ from devkit.harness import (
     metric_value,
     produce,
     read_topic,
-    retry_topic_for,
     wait_until,
     worker_config,
     write_config,
@@ -92,12 +92,8 @@ def assert_one_line_error(stderr: str, *fragments: str) -> str:
 
 @pytest.fixture
 def topics(kafka: Any) -> tuple[str, str]:
-    suffix = uuid.uuid4().hex[:8]
-    topic, dlq = f"hostile-{suffix}", f"hostile-{suffix}.dlq"
-    kafka.create_topic(topic, partitions=1)
-    kafka.create_topic(dlq, partitions=1)
-    kafka.create_topic(retry_topic_for(dlq), partitions=1)
-    return topic, dlq
+    topics = TopicSet.create(kafka, "hostile")
+    return topics.topic, topics.dlq_topic
 
 
 def base_config(server: Any, topics: tuple[str, str], **overrides: Any) -> dict[str, Any]:
@@ -292,12 +288,11 @@ def test_dead_letter_too_large_for_its_topic_is_written_reference_only(
     # for the worker's own producer limit or for the dead-letter topic. Refusing it would
     # crash-loop the group on this message: the worker writes a reference-only dead letter
     # (headers and provenance, no value, dlq.value_omitted) and moves on (issue 15).
-    suffix = uuid.uuid4().hex[:8]
-    topic, dlq, group = f"refused-{suffix}", f"refused-{suffix}.dlq", f"refused-{suffix}"
     big = {"max.message.bytes": str(4 * 1024 * 1024), "segment.bytes": str(16 * 1024 * 1024)}
-    kafka.create_topic(topic, partitions=1, config=big)
-    kafka.create_topic(dlq, partitions=1, config={**big, "max.message.bytes": str(dlq_limit)})
-    kafka.create_topic(retry_topic_for(dlq), partitions=1)
+    dlq_config = {**big, "max.message.bytes": str(dlq_limit)}
+    topics = TopicSet.create(kafka, "refused", config=big, dlq_config=dlq_config)
+    topic, dlq, group = topics.topic, topics.dlq_topic, topics.group
+    suffix = topic.removeprefix("refused-")
     event = SampleEvents(seed=9, prefix=f"big{suffix}").track("Order Completed")
     # Random text: the dead-letter producer compresses, and a repeated character would
     # shrink below the topic's limit.

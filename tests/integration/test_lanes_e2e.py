@@ -11,12 +11,12 @@ server as a process.
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,16 +26,13 @@ import pytest
 from confluent_kafka import Producer
 
 from devkit.harness import (
-    FakeTikTokProcess,
-    WorkerProcess,
+    Stack,
     committed_offsets,
     headers_of,
     metric_value,
     read_topic,
-    retry_topic_for,
+    stopping_all,
     wait_until,
-    worker_config,
-    write_config,
 )
 from devkit.sample_events import DOCUMENTED_TRACK_EVENTS, SampleEvents, encode
 from tests.integration.raising_worker import MARKER
@@ -46,39 +43,10 @@ PIXEL_A = "C5PIXEL00000000000A1"
 PIXEL_B = "C5PIXEL00000000000B2"
 
 
-class Setup:
+class Setup(Stack):
     def __init__(self, kafka: Any, tmp_path: Path, *, partitions: int = 2) -> None:
-        suffix = uuid.uuid4().hex[:8]
-        self.kafka = kafka
-        self.tmp_path = tmp_path
-        self.topic = f"lanes-{suffix}"
-        self.dlq_topic = f"lanes-{suffix}.dlq"
-        self.group = f"lanes-{suffix}"
-        kafka.create_topic(self.topic, partitions=partitions)
-        kafka.create_topic(self.dlq_topic, partitions=1)
-        kafka.create_topic(retry_topic_for(self.dlq_topic), partitions=1)
-        self.fake = FakeTikTokProcess(tmp_path).start()
-        self.workers: list[WorkerProcess] = []
+        super().__init__(kafka, tmp_path, prefix="lanes", partitions=partitions)
         self.producer = Producer({"bootstrap.servers": kafka.bootstrap, "linger.ms": 5})
-
-    def start_worker(
-        self, *, cmd: list[str] | None = None, wait: bool = True, **overrides: Any
-    ) -> WorkerProcess:
-        config = worker_config(
-            bootstrap=self.kafka.bootstrap,
-            topic=self.topic,
-            dlq_topic=self.dlq_topic,
-            base_url=self.fake.url,
-            group_id=self.group,
-            **overrides,
-        )
-        path = write_config(self.tmp_path / f"worker-{len(self.workers)}.yaml", config)
-        worker = WorkerProcess(path, cmd=cmd) if cmd else WorkerProcess(path)
-        worker.start()
-        self.workers.append(worker)
-        if wait:
-            worker.wait_ready()
-        return worker
 
     def produce(self, events: list[dict[str, Any]], partition: int | None = None) -> None:
         for event in events:
@@ -91,24 +59,11 @@ class Setup:
     def accepted(self, pixel: str) -> set[str]:
         return {e["event_id"] for e in self.fake.events() if e["pixel"] == pixel}
 
-    def stop(self) -> None:
-        for worker in self.workers:
-            worker.stop()
-        self.fake.stop()
-
 
 @pytest.fixture
 def setup(kafka: Any, tmp_path: Path) -> Iterator[Any]:
-    made: list[Setup] = []
-
-    def make(**kwargs: Any) -> Setup:
-        s = Setup(kafka, tmp_path, **kwargs)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.stop()
+    with stopping_all(functools.partial(Setup, kafka, tmp_path)) as make:
+        yield make
 
 
 def shops() -> list[dict[str, Any]]:

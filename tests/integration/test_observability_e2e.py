@@ -24,17 +24,15 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
+from devkit import harness
 from devkit.harness import (
     TOKEN,
-    FakeTikTokProcess,
     WorkerProcess,
     committed_offsets,
     metric_value,
     produce,
-    retry_topic_for,
+    stopping_all,
     wait_until,
-    worker_config,
-    write_config,
 )
 from devkit.infra.kafka import KafkaEndpoint
 from devkit.infra.prometheus import PrometheusServer
@@ -54,36 +52,17 @@ JOB = "tiktok-conversions-worker"
 LAG = "tiktok_worker_consumer_lag_messages"
 
 
-class Stack:
+class Stack(harness.Stack):
     """Topics on one broker, a fake TikTok server and one worker process."""
 
     def __init__(self, kafka: KafkaEndpoint, tmp_path: Path, *, partitions: int = 3) -> None:
-        suffix = uuid.uuid4().hex[:8]
-        self.kafka = kafka
-        self.tmp_path = tmp_path
-        self.topic = f"obs-{suffix}"
-        self.dlq_topic = f"obs-{suffix}.dlq"
-        self.group = f"obs-group-{suffix}"
-        kafka.create_topic(self.topic, partitions=partitions)
-        kafka.create_topic(self.dlq_topic, partitions=1)
-        kafka.create_topic(retry_topic_for(self.dlq_topic), partitions=1)
-        self.fake = FakeTikTokProcess(tmp_path).start()
-        self.worker: WorkerProcess | None = None
-        self.events = SampleEvents(seed=11, prefix=f"obs{suffix}")
+        super().__init__(kafka, tmp_path, prefix="obs", partitions=partitions)
+        self.events = SampleEvents(seed=11, prefix=self.topic.replace("-", ""))
         self.produced: list[dict[str, Any]] = []
 
-    def start_worker(self, **overrides: Any) -> WorkerProcess:
-        config = worker_config(
-            bootstrap=self.kafka.bootstrap,
-            topic=self.topic,
-            dlq_topic=self.dlq_topic,
-            base_url=self.fake.url,
-            group_id=self.group,
-            **overrides,
-        )
-        self.worker = WorkerProcess(write_config(self.tmp_path / "worker.yaml", config)).start()
-        self.worker.wait_ready()
-        return self.worker
+    @property
+    def worker(self) -> WorkerProcess | None:
+        return self.workers[-1] if self.workers else None
 
     def produce(self, events: list[dict[str, Any]], extra: Sequence[bytes] = ()) -> None:
         self.produced.extend(events)
@@ -99,24 +78,14 @@ class Stack:
     def log_sources(self) -> list[tuple[str, Path]]:
         return [("worker", self.worker.log_path)] if self.worker is not None else []
 
-    def stop(self) -> None:
-        if self.worker is not None:
-            self.worker.stop()
-        self.fake.stop()
-
 
 @pytest.fixture
 def stack(kafka: KafkaEndpoint, tmp_path: Path) -> Iterator[Callable[..., Stack]]:
-    made: list[Stack] = []
-
     def make(broker: KafkaEndpoint | None = None, **kwargs: Any) -> Stack:
-        s = Stack(broker or kafka, tmp_path, **kwargs)
-        made.append(s)
-        return s
+        return Stack(broker or kafka, tmp_path, **kwargs)
 
-    yield make
-    for s in made:
-        s.stop()
+    with stopping_all(make) as tracked:
+        yield tracked
 
 
 def http_status(url: str) -> int:

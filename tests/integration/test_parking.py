@@ -22,7 +22,6 @@ from devkit.harness import (
     headers_of,
     metric_value,
     read_topic,
-    retry_topic_for,
     wait_until,
 )
 from tests.integration.test_delivery import Scenario
@@ -102,7 +101,7 @@ def test_a_destination_down_parks_while_the_other_flows_and_offsets_reach_the_he
     assert max(up.values()) == 1
     assert s.dead_letters() == []
     # The retry backlog empties: the intake's group commits the whole retry topic.
-    retry_topic = retry_topic_for(s.dlq_topic)
+    retry_topic = s.retry_topic
     parked_records = len(read_topic(s.kafka.bootstrap, retry_topic, idle_s=1.0))
     assert wait_until(
         lambda: committed_total(s, s.group + ".retry", retry_topic) >= parked_records, 30

@@ -26,10 +26,10 @@ import pytest
 
 from devkit.harness import (
     FakeTikTokProcess,
+    TopicSet,
     WorkerProcess,
     metric_value,
     produce,
-    retry_topic_for,
     wait_until,
     worker_config,
     write_config,
@@ -588,11 +588,8 @@ def test_worker_takes_no_work_before_redis_answers_then_follows_its_assignment(
 ) -> None:
     redis = redis_factory()
     redis.stop()
-    suffix = uuid.uuid4().hex[:8]
-    topic, dlq = f"rl-start-{suffix}", f"rl-start-{suffix}.dlq"
-    kafka.create_topic(topic, partitions=3)
-    kafka.create_topic(dlq, partitions=1)
-    kafka.create_topic(retry_topic_for(dlq), partitions=1)
+    topics = TopicSet.create(kafka, "rl-start", 3)
+    topic, dlq = topics.topic, topics.dlq_topic
     fake = FakeTikTokProcess(tmp_path).start()
     events = list(SampleEvents(seed=5, prefix="rl").stream(30))
     produce(kafka.bootstrap, topic, [encode(e) for e in events])
@@ -606,7 +603,7 @@ def test_worker_takes_no_work_before_redis_answers_then_follows_its_assignment(
         topic=topic,
         dlq_topic=dlq,
         base_url=fake.url,
-        group_id=f"rl-start-{suffix}",
+        group_id=topics.group,
         redis_url=redis.url,
         rate_limit={"qps": 200, "expected_replicas": 2},
     )

@@ -34,6 +34,7 @@ from devkit.harness import (
     PIXEL,
     WORKER_CMD,
     FakeTikTokProcess,
+    TopicSet,
     WorkerProcess,
     committed_offsets,
     destination,
@@ -41,7 +42,6 @@ from devkit.harness import (
     metric_value,
     produce,
     read_topic,
-    retry_topic_for,
     wait_until,
     worker_config,
     write_config,
@@ -184,10 +184,8 @@ def test_no_token_or_raw_pii_leaves_the_worker_except_hashed_in_bodies(
     kafka: Any, redis: Any, tmp_path: Path
 ) -> None:
     suffix = uuid.uuid4().hex[:8]
-    topic, dlq_topic, group = f"pii-{suffix}", f"pii-{suffix}.dlq", f"pii-{suffix}"
-    kafka.create_topic(topic, partitions=2)
-    kafka.create_topic(dlq_topic, partitions=1)
-    kafka.create_topic(retry_topic_for(dlq_topic), partitions=1)
+    topics = TopicSet.create(kafka, "pii", 2)
+    topic, dlq_topic, group = topics.topic, topics.dlq_topic, topics.group
 
     delivered = [f"pii-ok-{suffix}-{i}" for i in range(6)]
     rejected = f"pii-rejected-{suffix}"
@@ -288,7 +286,7 @@ def test_no_token_or_raw_pii_leaves_the_worker_except_hashed_in_bodies(
     # Parked records (the revoked token's events waited there): clean headers too.
     parked = [
         m
-        for m in read_topic(kafka.bootstrap, retry_topic_for(dlq_topic), idle_s=1.0)
+        for m in read_topic(kafka.bootstrap, topics.retry_topic, idle_s=1.0)
         if "retry.destination" in headers_of(m)
     ]
     assert parked

@@ -32,11 +32,11 @@ from confluent_kafka import Producer
 from devkit.harness import (
     WORKER_CMD,
     FakeTikTokProcess,
+    TopicSet,
     WorkerProcess,
     committed_offsets,
     metric_value,
     read_topic,
-    retry_topic_for,
     wait_until,
     worker_config,
     write_config,
@@ -70,12 +70,8 @@ class SecuredCluster:
         self.server.stop()
 
     def topics(self) -> tuple[str, str]:
-        suffix = uuid.uuid4().hex[:8]
-        source, dlq = f"segment-{suffix}", f"segment-{suffix}.dlq"
-        self.server.create_topic(source, partitions=3)
-        self.server.create_topic(dlq, partitions=1)
-        self.server.create_topic(retry_topic_for(dlq), partitions=1)
-        return source, dlq
+        made = TopicSet.create(self.server, "segment", 3)
+        return made.topic, made.dlq_topic
 
     # -- what a user writes in kafka.security, and the same as librdkafka properties ---------
 
