@@ -40,7 +40,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from devkit.infra import REPO_ROOT, SETUP_HINT, cache_dir, which
 from devkit.infra.certs import TlsFiles
 from devkit.infra.errors import InfraError
-from devkit.infra.procs import LOOPBACK, ManagedProcess, UnmanagedLifecycle, free_ports
+from devkit.infra.procs import LOOPBACK, ManagedServer, UnmanagedLifecycle, free_ports
 
 __all__ = [
     "DEFAULT_JVM_FLAGS",
@@ -85,7 +85,6 @@ logger.config.name = org.apache.kafka.common.config.AbstractConfig
 logger.config.level = warn
 """
 
-_log = logging.getLogger(__name__)
 _librdkafka_log = logging.getLogger("devkit.infra.kafka.librdkafka")
 
 
@@ -295,15 +294,19 @@ class KafkaEndpoint(UnmanagedLifecycle):
         )
 
 
-class KafkaServer(KafkaEndpoint):
+class KafkaServer(ManagedServer, KafkaEndpoint):
     """A single-node KRaft broker+controller on 127.0.0.1 (see the module docstring).
 
     Ports default to free ones picked at construction time and never change afterwards.
     `workdir` defaults to a new temporary directory; it holds server.properties, log4j2
     config, `data/` (log.dirs) and `server.log` (stdout+stderr of every run, appended).
+    Storage is formatted on the first start; stop(), kill() and restart() keep the data.
+    `startup_seconds` is from launching java to the first successful metadata request.
     """
 
     replication_factor = 1
+    kind = "kafka"
+    ready_what = "ready (metadata request)"
 
     def __init__(
         self,
@@ -343,9 +346,6 @@ class KafkaServer(KafkaEndpoint):
         self.extra_properties = dict(properties or {})
         self.startup_timeout = startup_timeout
         self.die_with_parent = die_with_parent
-        #: seconds from launching java to the first successful metadata request (last start)
-        self.startup_seconds: float | None = None
-        self._proc: ManagedProcess | None = None
         self._cds: _CdsArchive | None = None
 
     # -- paths and addresses ------------------------------------------------------------------
@@ -374,15 +374,8 @@ class KafkaServer(KafkaEndpoint):
         return self.workdir / "server.properties"
 
     @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.running
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None and self._proc.running else None
-
-    def log_sources(self) -> list[tuple[str, Path]]:
-        return [("kafka", self.log_path)]
+    def process_name(self) -> str:
+        return f"kafka {self.bootstrap}"
 
     # -- configuration ------------------------------------------------------------------------
 
@@ -502,66 +495,22 @@ class KafkaServer(KafkaEndpoint):
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Start the broker (formatting storage on first start) and wait until it is ready.
-
-        Raises InfraError with the tail of the server log when it is not ready within
-        `startup_timeout` seconds or exits early.
-        """
-        if self.running:
-            return
+    def _launch(self) -> list[str]:
         self._write_config()
         self._format_storage()
         argv, self._cds = self._java_argv("kafka.Kafka", str(self.properties_path))
-        self._proc = ManagedProcess(
-            name=f"kafka {self.bootstrap}",
-            argv=argv,
-            log_path=self.log_path,
-            cwd=self.workdir,
-            die_with_parent=self.die_with_parent,
-        )
-        self._proc.start()
-        try:
-            self.startup_seconds = self._proc.wait_until(
-                lambda: self.broker_ready(timeout=1.0),
-                timeout=self.startup_timeout,
-                what="ready (metadata request)",
-                interval=0.05,
-            )
-        except InfraError:
-            self._proc.kill()
-            raise
-        _log.info("kafka %s ready in %.2fs", self.bootstrap, self.startup_seconds)
+        return argv
+
+    def _ready(self) -> bool:
+        return self.broker_ready(timeout=1.0)
 
     def stop(self, timeout: float = 20.0) -> None:
         """Controlled shutdown (SIGTERM), SIGKILL after `timeout` seconds. Data is kept."""
-        if self._proc is not None:
-            self._proc.stop(timeout=timeout)
+        super().stop(timeout)
         if self._cds is not None:
             # The JVM writes a class-data archive on a clean exit only (not after SIGKILL).
             self._cds.publish()
             self._cds = None
-
-    def kill(self) -> None:
-        """SIGKILL the broker, as a crash would. Data is kept (recovered on the next start)."""
-        if self._proc is not None:
-            self._proc.kill()
-
-    def restart(self) -> None:
-        """stop() then start(): same ports, same data directory."""
-        self.stop()
-        self.start()
-
-    def close(self) -> None:
-        """Same as stop()."""
-        self.stop()
-
-    def __enter__(self) -> KafkaServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 class _CdsArchive:

@@ -8,12 +8,16 @@ Contracts:
   then SIGKILL after a grace period. With `die_with_parent=True` the child gets SIGKILL when
   the Python process that started it dies, so a crashed test run leaves no server behind.
 - `wait_until(...)` polls a predicate until it holds, the process died, or the deadline passed.
+- `ManagedServer` is the lifecycle of a server run as one `ManagedProcess` (Kafka, Redis,
+  Prometheus): start, wait until ready (or InfraError with the log tail, the child killed),
+  stop, kill, restart; `UnmanagedLifecycle` is the same surface for servers reached by address.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import socket
@@ -21,10 +25,12 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Self
 
 from devkit.infra.errors import InfraError
 
 LOOPBACK = "127.0.0.1"
+_log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 
 
@@ -212,3 +218,103 @@ class UnmanagedLifecycle:
 
     def close(self) -> None:
         """Release what this object owns (stops a server it started; a no-op otherwise)."""
+
+
+class ManagedServer:
+    """Lifecycle of a server this object runs as one child process in `workdir`.
+
+    A subclass says how to launch it (`_launch`, which may write config files first), how to
+    tell it is ready (`_ready`) and what to call it; `start()` waits up to `startup_timeout`
+    seconds for readiness and raises InfraError with the log tail (the child killed) when the
+    server exits or is not ready in time.
+    """
+
+    workdir: Path
+    startup_timeout: float
+    die_with_parent: bool
+    #: short name, for log_sources()
+    kind: str
+    #: how readiness reads in errors, e.g. "answering PING"
+    ready_what: str = "ready"
+    ready_interval: float = 0.05
+    #: seconds from launch to ready (last start)
+    startup_seconds: float | None = None
+    _proc: ManagedProcess | None = None
+
+    @property
+    def log_path(self) -> Path:
+        raise NotImplementedError
+
+    @property
+    def process_name(self) -> str:
+        raise NotImplementedError
+
+    def _launch(self) -> list[str]:
+        """Everything to do before the child starts (config files, ...); returns its argv."""
+        raise NotImplementedError
+
+    def _ready(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.running
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.running else None
+
+    def log_sources(self) -> list[tuple[str, Path]]:
+        return [(self.kind, self.log_path)]
+
+    def start(self) -> None:
+        """Start the server and wait until it is ready; a no-op when it is running."""
+        if self.running:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        argv = self._launch()
+        self._proc = ManagedProcess(
+            name=self.process_name,
+            argv=argv,
+            log_path=self.log_path,
+            cwd=self.workdir,
+            die_with_parent=self.die_with_parent,
+        )
+        self._proc.start()
+        try:
+            self.startup_seconds = self._proc.wait_until(
+                self._ready,
+                timeout=self.startup_timeout,
+                what=self.ready_what,
+                interval=self.ready_interval,
+            )
+        except InfraError:
+            self._proc.kill()
+            raise
+        _log.info("%s ready in %.2fs", self.process_name, self.startup_seconds)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, SIGKILL after `timeout` seconds."""
+        if self._proc is not None:
+            self._proc.stop(timeout=timeout)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self._proc is not None:
+            self._proc.kill()
+
+    def restart(self) -> None:
+        """stop() then start(): same ports, same work dir."""
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        """Same as stop()."""
+        self.stop()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

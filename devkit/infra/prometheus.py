@@ -23,7 +23,7 @@ import yaml
 
 from devkit.infra import SETUP_HINT, which
 from devkit.infra.errors import InfraError
-from devkit.infra.procs import LOOPBACK, ManagedProcess, free_port
+from devkit.infra.procs import LOOPBACK, ManagedServer, free_port
 
 __all__ = ["PrometheusError", "PrometheusServer", "promtool_check_rules"]
 
@@ -34,8 +34,11 @@ class PrometheusError(InfraError):
     """The Prometheus HTTP API answered with an error (bad expression, ...)."""
 
 
-class PrometheusServer:
+class PrometheusServer(ManagedServer):
     """Prometheus on 127.0.0.1:`port` scraping `targets` ("host:port") every `scrape_interval`."""
+
+    kind = "prometheus"
+    ready_what = "ready (/-/ready)"
 
     def __init__(
         self,
@@ -65,7 +68,6 @@ class PrometheusServer:
         self.binary = binary
         self.startup_timeout = startup_timeout
         self.die_with_parent = die_with_parent
-        self._proc: ManagedProcess | None = None
 
     # -- addresses and files ------------------------------------------------------------------
 
@@ -82,11 +84,8 @@ class PrometheusServer:
         return self.workdir / "prometheus.yml"
 
     @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.running
-
-    def log_sources(self) -> list[tuple[str, Path]]:
-        return [("prometheus", self.log_path)]
+    def process_name(self) -> str:
+        return f"prometheus {LOOPBACK}:{self.port}"
 
     def config(self) -> dict[str, Any]:
         """The prometheus.yml content."""
@@ -113,14 +112,10 @@ class PrometheusServer:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Write the config, start prometheus, wait for /-/ready (InfraError with log tail)."""
-        if self.running:
-            return
+    def _launch(self) -> list[str]:
         binary = which(self.binary, _HOW)
-        self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
-        argv = [
+        return [
             binary,
             f"--config.file={self.config_path}",
             f"--storage.tsdb.path={self.workdir / 'data'}",
@@ -128,21 +123,6 @@ class PrometheusServer:
             "--web.enable-lifecycle",
             "--log.level=info",
         ]
-        self._proc = ManagedProcess(
-            name=f"prometheus {LOOPBACK}:{self.port}",
-            argv=argv,
-            log_path=self.log_path,
-            cwd=self.workdir,
-            die_with_parent=self.die_with_parent,
-        )
-        self._proc.start()
-        try:
-            self._proc.wait_until(
-                self._ready, timeout=self.startup_timeout, what="ready (/-/ready)", interval=0.05
-            )
-        except InfraError:
-            self._proc.kill()
-            raise
 
     def _ready(self) -> bool:
         try:
@@ -151,18 +131,6 @@ class PrometheusServer:
         except (urllib.error.URLError, OSError):
             return False
 
-    def stop(self, timeout: float = 10.0) -> None:
-        if self._proc is not None:
-            self._proc.stop(timeout=timeout)
-
-    def kill(self) -> None:
-        if self._proc is not None:
-            self._proc.kill()
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
     def reload(self) -> None:
         """Rewrite prometheus.yml from the current attributes and ask Prometheus to reload it."""
         self.config_path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
@@ -170,13 +138,6 @@ class PrometheusServer:
         with urllib.request.urlopen(req, timeout=10) as r:
             if r.status != 200:
                 raise PrometheusError(f"reload answered HTTP {r.status}")
-
-    def __enter__(self) -> PrometheusServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- HTTP API -------------------------------------------------------------------------------
 

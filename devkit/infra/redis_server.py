@@ -16,7 +16,7 @@ import redis
 
 from devkit.infra import SETUP_HINT, which
 from devkit.infra.errors import InfraError
-from devkit.infra.procs import LOOPBACK, ManagedProcess, UnmanagedLifecycle, free_port
+from devkit.infra.procs import LOOPBACK, ManagedServer, UnmanagedLifecycle, free_port
 from worker.core.redaction import mask_url_credentials
 
 __all__ = ["RedisEndpoint", "RedisServer"]
@@ -53,8 +53,16 @@ class RedisEndpoint(UnmanagedLifecycle):
         )
 
 
-class RedisServer(RedisEndpoint):
-    """`redis-server` on 127.0.0.1:`port` (free port by default), optionally with a password."""
+class RedisServer(ManagedServer, RedisEndpoint):
+    """`redis-server` on 127.0.0.1:`port` (free port by default), optionally with a password.
+
+    `stop()` is SIGTERM (redis exits at once without persistence); `restart()` keeps the port,
+    not the data (nothing is persisted).
+    """
+
+    kind = "redis"
+    ready_what = "answering PING"
+    ready_interval = 0.02
 
     def __init__(
         self,
@@ -72,7 +80,6 @@ class RedisServer(RedisEndpoint):
         self.binary = binary
         self.startup_timeout = startup_timeout
         self.die_with_parent = die_with_parent
-        self._proc: ManagedProcess | None = None
 
     @property
     def host(self) -> str:
@@ -88,15 +95,8 @@ class RedisServer(RedisEndpoint):
         return self.workdir / "redis.log"
 
     @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.running
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None and self._proc.running else None
-
-    def log_sources(self) -> list[tuple[str, Path]]:
-        return [("redis", self.log_path)]
+    def process_name(self) -> str:
+        return f"redis-server {LOOPBACK}:{self.port}"
 
     def argv(self) -> list[str]:
         binary = which(self.binary, f"{SETUP_HINT} or set REDIS_URL")
@@ -115,49 +115,8 @@ class RedisServer(RedisEndpoint):
             argv += ["--requirepass", self.password]
         return argv
 
-    def start(self) -> None:
-        """Start redis-server and wait for PING. InfraError with the log tail on failure."""
-        if self.running:
-            return
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self._proc = ManagedProcess(
-            name=f"redis-server {LOOPBACK}:{self.port}",
-            argv=self.argv(),
-            log_path=self.log_path,
-            cwd=self.workdir,
-            die_with_parent=self.die_with_parent,
-        )
-        self._proc.start()
-        try:
-            self._proc.wait_until(
-                self.ping, timeout=self.startup_timeout, what="answering PING", interval=0.02
-            )
-        except InfraError:
-            self._proc.kill()
-            raise
+    def _launch(self) -> list[str]:
+        return self.argv()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM (redis exits at once without persistence), SIGKILL after `timeout`."""
-        if self._proc is not None:
-            self._proc.stop(timeout=timeout)
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash would."""
-        if self._proc is not None:
-            self._proc.kill()
-
-    def restart(self) -> None:
-        """stop() then start() on the same port (data is gone: nothing is persisted)."""
-        self.stop()
-        self.start()
-
-    def close(self) -> None:
-        """Same as stop()."""
-        self.stop()
-
-    def __enter__(self) -> RedisServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def _ready(self) -> bool:
+        return self.ping()
