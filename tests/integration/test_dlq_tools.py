@@ -626,6 +626,7 @@ def test_redrive_skips_events_older_than_max_age_unless_max_age_allows_them(env:
     assert summary(plain)["delivered"] == 2
     assert "2 too old" in plain.stdout
     assert "2 dead letter(s) hold events older than 48 h" in plain.stderr
+    assert plain.stderr.count("hold events older than") == 1  # the note is written once
     assert env.received() == Counter({(PIXEL_A, e["messageId"]): 1 for e in fresh})
     # Another filter (so another progress group) with --max-age 4d: the old ones go out.
     # (The ledger sees them handled by the first group, so write them again first.)

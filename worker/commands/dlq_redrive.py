@@ -157,14 +157,6 @@ async def _redrive(
             "so sending them could count them twice. They are marked handled; to send such "
             "events on purpose, run a redrive with --max-age before they are read\n"
         )
-    if stats.too_old:
-        limit = max_age if max_age is not CONFIG_DEFAULT else config.tiktok.max_event_age_s
-        sys.stderr.write(
-            f"tiktok-worker: note: {stats.too_old} dead letter(s) hold events older than "
-            f"{_fmt_age(limit)} and were not sent (too_old): TikTok deduplicates for 48 h only, "
-            "so sending them could count them twice. They are marked handled; to send such "
-            "events on purpose, run a redrive with --max-age before they are read\n"
-        )
     for name, count in sorted(stats.skipped_unconfigured.items()):
         sys.stderr.write(
             f"tiktok-worker: note: {count} dead letter(s) for destination {name!r}, which is not "
