@@ -306,6 +306,7 @@ class KafkaServer(ManagedServer, KafkaEndpoint):
 
     replication_factor = 1
     kind = "kafka"
+    log_file = "server.log"
     ready_what = "ready (metadata request)"
 
     def __init__(
@@ -364,10 +365,6 @@ class KafkaServer(ManagedServer, KafkaEndpoint):
     @property
     def data_dir(self) -> Path:
         return self.workdir / "data"
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "server.log"
 
     @property
     def properties_path(self) -> Path:

@@ -234,6 +234,8 @@ class ManagedServer:
     die_with_parent: bool
     #: short name, for log_sources()
     kind: str
+    #: the child's stdout and stderr, in `workdir`
+    log_file: str
     #: how readiness reads in errors, e.g. "answering PING"
     ready_what: str = "ready"
     ready_interval: float = 0.05
@@ -243,7 +245,7 @@ class ManagedServer:
 
     @property
     def log_path(self) -> Path:
-        raise NotImplementedError
+        return self.workdir / self.log_file
 
     @property
     def process_name(self) -> str:

@@ -38,6 +38,7 @@ class PrometheusServer(ManagedServer):
     """Prometheus on 127.0.0.1:`port` scraping `targets` ("host:port") every `scrape_interval`."""
 
     kind = "prometheus"
+    log_file = "prometheus.log"
     ready_what = "ready (/-/ready)"
 
     def __init__(
@@ -74,10 +75,6 @@ class PrometheusServer(ManagedServer):
     @property
     def url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "prometheus.log"
 
     @property
     def config_path(self) -> Path:

@@ -61,6 +61,7 @@ class RedisServer(ManagedServer, RedisEndpoint):
     """
 
     kind = "redis"
+    log_file = "redis.log"
     ready_what = "answering PING"
     ready_interval = 0.02
 
@@ -89,10 +90,6 @@ class RedisServer(ManagedServer, RedisEndpoint):
     def url(self) -> str:
         auth = f":{quote(self.password, safe='')}@" if self.password else ""
         return f"redis://{auth}{LOOPBACK}:{self.port}/0"
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "redis.log"
 
     @property
     def process_name(self) -> str:
