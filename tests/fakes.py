@@ -115,7 +115,6 @@ class FakeCommitter:
         return future
 
 
-
 class _Offset:
     def __init__(self, offset: int) -> None:
         self.offset = offset

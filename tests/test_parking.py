@@ -5,7 +5,9 @@ and the in-process fake TikTok; the producers and the consumer are in-memory sta
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -26,7 +28,14 @@ from worker.errors import FatalLatch
 from worker.kafka.consumer import PauseSwitch
 from worker.kafka.deadletters import DeadLetter, DeadLetterProducer
 from worker.kafka.offsets import OffsetLedger
-from worker.kafka.parking import PROBE_HEADER, Parked, RetryProducer, partition_for
+from worker.kafka.parking import (
+    PROBE_HEADER,
+    Parked,
+    RetryProducer,
+    iso,
+    parse_iso,
+    partition_for,
+)
 from worker.mapping.mapper import Mapper
 from worker.observability.logs import get_logger
 from worker.observability.metrics import Metrics
@@ -388,6 +397,37 @@ async def test_held_records_go_at_once_when_their_destination_recovers(rig_facto
     assert rig.pixels(PIXEL_A).count(held["messageId"]) == 1
 
 
+async def test_a_record_due_while_its_circuit_is_open_is_parked_again_as_it_is(
+    rig_factory: Any,
+) -> None:
+    rig: Rig = await rig_factory(failure_threshold=1, open_s=5)
+    rig.fake.add_fault(FaultSpec(kind="http_503", pixel=PIXEL_A))
+    rig.pipeline.on_messages(kafka([source_message(0, order_events(1, "a")[0])]))
+    circuit = "tiktok_worker_destination_circuit_state"
+    await eventually(lambda: rig.sample(circuit, destination="shop-a") == 2)
+    requests = rig.fake.state.requests_total
+    before = len(rig.parked())
+    now = time.time()
+    # Not valid JSON: mapping it again would dead-letter it, so a re-park proves it was not.
+    parked = _parked("shop-a", first=now - 1, due=now - 0.1)
+    rig.retry.records.append(Record(RETRY, b"{not json", b"k", _text(parked), 0))
+    rig.feed_back(before)
+    await eventually(lambda: len(rig.parked()) == before + 2)
+    again = rig.parked()[-1]
+    assert again.value == b"{not json"
+    assert again.key == b"k"
+    assert again.partition == partition_for("shop-a", 4)
+    headers = Parked.from_headers(again.headers)
+    assert (headers.parks, headers.attempts, headers.reason) == (2, 3, "circuit_open")
+    assert headers.first_failed_at == pytest.approx(parked.first_failed_at, abs=0.001)
+    assert headers.error == parked.error
+    # Due after the circuit's pause (5 s), not after the backoff of the rig (50 ms at most).
+    assert headers.due_at - headers.parked_at > 4
+    assert rig.fake.state.requests_total == requests  # no request
+    assert rig.dead() == []
+    await eventually(lambda: rig.intake.inflight_messages == 0)
+
+
 async def test_past_the_deadline_a_parked_event_is_dead_lettered_with_its_provenance(
     rig_factory: Any,
 ) -> None:
@@ -506,6 +546,21 @@ async def test_a_refused_parked_record_stops_the_worker(rig_factory: Any) -> Non
 
 def _raise(*_args: Any, **_kwargs: Any) -> None:
     raise KafkaException(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED))
+
+
+def test_header_times_are_written_and_read_like_datetime() -> None:
+    rng = random.Random(5)
+    for _ in range(20_000):
+        ts = rng.uniform(0, 4e9)
+        if rng.random() < 0.3:
+            ts = round(ts, 3)
+        expected = dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")
+        assert iso(ts) == expected.replace("+00:00", "Z")
+        assert parse_iso(iso(ts)) == dt.datetime.fromisoformat(expected).timestamp()
+    assert parse_iso("2026-12-01T10:00:00+02:00") == parse_iso("2026-12-01T08:00:00.000Z")
+    assert parse_iso("2026-12-01T08:00:00") == parse_iso("2026-12-01T08:00:00.000Z")
+    with pytest.raises(ValueError, match="Invalid isoformat"):
+        parse_iso("2026-12-01T08:00:00.0x0Z")
 
 
 def test_parked_headers_round_trip_and_name_what_is_missing() -> None:

@@ -153,9 +153,7 @@ def segment_messages(count: int, prefix: str) -> list[SegmentMessage]:
     return out
 
 
-def produce_as_segment(
-    client: dict[str, Any], topic: str, messages: list[SegmentMessage]
-) -> None:
+def produce_as_segment(client: dict[str, Any], topic: str, messages: list[SegmentMessage]) -> None:
     # kafkajs (what the destination runs) acks with all in-sync replicas by default.
     producer = Producer({**client, "acks": "all", "linger.ms": 20})
     for value, key, headers in messages:
@@ -211,8 +209,7 @@ def deliver_and_commit(
         worker.wait_ready(60)
         want = message_ids(messages)
         assert wait_until(lambda: want <= set(cluster.fake.event_ids()), DELIVERY_TIMEOUT_S), (
-            f"{len(want - set(cluster.fake.event_ids()))} events not delivered: "
-            f"{worker.log_tail()}"
+            f"{len(want - set(cluster.fake.event_ids()))} events not delivered: {worker.log_tail()}"
         )
 
         def all_committed() -> bool:
@@ -286,7 +283,7 @@ def test_mutual_tls_consumes_delivers_and_commits(cluster: SecuredCluster, tmp_p
 # returns (token, expiry in epoch ms) like the real one, but the token is an unsecured JWT that
 # Kafka's default OAUTHBEARER validator accepts, valid for a few seconds so that librdkafka
 # refreshes it during the test. Each call is recorded (region and time) in $STUB_SIGNER_LOG.
-_STUB_SIGNER = '''
+_STUB_SIGNER = """
 import base64, json, os, time
 
 LIFETIME_S = 6
@@ -307,16 +304,14 @@ class MSKAuthTokenProvider:
         claims = {"sub": "msk-iam-stub", "iat": int(now), "exp": int(now) + LIFETIME_S}
         token = _b64({"alg": "none"}) + "." + _b64(claims) + "."
         return token, int((now + LIFETIME_S) * 1000)
-'''
+"""
 
 
 def _stub_signer_env(tmp_path: Path) -> tuple[dict[str, str], Path]:
     """Environment that puts the stub signer on the worker's import path; its call log."""
     stub_dir = tmp_path / "stub"
     (stub_dir / "aws_msk_iam_sasl_signer").mkdir(parents=True)
-    (stub_dir / "aws_msk_iam_sasl_signer" / "__init__.py").write_text(
-        textwrap.dedent(_STUB_SIGNER)
-    )
+    (stub_dir / "aws_msk_iam_sasl_signer" / "__init__.py").write_text(textwrap.dedent(_STUB_SIGNER))
     calls = tmp_path / "signer-calls.log"
     calls.touch()
     env = {

@@ -29,10 +29,13 @@ one destination's backlog shares a partition with as few others as possible. The
 from __future__ import annotations
 
 import datetime as dt
+import math
+import time
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
 from typing import Any, Final
+
+import msgspec
 
 from worker.kafka.acked import AckedProducer, short_key
 from worker.observability.metrics import PARK_REASONS, Metrics
@@ -60,12 +63,44 @@ def retry_group_id(group_id: str) -> str:
 
 
 def iso(ts: float) -> str:
-    """Unix seconds as ISO-8601 UTC with milliseconds and a Z."""
-    text = dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")
-    return text.replace("+00:00", "Z")
+    """Unix seconds as ISO-8601 UTC with milliseconds and a Z (as `datetime.isoformat`)."""
+    # Every parked record carries three times and a batch parks thousands within one second:
+    # the date-time part is formatted once per second, not per record.
+    global _iso_second
+    fraction_s, whole = math.modf(ts)  # split first, as datetime does, so rounding agrees
+    fraction = round(fraction_s * 1_000_000)
+    second = int(whole)
+    if fraction < 0:
+        second, fraction = second - 1, fraction + 1_000_000
+    if fraction >= 1_000_000:
+        second, fraction = second + 1, fraction - 1_000_000
+    if second != _iso_second[0]:
+        _iso_second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{_iso_second[1]}.{fraction // 1000:03d}Z"
+
+
+_iso_second: tuple[int, str] = (-1, "")
+_parsed_seconds: dict[str, float] = {}
+_PARSE_CACHE_MAX: Final = 4096
 
 
 def parse_iso(text: str) -> float:
+    """ISO-8601 to Unix seconds; a time with no zone is UTC. ValueError when unreadable."""
+    if len(text) == 24 and text[19] == "." and text[23] == "Z":  # what `iso` writes
+        head = text[:19]
+        second = _parsed_seconds.get(head)
+        if second is None:
+            second = _parse_full(head + "+00:00")
+            if len(_parsed_seconds) >= _PARSE_CACHE_MAX:
+                _parsed_seconds.clear()
+            _parsed_seconds[head] = second
+        millis = text[20:23]
+        if millis.isdigit():
+            return second + int(millis) / 1000
+    return _parse_full(text)
+
+
+def _parse_full(text: str) -> float:
     when = dt.datetime.fromisoformat(text)
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)
@@ -77,9 +112,8 @@ def partition_for(destination: str, partitions: int) -> int:
     return zlib.crc32(destination.encode()) % max(1, partitions)
 
 
-@dataclass(frozen=True, slots=True)
-class Parked:
-    """The headers of one parked record, typed."""
+class Parked(msgspec.Struct, frozen=True):
+    """The headers of one parked record, typed (a Struct: built once per parked event)."""
 
     destination: str
     subscription: str | None
@@ -100,81 +134,106 @@ class Parked:
     value_omitted: int | None = None
 
     def headers(self) -> list[tuple[str, bytes]]:
-        items: list[tuple[str, str]] = [
-            ("destination", self.destination),
-            ("subscription", self.subscription or ""),
-            ("reason", self.reason),
-            ("failure", self.failure),
-            ("error", self.error[:500]),
+        # Built directly (no intermediate list, constant names): it runs once per parked event.
+        items = [
+            (H_DESTINATION, self.destination.encode()),
+            (H_SUBSCRIPTION, (self.subscription or "").encode()),
+            (H_REASON, self.reason.encode()),
+            (H_FAILURE, self.failure.encode()),
+            (H_ERROR, self.error[:500].encode()),
         ]
         if self.code is not None:
-            items.append(("tiktok.code", str(self.code)))
-        items += [
-            ("attempts", str(self.attempts)),
-            ("parks", str(self.parks)),
-            ("first_failed_at", iso(self.first_failed_at)),
-            ("parked_at", iso(self.parked_at)),
-            ("due_at", iso(self.due_at)),
-            ("original.topic", self.original_topic),
-            ("original.partition", str(self.original_partition)),
-            ("original.offset", str(self.original_offset)),
-            ("original.timestamp", _opt(self.original_timestamp_ms)),
-        ]
+            items.append((H_CODE, str(self.code).encode()))
+        items += (
+            (H_ATTEMPTS, str(self.attempts).encode()),
+            (H_PARKS, str(self.parks).encode()),
+            (H_FIRST_FAILED_AT, iso(self.first_failed_at).encode()),
+            (H_PARKED_AT, iso(self.parked_at).encode()),
+            (H_DUE_AT, iso(self.due_at).encode()),
+            (H_ORIGINAL_TOPIC, self.original_topic.encode()),
+            (H_ORIGINAL_PARTITION, str(self.original_partition).encode()),
+            (H_ORIGINAL_OFFSET, str(self.original_offset).encode()),
+            (H_ORIGINAL_TIMESTAMP, _opt(self.original_timestamp_ms).encode()),
+        )
         if self.batch_index is not None:
-            items.append(("batch_index", str(self.batch_index)))
+            items.append((H_BATCH_INDEX, str(self.batch_index).encode()))
         if self.value_omitted is not None:
-            items.append(("value_omitted", str(self.value_omitted)))
-        return [(RETRY_PREFIX + k, v.encode()) for k, v in items]
+            items.append((H_VALUE_OMITTED, str(self.value_omitted).encode()))
+        return items
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str]) -> Parked:
         """Parse the `retry.*` headers; ValueError names the first missing or bad one."""
-
-        def get(name: str) -> str:
-            value = headers.get(RETRY_PREFIX + name)
-            if value is None or value == "":
-                raise ValueError(f"header {RETRY_PREFIX}{name} missing")
-            return value
-
-        def opt(name: str) -> str | None:
-            value = headers.get(RETRY_PREFIX + name)
-            return value if value else None
-
-        def num(name: str, value: str | None) -> int | None:
-            if value is None:
-                return None
-            try:
-                return int(value)
-            except ValueError:
-                raise ValueError(f"header {RETRY_PREFIX}{name} is not an integer") from None
-
-        def when(name: str) -> float:
-            try:
-                return parse_iso(get(name))
-            except ValueError as exc:
-                if "missing" in str(exc):
-                    raise
-                raise ValueError(f"header {RETRY_PREFIX}{name} is not an ISO-8601 time") from None
-
+        # Straight-line (no helper closures): the retry intake runs it for every record.
+        get = headers.get
         return cls(
-            destination=get("destination"),
-            subscription=opt("subscription"),
-            reason=get("reason"),
-            failure=opt("failure") or "retryable",
-            error=headers.get(RETRY_PREFIX + "error", ""),
-            code=num("tiktok.code", opt("tiktok.code")),
-            attempts=num("attempts", get("attempts")) or 0,
-            parks=num("parks", opt("parks")) or 1,
-            first_failed_at=when("first_failed_at"),
-            parked_at=when("parked_at"),
-            due_at=when("due_at"),
-            original_topic=get("original.topic"),
-            original_partition=num("original.partition", get("original.partition")) or 0,
-            original_offset=num("original.offset", get("original.offset")) or 0,
-            original_timestamp_ms=num("original.timestamp", opt("original.timestamp")),
-            batch_index=num("batch_index", opt("batch_index")),
-            value_omitted=num("value_omitted", opt("value_omitted")),
+            destination=_required(get(H_DESTINATION), H_DESTINATION),
+            subscription=get(H_SUBSCRIPTION) or None,
+            reason=_required(get(H_REASON), H_REASON),
+            failure=get(H_FAILURE) or "retryable",
+            error=get(H_ERROR, ""),
+            code=_integer(get(H_CODE) or None, H_CODE),
+            attempts=_integer(_required(get(H_ATTEMPTS), H_ATTEMPTS), H_ATTEMPTS) or 0,
+            parks=_integer(get(H_PARKS) or None, H_PARKS) or 1,
+            first_failed_at=_time(get(H_FIRST_FAILED_AT), H_FIRST_FAILED_AT),
+            parked_at=_time(get(H_PARKED_AT), H_PARKED_AT),
+            due_at=_time(get(H_DUE_AT), H_DUE_AT),
+            original_topic=_required(get(H_ORIGINAL_TOPIC), H_ORIGINAL_TOPIC),
+            original_partition=_integer(
+                _required(get(H_ORIGINAL_PARTITION), H_ORIGINAL_PARTITION), H_ORIGINAL_PARTITION
+            )
+            or 0,
+            original_offset=_integer(
+                _required(get(H_ORIGINAL_OFFSET), H_ORIGINAL_OFFSET), H_ORIGINAL_OFFSET
+            )
+            or 0,
+            original_timestamp_ms=_integer(get(H_ORIGINAL_TIMESTAMP) or None, H_ORIGINAL_TIMESTAMP),
+            batch_index=_integer(get(H_BATCH_INDEX) or None, H_BATCH_INDEX),
+            value_omitted=_integer(get(H_VALUE_OMITTED) or None, H_VALUE_OMITTED),
         )
+
+
+H_DESTINATION: Final = RETRY_PREFIX + "destination"
+H_SUBSCRIPTION: Final = RETRY_PREFIX + "subscription"
+H_REASON: Final = RETRY_PREFIX + "reason"
+H_FAILURE: Final = RETRY_PREFIX + "failure"
+H_ERROR: Final = RETRY_PREFIX + "error"
+H_CODE: Final = RETRY_PREFIX + "tiktok.code"
+H_ATTEMPTS: Final = RETRY_PREFIX + "attempts"
+H_PARKS: Final = RETRY_PREFIX + "parks"
+H_FIRST_FAILED_AT: Final = RETRY_PREFIX + "first_failed_at"
+H_PARKED_AT: Final = RETRY_PREFIX + "parked_at"
+H_DUE_AT: Final = RETRY_PREFIX + "due_at"
+H_ORIGINAL_TOPIC: Final = RETRY_PREFIX + "original.topic"
+H_ORIGINAL_PARTITION: Final = RETRY_PREFIX + "original.partition"
+H_ORIGINAL_OFFSET: Final = RETRY_PREFIX + "original.offset"
+H_ORIGINAL_TIMESTAMP: Final = RETRY_PREFIX + "original.timestamp"
+H_BATCH_INDEX: Final = RETRY_PREFIX + "batch_index"
+H_VALUE_OMITTED: Final = RETRY_PREFIX + "value_omitted"
+
+
+def _required(value: str | None, name: str) -> str:
+    if not value:
+        raise ValueError(f"header {name} missing")
+    return value
+
+
+def _integer(value: str | None, name: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"header {name} is not an integer") from None
+
+
+def _time(value: str | None, name: str) -> float:
+    try:
+        return parse_iso(_required(value, name))
+    except ValueError as exc:
+        if "missing" in str(exc):
+            raise
+        raise ValueError(f"header {name} is not an ISO-8601 time") from None
 
 
 def _opt(value: int | None) -> str:
@@ -234,7 +293,7 @@ class RetryProducer(AckedProducer):
 
         def reference_only() -> None:
             size = len(value or b"")
-            slim = replace(parked, value_omitted=size)
+            slim = msgspec.structs.replace(parked, value_omitted=size)
             self._produce(
                 value=None,
                 key=short_key(key),

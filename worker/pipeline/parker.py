@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
+
 from worker.core.vocabulary import DeadLetterReason
 from worker.delivery.inflight import InflightMessage, Parking, PendingEvent
 from worker.kafka.deadletters import DeadLetter, DeadLetterProducer
@@ -183,3 +185,33 @@ class Parker:
             parked=parked,
             on_written=message.finish_one,
         )
+
+    def park_again(self, message: InflightMessage, value: bytes | None, retry_in_s: float) -> None:
+        """A parked record due while its destination's circuit is still open: back to the
+        retry topic as it is, not mapped again and with no request (its attempts, error and
+        provenance unchanged), due after the circuit's pause; past the deadline it is
+        dead-lettered instead. The write's acknowledgement finishes one unit of work."""
+        prior: Parked = message.parked
+        now = self._clock()
+        parks = prior.parks + 1
+        due = now + max(retry_in_s, self._rules.backoff(parks - 1))
+        if due >= prior.first_failed_at + self._rules.deadline_s:
+            dead_letter(
+                self._dead_letters,
+                message,
+                EventOutcome(0, False, value or b"", None, [], [], None),
+                reason=(
+                    DeadLetterReason.AUTH_ERROR
+                    if prior.failure == "auth_error"
+                    else DeadLetterReason.RETRIES_EXHAUSTED
+                ),
+                error=prior.error,
+                destination=prior.destination,
+                code=prior.code,
+                attempts=prior.attempts,
+            )
+            return
+        parked = msgspec.structs.replace(
+            prior, reason="circuit_open", parks=parks, parked_at=now, due_at=due
+        )
+        self._retry.park(value=value, key=message.key, parked=parked, on_written=message.finish_one)

@@ -10,10 +10,12 @@ For each parked record (`worker.kafka.parking.Parked`):
 - reference-only (the event was too large for the retry topic): dead-lettered reference-only;
 - not yet due: held in memory (a timer) until its due time. Held records count as in flight,
   so above `max_inflight_messages` the retry topic is paused until half have gone;
-- due: mapped again for its destination and subscription only and queued in that destination's
-  lane, through the same rate limiter. If the destination's circuit is still open, the lane
-  parks it again at once with a later due time (no request), so it never waits in the lane and
-  never holds another destination's parked events. When the destination's circuit closes
+- due while its destination's circuit is open: parked again as it is (not mapped, no request)
+  with a due time after the circuit's pause, so it never waits here or in the lane and never
+  holds another destination's parked events;
+- due otherwise: mapped again for its destination and subscription only and queued in that
+  destination's lane, through the same rate limiter (a lane whose circuit opened meanwhile
+  parks it again at once). When the destination's circuit closes
   again (a probe succeeded), its records held here, and those read later that were parked
   before it closed, go at once instead of waiting for due times set while it was down.
 
@@ -214,8 +216,16 @@ class RetryIntake(Pipeline):
             )
 
     def _dispatch(self, message: InflightMessage, value: bytes | None) -> None:
-        """Map the event again for its own destination and subscription; queue it in its lane."""
+        """Map the event again for its own destination and subscription; queue it in its lane.
+        While the destination's circuit is open it goes back to the retry topic as it is."""
         parked: Parked = message.parked
+        circuit = self._sender.circuit(parked.destination)
+        if circuit is not None and circuit.state is CircuitState.OPEN:
+            retry_in = circuit.retry_in()
+            if retry_in > 0 and self._parker is not None:
+                # Mapping it only for the lane to park it again costs more than the parking.
+                self._parker.park_again(message, value, retry_in)
+                return
         for outcome in self._mapper.map_message(value):
             for mapped in outcome.mapped:
                 if mapped.destination != parked.destination:
