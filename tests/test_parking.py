@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
@@ -566,6 +567,12 @@ def test_header_times_are_written_and_read_like_datetime() -> None:
 def test_parked_headers_round_trip_and_name_what_is_missing() -> None:
     parked = _parked("shop-a", first=1000.25, due=1060.5, failure="throttled", code=40100)
     assert Parked.from_headers(_text(parked)) == parked
+    # The shared part of the headers is cached per batch: records that differ in it, or only
+    # in their provenance, each still read back as themselves.
+    other = _parked("shop-b", first=2000.5, due=2060.75)
+    sibling = msgspec.structs.replace(parked, original_offset=42, batch_index=3)
+    for record in (parked, other, sibling, parked, sibling):
+        assert Parked.from_headers(_text(record)) == record
     with pytest.raises(ValueError, match=r"retry\.due_at missing"):
         Parked.from_headers({k: v for k, v in _text(parked).items() if k != "retry.due_at"})
     with pytest.raises(ValueError, match=r"retry\.attempts is not an integer"):

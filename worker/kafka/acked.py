@@ -86,7 +86,7 @@ class AckedProducer:
                     self.topic,
                     value=value,
                     key=key,
-                    headers=list(headers),
+                    headers=headers if isinstance(headers, list) else list(headers),
                     on_delivery=delivered,
                     **extra,
                 )

@@ -134,22 +134,41 @@ class Parked(msgspec.Struct, frozen=True):
     value_omitted: int | None = None
 
     def headers(self) -> list[tuple[str, bytes]]:
-        # Built directly (no intermediate list, constant names): it runs once per parked event.
-        items = [
-            (H_DESTINATION, self.destination.encode()),
-            (H_SUBSCRIPTION, (self.subscription or "").encode()),
-            (H_REASON, self.reason.encode()),
-            (H_FAILURE, self.failure.encode()),
-            (H_ERROR, self.error[:500].encode()),
-        ]
-        if self.code is not None:
-            items.append((H_CODE, str(self.code).encode()))
+        # A batch parks its events with the same destination, reason, error and times: that
+        # part is encoded once per batch (a one-entry cache), only the provenance per event.
+        global _shared_headers
+        key = (
+            self.destination,
+            self.reason,
+            self.failure,
+            self.error,
+            self.code,
+            self.attempts,
+            self.parks,
+            self.first_failed_at,
+            self.parked_at,
+            self.due_at,
+        )
+        if _shared_headers[0] != key:
+            shared = [
+                (H_DESTINATION, self.destination.encode()),
+                (H_REASON, self.reason.encode()),
+                (H_FAILURE, self.failure.encode()),
+                (H_ERROR, self.error[:500].encode()),
+            ]
+            if self.code is not None:
+                shared.append((H_CODE, str(self.code).encode()))
+            shared += (
+                (H_ATTEMPTS, str(self.attempts).encode()),
+                (H_PARKS, str(self.parks).encode()),
+                (H_FIRST_FAILED_AT, iso(self.first_failed_at).encode()),
+                (H_PARKED_AT, iso(self.parked_at).encode()),
+                (H_DUE_AT, iso(self.due_at).encode()),
+            )
+            _shared_headers = (key, shared)
+        items = _shared_headers[1].copy()
         items += (
-            (H_ATTEMPTS, str(self.attempts).encode()),
-            (H_PARKS, str(self.parks).encode()),
-            (H_FIRST_FAILED_AT, iso(self.first_failed_at).encode()),
-            (H_PARKED_AT, iso(self.parked_at).encode()),
-            (H_DUE_AT, iso(self.due_at).encode()),
+            (H_SUBSCRIPTION, (self.subscription or "").encode()),
             (H_ORIGINAL_TOPIC, self.original_topic.encode()),
             (H_ORIGINAL_PARTITION, str(self.original_partition).encode()),
             (H_ORIGINAL_OFFSET, str(self.original_offset).encode()),
@@ -236,6 +255,9 @@ def _time(value: str | None, name: str) -> float:
         raise ValueError(f"header {name} is not an ISO-8601 time") from None
 
 
+_shared_headers: tuple[tuple[object, ...], list[tuple[str, bytes]]] = ((), [])
+
+
 def _opt(value: int | None) -> str:
     return "" if value is None else str(value)
 
@@ -263,6 +285,15 @@ class RetryProducer(AckedProducer):
         )
         self.partitions = partitions
         self._metrics = metrics
+        self._counters: dict[tuple[str, str], Any] = {}
+
+    def _parked_counter(self, destination: str, reason: str) -> Any:
+        """The `events_parked_total` child of a label pair, looked up once."""
+        counter = self._counters.get((destination, reason))
+        if counter is None:
+            counter = self._metrics.events_parked.labels(destination=destination, reason=reason)
+            self._counters[(destination, reason)] = counter
+        return counter
 
     def learn_partitions(self, timeout_s: float = 15.0) -> int:
         """Read the retry topic's partition count (blocking; call before the first `park`)."""
@@ -281,15 +312,11 @@ class RetryProducer(AckedProducer):
         on_written: Callable[[], None],
     ) -> None:
         partition = partition_for(parked.destination, self.partitions)
+        counter = self._parked_counter(parked.destination, parked.reason)
 
-        def written(record: Parked) -> Callable[[], None]:
-            def done() -> None:
-                self._metrics.events_parked.labels(
-                    destination=record.destination, reason=record.reason
-                ).inc()
-                on_written()
-
-            return done
+        def written() -> None:
+            counter.inc()
+            on_written()
 
         def reference_only() -> None:
             size = len(value or b"")
@@ -298,7 +325,7 @@ class RetryProducer(AckedProducer):
                 value=None,
                 key=short_key(key),
                 headers=slim.headers(),
-                on_written=written(slim),
+                on_written=written,
                 partition=partition,
             )
 
@@ -306,7 +333,7 @@ class RetryProducer(AckedProducer):
             value=value,
             key=key,
             headers=parked.headers(),
-            on_written=written(parked),
+            on_written=written,
             on_too_large=reference_only,
             partition=partition,
         )

@@ -17,7 +17,7 @@ points at the source topic, never at the retry topic.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -128,12 +128,20 @@ class Parker:
     def rules(self) -> ParkingRules:
         return self._rules
 
-    def park(self, event: PendingEvent, parking: Parking) -> None:
+    def park_all(self, events: Sequence[PendingEvent], parking: Parking) -> None:
+        """Park a failed batch: one clock reading, so its records share their times (and the
+        encoding of the headers they share)."""
+        now = self._clock()
+        for event in events:
+            self.park(event, parking, now=now)
+
+    def park(self, event: PendingEvent, parking: Parking, *, now: float | None = None) -> None:
         message = event.message
         if message.dropped:
             return
         prior: Parked | None = message.parked
-        now = self._clock()
+        if now is None:
+            now = self._clock()
         if prior is not None:
             first = prior.first_failed_at
         else:

@@ -309,8 +309,7 @@ class Pipeline:
             )
             self.on_failed(events, Failure(reason, parking.error, parking.code, parking.attempts))
             return
-        for event in events:
-            parker.park(event, parking)
+        parker.park_all(events, parking)
 
     def _dead_letter_invalid(
         self, message: InflightMessage, outcome: EventOutcome, invalid: InvalidEvent
