@@ -93,6 +93,7 @@ def with_app_context(events: list[bytes]) -> list[bytes]:
         out.append(msgspec.json.encode(event))
     return out
 
+
 _AGENT = (
     "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) "
     "Chrome/124.0.0.0 Safari/537.36"

@@ -27,10 +27,19 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from bench.common import DLQ_TOPIC, BenchEnv, fill_topic, log, summary
+from confluent_kafka import Producer
+
+from bench.common import DLQ_TOPIC, BenchEnv, fill_topic, log, percentile, summary
 from bench.e2e import PRODUCT_TIKTOK, THROUGHPUT_RATE_LIMIT
 from bench.lanes import PIXEL_A, PIXEL_B, SHOPS, _accepted_times, _backlog
-from devkit.harness import WorkerProcess, committed_offsets, wait_until, worker_config, write_config
+from devkit.harness import (
+    WorkerProcess,
+    committed_offsets,
+    http_json,
+    wait_until,
+    worker_config,
+    write_config,
+)
 
 PARTITIONS = 4
 CIRCUIT = {"failure_threshold": 5, "open_s": 5, "max_open_s": 20}
@@ -143,6 +152,102 @@ def run_outage(
     return result
 
 
+def run_steady(
+    env: BenchEnv, *, rate: int, duration_s: float, outage: bool, name: str
+) -> dict[str, Any]:
+    """A steady stream for `duration_s`, shop-a down (503) for all of it or not at all.
+
+    `rate` messages/s in the backlog's mix (40 % page views for shop-a, 60 % track events for
+    shop-b), produced from the bench process in 50 ms steps. shop-b's figures count the events
+    produced after a 10 s warm-up (the circuit opens, the first parkings) until the end of the
+    stream: accepted events per second over that window, and each event's produce→acceptance
+    latency. The source group's lag is sampled every second. After the stream ends the outage
+    ends too; `recovery_to_empty_s` is the time until every shop-a event was accepted."""
+    fake = env.fake
+    assert fake is not None
+    fake.reset()
+    if outage:
+        fake.fault(kind="http_503", pixel=PIXEL_A)
+    total = int(rate * duration_s)
+    a_total = total * 2 // 5
+    values = _backlog(a_total, total - a_total)
+    topic = env.new_topic(name, PARTITIONS)
+    group = env.new_group(name)
+    worker = _start(env, topic, group, name)
+    producer = Producer({"bootstrap.servers": env.bootstrap, "linger.ms": 5, "acks": "1"})
+    b_ids: dict[str, float] = {}  # shop-b event id -> produce time (unix), after the warm-up
+    warm_up_s, step_s = 10.0, 0.05
+    lags: list[int] = []
+    try:
+        started = time.time()
+        next_lag = started + 1
+        sent = 0
+        while sent < total:
+            now = time.time()
+            due = min(total, int((now - started) * rate))
+            for value in values[sent:due]:
+                producer.produce(topic, value=value)
+                if now - started >= warm_up_s and b'"type":"track"' in value:
+                    b_ids[_message_id(value)] = now
+            sent = max(sent, due)
+            producer.poll(0)
+            if now >= next_lag:
+                next_lag += 1
+                producer.flush(5)
+                lag = _lag(env, group, topic, sent)
+                if lag >= 0:
+                    lags.append(lag)
+            time.sleep(max(0.0, started + (sent / rate) + step_s - time.time()))
+        producer.flush(30)
+        ended = time.time()
+        b_done = wait_until(
+            lambda: len(set(b_ids) & _accepted_ids(env, PIXEL_B)) >= len(b_ids), 120, 1.0
+        )
+        accepted = {e["event_id"]: e["received_at"] for e in _events(env, PIXEL_B)}
+        result: dict[str, Any] = {"outage": outage, "b_window_events": len(b_ids)}
+        latencies = sorted(accepted[i] - t for i, t in b_ids.items() if i in accepted)
+        in_window = sum(1 for i in b_ids if i in accepted and accepted[i] <= ended)
+        window_s = ended - started - warm_up_s
+        result.update(
+            {
+                "b_all_delivered": b_done,
+                "b_events_per_s": round(in_window / window_s) if window_s > 0 else None,
+                "b_offered_per_s": round(len(b_ids) / window_s) if window_s > 0 else None,
+                "b_latency_p50_s": round(percentile(latencies, 50), 3) if latencies else None,
+                "b_latency_p99_s": round(percentile(latencies, 99), 3) if latencies else None,
+                "source_lag_max": max(lags) if lags else None,
+            }
+        )
+        if outage:
+            fake.clear_faults()
+            recovered = time.monotonic()
+            drained = wait_until(lambda: len(_accepted_ids(env, PIXEL_A)) >= a_total, 300, 1.0)
+            result["recovery_to_empty_s"] = (
+                round(time.monotonic() - recovered, 1) if drained else None
+            )
+    finally:
+        worker.stop()
+        fake.clear_faults()
+    return result
+
+
+def _message_id(value: bytes) -> str:
+    start = value.index(b'"messageId":"') + len(b'"messageId":"')
+    return value[start : value.index(b'"', start)].decode()
+
+
+def _events(env: BenchEnv, pixel: str) -> list[dict[str, Any]]:
+    assert env.fake is not None
+    events: list[dict[str, Any]] = http_json(
+        f"{env.fake.url}/_fake/events?pixel={pixel}", timeout=60
+    )
+    return events
+
+
+def _accepted_ids(env: BenchEnv, pixel: str) -> set[str]:
+    return {e["event_id"] for e in _events(env, pixel)}
+
+
 def run_parking(env: BenchEnv, cfg: dict[str, Any]) -> dict[str, Any]:
     ratios: list[float] = []
     recoveries: list[float] = []
@@ -157,7 +262,7 @@ def run_parking(env: BenchEnv, cfg: dict[str, Any]) -> dict[str, Any]:
                 a_messages=cfg["parking_a_messages"],
                 b_messages=cfg["parking_b_messages"],
                 outage=outage,
-                outage_s=cfg["parking_outage_s"],
+                outage_s=cfg["parking_backlog_outage_s"],
                 name=f"parking-{label}-{i}",
             )
             log(f"parking run {i + 1}: {pair[label]}")
@@ -168,7 +273,24 @@ def run_parking(env: BenchEnv, cfg: dict[str, Any]) -> dict[str, Any]:
             ratios.append(with_outage / without)
         if pair["outage"].get("recovery_to_empty_s") is not None:
             recoveries.append(pair["outage"]["recovery_to_empty_s"])
+    steady: dict[str, Any] = {}
+    for outage in (False, True):
+        label = "outage" if outage else "healthy"
+        log(f"parking steady stream: {cfg['parking_steady_rate']} messages/s, shop-a {label}")
+        steady[label] = run_steady(
+            env,
+            rate=cfg["parking_steady_rate"],
+            duration_s=cfg["parking_outage_s"],
+            outage=outage,
+            name=f"parking-steady-{label}",
+        )
+        log(f"parking steady stream: {steady[label]}")
+    healthy_rate = steady["healthy"].get("b_events_per_s")
+    outage_rate = steady["outage"].get("b_events_per_s")
+    if healthy_rate and outage_rate:
+        steady["outage_over_healthy"] = round(outage_rate / healthy_rate, 3)
     return {
+        "steady": steady,
         "a_messages": cfg["parking_a_messages"],
         "b_messages": cfg["parking_b_messages"],
         "circuit": CIRCUIT,

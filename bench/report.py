@@ -260,6 +260,31 @@ def markdown(results: dict[str, Any]) -> str:
         )
     parking = r.get("parking")
     if parking:
+        steady = parking.get("steady") or {}
+        if steady:
+            ratio_value = steady.get("outage_over_healthy")
+            single = {"min": ratio_value, "median": ratio_value, "max": ratio_value}
+            table.add(
+                "10 healthy destination's events/s during a 2-minute outage of another, "
+                "steady stream, over the same without the outage",
+                single if ratio_value is not None else None,
+                "fraction",
+                f">= {t['parking_outage_over_healthy']}",
+                _at_least(ratio_value, t["parking_outage_over_healthy"]),
+            )
+            for label in ("healthy", "outage"):
+                p99 = steady.get(label, {}).get("b_latency_p99_s")
+                table.add(
+                    f"10 same, healthy destination's produce→acceptance p99, other {label}",
+                    {"min": p99, "median": p99, "max": p99} if p99 is not None else None,
+                    "s",
+                )
+            lag = steady.get("outage", {}).get("source_lag_max")
+            table.add(
+                "10 same, source lag during the outage, maximum",
+                {"min": lag, "median": lag, "max": lag} if lag is not None else None,
+                "messages",
+            )
         ratio = parking.get("outage_over_healthy")
         table.add(
             "10 healthy destination during another's outage, backlog above the in-flight bound",

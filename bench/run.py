@@ -103,6 +103,8 @@ FULL: dict[str, Any] = {
     "parking_a_messages": 40_000,
     "parking_b_messages": 60_000,
     "parking_outage_s": 120,
+    "parking_backlog_outage_s": 30,
+    "parking_steady_rate": 3_000,
 }
 QUICK: dict[str, Any] = {
     **FULL,
@@ -126,7 +128,8 @@ QUICK: dict[str, Any] = {
     "parking_runs": 1,
     "parking_a_messages": 25_000,
     "parking_b_messages": 30_000,
-    "parking_outage_s": 60,
+    "parking_outage_s": 30,
+    "parking_backlog_outage_s": 20,
 }
 
 
