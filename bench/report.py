@@ -190,6 +190,8 @@ def markdown(results: dict[str, Any]) -> str:
         budget = arrival["budget_qps"]
         for run in arrival["runs"].values():
             what = f"{run['processes']} worker process(es), {run['busy_loops']} busy loops"
+            if run.get("headroom") not in (None, "default"):
+                what += f", headroom {run['headroom']:g}"
             restart = "redis_down_s" in run
             if restart:
                 what += f", Redis down {run['redis_down_s']:g} s"

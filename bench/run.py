@@ -89,6 +89,7 @@ FULL: dict[str, Any] = {
     "arrival_duration_s": 20,
     "arrival_processes": [1, 2, 4],
     "arrival_outage": [8.0, 3.0],
+    "arrival_other_headrooms": [0.05],
     "memory_messages": 1_000_000,
     "memory_slow_delay_s": 1.0,
     "memory_max_s": 150,
@@ -370,6 +371,19 @@ class Bench:
                 self.env, processes=n, qps=qps, duration_s=duration, name=f"arr{n}"
             )
             log(f"arrival: {runs[f'{n}_loaded']}")
+        # The same at other headrooms: what the default must be for the arrival target.
+        for headroom in self.cfg["arrival_other_headrooms"]:
+            for n in self.cfg["arrival_processes"]:
+                log(f"arrival: {n} worker process(es), 2 busy loops, headroom {headroom:g}")
+                runs[f"{n}_loaded_h{headroom:g}"] = run_arrival(
+                    self.env,
+                    processes=n,
+                    qps=qps,
+                    duration_s=duration,
+                    headroom=headroom,
+                    name=f"arr{n}h{headroom:g}",
+                )
+                log(f"arrival: {runs[f'{n}_loaded_h{headroom:g}']}")
         at_s, down_s = self.cfg["arrival_outage"]
         n = max(self.cfg["arrival_processes"])
         log(f"arrival: {n} worker processes, 2 busy loops, Redis down {down_s}s at {at_s}s")
