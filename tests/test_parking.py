@@ -42,6 +42,7 @@ from worker.observability.logs import get_logger
 from worker.observability.metrics import Metrics
 from worker.pipeline.parker import Parker, ParkingRules
 from worker.pipeline.pipeline import Pipeline
+from worker.pipeline import retries
 from worker.pipeline.retries import RetryIntake
 
 SOURCE = "segment"
@@ -427,6 +428,32 @@ async def test_a_record_due_while_its_circuit_is_open_is_parked_again_as_it_is(
     assert rig.fake.state.requests_total == requests  # no request
     assert rig.dead() == []
     await eventually(lambda: rig.intake.inflight_messages == 0)
+
+
+async def test_when_the_probe_is_due_one_requests_worth_goes_to_the_lane(
+    rig_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(retries, "PROBE_EVENTS", 3)
+    rig: Rig = await rig_factory(failure_threshold=1, open_s=0.3)
+    rig.fake.add_fault(FaultSpec(kind="http_503", pixel=PIXEL_A))
+    rig.pipeline.on_messages(kafka([source_message(0, order_events(1, "a")[0])]))
+    circuit = "tiktok_worker_destination_circuit_state"
+    await eventually(lambda: rig.sample(circuit, destination="shop-a") == 2)
+    await asyncio.sleep(0.35)  # the pause is over: the next request is the probe
+    before = len(rig.parked())
+    now = time.time()
+    for offset in range(10):
+        # Not valid JSON: what goes to the lane is mapped and dead-lettered, so the dead
+        # letters count the records handed over and the parked records those that were not.
+        parked = msgspec.structs.replace(
+            _parked("shop-a", first=now - 1, due=now - 0.1), original_offset=offset
+        )
+        rig.retry.records.append(Record(RETRY, b"{not json", b"k", _text(parked), 0))
+    rig.feed_back(before)
+    await eventually(lambda: len(rig.dead()) == 3 and len(rig.parked()) == before + 10 + 7)
+    again = [Parked.from_headers(r.headers) for r in rig.parked()[before + 10 :]]
+    assert {p.parks for p in again} == {2}
+    assert sorted(p.original_offset for p in again) == list(range(3, 10))
 
 
 async def test_past_the_deadline_a_parked_event_is_dead_lettered_with_its_provenance(

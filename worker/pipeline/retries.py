@@ -10,9 +10,11 @@ For each parked record (`worker.kafka.parking.Parked`):
 - reference-only (the event was too large for the retry topic): dead-lettered reference-only;
 - not yet due: held in memory (a timer) until its due time. Held records count as in flight,
   so above `max_inflight_messages` the retry topic is paused until half have gone;
-- due while its destination's circuit is open: parked again as it is (not mapped, no request)
-  with a due time after the circuit's pause, so it never waits here or in the lane and never
-  holds another destination's parked events;
+- due while its destination's circuit is open (or half-open with its probe out): parked again
+  as it is (not mapped, no request) with a due time after the circuit's pause, so it never
+  waits here or in the lane and never holds another destination's parked events. When the
+  probe is due, one request's worth (`PROBE_EVENTS`) goes to the lane and the rest is parked
+  again;
 - due otherwise: mapped again for its destination and subscription only and queued in that
   destination's lane, through the same rate limiter (a lane whose circuit opened meanwhile
   parks it again at once). When the destination's circuit closes
@@ -49,7 +51,11 @@ from worker.observability.metrics import Metrics
 from worker.pipeline.parker import Parker, dead_letter
 from worker.pipeline.pipeline import Pipeline
 
-__all__ = ["RetryIntake", "retry_group_id"]
+__all__ = ["PROBE_EVENTS", "RetryIntake", "retry_group_id"]
+
+# Parked events of a destination whose probe is due that go to its lane at once: one full
+# request (TikTok's batch maximum); the others are parked again instead of mapped for nothing.
+PROBE_EVENTS = 1000
 
 
 class RetryIntake(Pipeline):
@@ -92,6 +98,8 @@ class RetryIntake(Pipeline):
         # When each destination's circuit last closed here (wall time): a record parked
         # before that need not wait for its due time.
         self._closed_at: dict[str, float] = {}
+        # Parked events handed to a lane since its circuit last changed, while not closed.
+        self._probe_events: dict[str, int] = {}
         sender.watch_circuits(self._circuit_changed)
 
     @property
@@ -199,6 +207,7 @@ class RetryIntake(Pipeline):
     def _circuit_changed(self, destination: str, state: CircuitState) -> None:
         """A destination is back: its parked events held here need not wait for their due
         times (those were set while it was down). They go to its lane at once."""
+        self._probe_events.pop(destination, None)
         if state is not CircuitState.CLOSED:
             return
         self._closed_at[destination] = self._clock()
@@ -220,12 +229,19 @@ class RetryIntake(Pipeline):
         While the destination's circuit is open it goes back to the retry topic as it is."""
         parked: Parked = message.parked
         circuit = self._sender.circuit(parked.destination)
-        if circuit is not None and circuit.state is CircuitState.OPEN:
+        if circuit is not None and circuit.state is not CircuitState.CLOSED and self._parker:
+            # Mapping it only for the lane to park it again costs more than the parking.
             retry_in = circuit.retry_in()
-            if retry_in > 0 and self._parker is not None:
-                # Mapping it only for the lane to park it again costs more than the parking.
+            if retry_in > 0:  # open, or half-open with its probe still out
                 self._parker.park_again(message, value, retry_in)
                 return
+            # The probe is due: one request's worth goes to the lane (the probe is among
+            # them); the rest, all due at this same moment, wait for the next pause.
+            sent = self._probe_events.get(parked.destination, 0)
+            if sent >= PROBE_EVENTS:
+                self._parker.park_again(message, value, 0.0)
+                return
+            self._probe_events[parked.destination] = sent + 1
         for outcome in self._mapper.map_message(value):
             for mapped in outcome.mapped:
                 if mapped.destination != parked.destination:
