@@ -40,9 +40,9 @@ from worker.kafka.parking import (
 from worker.mapping.mapper import Mapper
 from worker.observability.logs import get_logger
 from worker.observability.metrics import Metrics
+from worker.pipeline import retries
 from worker.pipeline.parker import Parker, ParkingRules
 from worker.pipeline.pipeline import Pipeline
-from worker.pipeline import retries
 from worker.pipeline.retries import RetryIntake
 
 SOURCE = "segment"
