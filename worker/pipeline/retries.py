@@ -8,8 +8,10 @@ For each parked record (`worker.kafka.parking.Parked`):
   failure was an auth answer, else `retries_exhausted`) with the source record's provenance;
 - its destination no longer configured: dead-lettered (`invalid_event`);
 - reference-only (the event was too large for the retry topic): dead-lettered reference-only;
-- not yet due: held in memory (a timer) until its due time. Held records count as in flight,
-  so above `max_inflight_messages` the retry topic is paused until half have gone;
+- not yet due: held in memory until its due time (`worker.pipeline.due.DueQueue`: records
+  that come due together are handed over a slice per turn of the event loop). Held records
+  count as in flight, so above `max_inflight_messages` the retry topic is paused until half
+  have gone;
 - due while its destination's circuit is open (or half-open with its probe out): parked again
   as it is (not mapped, no request) with a due time after the circuit's pause, so it never
   waits here or in the lane and never holds another destination's parked events. When the
@@ -28,7 +30,6 @@ once (the next owner re-reads them) and drains only those already handed to a la
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Sequence
 
@@ -48,6 +49,7 @@ from worker.kafka.settings import TopicPartitionKey
 from worker.mapping.mapper import EventOutcome, Mapper
 from worker.observability.logs import Logger
 from worker.observability.metrics import Metrics
+from worker.pipeline.due import DueQueue
 from worker.pipeline.parker import Parker, dead_letter
 from worker.pipeline.pipeline import Pipeline
 
@@ -94,7 +96,9 @@ class RetryIntake(Pipeline):
         self._deadline_s = parker.rules.deadline_s
         self._destinations = frozenset(destinations)
         self._clock = clock
-        self._waiting: dict[InflightMessage, tuple[asyncio.TimerHandle, bytes | None]] = {}
+        # Records read before their due time: the queue holds them, `_values` their values.
+        self._held: DueQueue[InflightMessage] = DueQueue(self._due, clock=clock)
+        self._values: dict[InflightMessage, bytes | None] = {}
         # When each destination's circuit last closed here (wall time): a record parked
         # before that need not wait for its due time.
         self._closed_at: dict[str, float] = {}
@@ -105,7 +109,7 @@ class RetryIntake(Pipeline):
     @property
     def waiting(self) -> int:
         """Parked events read and held until their due time."""
-        return len(self._waiting)
+        return len(self._held)
 
     # -- per record ----------------------------------------------------------------------------
 
@@ -164,8 +168,8 @@ class RetryIntake(Pipeline):
         if delay <= 0 or parked.parked_at < self._closed_at.get(parked.destination, 0.0):
             self._dispatch(message, value)
             return
-        handle = asyncio.get_running_loop().call_later(delay, self._due, message)
-        self._waiting[message] = (handle, value)
+        self._values[message] = value
+        self._held.add(message, parked.due_at)
         self._metrics.parked_waiting.inc()
 
     def _give_up(
@@ -190,12 +194,12 @@ class RetryIntake(Pipeline):
         )
 
     def _due(self, message: InflightMessage) -> None:
-        entry = self._waiting.pop(message, None)
-        if entry is None or message.dropped:
-            return
+        value = self._values.pop(message, None)
         self._metrics.parked_waiting.dec()
+        if message.dropped:
+            return
         try:
-            self._dispatch(message, entry[1])
+            self._dispatch(message, value)
         except Exception as exc:
             self._fatal.trip(
                 WorkerError(
@@ -211,12 +215,9 @@ class RetryIntake(Pipeline):
         if state is not CircuitState.CLOSED:
             return
         self._closed_at[destination] = self._clock()
-        released = [m for m in self._waiting if m.parked.destination == destination]
+        released = [m for m in self._held if m.parked.destination == destination]
         for message in released:
-            handle, _value = self._waiting[message]
-            handle.cancel()
-            # Not from inside the sender's callback: each on its own turn of the loop.
-            asyncio.get_running_loop().call_soon(self._due, message)
+            self._held.release(message)  # handed over a slice per turn, never from in here
         if released:
             self._log.info(
                 "circuit closed: parked events released",
@@ -271,20 +272,19 @@ class RetryIntake(Pipeline):
         # Records waiting for their due time would only time the drain out: they are dropped
         # (the next owner re-reads them); only those already in a lane are waited for.
         wanted = set(partitions)
-        waiting = sum(1 for m in self._waiting if (m.topic, m.partition) in wanted)
+        waiting = sum(1 for m in self._held if (m.topic, m.partition) in wanted)
         return self._ledger.inflight(partitions) - waiting
 
     def _drop(self, partitions: Sequence[TopicPartitionKey]) -> int:
         wanted = set(partitions)
-        for message in [m for m in self._waiting if (m.topic, m.partition) in wanted]:
-            handle, _value = self._waiting.pop(message)
-            handle.cancel()
+        for message in [m for m in self._held if (m.topic, m.partition) in wanted]:
+            self._held.remove(message)
+            self._values.pop(message, None)
             self._metrics.parked_waiting.dec()
         return super()._drop(partitions)
 
     async def close(self) -> None:
         """Cancel every timer (shutdown after the consumer closed)."""
-        for handle, _value in self._waiting.values():
-            handle.cancel()
-        self._metrics.parked_waiting.dec(len(self._waiting))
-        self._waiting.clear()
+        self._metrics.parked_waiting.dec(len(self._held))
+        self._held.clear()
+        self._values.clear()
