@@ -37,6 +37,7 @@ import logging
 import os
 import random
 import signal
+import statistics
 import threading
 import time
 import uuid
@@ -53,6 +54,7 @@ from devkit.harness import (
     FakeTikTokProcess,
     WorkerProcess,
     committed_offsets,
+    destination,
     http_json,
     metric_value,
     retry_topic_for,
@@ -60,6 +62,7 @@ from devkit.harness import (
     worker_config,
     write_config,
 )
+from devkit.infra.procs import free_port
 from devkit.sample_events import DOCUMENTED_TRACK_EVENTS, SampleEvents, encode
 from worker.kafka.dlq_reader import decode_headers
 
@@ -125,6 +128,13 @@ class ChaosPlan:
     drain_timeout_s: float = 120.0
     rate_limit_qps: float = 200.0
     seed: int = 1
+    # Share of mapped events made invalid the way TikTok's validation rejects them (an
+    # unsupported currency: 40002 naming `data.<i>`); each must end dead-lettered as
+    # permanent_api_error, the rest of its batch delivered.
+    reject_share: float = 0.0
+    # The worker runs with the product's defaults (only addresses, topics and the destination
+    # set) instead of the test defaults with fast-failover settings.
+    product_defaults: bool = False
 
     @classmethod
     def short(cls, *, seed: int = 1) -> ChaosPlan:
@@ -138,6 +148,7 @@ class ChaosPlan:
             bursts=_bursts(start_s=3.0, every_s=4.5, end_s=44.0, avoid=outages),
             kill_interval_s=(5.0, 8.0),
             drain_timeout_s=90.0,
+            reject_share=0.01,
             seed=seed,
         )
 
@@ -164,13 +175,52 @@ class ChaosPlan:
             seed=seed,
         )
 
+    @classmethod
+    def defaults(cls, *, seed: int = 14, duration_s: float = 120.0) -> ChaosPlan:
+        """Issue 14's done-when, with the product's defaults: 60,000 messages at 500/s from
+        three workers, kill -9 every 4 s for 2 minutes, fake TikTok fault bursts meant to hit
+        about 9% of requests, 1% of events rejected by TikTok's validation; no broker or
+        Redis outage. Target: drained within 3 minutes of the last fault."""
+        return cls(
+            name="defaults",
+            duration_s=duration_s,
+            rate=500.0,
+            outages=(),
+            bursts=_bursts(
+                start_s=6.0, every_s=10.0, end_s=duration_s - 2, kinds=_DEFAULTS_BURST_KINDS
+            ),
+            kill_interval_s=(4.0, 4.0),
+            background_fault_rate=0.0,
+            malformed_every=0,
+            drain_timeout_s=180.0,
+            reject_share=0.01,
+            product_defaults=True,
+            seed=seed,
+        )
+
     def describe(self) -> list[str]:
+        malformed = f"1 in {self.malformed_every}" if self.malformed_every else "none"
+        interval = (
+            f"{self.kill_interval_s[0]:g}"
+            if self.kill_interval_s[0] == self.kill_interval_s[1]
+            else f"{self.kill_interval_s[0]:g}-{self.kill_interval_s[1]:g}"
+        )
         lines = [
             f"{self.workers} workers, {self.partitions} partitions, {self.rate:g} messages/s "
-            f"for {self.duration_s:g} s (1 in {self.malformed_every} malformed)",
-            f"kill -9 of a random worker every {self.kill_interval_s[0]:g}-"
-            f"{self.kill_interval_s[1]:g} s, restarted {self.restart_delay_s:g} s later",
+            f"for {self.duration_s:g} s (malformed: {malformed})",
+            f"kill -9 of a random worker every {interval} s, restarted "
+            f"{self.restart_delay_s:g} s later",
         ]
+        if self.reject_share:
+            lines.append(
+                f"{self.reject_share:.0%} of mapped events invalid for TikTok (unsupported "
+                "currency: 40002 naming the event's index)"
+            )
+        lines.append(
+            "worker config: the product defaults"
+            if self.product_defaults
+            else "worker config: test defaults + fast-failover settings"
+        )
         for o in self.outages:
             lines.append(f"{o.label} at {o.at_s:g} s for {o.down_s:g} s")
         lines.append(
@@ -199,8 +249,30 @@ _BURST_KINDS: tuple[tuple[str, tuple[dict[str, Any], ...]], ...] = (
 )  # fmt: skip
 
 
+# The product-defaults run: 2 s bursts at 45% every 10 s, so about 9% of requests see a fault.
+# The timeout outlasts the default 10 s request timeout (a real client-side timeout).
+_DEFAULTS_BURST_KINDS: tuple[tuple[str, tuple[dict[str, Any], ...]], ...] = tuple(
+    (label, ({**spec, "duration_s": 2.0, "probability": 0.45},))
+    for label, spec in (
+        ("http 500", {"kind": "http_500"}),
+        ("40100 throttled", {"kind": "throttle", "retry_after_s": 1}),
+        ("timeouts", {"kind": "timeout", "delay_s": 11.0}),
+        ("http 502", {"kind": "http_502"}),
+        ("lost responses", {"kind": "http_500", "process": True}),
+        ("http 503", {"kind": "http_503", "retry_after_s": 1}),
+        ("dropped connections", {"kind": "disconnect"}),
+        ("http 429", {"kind": "http_429", "retry_after_s": 1}),
+    )
+)
+
+
 def _bursts(
-    *, start_s: float, every_s: float, end_s: float, avoid: tuple[Outage, ...] = ()
+    *,
+    start_s: float,
+    every_s: float,
+    end_s: float,
+    avoid: tuple[Outage, ...] = (),
+    kinds: tuple[tuple[str, tuple[dict[str, Any], ...]], ...] = _BURST_KINDS,
 ) -> tuple[Burst, ...]:
     """Bursts of every kind in turn, none while the broker is down (no traffic then: the
     burst would pass unnoticed) nor in the few seconds the workers need to reconnect."""
@@ -208,7 +280,7 @@ def _bursts(
     at, i = start_s, 0
     blocked = [(o.at_s, o.at_s + o.down_s + 4.0) for o in avoid if o.target == "broker"]
     while True:
-        label, faults = _BURST_KINDS[i % len(_BURST_KINDS)]
+        label, faults = kinds[i % len(kinds)]
         burst = Burst(at, label, faults)
         clash = next((b for b in blocked if burst.at_s < b[1] and burst.end_s > b[0]), None)
         if clash is not None:
@@ -243,6 +315,12 @@ class ChaosResult:
     malformed_lost: int = 0
     malformed_wrong_reason: int = 0
     unexpected_accepted: int = 0  # accepted ids the producer never got an ack for
+    rejected_produced: int = 0  # events made invalid for TikTok (plan.reject_share)
+    rejected_not_dead_lettered: list[str] = field(default_factory=list)
+    rejected_wrong_reason: list[tuple[str, str]] = field(default_factory=list)  # (id, reason)
+    rejected_accepted: int = 0  # must be 0: the fake validates like TikTok
+    requests_by_code: dict[str, int] = field(default_factory=dict)  # the fake's counters
+    events_per_accepted_request: list[int] = field(default_factory=list)
     drain_s: float | None = None
     faults: Counter[str] = field(default_factory=Counter)
     fake_faults_applied: dict[str, int] = field(default_factory=dict)
@@ -262,10 +340,27 @@ class ChaosResult:
         return {k: v for k, v in self.worker_exits.items() if "cannot reach Kafka" not in k}
 
     @property
+    def share_40002(self) -> float:
+        """The share of all requests that TikTok answered with 40002 (PARAM_ERROR)."""
+        return self.requests_by_code.get("40002", 0) / max(self.fake_requests, 1)
+
+    @property
+    def median_events_per_accepted_request(self) -> float:
+        sizes = self.events_per_accepted_request
+        return float(statistics.median(sizes)) if sizes else 0.0
+
+    @property
+    def fault_share(self) -> float:
+        return sum(self.fake_faults_applied.values()) / max(self.fake_requests, 1)
+
+    @property
     def ok(self) -> bool:
         return (
             not self.lost
             and not self.wrongly_dead_lettered
+            and not self.rejected_not_dead_lettered
+            and not self.rejected_wrong_reason
+            and self.rejected_accepted == 0
             and self.malformed_lost == 0
             and self.malformed_wrong_reason == 0
             and self.drain_s is not None
@@ -287,8 +382,15 @@ class ChaosResult:
             f"  wrongly dead-lettered  {len(self.wrongly_dead_lettered)}",
             f"  malformed not/wrongly dead-lettered {self.malformed_lost}/"
             f"{self.malformed_wrong_reason}",
+            f"  rejected by TikTok     {self.rejected_produced} produced, "
+            f"{len(self.rejected_not_dead_lettered)} not dead-lettered, "
+            f"{len(self.rejected_wrong_reason)} with another reason, "
+            f"{self.rejected_accepted} accepted",
             f"  dead letters total     {self.dead_letters}",
             f"  drain after last fault {drain}",
+            f"  requests               {self.fake_requests} ({self.fault_share:.1%} faulted, "
+            f"{self.share_40002:.1%} answered 40002); median events per accepted request "
+            f"{self.median_events_per_accepted_request:g}",
             "  faults                 "
             + ", ".join(f"{k} x{v}" for k, v in sorted(self.faults.items())),
             f"  fake faults applied    {sum(self.fake_faults_applied.values())} of "
@@ -337,6 +439,17 @@ def _malformed(n: int) -> tuple[bytes, str]:
     )
 
 
+def _invalid_for_tiktok(event: dict[str, Any], events: SampleEvents) -> dict[str, Any]:
+    """`event` (or, if it has no currency, a fresh Order Completed) with a currency TikTok
+    does not support: the worker maps it as it is, and TikTok's validation answers 40002
+    `Invalid value for data.<i>.properties.currency` for the request that carries it."""
+    props = event.get("properties") or {}
+    if event["type"] != "track" or "currency" not in props:
+        event = events.track("Order Completed")
+    event["properties"]["currency"] = "XTS"  # ISO 4217's code for testing: never supported
+    return event
+
+
 class EventStream(threading.Thread):
     """Produces events at a steady rate; remembers what the broker acknowledged."""
 
@@ -349,9 +462,12 @@ class EventStream(threading.Thread):
         duration_s: float,
         malformed_every: int,
         seed: int,
+        reject_share: float = 0.0,
     ) -> None:
         super().__init__(name="chaos-producer", daemon=True)
         self._topic = topic
+        self._reject_share = reject_share
+        self._reject_rng = random.Random(seed + 1)
         self._rate = rate
         self._duration_s = duration_s
         self._malformed_every = malformed_every
@@ -370,6 +486,7 @@ class EventStream(threading.Thread):
         self._lock = threading.Lock()
         self.expected: set[str] = set()  # acknowledged, mapped event ids
         self.unmapped: set[str] = set()  # acknowledged, skipped by the presets
+        self.rejected: set[str] = set()  # acknowledged, mapped, invalid for TikTok
         self.malformed: dict[bytes, str] = {}  # acknowledged malformed value -> reason
         self.failures = 0
         self.attempted = 0
@@ -396,8 +513,11 @@ class EventStream(threading.Thread):
                     self._send(value, None, partial(self._ok_malformed, value, reason))
                     continue
                 event = self._events.mixed()
-                mid = event["messageId"]
                 target = self.expected if _mapped(event) else self.unmapped
+                if target is self.expected and self._reject_rng.random() < self._reject_share:
+                    event = _invalid_for_tiktok(event, self._events)
+                    target = self.rejected
+                mid = event["messageId"]
                 self._send(encode(event), event["userId"].encode(), partial(target.add, mid))
             self._producer.poll(0)
             time.sleep(0.02)
@@ -427,6 +547,10 @@ class EventStream(threading.Thread):
     def snapshot(self) -> tuple[set[str], dict[bytes, str]]:
         with self._lock:
             return set(self.expected), dict(self.malformed)
+
+    def rejected_snapshot(self) -> set[str]:
+        with self._lock:
+            return set(self.rejected)
 
 
 class DeadLetterCollector(threading.Thread):
@@ -656,6 +780,7 @@ class ChaosRun:
                 duration_s=plan.duration_s,
                 malformed_every=plan.malformed_every,
                 seed=plan.seed,
+                reject_share=plan.reject_share,
             )
             window_start = time.monotonic()
             stream.start()
@@ -698,6 +823,8 @@ class ChaosRun:
         return self.result
 
     def _config(self, fake: FakeTikTokProcess) -> dict[str, Any]:
+        if self.plan.product_defaults:
+            return self._defaults_config(fake)
         return worker_config(
             bootstrap=self.kafka.bootstrap,
             topic=self.topic,
@@ -718,6 +845,25 @@ class ChaosRun:
             },
             rate_limit={"qps": self.plan.rate_limit_qps, "expected_replicas": self.plan.workers},
         )
+
+    def _defaults_config(self, fake: FakeTikTokProcess) -> dict[str, Any]:
+        """What an operator must set (addresses, topics, the destination) and nothing else:
+        every retry, circuit, batching, Kafka session and rate-limit setting is the product's
+        default. The metrics port and JSON logs only make the processes observable here."""
+        return {
+            "kafka": {
+                "bootstrap_servers": self.kafka.bootstrap,
+                "topics": [self.topic],
+                "group_id": self.group,
+                "dead_letter_topic": self.dlq_topic,
+                "retry_topic": retry_topic_for(self.dlq_topic),
+            },
+            "tiktok": {"base_url": fake.url},
+            "rate_limit": {"redis_url": self.redis.url},
+            "http": {"host": "127.0.0.1", "port": free_port()},
+            "logging": {"format": "json"},
+            "destinations": [destination()],
+        }
 
     # -- faults ------------------------------------------------------------------------------
 
@@ -816,11 +962,14 @@ class ChaosRun:
             dead_ids = _ids(dead)
             pending = expected - accepted.counts.keys() - dead_ids
             bad = sum(1 for v in malformed if v not in dead_values)
-            if (pending or bad) and time.monotonic() - last_note > 3:
+            bad += len(stream.rejected_snapshot() - dead_ids)
+            # Drained also means the group's committed offsets are at the head of the topic.
+            done = not pending and not bad and self._committed_to_end()
+            if not done and time.monotonic() - last_note > 3:
                 last_note = time.monotonic()
-                self.note(f"draining: {len(pending)} events, {bad} malformed pending; "
+                self.note(f"draining: {len(pending)} events, {bad} malformed/rejected pending; "
                           + self._progress(supervisor))  # fmt: skip
-            return not pending and not bad
+            return done
 
         return wait_until(drained, timeout_s, 0.5)
 
@@ -894,6 +1043,15 @@ class ChaosRun:
         r.dead_letters = len(dead)
         dead_ids = _ids(dead)
         r.lost = sorted(expected - counts.keys() - dead_ids)
+        rejected = stream.rejected_snapshot()
+        r.rejected_produced = len(rejected)
+        r.rejected_not_dead_lettered = sorted(rejected - dead_ids)
+        r.rejected_accepted = len(rejected & counts.keys())
+        for value, headers in dead:
+            mid = _id_of(value)
+            reason = headers.get("dlq.reason", "?")
+            if mid in rejected and reason != "permanent_api_error":
+                r.rejected_wrong_reason.append((mid, reason))
         for value, headers in dead:
             mid = _id_of(value)
             if mid is not None and (mid in expected or mid in stream.unmapped):
@@ -906,6 +1064,13 @@ class ChaosRun:
         stats = fake.stats()
         r.fake_faults_applied = dict(stats.get("faults_applied", {}))
         r.fake_requests = int(stats.get("requests_total", 0))
+        r.requests_by_code = {str(k): int(v) for k, v in stats["requests_by_code"].items()}
+        # The fake keeps the last 100,000 request records: every request of these runs.
+        r.events_per_accepted_request = [
+            int(rec["events"])
+            for rec in fake.requests()
+            if rec["http_status"] == 200 and rec["code"] == 0
+        ]
 
 
 def _id_of(value: bytes) -> str | None:

@@ -1,8 +1,11 @@
 """`make chaos`: run the chaos suite and write the figures to docs/reliability.md.
 
     python devkit/chaos/run.py --long              # a few minutes; writes docs/reliability.md
+    python devkit/chaos/run.py --defaults          # issue 14's done-when, product defaults
     python devkit/chaos/run.py --short             # the `make test` scenario, printed only
     python devkit/chaos/run.py --long --duration 120 --seed 3 --no-write
+
+`--long` and `--defaults` each replace their own section of docs/reliability.md.
 
 Starts its own Kafka broker and Redis (it stops and kills them on purpose), the fake TikTok
 server and three workers (see devkit/chaos/harness.py). Exit status 0 when nothing was lost
@@ -28,6 +31,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 REPORT = REPO / "docs" / "reliability.md"
 REPORT_MARKER = "<!-- chaos results: written by devkit/chaos/run.py -->"
+DEFAULTS_MARKER = "<!-- chaos results, product defaults: written by devkit/chaos/run.py -->"
+# Plan name -> (marker, heading) of its section in docs/reliability.md, in document order.
+SECTIONS = {
+    "long": (REPORT_MARKER, "Latest `make chaos` run"),
+    "defaults": (DEFAULTS_MARKER, "Latest product-defaults run (`run.py --defaults`)"),
+}
 
 
 def machine() -> str:
@@ -82,6 +91,7 @@ def results_markdown(result: ChaosResult, revision: str) -> str:
     faults = "<br>".join(f"{k} x {v}" for k, v in sorted(r.faults.items()))
     applied = ", ".join(f"{k} {v}" for k, v in sorted(r.fake_faults_applied.items()))
     exits = ", ".join(f"{k} x {v}" for k, v in sorted(r.worker_exits.items())) or "none"
+    misfiled = len(r.rejected_not_dead_lettered) + len(r.rejected_wrong_reason)
     rows = [
         ("Result", "**PASS**" if r.ok else "**FAIL**" + _why(r)),
         ("Date (UTC)", r.started_at),
@@ -104,8 +114,13 @@ def results_markdown(result: ChaosResult, revision: str) -> str:
          f"{r.duplicates:,} ({r.duplicates / max(r.events_expected, 1):.1%} of events)"),
         ("Accepted by TikTok (unique / with redeliveries)",
          f"{r.accepted_unique:,} / {r.accepted_total:,}"),
+        ("Events invalid for TikTok: produced / dead-lettered otherwise or not at all / "
+         "accepted", f"{r.rejected_produced:,} / {misfiled:,} / {r.rejected_accepted:,}"),
         ("Dead letters", f"{r.dead_letters:,}"),
         ("**Drain time after the last fault**", f"**{drain}**"),
+        ("Requests to TikTok / faulted / answered 40002",
+         f"{r.fake_requests:,} / {r.fault_share:.1%} / {r.share_40002:.1%}"),
+        ("Events per accepted request (median)", f"{r.median_events_per_accepted_request:g}"),
         ("Exit status after SIGTERM", ", ".join(str(c) for c in r.final_exit_codes)),
         ("Offsets committed to the end of the topic", "yes" if r.offsets_committed_to_end
          else "no"),
@@ -114,11 +129,20 @@ def results_markdown(result: ChaosResult, revision: str) -> str:
     ]  # fmt: skip
     table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     timeline = "\n".join(r.timeline)
-    settings = ", ".join(f"`{k}={v}`" for k, v in FAILOVER_CLIENT_SETTINGS.items())
+    if r.plan.product_defaults:
+        config = (
+            "Worker settings: the product defaults; the config sets only the addresses, "
+            "topics, group, destination, metrics port and JSON logs."
+        )
+    else:
+        settings = ", ".join(f"`{k}={v}`" for k, v in FAILOVER_CLIENT_SETTINGS.items())
+        config = (
+            f"Worker settings beyond the test defaults: `kafka.client` {settings}; "
+            "`rate_limit.backend: redis`; `tiktok.retry.deadline_s: 900`."
+        )
+    marker, heading = SECTIONS.get(r.plan.name, (REPORT_MARKER, "Latest `make chaos` run"))
     return (
-        f"{REPORT_MARKER}\n\n## Latest `make chaos` run\n\n{table}\n\n"
-        f"Worker settings beyond the test defaults: `kafka.client` {settings}; "
-        "`rate_limit.backend: redis`; `tiktok.retry.deadline_s: 900`.\n\n"
+        f"{marker}\n\n## {heading}\n\n{table}\n\n{config}\n\n"
         f"<details><summary>Timeline</summary>\n\n```\n{timeline}\n```\n\n</details>\n"
     )
 
@@ -127,6 +151,8 @@ def _why(r: ChaosResult) -> str:
     reasons = []
     if r.lost:
         reasons.append(f"{len(r.lost)} lost")
+    if r.rejected_not_dead_lettered or r.rejected_wrong_reason or r.rejected_accepted:
+        reasons.append("events invalid for TikTok not dead-lettered as permanent_api_error")
     if r.wrongly_dead_lettered:
         reasons.append(f"{len(r.wrongly_dead_lettered)} wrongly dead-lettered")
     if r.malformed_lost or r.malformed_wrong_reason:
@@ -140,11 +166,19 @@ def _why(r: ChaosResult) -> str:
     return " (" + "; ".join(reasons) + ")" if reasons else ""
 
 
-def write_report(result: ChaosResult, revision: str) -> None:
-    """Replace the results section of docs/reliability.md (everything after the marker)."""
-    text = REPORT.read_text() if REPORT.exists() else ""
-    head = text.split(REPORT_MARKER, 1)[0].rstrip() if text else "# Reliability"
-    REPORT.write_text(head + "\n\n" + results_markdown(result, revision))
+def write_report(result: ChaosResult, revision: str, path: Path = REPORT) -> None:
+    """Replace this plan's results section of docs/reliability.md (the text from its marker
+    to the next section's marker or the end); the other sections stay as they are."""
+    text = path.read_text() if path.exists() else "# Reliability\n"
+    found = sorted((text.index(m), name) for name, (m, _) in SECTIONS.items() if m in text)
+    head = text[: found[0][0]] if found else text
+    sections = {
+        name: text[pos : found[i + 1][0] if i + 1 < len(found) else len(text)].strip()
+        for i, (pos, name) in enumerate(found)
+    }
+    sections[result.plan.name] = results_markdown(result, revision).strip()
+    body = "\n\n".join(sections[name] for name in SECTIONS if name in sections)
+    path.write_text(head.rstrip() + "\n\n" + body + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--long", action="store_true", help="the long run (default)")
     mode.add_argument("--short", action="store_true", help="the short run of make test")
-    parser.add_argument("--duration", type=float, help="fault window in seconds (long run)")
+    mode.add_argument(
+        "--defaults", action="store_true", help="issue 14's done-when with the product defaults"
+    )
+    parser.add_argument("--duration", type=float, help="fault window in seconds (not --short)")
     parser.add_argument("--seed", type=int, help="random seed (kills, events)")
     parser.add_argument("--no-write", action="store_true", help="do not write the report")
     parser.add_argument("--workdir", type=Path, help="where logs go (default: a temp dir)")
@@ -160,6 +197,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.short:
         plan = ChaosPlan.short(**({"seed": args.seed} if args.seed is not None else {}))
+    elif args.defaults:
+        kw: dict[str, float | int] = {}
+        if args.seed is not None:
+            kw["seed"] = args.seed
+        if args.duration is not None:
+            kw["duration_s"] = args.duration
+        plan = ChaosPlan.defaults(**kw)  # type: ignore[arg-type]
     else:
         kwargs: dict[str, float | int] = {}
         if args.seed is not None:
