@@ -46,6 +46,12 @@ def test_short_chaos_run_loses_nothing(
     assert result.malformed_lost == 0, summary
     assert result.malformed_wrong_reason == 0, summary
     assert result.unexpected_accepted == 0, summary
+    # Events TikTok's validation rejects (40002 naming their index): each dead-lettered as
+    # permanent_api_error, never accepted; the rest of their batches is delivered (lost = 0).
+    assert result.rejected_produced > 0, summary
+    assert result.rejected_not_dead_lettered == [], summary
+    assert result.rejected_wrong_reason == [], summary
+    assert result.rejected_accepted == 0, summary
     assert result.drain_s is not None, summary
 
     # No worker died on its own: the only exits we did not cause are start-ups refused
