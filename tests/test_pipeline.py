@@ -193,6 +193,16 @@ async def test_commits_only_after_delivery(rig_factory: Any) -> None:
     assert await rig.commit_once() == 0  # nothing moved since
 
 
+async def test_inflight_gauge_falls_to_zero_when_the_input_stops(rig_factory: Any) -> None:
+    rig: Rig = await rig_factory()
+    rig.fake.add_fault(FaultSpec(kind="slow", delay_s=0.2))
+    rig.pipeline.on_messages(messages(order_events(5)))
+    assert rig.sample("tiktok_worker_inflight_messages") == 5
+    await rig.settle()  # delivered; nothing more is consumed
+    assert rig.pipeline.inflight_messages == 0
+    assert rig.sample("tiktok_worker_inflight_messages") == 0
+
+
 async def test_out_of_order_completion_commits_the_contiguous_prefix(rig_factory: Any) -> None:
     rig: Rig = await rig_factory(max_batch_events=1)
     events = order_events(3)

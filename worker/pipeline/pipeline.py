@@ -242,6 +242,9 @@ class Pipeline:
         if open_messages is not None:
             open_messages.pop(message.offset, None)
         self._inflight -= 1
+        # Kept current here too: once the input stops, no consumed batch would update it, and
+        # the gauge showed the last batch's figure (10,002 on a drained worker) for good.
+        self._metrics.inflight_messages.set(self._inflight)
         self.messages_finished += 1
         self._ledger.finish(key, message.offset)
         if self._pause.paused and self._inflight <= self._resume_below:
