@@ -223,10 +223,13 @@ class ChaosPlan:
         )
         for o in self.outages:
             lines.append(f"{o.label} at {o.at_s:g} s for {o.down_s:g} s")
+        background = (
+            f"; background random 5xx/timeouts on {self.background_fault_rate:.0%} of requests"
+            if self.background_fault_rate
+            else ""
+        )
         lines.append(
-            "fake TikTok bursts: "
-            + ", ".join(sorted({b.label for b in self.bursts}))
-            + f"; background random 5xx/timeouts on {self.background_fault_rate:.0%} of requests"
+            "fake TikTok bursts: " + ", ".join(sorted({b.label for b in self.bursts})) + background
         )
         return lines
 

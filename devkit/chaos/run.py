@@ -92,6 +92,9 @@ def results_markdown(result: ChaosResult, revision: str) -> str:
     applied = ", ".join(f"{k} {v}" for k, v in sorted(r.fake_faults_applied.items()))
     exits = ", ".join(f"{k} x {v}" for k, v in sorted(r.worker_exits.items())) or "none"
     misfiled = len(r.rejected_not_dead_lettered) + len(r.rejected_wrong_reason)
+    fallback = "yes" if r.fallback_seen else "no"
+    if not any(o.target == "redis" for o in r.plan.outages):
+        fallback = "n/a (no Redis outage in this plan)"
     rows = [
         ("Result", "**PASS**" if r.ok else "**FAIL**" + _why(r)),
         ("Date (UTC)", r.started_at),
@@ -124,7 +127,7 @@ def results_markdown(result: ChaosResult, revision: str) -> str:
         ("Exit status after SIGTERM", ", ".join(str(c) for c in r.final_exit_codes)),
         ("Offsets committed to the end of the topic", "yes" if r.offsets_committed_to_end
          else "no"),
-        ("Rate-limit fallback seen during a Redis outage", "yes" if r.fallback_seen else "no"),
+        ("Rate-limit fallback seen during a Redis outage", fallback),
         ("Wall time", f"{r.wall_s:.0f} s"),
     ]  # fmt: skip
     table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
