@@ -5,6 +5,8 @@ Every variant maps the same messages (bench_mapping's mix, one destination with 
 them alike; each figure is events per CPU-second (median of the rounds) and its ratio to
 `all levers`. The variants:
 - `all levers`: the worker as shipped;
+- `timestamp twice`: the age check (`tiktok.max_event_age_s`, on by default) and the plan's
+  `event_time` each parse the `timestamp` (before the parse was shared);
 - `no LRU`: names, zip codes and address parts hashed/normalised every time;
 - `reference routing`: decode first, then the interpretive routing of `Mapper(generated=False)`
   (candidates, memo dict, `_map_subscription`) instead of the generated route functions;
@@ -33,6 +35,7 @@ from bench.bench_mapping import _CONFIG, make_events
 from worker.config import parse_config
 from worker.mapping.hashing import format_address_part, hash_name
 from worker.mapping.mapper import EventOutcome, Mapper
+from worker.mapping.reading import timestamp_seconds
 from worker.mapping.segment import decode_event
 
 
@@ -46,6 +49,15 @@ def _mapper(*, generated: bool, lru: bool) -> Mapper:
         return Mapper(config, now=lambda: 1.7e9, generated=generated)
     finally:
         mapper_module.cached_hash_name, mapper_module.cached_address_part = saved
+
+
+def _timestamp_twice(mapper: Mapper) -> Mapper:
+    """`mapper` with the age check and every plan parsing `timestamp` on their own."""
+    mapper._parse_ts = timestamp_seconds
+    for dest in mapper._destinations:
+        for sub in dest.subs:
+            sub.plan.use_timestamp(timestamp_seconds)
+    return mapper
 
 
 def _decode_first(mapper: Mapper) -> Callable[[bytes], list[EventOutcome]]:
@@ -70,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     variants: dict[str, Callable[[bytes], Any]] = {
         "decode only": decode_event,
         "all levers": _mapper(generated=True, lru=True).map_message,
+        "timestamp twice": _timestamp_twice(_mapper(generated=True, lru=True)).map_message,
         "no LRU": _mapper(generated=True, lru=False).map_message,
         "reference routing": _decode_first(_mapper(generated=False, lru=True)),
         "byte scan first": _mapper(generated=False, lru=True).map_message,

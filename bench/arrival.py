@@ -33,7 +33,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from bench.bench_mapping import make_events
+from bench.bench_mapping import make_events, recent_day
 from bench.common import DLQ_TOPIC, BenchEnv, fill_topic
 from devkit.harness import WorkerProcess, metric_value, worker_config, write_config
 from devkit.ratelimit_driver import max_in_window
@@ -50,8 +50,10 @@ def page_events(n: int) -> list[bytes]:
     """`n` Segment page calls: each maps to exactly one TikTok event (ViewContent)."""
     out: list[bytes] = []
     seed = 11
+    day = recent_day()  # younger than max_event_age_s
     while len(out) < n:
-        out += [e for e in make_events(2 * n, seed=seed) if json.loads(e)["type"] == "page"]
+        events = make_events(2 * n, seed=seed, day=day)
+        out += [e for e in events if json.loads(e)["type"] == "page"]
         seed += 1
     return out[:n]
 

@@ -144,19 +144,30 @@ def _context(rng: random.Random, user: int, path: str, identified: bool) -> dict
     return context
 
 
-def make_events(n: int, seed: int = 7, identified_share: float = 0.5) -> list[bytes]:
+def recent_day() -> str:
+    """Yesterday (UTC) as `YYYY-MM-DD`: `make_events(day=...)` then stamps every event 12 to
+    36 hours ago, younger than `tiktok.max_event_age_s` (48 h, on by default), so a worker
+    with the product defaults sends them instead of skipping them as too_old."""
+    return time.strftime("%Y-%m-%d", time.gmtime(time.time() - 86400))
+
+
+def make_events(
+    n: int, seed: int = 7, identified_share: float = 0.5, day: str = "2024-05-01"
+) -> list[bytes]:
     """A mix: 40% page, 15% identify, 45% track (viewed, added, checkout, order, search).
 
     `identified_share` of the page/track events come from identified users: `userId` and
     `context.traits` with email, phone, names and address (six hashes per TikTok event); the
-    others are anonymous visitors (`anonymousId` only, one hash)."""
+    others are anonymous visitors (`anonymousId` only, one hash). Every `timestamp` falls in
+    12:00-13:00 UTC of `day`: the fixed default keeps the bytes stable for the in-memory
+    benches (their mappers' clock is 1.7e9); a worker on the real clock needs `recent_day()`."""
     rng = random.Random(seed)
     out: list[bytes] = []
     for _ in range(n):
         user = rng.randrange(100_000)
         base: dict[str, Any] = {
             "messageId": str(uuid.UUID(int=rng.getrandbits(128))),
-            "timestamp": f"2024-05-01T12:{rng.randrange(60):02d}:{rng.randrange(60):02d}"
+            "timestamp": f"{day}T12:{rng.randrange(60):02d}:{rng.randrange(60):02d}"
             f".{rng.randrange(1000):03d}Z",
             "anonymousId": str(uuid.UUID(int=rng.getrandbits(128))),
         }

@@ -151,7 +151,8 @@ class Bench:
     def prepare(self) -> None:
         n = self.cfg["messages"]
         log(f"generating {n} Segment events (bench_mapping.make_events)")
-        self.events = bench_mapping.make_events(n)
+        # Stamped yesterday: the workers run with the default max_event_age_s (48 h).
+        self.events = bench_mapping.make_events(n, day=bench_mapping.recent_day())
         self.topic = self.env.new_topic("bench-events", PARTITIONS)
         count, seconds = fill_topic(self.env.bootstrap, self.topic, self.events)
         log(f"produced {count} messages to {self.topic} in {seconds:.1f}s")
@@ -163,7 +164,7 @@ class Bench:
             "mean_message_bytes": round(sum(map(len, self.events)) / count),
             "tiktok_events": self.expected,
             "mapped_per_message": round(self.expected / count, 3),
-            "generator": "bench/bench_mapping.py make_events (seed 7)",
+            "generator": "bench/bench_mapping.py make_events (seed 7, stamped yesterday)",
             "destinations": "1 (web-shop, presets: documented)",
         }
 

@@ -18,10 +18,12 @@ from tests.reference_mapper import CheckedMapper
 from worker.config import Config, parse_config
 from worker.core.vocabulary import INVALID_REASONS, SkipReason
 from worker.errors import ConfigError
+from worker.mapping import reading
 from worker.mapping.body import BatchKey, build_body
 from worker.mapping.coerce import Uncoercible, coerce, coerce_list, js_number_str
 from worker.mapping.mapper import EventOutcome, Mapper
 from worker.mapping.presets import PRESET_SETS
+from worker.mapping.reading import remembering_timestamp, timestamp_seconds
 from worker.mapping.segment import Track
 
 GOLDEN = sorted((Path(__file__).parent / "data" / "golden").glob("*.json"))
@@ -1082,3 +1084,60 @@ def test_events_without_a_usable_timestamp_are_not_judged_by_age() -> None:
     assert outcome.skipped is None
     assert outcome.invalid
     assert "timestamp" in outcome.invalid[0].error
+
+
+def test_remembering_timestamp_parses_like_timestamp_seconds() -> None:
+    parse = remembering_timestamp()
+    values = ["2025-02-03T04:05:06.999Z", "2025-02-03T04:05:06", "yesterday", "", "2025-02-03"]
+    for value in values:
+        assert parse(value) == timestamp_seconds(value)
+        assert parse(value) == timestamp_seconds(value)  # the remembered result
+    # An equal string that is another object is parsed again, with the same result.
+    copy = "".join(["2025-02-03T04:05:06", ".999Z"])
+    assert copy is not values[0]
+    assert parse(copy) == timestamp_seconds(values[0])
+
+
+def _counting_parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every call of `timestamp_seconds` behind the mapper's remembering parser."""
+    calls: list[str] = []
+    real = reading.timestamp_seconds
+
+    def counted(value: str) -> int | None:
+        calls.append(value)
+        return real(value)
+
+    monkeypatch.setattr(reading, "timestamp_seconds", counted)
+    return calls
+
+
+@pytest.mark.parametrize("generated", [True, False])
+def test_the_age_check_and_event_time_share_one_parse(
+    monkeypatch: pytest.MonkeyPatch, generated: bool
+) -> None:
+    calls = _counting_parses(monkeypatch)
+    mapper = Mapper(make_config([{}, {}]), now=lambda: NOW, generated=generated)
+    stamp = _iso(NOW - 10)
+    (outcome,) = run(mapper, {"type": "page", "messageId": "m", "timestamp": stamp})
+    assert [json.loads(m.payload)["event_time"] for m in outcome.mapped] == [int(NOW - 10)] * 2
+    assert calls == [stamp]
+
+
+def test_event_time_from_another_path_is_parsed_on_its_own() -> None:
+    # The age check reads the Segment `timestamp`; a mapping may take event_time elsewhere.
+    sub = {
+        "name": "t",
+        "trigger": 'type = "track"',
+        "event": "T",
+        "mapping": {"timestamp": "$.properties.when"},
+    }
+    mapper = mapper_for({"presets": "none", "subscriptions": [sub]})
+    event = {
+        "type": "track",
+        "timestamp": _iso(NOW - 10),
+        "properties": {"when": "2025-02-03T04:05:06Z"},
+    }
+    assert only_event(mapper, event)["event_time"] == 1738555506
+    event["timestamp"] = _iso(NOW - 172800 - 1)
+    (outcome,) = run(mapper, event)
+    assert outcome.skipped == "too_old"

@@ -25,6 +25,7 @@ from worker.delivery.factory import build_routes
 from worker.delivery.inflight import InflightMessage, PendingEvent
 from worker.delivery.lanes import DEFAULT_MAX_BATCH_BYTES, Lane
 from worker.errors import ConfigError
+from worker.mapping import reading
 from worker.mapping.body import BatchKey, build_body
 from worker.mapping.mapper import EventOutcome, MappedEvent, Mapper
 from worker.mapping.plan_app import att_status
@@ -646,3 +647,23 @@ def test_no_raw_pii_leaves_in_any_sources_body(
             for raw in (email, email.lower(), phone, digits, user_id, user_id.lower(), ad_id):
                 assert raw not in text, (m.destination, raw)
     assert sources == {"web", "crm", "offline", "app"}
+
+
+@pytest.mark.parametrize("generated", [True, False])
+def test_every_source_reuses_the_age_checks_parse_of_the_timestamp(
+    monkeypatch: pytest.MonkeyPatch, generated: bool
+) -> None:
+    calls: list[str] = []
+    real = reading.timestamp_seconds
+
+    def counted(value: str) -> int | None:
+        calls.append(value)
+        return real(value)
+
+    monkeypatch.setattr(reading, "timestamp_seconds", counted)
+    m = Mapper(config(WEB, CRM, OFFLINE, APP), now=lambda: NOW, generated=generated)
+    event = mixed_event("Order Completed")
+    out = outcome(m, event)
+    assert {x.destination for x in out.mapped} == {"web-shop", "stores", "mobile"}
+    assert {json.loads(x.payload)["event_time"] for x in out.mapped} == {1704721970}
+    assert calls == [event["timestamp"]]

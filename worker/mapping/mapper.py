@@ -76,6 +76,7 @@ from worker.mapping.reading import FieldError as _FieldError
 from worker.mapping.reading import Finisher, SourcePlan
 from worker.mapping.reading import checker as _checker
 from worker.mapping.reading import extractor as _extractor
+from worker.mapping.reading import remembering_timestamp as _remembering_timestamp
 from worker.mapping.reading import spec as _spec
 from worker.mapping.reading import timestamp_seconds as _timestamp_seconds
 from worker.mapping.reading import url_ttclid as _url_ttclid
@@ -455,6 +456,10 @@ class _Plan:
         names = self.evaluate.__globals__
         names["_he"], names["_hx"], names["_hp"] = hashers
 
+    def use_timestamp(self, parse: Callable[[str], int | None]) -> None:
+        """Parse `timestamp` with `parse` (a `remembering_timestamp`)."""
+        self.evaluate.__globals__["_ts"] = parse
+
 
 # --------------------------------------------------------------------------- contents
 
@@ -698,6 +703,11 @@ class Mapper:
             if isinstance(max_event_age_s, _ConfigDefault)
             else max_event_age_s
         )
+        # The age check parses each event's `timestamp`; with the check on, the plans reuse
+        # that parse for `event_time` (same string object), in the reference path too.
+        self._parse_ts: Callable[[str], int | None] = (
+            _timestamp_seconds if self._max_age is None else _remembering_timestamp()
+        )
         plans: dict[tuple[Any, ...], _Plan | SourcePlan] = {}
         contents_fns: dict[tuple[Any, ...], ContentsFn] = {}
         self._destinations: list[_Destination] = []
@@ -736,6 +746,8 @@ class Mapper:
                     plan = plans[plan_key] = (
                         _Plan(sources) if kind == "web" else _source_plan(kind, sources)
                     )
+                    if self._max_age is not None:
+                        plan.use_timestamp(self._parse_ts)
                 csource = (
                     overrides["contents"]
                     if "contents" in overrides
@@ -903,7 +915,7 @@ class Mapper:
         without a usable timestamp is not judged here (the mapping decides about it)."""
         if type(timestamp) is not str:
             return False
-        seconds = _timestamp_seconds(timestamp)
+        seconds = self._parse_ts(timestamp)
         assert self._max_age is not None
         return seconds is not None and seconds < self._now() - self._max_age
 

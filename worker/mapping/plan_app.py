@@ -152,6 +152,7 @@ class AppPlan:
 
     def __init__(self, sources: dict[str, Source]) -> None:
         self._hashers = PLAIN_HASHERS
+        self._timestamp: Callable[[str], int | None] = timestamp_seconds
         self._sources = sources
         self._extract: Callable[[SegmentEvent], tuple[Any, ...]] = extractor(
             [APP_FIELDS[n] for n in _NAMES], sources
@@ -177,6 +178,10 @@ class AppPlan:
         """Hash emails, phones and ids with `hashers` (see worker.mapping.hashing)."""
         self._hashers = hashers
 
+    def use_timestamp(self, parse: Callable[[str], int | None]) -> None:
+        """Parse `timestamp` with `parse` (see `worker.mapping.reading.remembering_timestamp`)."""
+        self._timestamp = parse
+
     def evaluate(
         self, event: SegmentEvent, now: Callable[[], float], region: str | None
     ) -> AppCommon:
@@ -195,7 +200,7 @@ class AppPlan:
         if timestamp is None:
             event_time = math.floor(now())
         else:
-            parsed = timestamp_seconds(timestamp)
+            parsed = self._timestamp(timestamp)
             if parsed is None:
                 raise FieldError.plain(self._ts_error)
             event_time = parsed

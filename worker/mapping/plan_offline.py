@@ -94,10 +94,15 @@ class OfflinePlan:
         )
         self._finishers: dict[str, Finisher] = {}
         self._hashers = PLAIN_HASHERS
+        self._timestamp: Callable[[str], int | None] = timestamp_seconds
 
     def use_hashers(self, hashers: Hashers) -> None:
         """Hash emails, phones and ids with `hashers` (see worker.mapping.hashing)."""
         self._hashers = hashers
+
+    def use_timestamp(self, parse: Callable[[str], int | None]) -> None:
+        """Parse `timestamp` with `parse` (see `worker.mapping.reading.remembering_timestamp`)."""
+        self._timestamp = parse
 
     def evaluate(
         self, event: SegmentEvent, now: Callable[[], float], region: str | None
@@ -111,7 +116,7 @@ class OfflinePlan:
         if timestamp is None:
             event_time = math.floor(now())
         else:
-            parsed = timestamp_seconds(timestamp)
+            parsed = self._timestamp(timestamp)
             if parsed is None:
                 raise FieldError.plain(self._ts_error)
             event_time = parsed

@@ -28,6 +28,7 @@ __all__ = [
     "SourcePlan",
     "checker",
     "extractor",
+    "remembering_timestamp",
     "spec",
     "timestamp_seconds",
     "url_ttclid",
@@ -128,6 +129,28 @@ def timestamp_seconds(value: str) -> int | None:
         return None
 
 
+def remembering_timestamp() -> Callable[[str], int | None]:
+    """`timestamp_seconds` that returns its last result again for the same string object.
+
+    With `tiktok.max_event_age_s` on, the mapper parses an event's `timestamp` for the age
+    check and its plans parse the same object again for `event_time`: only the first pays.
+    Identity (not equality) keeps a miss to one comparison; the remembered string stays
+    referenced, so its identity cannot be reused. Argument and result are kept in one tuple,
+    so they are always read as a pair. One per Mapper."""
+    last: tuple[object, int | None] = (None, None)
+
+    def parsed(value: str) -> int | None:
+        nonlocal last
+        pair = last
+        if value is pair[0]:
+            return pair[1]
+        out = timestamp_seconds(value)
+        last = (value, out)
+        return out
+
+    return parsed
+
+
 _SCHEME_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 _HOST_SCHEMES: Final = frozenset(("http", "https", "ws", "wss", "ftp"))
 
@@ -177,3 +200,6 @@ class SourcePlan(Protocol):
 
     def use_hashers(self, hashers: Hashers) -> None:
         """Hash emails, phones and ids with `hashers` (worker.mapping.hashing)."""
+
+    def use_timestamp(self, parse: Callable[[str], int | None]) -> None:
+        """Parse `timestamp` with `parse` (a `remembering_timestamp`)."""
