@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+import msgspec
+
 if TYPE_CHECKING:
     from worker.core.vocabulary import DeadLetterReason
     from worker.mapping.mapper import EventOutcome, MappedEvent
@@ -68,41 +70,23 @@ class WorkOwner(Protocol):
     def message_finished(self, message: InflightMessage) -> None: ...
 
 
-class InflightMessage:
-    """One consumed Kafka message and the count of its unfinished events."""
+class InflightMessage(msgspec.Struct, eq=False):
+    """One consumed Kafka message and the count of its unfinished events.
 
-    __slots__ = (
-        "dropped",
-        "key",
-        "offset",
-        "owner",
-        "parked",
-        "partition",
-        "remaining",
-        "timestamp_ms",
-        "topic",
-    )
+    A Struct (built in C, ~4x faster than a slotted class with a keyword `__init__`: one per
+    consumed message with work). `eq=False`: compared and hashed by identity (the retry intake
+    keys a dict by message). `parked`: for a record read back from the retry topic, its
+    `worker.kafka.parking.Parked`."""
 
-    def __init__(
-        self,
-        *,
-        owner: WorkOwner,
-        topic: str,
-        partition: int,
-        offset: int,
-        timestamp_ms: int | None,
-        key: bytes | None,
-    ) -> None:
-        self.owner = owner
-        self.topic = topic
-        self.partition = partition
-        self.offset = offset
-        self.timestamp_ms = timestamp_ms
-        self.key = key
-        self.remaining = 0
-        self.dropped = False
-        # For a record read back from the retry topic: its `worker.kafka.parking.Parked`.
-        self.parked: Any = None
+    owner: WorkOwner
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int | None
+    key: bytes | None
+    remaining: int = 0
+    dropped: bool = False
+    parked: Any = None
 
     def add_work(self, count: int = 1) -> None:
         self.remaining += count
@@ -118,15 +102,14 @@ class InflightMessage:
             raise AssertionError(f"offset {self.offset} finished more often than begun")
 
 
-class PendingEvent:
-    """One mapped TikTok event on its way to TikTok, with what is needed to dead-letter it."""
+class PendingEvent(msgspec.Struct, eq=False):
+    """One mapped TikTok event on its way to TikTok, with what is needed to dead-letter it.
 
-    __slots__ = ("mapped", "message", "outcome")
+    A Struct for the same reason as `InflightMessage`: one per mapped event."""
 
-    def __init__(self, message: InflightMessage, outcome: EventOutcome, mapped: MappedEvent):
-        self.message = message
-        self.outcome = outcome
-        self.mapped = mapped
+    message: InflightMessage
+    outcome: EventOutcome
+    mapped: MappedEvent
 
     @property
     def payload(self) -> bytes:

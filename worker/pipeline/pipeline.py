@@ -209,21 +209,22 @@ class Pipeline:
         self._ledger.begin(key, offset)
         self._inflight += 1
         _ts_type, timestamp_ms = msg.timestamp()
+        # One unit of work per event outcome plus one held while dispatching, so nothing
+        # finishes the message before all of its work is registered. (Positional: the
+        # fields' order, owner topic partition offset timestamp_ms key remaining.)
         inflight = InflightMessage(
-            owner=self,
-            topic=key[0],
-            partition=key[1],
-            offset=offset,
-            timestamp_ms=timestamp_ms if timestamp_ms > 0 else None,
-            key=msg.key(),
+            self,
+            key[0],
+            key[1],
+            offset,
+            timestamp_ms if timestamp_ms > 0 else None,
+            msg.key(),
+            1 + work,
         )
         open_messages = self._open.get(key)
         if open_messages is None:
             open_messages = self._open[key] = {}
         open_messages[offset] = inflight
-        # One unit per event outcome plus one held while dispatching, so nothing finishes the
-        # message before all of its work is registered.
-        inflight.add_work(1 + work)
         mapped_counts = self._mapped_counts
         sender_add = self._sender.add
         for outcome in outcomes:
