@@ -29,46 +29,41 @@ from typing import Any
 
 _LINE_NO = re.compile(r":\d+\)$")
 
-# (stage, test on one frame "func (path:line)"), most specific first within a sample.
-_STAGES: list[tuple[str, Callable[[str], bool]]] = [
-    ("PII hashing and normalisation", lambda f: "formatters.py" in f or "hashlib" in f),
-    ("JSON decode (msgspec, worker/segment.py)", lambda f: "worker/segment.py" in f),
-    ("request body build (worker/tiktok.py)", lambda f: "worker/tiktok.py" in f),
+# (stage, path fragments naming it), most specific first within a sample. Fragments match
+# py-spy's "func (path:line)" frames; the worker's modules by their package paths.
+_STAGE_PATHS: list[tuple[str, tuple[str, ...]]] = [
+    ("PII hashing and normalisation", ("worker/mapping/hashing.py", "hashlib", "phonenumbers")),
+    ("JSON decode (msgspec, worker/mapping/segment.py)", ("worker/mapping/segment.py",)),
+    ("event encode and request body (worker/mapping/body.py)", ("worker/mapping/body.py",)),
     (
         "mapping: routing, triggers, field extraction, coercion",
-        lambda f: any(
-            m in f
-            for m in (
-                "worker/mapping.py",
-                "<worker.mapping.codegen>",
-                "worker/extract.py",
-                "worker/fields.py",
-                "worker/coerce.py",
-                "worker/triggers.py",
-                "worker/paths.py",
-                "worker/presets.py",
-                "phonenumbers",
-            )
-        ),
+        ("worker/mapping/", "<worker.mapping.codegen>", "<worker.mapping.routes>"),
     ),
-    ("metrics (prometheus_client)", lambda f: "prometheus_client" in f or "worker/metrics" in f),
-    ("logging (structlog)", lambda f: "structlog" in f or "worker/logs.py" in f),
-    ("rate limiter", lambda f: "worker/ratelimit" in f),
+    ("metrics (prometheus_client)", ("prometheus_client", "worker/observability/metrics.py")),
+    ("logging (structlog)", ("structlog", "worker/observability/logs.py")),
+    ("rate limiter", ("worker/delivery/ratelimit/",)),
     (
-        "HTTP client (aiohttp, worker/client.py)",
-        lambda f: "aiohttp" in f or "worker/client.py" in f or "yarl" in f or "multidict" in f,
+        "HTTP client (aiohttp, worker/delivery/client.py)",
+        ("aiohttp", "worker/delivery/client.py", "yarl", "multidict"),
     ),
-    ("delivery bookkeeping (worker/sender.py)", lambda f: "worker/sender.py" in f),
-    ("batcher", lambda f: "worker/batcher.py" in f),
+    (
+        "delivery bookkeeping (sender, circuit)",
+        ("worker/delivery/sender.py", "worker/delivery/circuit.py", "worker/delivery/codes.py"),
+    ),
+    ("lanes (worker/delivery/lanes.py)", ("worker/delivery/lanes.py",)),
     (
         "pipeline bookkeeping (pipeline, inflight, offsets)",
-        lambda f: any(
-            m in f for m in ("worker/pipeline.py", "worker/inflight.py", "worker/offsets.py")
-        ),
+        ("worker/pipeline/", "worker/delivery/inflight.py", "worker/kafka/offsets.py"),
     ),
-    ("Kafka hand-off (worker/consumer.py)", lambda f: "worker/consumer.py" in f),
-    ("dead-letter producer", lambda f: "worker/dlq.py" in f),
-    ("health / metrics HTTP server", lambda f: "worker/health.py" in f),
+    ("Kafka hand-off (worker/kafka/consumer.py)", ("worker/kafka/consumer.py",)),
+    (
+        "dead-letter and retry producers",
+        ("worker/kafka/deadletters.py", "worker/kafka/parking.py", "worker/kafka/acked.py"),
+    ),
+    ("health / metrics HTTP server", ("worker/observability/health.py",)),
+]
+_STAGES: list[tuple[str, Callable[[str], bool]]] = [
+    (stage, lambda f, parts=parts: any(p in f for p in parts)) for stage, parts in _STAGE_PATHS
 ]
 _LOOP = "asyncio event loop (scheduling, selectors, sockets)"
 # Leaf frames of a thread that is blocked, not computing.

@@ -157,7 +157,7 @@ class Lane:
             self.first_at = time.monotonic()
             self.wake.set()
         queue.append(event)
-        self.nbytes += len(event.payload) + 1
+        self.nbytes += len(event.mapped.payload) + 1  # attributes, not the properties: hot
         if len(queue) >= self.max_events or self.nbytes >= self.max_bytes:
             self.full.set()
 
@@ -174,11 +174,11 @@ class Lane:
         size = 0
         while queue and len(batch) < self.max_events:
             event = queue[0]
-            if event.dropped:
+            cost = len(event.mapped.payload) + 1
+            if event.message.dropped:
                 queue.popleft()
-                self.nbytes -= len(event.payload) + 1
+                self.nbytes -= cost
                 continue
-            cost = len(event.payload) + 1
             if batch and size + cost > self.max_bytes:
                 break
             queue.popleft()

@@ -359,7 +359,7 @@ class Sender:
                 return None
             events = live
             attempt += 1
-            body = build_body(lane.key, [event.payload for event in events])
+            body = build_body(lane.key, [event.mapped.payload for event in events])
             try:
                 async with self._connections:
                     self.on_wire += 1
