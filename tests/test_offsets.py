@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -176,3 +177,23 @@ def test_skip_commits_exactly_like_begin_then_finish(
     if steps:
         with pytest.raises(ValueError, match="begun after"):
             fast.skip(offset)
+
+
+@given(st.lists(st.integers(min_value=1, max_value=3), min_size=1, max_size=150), st.randoms())
+def test_finish_many_commits_exactly_like_finish_one_by_one(
+    steps: list[int], rng: random.Random
+) -> None:
+    """`finish_many` (one delivered request's offsets at once) against `finish` per offset."""
+    fast, model = PartitionTracker(), PartitionTracker()
+    offsets = list(itertools.accumulate(steps))
+    for o in offsets:
+        fast.begin(o)
+        model.begin(o)
+    rng.shuffle(offsets)
+    while offsets:
+        group = [offsets.pop() for _ in range(min(len(offsets), rng.randint(1, 5)))]
+        fast.finish_many(group)
+        for o in group:
+            model.finish(o)
+        assert fast.committable() == model.committable()
+        assert fast.inflight == model.inflight

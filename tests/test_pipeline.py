@@ -27,13 +27,14 @@ from tests.fakes import (
 from worker.config import Config, parse_config
 from worker.delivery.client import TikTokClient
 from worker.delivery.factory import build_routes, lane_share
+from worker.delivery.inflight import InflightMessage, PendingEvent
 from worker.delivery.ratelimit import build_rate_limiter
 from worker.delivery.sender import LanePolicy, RetryPolicy, Sender
 from worker.errors import FatalLatch
 from worker.kafka.consumer import ConsumerThread, PauseSwitch
 from worker.kafka.deadletters import DeadLetterProducer
 from worker.kafka.offsets import OffsetLedger
-from worker.mapping.mapper import Mapper
+from worker.mapping.mapper import MappedEvent, Mapper
 from worker.observability.logs import get_logger
 from worker.observability.metrics import Metrics
 from worker.pipeline.pipeline import Pipeline
@@ -322,6 +323,33 @@ async def test_revoke_timeout_returns_only_the_finished_prefix(rig_factory: Any)
     rig.pipeline.on_messages(messages(events[2:], start=2))
     offsets = await rig.pipeline.on_revoked([(TOPIC, 0)])
     assert offsets == {(TOPIC, 0): 2}
+
+
+async def test_a_request_accepted_after_its_partition_was_dropped_changes_nothing(
+    rig_factory: Any,
+) -> None:
+    # on_delivered finishes a request's messages together (issue 18): dropped ones stay out.
+    rig: Rig = await rig_factory(drain_timeout_s=0.2, max_batch_events=2)
+    rig.fake.add_fault(FaultSpec(kind="slow", delay_s=1.0, count=1))
+    events = order_events(4)
+    rig.pipeline.on_messages(messages(events[:2]))  # partition 0: on the wire, slow
+    rig.pipeline.on_messages(messages(events[2:], partition=1))
+    assert await eventually(lambda: rig.pending_commits().get((TOPIC, 1)) == 2)
+    offsets = await rig.pipeline.on_revoked([(TOPIC, 0)])
+    assert offsets == {}
+    assert rig.pipeline.inflight_messages == 0  # dropped at once
+    finished = rig.pipeline.messages_finished
+    assert await eventually(lambda: len(rig.fake.events) == 4)  # the slow request went through
+    await asyncio.sleep(0.05)
+    assert rig.pipeline.inflight_messages == 0
+    assert rig.pipeline.messages_finished == finished
+    assert rig.pending_commits() == {(TOPIC, 1): 2}
+    # The sender leaves dropped events out of on_delivered; on_delivered checks again.
+    dropped = InflightMessage(rig.pipeline, TOPIC, 0, 0, None, None, 1, dropped=True)
+    mapped = MappedEvent("web-shop", "s", "E", None, "m", b"{}")  # type: ignore[arg-type]
+    rig.pipeline.on_delivered([PendingEvent(dropped, None, mapped)])  # type: ignore[arg-type]
+    assert (dropped.remaining, rig.pipeline.inflight_messages) == (1, 0)
+    assert rig.pipeline.messages_finished == finished
 
 
 async def test_skipped_events_finish_immediately(rig_factory: Any) -> None:

@@ -58,6 +58,14 @@ class PartitionTracker:
         while inflight and inflight[0] in done:
             done.discard(inflight.popleft())
 
+    def finish_many(self, offsets: Iterable[int]) -> None:
+        """`finish` each of `offsets` (one delivered request's messages), then advance once."""
+        done = self._done
+        done.update(offsets)
+        inflight = self._inflight
+        while inflight and inflight[0] in done:
+            done.discard(inflight.popleft())
+
     @property
     def inflight(self) -> int:
         """Messages begun and not yet finished."""
@@ -124,6 +132,11 @@ class OffsetLedger:
         tracker = self._trackers.get(key)
         if tracker is not None:
             tracker.finish(offset)
+
+    def finish_many(self, key: TopicPartitionKey, offsets: Iterable[int]) -> None:
+        tracker = self._trackers.get(key)
+        if tracker is not None:
+            tracker.finish_many(offsets)
 
     def owns(self, key: TopicPartitionKey) -> bool:
         return key in self._trackers
