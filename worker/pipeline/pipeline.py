@@ -238,6 +238,8 @@ class Pipeline:
         inflight.finish_one()
 
     def message_finished(self, message: InflightMessage) -> None:
+        """A message's last unit of work finished (`InflightMessage.finish_one`). Deliveries
+        finish theirs through `_messages_finished`, which must do the same per message."""
         key = (message.topic, message.partition)
         open_messages = self._open.get(key)
         if open_messages is not None:
