@@ -308,6 +308,7 @@ class Pipeline:
             if open_messages is not None:
                 open_messages.pop(message.offset, None)
         self._inflight -= len(messages)
+        self._metrics.inflight_messages.set(self._inflight)  # as in message_finished
         self.messages_finished += len(messages)
         for key, offsets in by_key.items():
             self._ledger.finish_many(key, offsets)
