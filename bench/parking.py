@@ -206,6 +206,12 @@ def run_steady(
         accepted = {e["event_id"]: e["received_at"] for e in _events(env, PIXEL_B)}
         result: dict[str, Any] = {"outage": outage, "b_window_events": len(b_ids)}
         latencies = sorted(accepted[i] - t for i, t in b_ids.items() if i in accepted)
+        # p99 per 10 s of the stream (by produce time): a stall shows where it happened.
+        by_window: dict[int, list[float]] = {}
+        for i, t in b_ids.items():
+            if i in accepted:
+                by_window.setdefault(int((t - started) // 10), []).append(accepted[i] - t)
+        p99_by_10s = [round(percentile(sorted(v), 99), 2) for _, v in sorted(by_window.items())]
         in_window = sum(1 for i in b_ids if i in accepted and accepted[i] <= ended)
         window_s = ended - started - warm_up_s
         result.update(
@@ -215,6 +221,7 @@ def run_steady(
                 "b_offered_per_s": round(len(b_ids) / window_s) if window_s > 0 else None,
                 "b_latency_p50_s": round(percentile(latencies, 50), 3) if latencies else None,
                 "b_latency_p99_s": round(percentile(latencies, 99), 3) if latencies else None,
+                "b_latency_p99_by_10s": p99_by_10s,
                 "source_lag_max": max(lags) if lags else None,
             }
         )
