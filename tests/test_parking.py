@@ -11,7 +11,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import pytest
@@ -379,6 +379,25 @@ async def test_a_record_not_yet_due_is_held_without_a_request(rig_factory: Any) 
     assert rig.sample("tiktok_worker_parked_waiting_events") == 0
 
 
+async def test_the_intake_finishing_a_record_leaves_the_source_in_flight_gauge_alone(
+    rig_factory: Any,
+) -> None:
+    rig: Rig = await rig_factory(in_memory_s=30, failure_threshold=1000)
+    rig.fake.add_fault(FaultSpec(kind="http_503", pixel=PIXEL_B))  # retried in memory: held
+    stuck = order_events(3, "stuck")
+    rig.pipeline.on_messages(kafka([source_message(i, e) for i, e in enumerate(stuck)]))
+    gauge = "tiktok_worker_inflight_messages"
+    assert rig.sample(gauge) == 3
+    event = order_events(1, "parked")[0]
+    now = time.time()
+    parked = _parked("shop-a", first=now - 1, due=now - 0.1)
+    rig.retry.records.append(Record(RETRY, encode(event), None, _text(parked), 0))
+    rig.feed_back(len(rig.parked()) - 1)
+    await eventually(lambda: event["messageId"] in rig.pixels(PIXEL_A))
+    await eventually(lambda: rig.intake.inflight_messages == 0)
+    assert rig.sample(gauge) == 3  # still the source's three, not the intake's zero
+
+
 async def test_held_records_go_at_once_when_their_destination_recovers(rig_factory: Any) -> None:
     rig: Rig = await rig_factory(failure_threshold=1, open_s=0.2)
     held = order_events(1, "held")[0]
@@ -663,3 +682,20 @@ def test_in_memory_retrying_is_capped_at_the_deadline() -> None:
     policy = parking_policy(config)
     assert policy.in_memory_s == 5
     assert (policy.circuit.failure_threshold, policy.circuit.open_s) == (5, 2)
+
+
+def test_due_times_spread_over_half_a_pause_and_never_past_the_deadline() -> None:
+    rules = ParkingRules(deadline_s=100, initial_backoff_s=1, max_backoff_s=60)
+    draws = iter([0.0, 1.0, 0.5, 1.0])
+    parker = Parker(
+        retry=cast(Any, None),
+        dead_letters=cast(Any, None),
+        rules=rules,
+        log=get_logger("test"),
+        clock=lambda: 1000.0,
+        random=lambda: next(draws),
+    )
+    assert parker._due(1000.0, 10.0, 1000.0) == 1010.0
+    assert parker._due(1000.0, 10.0, 1000.0) == 1015.0
+    assert parker._due(1000.0, 10.0, 1000.0) == 1012.5
+    assert parker._due(1000.0, 80.0, 1000.0) == pytest.approx(1099.999)

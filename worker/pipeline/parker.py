@@ -5,7 +5,8 @@ that failed again), so both count the deadline from the same first failure.
 Due time: now + the larger of the sender's hint (the circuit's pause, or the backoff the
 in-memory retry stopped at) and a back-off that doubles with every parking
 (`initial_backoff_s` * 2^parks, capped at `max_backoff_s`), so a destination that keeps failing
-is not hammered through the retry topic. An event whose next try would fall after
+is not hammered through the retry topic; stretched by a random 0-50 % so that what was parked
+during one pause does not all come due at one instant. An event whose next try would fall after
 `retry.deadline_s` from its first failure is dead-lettered now (`auth_error` when the last
 failure was an auth answer, else `retries_exhausted`).
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from random import random as random_fraction
 
 import msgspec
 
@@ -29,7 +31,10 @@ from worker.kafka.parking import Parked, RetryProducer
 from worker.mapping.mapper import EventOutcome
 from worker.observability.logs import Logger
 
-__all__ = ["Parker", "ParkingRules", "Provenance", "provenance"]
+__all__ = ["DUE_SPREAD", "Parker", "ParkingRules", "Provenance", "provenance"]
+
+# Each parked event's pause is stretched by a random fraction up to this (see `Parker._spread`).
+DUE_SPREAD = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,16 +122,26 @@ class Parker:
         rules: ParkingRules,
         log: Logger,
         clock: Callable[[], float] = time.time,
+        random: Callable[[], float] = random_fraction,
     ) -> None:
         self._retry = retry
         self._dead_letters = dead_letters
         self._rules = rules
         self._log = log
         self._clock = clock
+        self._random = random
 
     @property
     def rules(self) -> ParkingRules:
         return self._rules
+
+    def _due(self, now: float, pause: float, first_failed_at: float) -> float:
+        """`now + pause` stretched by up to `DUE_SPREAD` of the pause, never past the deadline:
+        events parked during one circuit pause would otherwise all come due at the instant it
+        ends, and the retry intake would re-park or map thousands at once while the other
+        destinations wait for the CPU."""
+        due = now + pause * (1.0 + DUE_SPREAD * self._random())
+        return min(due, first_failed_at + self._rules.deadline_s - 0.001)
 
     def park_all(self, events: Sequence[PendingEvent], parking: Parking) -> None:
         """Park a failed batch: one clock reading, so its records share their times (and the
@@ -148,9 +163,9 @@ class Parker:
             first = parking.first_failed_at if parking.first_failed_at is not None else now
         attempts = (prior.attempts if prior is not None else 0) + parking.attempts
         parks = (prior.parks if prior is not None else 0) + 1
-        due = now + max(parking.retry_in_s, self._rules.backoff(parks - 1))
+        pause = max(parking.retry_in_s, self._rules.backoff(parks - 1))
         destination = event.mapped.destination
-        if due >= first + self._rules.deadline_s:
+        if now + pause >= first + self._rules.deadline_s:
             # The next try would come after the deadline: give up now.
             dead_letter(
                 self._dead_letters,
@@ -167,6 +182,7 @@ class Parker:
                 attempts=attempts,
             )
             return
+        due = self._due(now, pause, first)
         source = provenance(message, event.outcome)
         parked = Parked(
             destination=destination,
@@ -202,8 +218,8 @@ class Parker:
         prior: Parked = message.parked
         now = self._clock()
         parks = prior.parks + 1
-        due = now + max(retry_in_s, self._rules.backoff(parks - 1))
-        if due >= prior.first_failed_at + self._rules.deadline_s:
+        pause = max(retry_in_s, self._rules.backoff(parks - 1))
+        if now + pause >= prior.first_failed_at + self._rules.deadline_s:
             dead_letter(
                 self._dead_letters,
                 message,
@@ -219,6 +235,7 @@ class Parker:
                 attempts=prior.attempts,
             )
             return
+        due = self._due(now, pause, prior.first_failed_at)
         parked = msgspec.structs.replace(
             prior, reason="circuit_open", parks=parks, parked_at=now, due_at=due
         )

@@ -247,7 +247,7 @@ class Pipeline:
         self._inflight -= 1
         # Kept current here too: once the input stops, no consumed batch would update it, and
         # the gauge showed the last batch's figure (10,002 on a drained worker) for good.
-        self._metrics.inflight_messages.set(self._inflight)
+        self._show_inflight()
         self.messages_finished += 1
         self._ledger.finish(key, message.offset)
         if self._pause.paused and self._inflight <= self._resume_below:
@@ -308,7 +308,7 @@ class Pipeline:
             if open_messages is not None:
                 open_messages.pop(message.offset, None)
         self._inflight -= len(messages)
-        self._metrics.inflight_messages.set(self._inflight)  # as in message_finished
+        self._show_inflight()  # as in message_finished
         self.messages_finished += len(messages)
         for key, offsets in by_key.items():
             self._ledger.finish_many(key, offsets)
