@@ -59,7 +59,7 @@ def test_defaults_are_the_specs() -> None:
         "redis",
         "redis://localhost:6379/0",
         1,
-        0.1,
+        0.05,
     )
     assert (c.http.host, c.http.port, c.http.liveness_timeout_s) == ("0.0.0.0", 9464, 60.0)
     assert (c.logging.level, c.logging.format) == ("info", "json")
