@@ -97,7 +97,7 @@ FULL: dict[str, Any] = {
     "latency_duration_s": 20,
     "lanes_runs": 5,
     "lanes_a_messages": 5_000,
-    "lanes_b_messages": 60_000,
+    "lanes_b_messages": 200_000,
     "lanes_throttle_backlog": 20_000,
     "lanes_throttle_s": 10,
     "parking_runs": 3,
