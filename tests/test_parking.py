@@ -169,6 +169,16 @@ class Rig:
         value = self.metrics.registry.get_sample_value(name, labels)
         return 0.0 if value is None else value
 
+    async def feed_back_until(self, done: Callable[[], bool], rounds: int = 50) -> None:
+        """Hand the parked records back, new ones each round, until `done()` (a record still
+        parked again because its circuit is open comes back in a later round)."""
+        start = 0
+        for _ in range(rounds):
+            if done():
+                return
+            start = self.feed_back(start)
+            await asyncio.sleep(0.1)
+
     def feed_back(self, start: int = 0) -> int:
         """Hand the parked records from `start` on to the intake; returns the next start."""
         records = self.parked()
@@ -340,14 +350,9 @@ async def test_parked_events_are_delivered_when_due_to_their_destination_only(
     rig.pipeline.on_messages(kafka([source_message(i, e) for i, e in enumerate(events)]))
     await eventually(lambda: len(rig.parked()) == 6)
     rig.fake.clear_faults()
-    start = 0
     # The circuit may still be open when a record comes due: it is parked again with a later
     # due time (no request) until the probe succeeds.
-    for _ in range(50):
-        if set(rig.pixels(PIXEL_A)) == ids(events):
-            break
-        start = rig.feed_back(start)
-        await asyncio.sleep(0.1)
+    await rig.feed_back_until(lambda: set(rig.pixels(PIXEL_A)) == ids(events))
     assert set(rig.pixels(PIXEL_A)) == ids(events)
     assert sorted(rig.pixels(PIXEL_B)) == sorted(ids(events))  # never twice
     assert rig.dead() == []
@@ -528,12 +533,7 @@ async def test_auth_errors_park_at_once_and_open_the_circuit(rig_factory: Any) -
     )
     # The token is fixed: the parked events arrive once the circuit lets a probe through.
     rig.fake.clear_faults()
-    start = 0
-    for _ in range(50):
-        if set(rig.pixels(PIXEL_A)) == ids(events):
-            break
-        start = rig.feed_back(start)
-        await asyncio.sleep(0.1)
+    await rig.feed_back_until(lambda: set(rig.pixels(PIXEL_A)) == ids(events))
     assert set(rig.pixels(PIXEL_A)) == ids(events)
     assert rig.sample("tiktok_worker_destination_circuit_state", destination="shop-a") == 0
 

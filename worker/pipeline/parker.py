@@ -31,10 +31,30 @@ from worker.kafka.parking import Parked, RetryProducer
 from worker.mapping.mapper import EventOutcome
 from worker.observability.logs import Logger
 
-__all__ = ["DUE_SPREAD", "Parker", "ParkingRules", "Provenance", "provenance"]
+__all__ = [
+    "DUE_SPREAD",
+    "Parker",
+    "ParkingRules",
+    "Provenance",
+    "give_up_reason",
+    "provenance",
+    "unmapped_outcome",
+]
 
 # Each parked event's pause is stretched by a random fraction up to this (see `Parker._spread`).
 DUE_SPREAD = 0.5
+
+
+def give_up_reason(failure: str) -> DeadLetterReason:
+    """The dead-letter reason of an event that ran out of time, by its last failure's kind."""
+    if failure == "auth_error":
+        return DeadLetterReason.AUTH_ERROR
+    return DeadLetterReason.RETRIES_EXHAUSTED
+
+
+def unmapped_outcome(value: bytes | None) -> EventOutcome:
+    """A parked record's bytes as an outcome, for dead-lettering it without mapping it."""
+    return EventOutcome(0, False, value or b"", None, [], [], None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,11 +191,7 @@ class Parker:
                 self._dead_letters,
                 message,
                 event.outcome,
-                reason=(
-                    DeadLetterReason.AUTH_ERROR
-                    if parking.failure == "auth_error"
-                    else DeadLetterReason.RETRIES_EXHAUSTED
-                ),
+                reason=give_up_reason(parking.failure),
                 error=parking.error,
                 destination=destination,
                 code=parking.code,
@@ -223,12 +239,8 @@ class Parker:
             dead_letter(
                 self._dead_letters,
                 message,
-                EventOutcome(0, False, value or b"", None, [], [], None),
-                reason=(
-                    DeadLetterReason.AUTH_ERROR
-                    if prior.failure == "auth_error"
-                    else DeadLetterReason.RETRIES_EXHAUSTED
-                ),
+                unmapped_outcome(value),
+                reason=give_up_reason(prior.failure),
                 error=prior.error,
                 destination=prior.destination,
                 code=prior.code,

@@ -41,7 +41,7 @@ from worker.kafka.settings import TopicPartitionKey
 from worker.mapping.mapper import EventOutcome, InvalidEvent, Mapper
 from worker.observability.logs import Logger
 from worker.observability.metrics import Metrics
-from worker.pipeline.parker import Parker, dead_letter
+from worker.pipeline.parker import Parker, dead_letter, give_up_reason
 
 DRAIN_POLL_S = 0.02
 
@@ -342,11 +342,7 @@ class Pipeline:
     def on_parked(self, events: Sequence[PendingEvent], parking: Parking) -> None:
         parker = self._parker
         if parker is None:  # built without a retry topic: parking means giving up
-            reason = (
-                DeadLetterReason.AUTH_ERROR
-                if parking.failure == "auth_error"
-                else DeadLetterReason.RETRIES_EXHAUSTED
-            )
+            reason = give_up_reason(parking.failure)
             self.on_failed(events, Failure(reason, parking.error, parking.code, parking.attempts))
             return
         parker.park_all(events, parking)

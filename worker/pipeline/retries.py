@@ -46,11 +46,11 @@ from worker.kafka.dlq_reader import decode_headers
 from worker.kafka.offsets import OffsetLedger
 from worker.kafka.parking import PROBE_HEADER, RETRY_PREFIX, Parked, retry_group_id
 from worker.kafka.settings import TopicPartitionKey
-from worker.mapping.mapper import EventOutcome, Mapper
+from worker.mapping.mapper import Mapper
 from worker.observability.logs import Logger
 from worker.observability.metrics import Metrics
 from worker.pipeline.due import DueQueue
-from worker.pipeline.parker import Parker, dead_letter
+from worker.pipeline.parker import Parker, dead_letter, give_up_reason, unmapped_outcome
 from worker.pipeline.pipeline import Pipeline
 
 __all__ = ["PROBE_EVENTS", "RetryIntake", "retry_group_id"]
@@ -147,11 +147,7 @@ class RetryIntake(Pipeline):
         message.parked = parked
         now = self._clock()
         if now >= parked.first_failed_at + self._deadline_s:
-            reason = (
-                DeadLetterReason.AUTH_ERROR
-                if parked.failure == "auth_error"
-                else DeadLetterReason.RETRIES_EXHAUSTED
-            )
+            reason = give_up_reason(parked.failure)
             self._give_up(message, value, reason, parked.error, parked.destination, parked)
             return
         if parked.destination not in self._destinations:
@@ -181,11 +177,10 @@ class RetryIntake(Pipeline):
         destination: str | None,
         parked: Parked | None = None,
     ) -> None:
-        outcome = EventOutcome(0, False, value or b"", None, [], [], None)
         dead_letter(
             self._dead_letters,
             message,
-            outcome,
+            unmapped_outcome(value),
             reason=reason,
             error=error,
             destination=destination,
