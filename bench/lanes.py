@@ -17,6 +17,7 @@ events per accepted request over `duration_s` (batches are sealed when the slot 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from bench.common import DLQ_TOPIC, BenchEnv, fill_topic, log, summary
@@ -155,24 +156,37 @@ def run_throttled(
     }
 
 
+def alternate_pairs(
+    section: str, count: int, run: Callable[[bool, str], dict[str, Any]]
+) -> list[dict[str, dict[str, Any]]]:
+    """`count` pairs of runs, shop-a healthy then down (`run(outage, name)`), alternating so
+    that the slow phases of a shared machine hit both sides."""
+    pairs: list[dict[str, dict[str, Any]]] = []
+    for i in range(count):
+        pair: dict[str, dict[str, Any]] = {}
+        for outage in (False, True):
+            label = "outage" if outage else "healthy"
+            log(f"{section} run {i + 1}: shop-b throughput, shop-a {label}")
+            pair[label] = run(outage, f"{section}-{label}-{i}")
+            log(f"{section} run {i + 1}: {pair[label]}")
+        pairs.append(pair)
+    return pairs
+
+
 def run_lanes(env: BenchEnv, cfg: dict[str, Any]) -> dict[str, Any]:
     """The isolation runs alternate healthy / outage, so slow phases of a shared machine hit
     both; the figure is the ratio of the medians (per-pair ratios are in the results too)."""
-    runs: list[dict[str, Any]] = []
-    for i in range(cfg["lanes_runs"]):
-        pair = {}
-        for outage in (False, True):
-            label = "outage" if outage else "healthy"
-            log(f"lanes run {i + 1}: shop-b throughput, shop-a {label}")
-            pair[label] = run_isolation(
-                env,
-                a_messages=cfg["lanes_a_messages"],
-                b_messages=cfg["lanes_b_messages"],
-                outage=outage,
-                name=f"lanes-{label}-{i}",
-            )
-            log(f"lanes run {i + 1}: {pair[label]}")
-        runs.append(pair)
+    runs = alternate_pairs(
+        "lanes",
+        cfg["lanes_runs"],
+        lambda outage, name: run_isolation(
+            env,
+            a_messages=cfg["lanes_a_messages"],
+            b_messages=cfg["lanes_b_messages"],
+            outage=outage,
+            name=name,
+        ),
+    )
     healthy = [float(p["healthy"]["b_events_per_s"] or 0) for p in runs]
     outage = [float(p["outage"]["b_events_per_s"] or 0) for p in runs]
     pairs = [o / h for o, h in zip(outage, healthy, strict=True) if h > 0]

@@ -31,7 +31,7 @@ from confluent_kafka import Producer
 
 from bench.common import DLQ_TOPIC, BenchEnv, fill_topic, log, percentile, summary
 from bench.e2e import PRODUCT_TIKTOK, THROUGHPUT_RATE_LIMIT
-from bench.lanes import PIXEL_A, PIXEL_B, SHOPS, _accepted_times, _backlog
+from bench.lanes import PIXEL_A, PIXEL_B, SHOPS, _accepted_times, _backlog, alternate_pairs
 from devkit.harness import (
     WorkerProcess,
     committed_offsets,
@@ -258,40 +258,37 @@ def _accepted_ids(env: BenchEnv, pixel: str) -> set[str]:
 def run_parking(env: BenchEnv, cfg: dict[str, Any]) -> dict[str, Any]:
     ratios: list[float] = []
     recoveries: list[float] = []
-    runs: list[dict[str, Any]] = []
-    for i in range(cfg["parking_runs"]):
-        pair = {}
-        for outage in (False, True):
-            label = "outage" if outage else "healthy"
-            log(f"parking run {i + 1}: shop-b throughput, shop-a {label}")
-            pair[label] = run_outage(
-                env,
-                a_messages=cfg["parking_a_messages"],
-                b_messages=cfg["parking_b_messages"],
-                outage=outage,
-                outage_s=cfg["parking_backlog_outage_s"],
-                name=f"parking-{label}-{i}",
-            )
-            log(f"parking run {i + 1}: {pair[label]}")
-        runs.append(pair)
+    runs = alternate_pairs(
+        "parking",
+        cfg["parking_runs"],
+        lambda outage, name: run_outage(
+            env,
+            a_messages=cfg["parking_a_messages"],
+            b_messages=cfg["parking_b_messages"],
+            outage=outage,
+            outage_s=cfg["parking_backlog_outage_s"],
+            name=name,
+        ),
+    )
+    for pair in runs:
         with_outage = pair["outage"]["b_events_per_s"]
         without = pair["healthy"]["b_events_per_s"]
         if with_outage and without:
             ratios.append(with_outage / without)
         if pair["outage"].get("recovery_to_empty_s") is not None:
             recoveries.append(pair["outage"]["recovery_to_empty_s"])
-    steady: dict[str, Any] = {}
-    for outage in (False, True):
-        label = "outage" if outage else "healthy"
-        log(f"parking steady stream: {cfg['parking_steady_rate']} messages/s, shop-a {label}")
-        steady[label] = run_steady(
+    log(f"parking steady stream: {cfg['parking_steady_rate']} messages/s")
+    steady: dict[str, Any] = alternate_pairs(
+        "parking-steady",
+        1,
+        lambda outage, name: run_steady(
             env,
             rate=cfg["parking_steady_rate"],
             duration_s=cfg["parking_outage_s"],
             outage=outage,
-            name=f"parking-steady-{label}",
-        )
-        log(f"parking steady stream: {steady[label]}")
+            name=name,
+        ),
+    )[0]
     healthy_rate = steady["healthy"].get("b_events_per_s")
     outage_rate = steady["outage"].get("b_events_per_s")
     if healthy_rate and outage_rate:
