@@ -179,6 +179,7 @@ class FakeKafkaConsumer:
         self.fail_commits = False
         self.commits: list[list[tuple[str, int, int]]] = []
         self.paused: set[TopicPartitionKey] = set()
+        self.seeks: list[tuple[str, int, int]] = []
         self.queued: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._callbacks: dict[str, Callable[..., None]] = {}
         self._assigned = False
@@ -218,6 +219,12 @@ class FakeKafkaConsumer:
 
     def resume(self, partitions: list[TopicPartition]) -> None:
         self.paused -= {(tp.topic, tp.partition) for tp in partitions}
+
+    def seek(self, partition: TopicPartition) -> None:
+        key = (partition.topic, partition.partition)
+        if key not in self.paused:  # the worker always pauses before it rewinds
+            raise KafkaException(KafkaError(KafkaError._STATE))
+        self.seeks.append((partition.topic, partition.partition, partition.offset))
 
     def commit(self, *, offsets: list[TopicPartition], asynchronous: bool) -> None:
         if self.fail_commits:

@@ -19,6 +19,8 @@ from confluent_kafka import KafkaError, KafkaException
 
 from devkit.fake_tiktok.server import FakeTikTok, FaultSpec
 from devkit.sample_events import encode
+from tests.fakes import consumer_thread, stop
+from tests.fakes import eventually as fakes_eventually
 from tests.test_pipeline import config_for, order_events
 from worker.core.vocabulary import DeadLetterReason
 from worker.delivery.client import TikTokClient
@@ -35,15 +37,15 @@ from worker.kafka.parking import (
     RetryProducer,
     iso,
     parse_iso,
-    partition_for,
 )
+from worker.kafka.settings import TopicPartitionKey
 from worker.mapping.mapper import Mapper
 from worker.observability.logs import get_logger
 from worker.observability.metrics import Metrics
 from worker.pipeline import retries
 from worker.pipeline.parker import Parker, ParkingRules
 from worker.pipeline.pipeline import Pipeline
-from worker.pipeline.retries import RetryIntake
+from worker.pipeline.retries import PartitionHolder, RetryIntake
 
 SOURCE = "segment"
 RETRY = "retry"
@@ -116,7 +118,7 @@ class Message:
         return self._topic
 
     def partition(self) -> int:
-        return 0
+        return self._record.partition or 0
 
     def offset(self) -> int:
         return self._offset
@@ -206,6 +208,8 @@ async def rig_factory() -> AsyncIterator[Callable[..., Any]]:
         open_s: float = 0.3,
         dlq_max_bytes: int | None = None,
         retry_max_bytes: int | None = None,
+        probe_events: int = retries.PROBE_EVENTS,
+        holder: PartitionHolder | None = None,
     ) -> Rig:
         fake = FakeTikTok()
         url = await fake.start()
@@ -261,6 +265,7 @@ async def rig_factory() -> AsyncIterator[Callable[..., Any]]:
             on_fatal=fatal.trip,
             producer=retry,
             partitions=4,
+            destinations=[d["name"] for d in DESTINATIONS],
         )
         for producer in (dead_letters, retry_producer):
             producer.start()
@@ -290,8 +295,12 @@ async def rig_factory() -> AsyncIterator[Callable[..., Any]]:
             ledger=retry_ledger,
             pause=PauseSwitch(),
             destinations=[d["name"] for d in DESTINATIONS],
+            layout=retry_producer.layout,
+            probe_events=probe_events,
             **common,
         )
+        if holder is not None:
+            intake.attach(holder)
         closers.append(intake.close)
         pipeline.on_assigned([(SOURCE, 0)])
         intake.on_assigned([(RETRY, 0)])
@@ -320,7 +329,7 @@ async def test_a_failing_destination_is_parked_while_the_other_flows_and_offsets
     parked = rig.parked()
     assert {json.loads(r.value or b"")["messageId"] for r in parked} == ids(events)
     assert {r.headers["retry.destination"] for r in parked} == {"shop-a"}
-    assert {r.partition for r in parked} == {partition_for("shop-a", 4)}
+    assert {r.partition for r in parked} == {0}  # shop-a sorts first: partition 0 of 4
     first = Parked.from_headers(parked[0].headers)
     assert first.failure == "retryable"
     assert first.original_topic == SOURCE
@@ -442,7 +451,7 @@ async def test_a_record_due_while_its_circuit_is_open_is_parked_again_as_it_is(
     again = rig.parked()[-1]
     assert again.value == b"{not json"
     assert again.key == b"k"
-    assert again.partition == partition_for("shop-a", 4)
+    assert again.partition == 0
     headers = Parked.from_headers(again.headers)
     assert (headers.parks, headers.attempts, headers.reason) == (2, 3, "circuit_open")
     assert headers.first_failed_at == pytest.approx(parked.first_failed_at, abs=0.001)
@@ -455,10 +464,9 @@ async def test_a_record_due_while_its_circuit_is_open_is_parked_again_as_it_is(
 
 
 async def test_when_the_probe_is_due_one_requests_worth_goes_to_the_lane(
-    rig_factory: Any, monkeypatch: pytest.MonkeyPatch
+    rig_factory: Any,
 ) -> None:
-    monkeypatch.setattr(retries, "PROBE_EVENTS", 3)
-    rig: Rig = await rig_factory(failure_threshold=1, open_s=0.3)
+    rig: Rig = await rig_factory(failure_threshold=1, open_s=0.3, probe_events=3)
     rig.fake.add_fault(FaultSpec(kind="http_503", pixel=PIXEL_A))
     rig.pipeline.on_messages(kafka([source_message(0, order_events(1, "a")[0])]))
     circuit = "tiktok_worker_destination_circuit_state"
@@ -478,6 +486,129 @@ async def test_when_the_probe_is_due_one_requests_worth_goes_to_the_lane(
     again = [Parked.from_headers(r.headers) for r in rig.parked()[before + 10 :]]
     assert {p.parks for p in again} == {2}
     assert sorted(p.original_offset for p in again) == list(range(3, 10))
+
+
+class RecordingHolder:
+    """Stands in for the retry topic's consumer: records holds and releases."""
+
+    def __init__(self) -> None:
+        self.holds: list[tuple[TopicPartitionKey, int]] = []
+        self.releases: list[TopicPartitionKey] = []
+        self.futures: list[asyncio.Future[bool]] = []
+
+    def hold(self, key: TopicPartitionKey, offset: int) -> asyncio.Future[bool]:
+        self.holds.append((key, offset))
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.futures.append(future)
+        return future
+
+    def release(self, key: TopicPartitionKey) -> None:
+        self.releases.append(key)
+
+
+def parked_record(offset: int, *, destination: str = "shop-a", partition: int = 0) -> Message:
+    now = time.time()
+    parked = msgspec.structs.replace(
+        _parked(destination, first=now - 1, due=now - 0.1), original_offset=offset
+    )
+    event = order_events(1, f"held-{destination}-{offset}")[0]
+    return Message(Record(RETRY, encode(event), b"k", _text(parked), partition), offset)
+
+
+async def test_a_down_destinations_own_partition_is_left_unread_until_it_may_be_tried(
+    rig_factory: Any,
+) -> None:
+    holder = RecordingHolder()
+    rig: Rig = await rig_factory(failure_threshold=1, open_s=0.5, probe_events=3, holder=holder)
+    rig.intake.on_assigned([(RETRY, 1)])
+    rig.fake.add_fault(FaultSpec(kind="http_503", pixel=PIXEL_A))
+    rig.pipeline.on_messages(kafka([source_message(0, order_events(1, "a")[0])]))
+    circuit = "tiktok_worker_destination_circuit_state"
+    await eventually(lambda: rig.sample(circuit, destination="shop-a") == 2)
+    requests = rig.fake.state.requests_total
+    parked_before = len(rig.parked())
+    # shop-a alone is parked in partition 0 (of 4): its records are neither begun nor parked
+    # again; shop-b's partition 1 is read as usual.
+    rig.intake.on_messages(kafka([parked_record(o) for o in range(5, 10)]))
+    rig.intake.on_messages(kafka([parked_record(20, destination="shop-b", partition=1)]))
+    assert holder.holds == [((RETRY, 0), 5)]
+    await eventually(lambda: rig.retry_ledger.pending() == {(RETRY, 1): 21})
+    assert len(rig.parked()) == parked_before
+    assert rig.fake.state.requests_total == requests + 1  # shop-b's record only
+    assert rig.intake.inflight_messages == 0
+    # Records of the held partition read before the hold took effect are ignored too.
+    rig.intake.on_messages(kafka([parked_record(11)]))
+    holder.futures[0].set_result(True)
+    await asyncio.sleep(0)
+    assert holder.releases == []
+    # When the pause is over the partition is read again from offset 5 on: one request's
+    # worth (3) goes to the lane as the probe, whether due or not, then it is held again.
+    rig.fake.clear_faults()
+    await eventually(lambda: holder.releases == [(RETRY, 0)], within_s=2)
+    rig.intake.on_messages(kafka([parked_record(o) for o in range(5, 12)]))
+    assert holder.holds[-1] == ((RETRY, 0), 8)
+    holder.futures[-1].set_result(True)
+    await eventually(lambda: rig.sample(circuit, destination="shop-a") == 0)
+    assert len(rig.pixels(PIXEL_A)) >= 3
+    # The circuit closed: released at once, and the rest is delivered.
+    await eventually(lambda: holder.releases == [(RETRY, 0)] * 2)
+    rig.intake.on_messages(kafka([parked_record(o) for o in range(8, 12)]))
+    await eventually(lambda: rig.retry_ledger.pending().get((RETRY, 0)) == 12)
+    assert sorted(rig.pixels(PIXEL_A)) == sorted(
+        f"held-shop-a-{o}-00000001" for o in range(5, 12)
+    )  # each once (the source event itself stays parked: it is not fed back here)
+    assert rig.dead() == []
+
+
+async def test_a_rewind_that_did_not_take_effect_stops_the_worker_without_committing_past(
+    rig_factory: Any,
+) -> None:
+    holder = RecordingHolder()
+    rig: Rig = await rig_factory(failure_threshold=1, open_s=0.2, holder=holder)
+    rig.fake.add_fault(FaultSpec(kind="http_503", pixel=PIXEL_A))
+    rig.pipeline.on_messages(kafka([source_message(0, order_events(1, "a")[0])]))
+    circuit = "tiktok_worker_destination_circuit_state"
+    await eventually(lambda: rig.sample(circuit, destination="shop-a") == 2)
+    rig.intake.on_messages(kafka([parked_record(o) for o in range(5, 8)]))
+    holder.futures[0].set_result(True)
+    await eventually(lambda: holder.releases == [(RETRY, 0)], within_s=2)
+    rig.intake.on_messages(kafka([parked_record(6)]))  # the read resumed past offset 5
+    assert rig.fatal.error is not None
+    assert "after a rewind to 5" in str(rig.fatal.error)
+    assert rig.retry_ledger.pending() == {}
+
+
+async def test_the_consumer_holds_a_partition_apart_from_the_pause_switch() -> None:
+    pause = PauseSwitch()
+    thread, fake, _sink = consumer_thread(Metrics(), pause=pause)
+    thread.start()
+    try:
+        assert await fakes_eventually(lambda: len(thread.assignment()) == 2)
+        held = await asyncio.wait_for(thread.hold(("segment", 1), 42), 5)
+        assert held is True
+        assert fake.seeks == [("segment", 1, 42)]
+        assert fake.paused == {("segment", 1)}
+        # The pause switch pauses the rest; switched off, the held partition stays paused.
+        pause.paused = True
+        assert await fakes_eventually(lambda: fake.paused == {("segment", 0), ("segment", 1)})
+        pause.paused = False
+        assert await fakes_eventually(lambda: fake.paused == {("segment", 1)})
+        thread.release(("segment", 1))
+        assert await fakes_eventually(lambda: fake.paused == set())
+    finally:
+        await stop(thread, fake)
+
+
+async def test_a_hold_asked_for_a_partition_no_longer_assigned_is_dropped() -> None:
+    thread, fake, _sink = consumer_thread(Metrics())
+    thread.start()
+    try:
+        assert await fakes_eventually(lambda: len(thread.assignment()) == 2)
+        held = await asyncio.wait_for(thread.hold(("segment", 7), 3), 5)
+        assert held is False
+        assert fake.seeks == []
+    finally:
+        await stop(thread, fake)
 
 
 async def test_past_the_deadline_a_parked_event_is_dead_lettered_with_its_provenance(

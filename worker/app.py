@@ -95,6 +95,7 @@ async def run_worker(config: Config, *, log: Logger, metrics: Metrics | None = N
             topic=kafka.retry_topic,
             metrics=metrics,
             on_fatal=fatal.trip,
+            destinations=[d.name for d in config.destinations],
         )
         stack.push_async_callback(retry_producer.close)
         await loop.run_in_executor(None, retry_producer.learn_partitions)
@@ -136,6 +137,8 @@ async def run_worker(config: Config, *, log: Logger, metrics: Metrics | None = N
             log=log,
             max_inflight_messages=kafka.max_inflight_messages,
             drain_timeout_s=kafka.drain_timeout_s,
+            layout=retry_producer.layout,
+            probe_events=config.tiktok.max_batch_events,
         )
         stack.push_async_callback(intake.close)
         consumer = ConsumerThread(
@@ -176,6 +179,7 @@ async def run_worker(config: Config, *, log: Logger, metrics: Metrics | None = N
             pause=retry_pause,
             source_gauges=False,
         )
+        intake.attach(retry_consumer)
         retry_lag = LagMonitor.for_consumer(
             bootstrap_servers=kafka.bootstrap_servers,
             group_id=retry_group_id(kafka.group_id),

@@ -102,6 +102,9 @@ class ConsumerThread:
         self._stop = threading.Event()
         self._pause = pause
         self._paused: set[TopicPartitionKey] = set()
+        # Partitions the sink asked to leave unread (`hold`), and holds not yet applied.
+        self._held: set[TopicPartitionKey] = set()
+        self._holds_pending: dict[TopicPartitionKey, tuple[int, asyncio.Future[bool]]] = {}
         self._assigned: set[TopicPartitionKey] = set()
         self._on_share = on_share
         self._partition_counts: dict[str, int] = {}
@@ -152,6 +155,20 @@ class ConsumerThread:
 
         self._requests.put(run)
         return future
+
+    def hold(self, key: TopicPartitionKey, offset: int) -> asyncio.Future[bool]:
+        """Stop reading partition `key` and rewind it to `offset`, so that the next read after
+        `release(key)` starts there. The future resolves (on the event loop) once done: True,
+        or False when the partition was revoked first. Every batch handed to the event loop
+        before it resolves may still hold records of `key` read past `offset`."""
+        future: asyncio.Future[bool] = self._loop.create_future()
+        self._holds_pending[key] = (offset, future)
+        self._requests.put(self._apply_holds)
+        return future
+
+    def release(self, key: TopicPartitionKey) -> None:
+        """Read partition `key` again (unless the whole consumer is paused)."""
+        self._requests.put(lambda: self._held.discard(key))
 
     def _deliver(self, messages: Sequence[Message]) -> None:
         """On the event loop: hand a batch to the pipeline, then let the thread fetch more."""
@@ -220,17 +237,36 @@ class ConsumerThread:
             request()
 
     def _apply_pause(self) -> None:
-        if self._pause.paused:
-            todo = self._assigned - self._paused
-            if todo:
-                self._consumer.pause([TopicPartition(t, p) for t, p in todo])
-                self._paused |= todo
-        elif self._paused:
-            todo = self._paused & self._assigned
-            if todo:
-                self._consumer.resume([TopicPartition(t, p) for t, p in todo])
-            self._paused.clear()
+        """Pause every partition while the switch is on, and the held ones always."""
+        want = self._assigned if self._pause.paused else self._held & self._assigned
+        todo = want - self._paused
+        if todo:
+            self._consumer.pause([TopicPartition(t, p) for t, p in todo])
+        done = (self._paused - want) & self._assigned
+        if done:
+            self._consumer.resume([TopicPartition(t, p) for t, p in done])
+        self._paused = set(want)
         self._show()
+
+    def _apply_holds(self) -> None:
+        """Pause, then seek back, each partition whose hold was asked for. A hold asked before
+        its partition was revoked was dropped by `_forget`: the next owner reads it from the
+        last commit, and a seek in a later generation could skip records never read there."""
+        while self._holds_pending:
+            key, (offset, future) = self._holds_pending.popitem()
+            if key not in self._assigned:  # lost meanwhile
+                self._loop.call_soon_threadsafe(_set_result, future, False)
+                continue
+            try:
+                if key not in self._paused:
+                    self._consumer.pause([TopicPartition(*key)])
+                    self._paused.add(key)
+                self._consumer.seek(TopicPartition(key[0], key[1], offset))
+            except BaseException as exc:  # reported to the awaiting coroutine
+                self._loop.call_soon_threadsafe(_set_exception, future, exc)
+                continue
+            self._held.add(key)
+            self._loop.call_soon_threadsafe(_set_result, future, True)
 
     def _commit(self, offsets: Mapping[TopicPartitionKey, int]) -> None:
         owned = {tp: o for tp, o in offsets.items() if tp in self._assigned}
@@ -252,6 +288,7 @@ class ConsumerThread:
 
     def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
+        self._drop_holds(keys)  # asked in an earlier generation (after a loss)
         self._assigned.update(keys)
         self._metrics.rebalances.labels(kind=RebalanceKind.ASSIGN).inc()
         self._show()
@@ -281,11 +318,19 @@ class ConsumerThread:
     def _forget(self, keys: Sequence[TopicPartitionKey]) -> None:
         self._assigned.difference_update(keys)
         self._paused.difference_update(keys)
+        self._held.difference_update(keys)
+        self._drop_holds(keys)
         self._show()
         for topic, partition in keys:
             with contextlib.suppress(KeyError):
                 self._metrics.consumer_lag.remove(topic, str(partition))
         self._share_stale = True
+
+    def _drop_holds(self, keys: Sequence[TopicPartitionKey]) -> None:
+        for key in keys:
+            pending = self._holds_pending.pop(key, None)
+            if pending is not None:
+                self._loop.call_soon_threadsafe(_set_result, pending[1], False)
 
     def _report_share(self, *, refresh: bool) -> None:
         """Tell `on_share` how many of the subscribed topics' partitions this consumer holds.
@@ -359,11 +404,11 @@ def _fmt(keys: Sequence[TopicPartitionKey]) -> str:
     return ",".join(f"{t}[{p}]" for t, p in sorted(keys))
 
 
-def _set_result(future: asyncio.Future[None]) -> None:
+def _set_result(future: asyncio.Future[Any], result: Any = None) -> None:
     if not future.done():
-        future.set_result(None)
+        future.set_result(result)
 
 
-def _set_exception(future: asyncio.Future[None], exc: BaseException) -> None:
+def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)

@@ -21,9 +21,11 @@ multi-event message, like a dead letter). Headers, all UTF-8 text (docs/parking.
   retry.batch_index         its index when the source message held several events
   retry.value_omitted       only on a reference-only record: the size of the value left out
 
-Records are spread over the topic's partitions by destination (a stable hash of the name), so
-one destination's backlog shares a partition with as few others as possible. The producer is
-`worker.kafka.acked.AckedProducer`: the broker's acknowledgement finishes the source offset.
+Records are spread over the topic's partitions by destination (`RetryLayout`: with at least as
+many partitions as destinations, each destination has a partition of its own), so a
+destination that is down can have its partition left unread instead of read and parked again.
+The producer is `worker.kafka.acked.AckedProducer`: the broker's acknowledgement finishes the
+source offset.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import datetime as dt
 import math
 import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 import msgspec
@@ -45,6 +47,7 @@ __all__ = [
     "PROBE_HEADER",
     "RETRY_PREFIX",
     "Parked",
+    "RetryLayout",
     "RetryProducer",
     "iso",
     "parse_iso",
@@ -108,8 +111,39 @@ def _parse_full(text: str) -> float:
 
 
 def partition_for(destination: str, partitions: int) -> int:
-    """The retry-topic partition of a destination: stable across processes and restarts."""
+    """The hashed retry-topic partition of a destination the layout does not know."""
     return zlib.crc32(destination.encode()) % max(1, partitions)
+
+
+class RetryLayout:
+    """Which retry-topic partition holds which destination's parked events.
+
+    The configured destinations, sorted by name, take partitions 0, 1, 2, ... in turn, so
+    with at least as many partitions as destinations each has a partition of its own (every
+    worker of the group has the same configuration, hence the same layout). A partition that
+    holds one destination only can simply be left unread while that destination is down
+    (`RetryIntake`); a shared one cannot. A destination not in the configuration (a record
+    parked before a configuration change) falls back to a hash of its name.
+    """
+
+    __slots__ = ("_by_destination", "_owner", "partitions")
+
+    def __init__(self, destinations: Sequence[str], partitions: int) -> None:
+        self.partitions = max(1, partitions)
+        names = sorted(set(destinations))
+        self._by_destination = {name: i % self.partitions for i, name in enumerate(names)}
+        holders: dict[int, list[str]] = {}
+        for name, partition in self._by_destination.items():
+            holders.setdefault(partition, []).append(name)
+        self._owner = {p: names[0] for p, names in holders.items() if len(names) == 1}
+
+    def partition(self, destination: str) -> int:
+        found = self._by_destination.get(destination)
+        return found if found is not None else partition_for(destination, self.partitions)
+
+    def sole_destination(self, partition: int) -> str | None:
+        """The one destination parked in `partition`, or None when it is shared (or unused)."""
+        return self._owner.get(partition)
 
 
 class Parked(msgspec.Struct, frozen=True):
@@ -279,11 +313,13 @@ class RetryProducer(AckedProducer):
         on_fatal: Callable[[BaseException], None],
         producer: Any | None = None,
         partitions: int = 1,
+        destinations: Sequence[str] = (),
     ) -> None:
         super().__init__(
             config=config, topic=topic, what="retry topic", on_fatal=on_fatal, producer=producer
         )
-        self.partitions = partitions
+        self._destinations = tuple(destinations)
+        self.layout = RetryLayout(self._destinations, partitions)
         self._metrics = metrics
         self._counters: dict[tuple[str, str], Any] = {}
 
@@ -300,8 +336,12 @@ class RetryProducer(AckedProducer):
         metadata = self._producer.list_topics(self.topic, timeout=timeout_s)
         topic = metadata.topics.get(self.topic)
         if topic is not None and topic.error is None and topic.partitions:
-            self.partitions = len(topic.partitions)
-        return self.partitions
+            self.layout = RetryLayout(self._destinations, len(topic.partitions))
+        return self.layout.partitions
+
+    @property
+    def partitions(self) -> int:
+        return self.layout.partitions
 
     def park(
         self,
@@ -311,7 +351,7 @@ class RetryProducer(AckedProducer):
         parked: Parked,
         on_written: Callable[[], None],
     ) -> None:
-        partition = partition_for(parked.destination, self.partitions)
+        partition = self.layout.partition(parked.destination)
         counter = self._parked_counter(parked.destination, parked.reason)
 
         def written() -> None:

@@ -12,11 +12,17 @@ For each parked record (`worker.kafka.parking.Parked`):
   that come due together are handed over a slice per turn of the event loop). Held records
   count as in flight, so above `max_inflight_messages` the retry topic is paused until half
   have gone;
-- due while its destination's circuit is open (or half-open with its probe out): parked again
-  as it is (not mapped, no request) with a due time after the circuit's pause, so it never
-  waits here or in the lane and never holds another destination's parked events. When the
-  probe is due, one request's worth (`PROBE_EVENTS`) goes to the lane and the rest is parked
-  again;
+- its destination's circuit is open (or half-open with its probe out) and its partition holds
+  no other destination's records (`worker.kafka.parking.RetryLayout`): the partition is left
+  unread from this record on (the consumer pauses it and seeks back to it) until the circuit
+  may be tried again or closes. Nothing from that offset on has begun, so the commit stops
+  there: the backlog waits in Kafka, not here, and is not read and parked again every pause;
+- due while its destination's circuit is open on a shared partition: parked again as it is
+  (not mapped, no request) with a due time after the circuit's pause, so it never waits here
+  or in the lane and never holds another destination's parked events;
+- when the probe is due, one request's worth (`tiktok.max_batch_events`) goes to the lane (on a
+  partition of its own whether due or not; the partition is then held again); the rest of a
+  shared partition is parked again;
 - due otherwise: mapped again for its destination and subscription only and queued in that
   destination's lane, through the same rate limiter (a lane whose circuit opened meanwhile
   parks it again at once). When the destination's circuit closes
@@ -30,8 +36,10 @@ once (the next owner re-reads them) and drains only those already handed to a la
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from confluent_kafka import Message
 
@@ -44,7 +52,7 @@ from worker.kafka.consumer import PauseSwitch
 from worker.kafka.deadletters import DeadLetterProducer
 from worker.kafka.dlq_reader import decode_headers
 from worker.kafka.offsets import OffsetLedger
-from worker.kafka.parking import PROBE_HEADER, RETRY_PREFIX, Parked, retry_group_id
+from worker.kafka.parking import PROBE_HEADER, RETRY_PREFIX, Parked, RetryLayout, retry_group_id
 from worker.kafka.settings import TopicPartitionKey
 from worker.mapping.mapper import Mapper
 from worker.observability.logs import Logger
@@ -53,11 +61,26 @@ from worker.pipeline.due import DueQueue
 from worker.pipeline.parker import Parker, dead_letter, give_up_reason, unmapped_outcome
 from worker.pipeline.pipeline import Pipeline
 
-__all__ = ["PROBE_EVENTS", "RetryIntake", "retry_group_id"]
+__all__ = ["PROBE_EVENTS", "PartitionHolder", "RetryIntake", "retry_group_id"]
 
 # Parked events of a destination whose probe is due that go to its lane at once: one full
-# request (TikTok's batch maximum); the others are parked again instead of mapped for nothing.
+# request (by default TikTok's batch maximum; the app passes `tiktok.max_batch_events`); the
+# others are parked again (or left unread) instead of mapped for nothing.
 PROBE_EVENTS = 1000
+# A held partition whose circuit has no pause left (its probe is due or out) is released by
+# the circuit's next change; this timer only bounds the wait if that change never comes.
+HOLD_FALLBACK_S = 1.0
+
+# What `RetryIntake._verdict` decides for a record.
+_READ, _PROBE, _HOLD = object(), object(), object()
+
+
+class PartitionHolder(Protocol):
+    """The retry topic's consumer (`worker.kafka.consumer.ConsumerThread`)."""
+
+    def hold(self, key: TopicPartitionKey, offset: int) -> asyncio.Future[bool]: ...
+
+    def release(self, key: TopicPartitionKey) -> None: ...
 
 
 class RetryIntake(Pipeline):
@@ -78,6 +101,8 @@ class RetryIntake(Pipeline):
         log: Logger,
         max_inflight_messages: int,
         drain_timeout_s: float,
+        layout: RetryLayout | None = None,
+        probe_events: int = PROBE_EVENTS,
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(
@@ -104,6 +129,17 @@ class RetryIntake(Pipeline):
         self._closed_at: dict[str, float] = {}
         # Parked events handed to a lane since its circuit last changed, while not closed.
         self._probe_events: dict[str, int] = {}
+        self._probe_limit = probe_events
+        # Partitions left unread while their one destination is down (`_hold`): asked and
+        # not yet applied by the consumer (their records are ignored), held (by destination),
+        # and the offset each must be read from again.
+        self._layout = layout
+        self._holder: PartitionHolder | None = None
+        self._rewinding: set[TopicPartitionKey] = set()
+        self._hold_futures: dict[TopicPartitionKey, asyncio.Future[bool]] = {}
+        self._holds: dict[TopicPartitionKey, str] = {}
+        self._release_timers: dict[TopicPartitionKey, asyncio.TimerHandle] = {}
+        self._rewound_to: dict[TopicPartitionKey, int] = {}
         sender.watch_circuits(self._circuit_changed)
 
     @property
@@ -114,12 +150,30 @@ class RetryIntake(Pipeline):
     # -- per record ----------------------------------------------------------------------------
 
     def _process(self, msg: Message, key: TopicPartitionKey, offset: int) -> None:
-        self._ledger.begin(key, offset)
+        if key in self._rewinding or key in self._holds:
+            return  # read before its partition was held: read again when it is released
+        expected = self._rewound_to.pop(key, None)
+        if expected is not None and offset != expected:
+            # The rewind did not take effect: beginning this record would let the commit pass
+            # the records skipped since `expected` (they are read again after a restart).
+            raise WorkerError(f"{key[0]}[{key[1]}] read at {offset} after a rewind to {expected}")
         headers = decode_headers(msg.headers())
         if PROBE_HEADER in headers:  # the start-up check's write: nothing to do
-            self._ledger.finish(key, offset)
+            self._ledger.skip(key, offset)
             self.messages_finished += 1
             return
+        parked: Parked | None = None
+        unreadable = ""
+        try:
+            parked = Parked.from_headers(headers)
+        except ValueError as exc:
+            unreadable = str(exc)
+        verdict = self._verdict(key, parked) if parked is not None else _READ
+        if verdict is _HOLD:
+            assert parked is not None
+            self._hold(key, offset, parked.destination)
+            return
+        self._ledger.begin(key, offset)
         _ts_type, timestamp_ms = msg.timestamp()
         message = InflightMessage(
             owner=self,
@@ -133,14 +187,12 @@ class RetryIntake(Pipeline):
         self._open.setdefault(key, {})[offset] = message
         message.add_work(1)  # held until the record is dispatched or given up
         value = msg.value()
-        try:
-            parked = Parked.from_headers(headers)
-        except ValueError as exc:
+        if parked is None:
             self._give_up(
                 message,
                 value,
                 DeadLetterReason.DECODE_ERROR,
-                f"unreadable parked record: {exc}",
+                f"unreadable parked record: {unreadable}",
                 headers.get(RETRY_PREFIX + "destination") or None,
             )
             return
@@ -161,12 +213,106 @@ class RetryIntake(Pipeline):
             self._give_up(message, None, reason, error, parked.destination, parked)
             return
         delay = parked.due_at - now
-        if delay <= 0 or parked.parked_at < self._closed_at.get(parked.destination, 0.0):
+        if (
+            delay <= 0
+            or verdict is _PROBE
+            or parked.parked_at < self._closed_at.get(parked.destination, 0.0)
+        ):
             self._dispatch(message, value)
             return
         self._values[message] = value
         self._held.add(message, parked.due_at)
         self._metrics.parked_waiting.inc()
+
+    # -- a down destination's own partition is left unread ---------------------------------------
+
+    def attach(self, holder: PartitionHolder) -> None:
+        """The retry topic's consumer, once built: it holds and releases partitions."""
+        self._holder = holder
+
+    def _verdict(self, key: TopicPartitionKey, parked: Parked) -> object:
+        """_HOLD: the record's destination is down and the partition holds no other
+        destination's records, so reading on would only park them again; _PROBE: its probe
+        is due and this record goes to its lane (not held to its due time); else _READ."""
+        destination = parked.destination
+        if (
+            self._holder is None
+            or self._layout is None
+            or self._layout.sole_destination(key[1]) != destination
+            or not self._ledger.owns(key)
+        ):
+            return _READ
+        circuit = self._sender.circuit(destination)
+        if circuit is None or circuit.state is CircuitState.CLOSED:
+            return _READ
+        if self._clock() >= parked.first_failed_at + self._deadline_s:
+            return _READ  # past its deadline: dead-lettered now, whatever the circuit says
+        if circuit.retry_in() <= 0 and self._probe_events.get(destination, 0) < self._probe_limit:
+            return _PROBE
+        return _HOLD
+
+    def _hold(self, key: TopicPartitionKey, offset: int, destination: str) -> None:
+        """Leave partition `key` unread from `offset` on until the destination may be tried
+        again (or its circuit closes). Nothing from `offset` on has begun, so the commit stops
+        at `offset`: the records stay in Kafka, not in memory, and cost nothing meanwhile."""
+        assert self._holder is not None
+        self._rewinding.add(key)
+        self._holds[key] = destination
+        future = self._holder.hold(key, offset)
+        self._hold_futures[key] = future
+        future.add_done_callback(lambda done: self._hold_applied(key, offset, done))
+        self._arm_release(key, destination)
+        self._log.debug("retry partition held", partition=key[1], destination=destination)
+
+    def _hold_applied(
+        self, key: TopicPartitionKey, offset: int, future: asyncio.Future[bool]
+    ) -> None:
+        if self._hold_futures.get(key) is not future:
+            return  # dropped meanwhile (revoke, loss, shutdown)
+        del self._hold_futures[key]
+        self._rewinding.discard(key)
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is not None:
+            self._fatal.trip(
+                WorkerError(f"rewinding {key[0]}[{key[1]}] to offset {offset} failed: {error}")
+            )
+        elif future.result():
+            self._rewound_to[key] = offset
+
+    def _arm_release(self, key: TopicPartitionKey, destination: str) -> None:
+        """Release the partition when the destination may be tried again."""
+        timer = self._release_timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        circuit = self._sender.circuit(destination)
+        wait = circuit.retry_in() if circuit is not None else 0.0
+        # No pause left (the probe is due, or out with its events): the circuit's change
+        # releases it; the timer only makes sure it is never held for good.
+        delay = wait + 0.01 if wait > 0 else HOLD_FALLBACK_S
+        loop = asyncio.get_running_loop()
+        self._release_timers[key] = loop.call_later(delay, self._release, key)
+
+    def _release(self, key: TopicPartitionKey) -> None:
+        if self._holds.pop(key, None) is None:
+            return
+        timer = self._release_timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        assert self._holder is not None
+        self._holder.release(key)
+
+    def _forget_holds(self, partitions: Sequence[TopicPartitionKey]) -> None:
+        """The consumer forgets its holds of revoked or lost partitions; so does the intake."""
+        for key in partitions:
+            self._rewinding.discard(key)
+            self._rewound_to.pop(key, None)
+            self._hold_futures.pop(key, None)
+            self._holds.pop(key, None)
+            timer = self._release_timers.pop(key, None)
+            if timer is not None:
+                timer.cancel()
 
     def _give_up(
         self,
@@ -204,9 +350,16 @@ class RetryIntake(Pipeline):
             )
 
     def _circuit_changed(self, destination: str, state: CircuitState) -> None:
-        """A destination is back: its parked events held here need not wait for their due
-        times (those were set while it was down). They go to its lane at once."""
+        """A destination is back: its partition is read again, and its parked events held
+        here need not wait for their due times (those were set while it was down): they go to
+        its lane at once. Still down: its held partition waits for the new pause."""
         self._probe_events.pop(destination, None)
+        held = [key for key, owner in self._holds.items() if owner == destination]
+        for key in held:
+            if state is CircuitState.CLOSED:
+                self._release(key)
+            else:
+                self._arm_release(key, destination)
         if state is not CircuitState.CLOSED:
             return
         self._closed_at[destination] = self._clock()
@@ -234,7 +387,7 @@ class RetryIntake(Pipeline):
             # The probe is due: one request's worth goes to the lane (the probe is among
             # them); the rest, all due at this same moment, wait for the next pause.
             sent = self._probe_events.get(parked.destination, 0)
-            if sent >= PROBE_EVENTS:
+            if sent >= self._probe_limit:
                 self._parker.park_again(message, value, 0.0)
                 return
             self._probe_events[parked.destination] = sent + 1
@@ -271,6 +424,7 @@ class RetryIntake(Pipeline):
         return self._ledger.inflight(partitions) - waiting
 
     def _drop(self, partitions: Sequence[TopicPartitionKey]) -> int:
+        self._forget_holds(partitions)
         wanted = set(partitions)
         for message in [m for m in self._held if (m.topic, m.partition) in wanted]:
             self._held.remove(message)
@@ -280,6 +434,7 @@ class RetryIntake(Pipeline):
 
     async def close(self) -> None:
         """Cancel every timer (shutdown after the consumer closed)."""
+        self._forget_holds(list(self._holds) + list(self._rewinding))
         self._metrics.parked_waiting.dec(len(self._held))
         self._held.clear()
         self._values.clear()
