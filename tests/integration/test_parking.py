@@ -11,6 +11,7 @@ deadlines keep every test short.
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from typing import Any
 
@@ -105,6 +106,41 @@ def test_a_destination_down_parks_while_the_other_flows_and_offsets_reach_the_he
     parked_records = len(read_topic(s.kafka.bootstrap, retry_topic, idle_s=1.0))
     assert wait_until(
         lambda: committed_total(s, s.group + ".retry", retry_topic) >= parked_records, 30
+    )
+    assert worker.terminate() == 0
+
+
+def test_a_down_destination_with_its_own_retry_partition_is_not_read_back_every_pause(
+    scenario: Any,
+) -> None:
+    # Two retry partitions for two destinations: down-shop has partition 0 to itself, so
+    # while it is down the intake leaves that partition unread instead of reading its backlog
+    # back and parking it again at the end of every circuit pause (1-2 s here).
+    s: Scenario = scenario(partitions=2)  # and two retry partitions
+    s.fake.fault(kind="http_503", pixel=PIXEL_DOWN)
+    s.produce_events(1500)
+    expected = s.expected_ids()
+    worker = s.start_worker(**parking_config())
+    assert wait_until(lambda: expected <= set(ids_at(s, PIXEL_UP)), 90), worker.log_tail()
+    assert wait_until(lambda: parked_total(worker.metrics()) >= len(expected), 30)
+    time.sleep(10)  # several pauses and probes
+    records = [
+        r
+        for r in read_topic(s.kafka.bootstrap, s.retry_topic, idle_s=1.0)
+        if "retry.destination" in headers_of(r)  # not the start-up check's probe record
+    ]
+    assert {r.partition() for r in records} == {0}
+    # Each probe reads back one request's worth (max_batch_events 50) and parks it again;
+    # reading the whole backlog back every pause would have parked it several times over.
+    assert len(expected) <= len(records) < 1.5 * len(expected)
+    assert ids_at(s, PIXEL_DOWN) == Counter()
+    s.fake.clear_faults()
+    assert wait_until(lambda: expected <= set(ids_at(s, PIXEL_DOWN)), 90), worker.log_tail()
+    assert max(ids_at(s, PIXEL_UP).values()) == 1
+    assert s.dead_letters() == []
+    parked_records = len(read_topic(s.kafka.bootstrap, s.retry_topic, idle_s=1.0))
+    assert wait_until(
+        lambda: committed_total(s, s.group + ".retry", s.retry_topic) >= parked_records, 30
     )
     assert worker.terminate() == 0
 
