@@ -157,6 +157,18 @@ class Rig:
     retry_ledger: OffsetLedger
     metrics: Metrics
     fatal: FatalLatch
+    source_pause: PauseSwitch
+
+    async def feed_source(self, events: list[dict[str, Any]], chunk: int = 5) -> None:
+        """Hand `events` to the pipeline as a consumer would: never while it is paused."""
+        for start in range(0, len(events), chunk):
+            while self.source_pause.paused:
+                await asyncio.sleep(0.01)
+            part = events[start : start + chunk]
+            self.pipeline.on_messages(
+                kafka([source_message(start + i, e) for i, e in enumerate(part)])
+            )
+            await asyncio.sleep(0)
 
     def parked(self) -> list[Record]:
         return [r for r in self.retry.records if PROBE_HEADER not in r.headers]
@@ -210,13 +222,19 @@ async def rig_factory() -> AsyncIterator[Callable[..., Any]]:
         retry_max_bytes: int | None = None,
         probe_events: int = retries.PROBE_EVENTS,
         holder: PartitionHolder | None = None,
+        max_inflight: int = 1000,
+        shed_after_s: float | None = None,
+        lane_events: int = 100,
+        lane_concurrency: int = 4,
+        destinations: list[dict[str, str]] | None = None,
     ) -> Rig:
+        chosen = destinations or DESTINATIONS
         fake = FakeTikTok()
         url = await fake.start()
         closers.append(fake.stop)
         config = config_for(
             url,
-            destinations=DESTINATIONS,
+            destinations=chosen,
             retry={
                 "initial_backoff_s": 0.01,
                 "max_backoff_s": 0.05,
@@ -246,7 +264,10 @@ async def rig_factory() -> AsyncIterator[Callable[..., Any]]:
             routes=build_routes(config),
             retry=RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.05, deadline_s=deadline_s),
             lanes=LanePolicy(
-                max_events=100, linger_s=0.02, concurrency=4, max_concurrent_requests=8
+                max_events=lane_events,
+                linger_s=0.02,
+                concurrency=lane_concurrency,
+                max_concurrent_requests=8,
             ),
             metrics=metrics,
             log=log,
@@ -265,7 +286,7 @@ async def rig_factory() -> AsyncIterator[Callable[..., Any]]:
             on_fatal=fatal.trip,
             producer=retry,
             partitions=4,
-            destinations=[d["name"] for d in DESTINATIONS],
+            destinations=[d["name"] for d in chosen],
         )
         for producer in (dead_letters, retry_producer):
             producer.start()
@@ -286,15 +307,16 @@ async def rig_factory() -> AsyncIterator[Callable[..., Any]]:
             "fatal": fatal,
             "metrics": metrics,
             "log": log,
-            "max_inflight_messages": 1000,
+            "max_inflight_messages": max_inflight,
             "drain_timeout_s": 2.0,
             "parker": parker,
         }
-        pipeline = Pipeline(ledger=ledger, pause=PauseSwitch(), **common)
+        source_pause = PauseSwitch()
+        pipeline = Pipeline(ledger=ledger, pause=source_pause, shed_after_s=shed_after_s, **common)
         intake = RetryIntake(
             ledger=retry_ledger,
             pause=PauseSwitch(),
-            destinations=[d["name"] for d in DESTINATIONS],
+            destinations=[d["name"] for d in chosen],
             layout=retry_producer.layout,
             probe_events=probe_events,
             **common,
@@ -304,7 +326,19 @@ async def rig_factory() -> AsyncIterator[Callable[..., Any]]:
         closers.append(intake.close)
         pipeline.on_assigned([(SOURCE, 0)])
         intake.on_assigned([(RETRY, 0)])
-        return Rig(fake, pipeline, intake, sender, retry, dlq, ledger, retry_ledger, metrics, fatal)
+        return Rig(
+            fake,
+            pipeline,
+            intake,
+            sender,
+            retry,
+            dlq,
+            ledger,
+            retry_ledger,
+            metrics,
+            fatal,
+            source_pause,
+        )
 
     yield make
     for close in reversed(closers):
@@ -486,6 +520,53 @@ async def test_when_the_probe_is_due_one_requests_worth_goes_to_the_lane(
     again = [Parked.from_headers(r.headers) for r in rig.parked()[before + 10 :]]
     assert {p.parks for p in again} == {2}
     assert sorted(p.original_offset for p in again) == list(range(3, 10))
+
+
+async def test_a_lane_slower_than_its_input_is_held_to_its_share_while_the_other_flows(
+    rig_factory: Any,
+) -> None:
+    # shop-a answers after 0.6 s, one request of 5 events at a time: far slower than its input.
+    # The in-flight bound (20 messages) fills with its events; after `shed_after_s` paused it
+    # is held to its share (20 // 2 lanes = 10 events) and the rest of its events are
+    # parked, so shop-b gets every event long before shop-a could have taken them.
+    rig: Rig = await rig_factory(
+        max_inflight=20,
+        shed_after_s=0.3,
+        lane_events=5,
+        lane_concurrency=1,
+        failure_threshold=1000,
+        in_memory_s=30,
+    )
+    rig.fake.add_fault(FaultSpec(kind="slow", pixel=PIXEL_A, delay_s=0.6))
+    events = order_events(200)
+    feeding = asyncio.ensure_future(rig.feed_source(events))
+    await eventually(lambda: set(rig.pixels(PIXEL_B)) == ids(events), within_s=8)
+    await feeding
+    assert len(rig.pixels(PIXEL_A)) < 100  # it could not have kept up with its input
+    shed = [Parked.from_headers(r.headers) for r in rig.parked()]
+    assert shed
+    assert {(p.destination, p.reason) for p in shed} == {("shop-a", "throttled")}
+    # Nothing lost: each of shop-a's events is delivered or parked (the oldest ones stayed).
+    await eventually(lambda: rig.ledger.pending() == {(SOURCE, 0): len(events)}, within_s=15)
+    delivered = set(rig.pixels(PIXEL_A))
+    parked_ids = {json.loads(r.value or b"")["messageId"] for r in rig.parked()}
+    assert delivered | parked_ids == ids(events)
+    assert not delivered & parked_ids
+    assert sorted(rig.pixels(PIXEL_B)) == sorted(ids(events))  # never twice
+
+
+async def test_a_single_slow_lane_is_plain_backpressure_and_nothing_is_shed(
+    rig_factory: Any,
+) -> None:
+    one = [{"name": "shop-a", "pixel_code": PIXEL_A, "access_token": "tok-a"}]
+    rig: Rig = await rig_factory(
+        max_inflight=20, shed_after_s=0.2, lane_events=5, lane_concurrency=1, destinations=one
+    )
+    rig.fake.add_fault(FaultSpec(kind="slow", pixel=PIXEL_A, delay_s=0.5))
+    events = order_events(40)
+    await rig.feed_source(events)
+    await eventually(lambda: set(rig.pixels(PIXEL_A)) == ids(events), within_s=15)
+    assert rig.parked() == []
 
 
 class RecordingHolder:

@@ -41,7 +41,7 @@ from worker.observability.health import HealthServer, liveness_check
 from worker.observability.logs import Logger, kafka_logger
 from worker.observability.metrics import Metrics
 from worker.pipeline.parker import Parker, ParkingRules
-from worker.pipeline.pipeline import Pipeline
+from worker.pipeline.pipeline import SHED_AFTER_S, Pipeline
 from worker.pipeline.retries import RetryIntake
 
 SHUTDOWN_MARGIN_S = 10.0
@@ -123,6 +123,7 @@ async def run_worker(config: Config, *, log: Logger, metrics: Metrics | None = N
             max_inflight_messages=kafka.max_inflight_messages,
             drain_timeout_s=kafka.drain_timeout_s,
             parker=parker,
+            shed_after_s=SHED_AFTER_S,
         )
         intake = RetryIntake(
             mapper=mapper,

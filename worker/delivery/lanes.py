@@ -121,6 +121,7 @@ class Lane:
     __slots__ = (
         "active_events",
         "budget",
+        "cap",
         "first_at",
         "flushing",
         "full",
@@ -149,6 +150,9 @@ class Lane:
         self.wake = asyncio.Event()  # the queue is no longer empty
         self.full = asyncio.Event()  # a whole batch is waiting, or a flush was asked for
         self.active_events = 0  # sealed and not yet settled (on the wire, backing off)
+        # Its fair share of the in-flight bound, once it was found holding more
+        # (`Sender.shed`): new events beyond it are parked as they come, until the queue empties.
+        self.cap: int | None = None
         self.task: asyncio.Task[None] | None = None
 
     def add(self, event: PendingEvent) -> None:
@@ -194,7 +198,28 @@ class Lane:
             self.full.clear()
             self.flushing = False
             self.nbytes = 0
+            self.cap = None  # caught up
         return batch
+
+    def take_newest(self, count: int) -> list[PendingEvent]:
+        """Remove up to `count` live events from the back of the queue (the newest), oldest
+        of them first: the lane keeps its oldest events, which hold the commit frontier."""
+        queue = self.queue
+        taken: list[PendingEvent] = []
+        while queue and len(taken) < count:
+            event = queue.pop()
+            self.nbytes -= len(event.mapped.payload) + 1
+            if not event.message.dropped:
+                taken.append(event)
+        if not queue:
+            self.wake.clear()
+            self.full.clear()
+            self.flushing = False
+            self.nbytes = 0
+        elif len(queue) < self.max_events and self.nbytes < self.max_bytes and not self.flushing:
+            self.full.clear()
+        taken.reverse()
+        return taken
 
     def purge(self) -> int:
         """Forget queued events of dropped messages; returns how many."""

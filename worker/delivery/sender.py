@@ -67,6 +67,8 @@ __all__ = [
 
 # Consecutive retryable failures after which a batch of several events is split in halves.
 SPLIT_AFTER_FAILURES: Final = 3
+# The error of events parked because their lane held more than its share (`Sender.shed`).
+SHED_ERROR: Final = "lane over its share of the in-flight bound (destination slower than its input)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +170,7 @@ class Sender:
         self._gate = asyncio.Event()
         self._gate.set()
         self.on_wire = 0
+        self._spilled: list[PendingEvent] = []
 
     # -- the face ----------------------------------------------------------------------------
 
@@ -176,7 +179,63 @@ class Sender:
         lane = self._lanes.get(key)
         if lane is None:
             lane = self._new_lane(key)
+        cap = lane.cap
+        if cap is not None and len(lane.queue) + lane.active_events >= cap:
+            self._spill(lane, event)
+            return
         lane.add(event)
+
+    @property
+    def lane_count(self) -> int:
+        return len(self._lanes)
+
+    def shed(self, share: int) -> int:
+        """Hold every lane to `share` events (queued and on the wire): park the newest queued
+        beyond it (reason `throttled`), and its new events beyond it as they come, until its
+        queue empties.
+
+        The pipeline calls this when the in-flight bound has kept the source paused for a
+        while (`Pipeline`, `SHED_AFTER_S`): a lane slowed by its own rate limit or a slow
+        API then holds only its share of the bound instead of pausing every destination.
+        Without a retry topic nothing is shed. Returns how many events were parked now."""
+        if self._parking is None:
+            return 0
+        shed = 0
+        for lane in list(self._lanes.values()):
+            excess = len(lane.queue) + lane.active_events - share  # only queued ones go
+            if excess <= 0:
+                continue
+            if lane.cap is None:
+                self._log.warning(
+                    "lane over its share of the in-flight bound: parking its newest events",
+                    destination=lane.key.destination,
+                    queued=len(lane.queue),
+                    share=share,
+                )
+            lane.cap = share
+            events = lane.take_newest(excess)
+            self._gauge(lane)
+            shed += len(events)
+            self._park_shed(events)
+        return shed
+
+    def _spill(self, lane: Lane, event: PendingEvent) -> None:
+        """An event beyond its capped lane's share: parked with the others of this turn."""
+        if not self._spilled:
+            asyncio.get_running_loop().call_soon(self._park_spilled)
+        self._spilled.append(event)
+
+    def _park_spilled(self) -> None:
+        spilled, self._spilled = self._spilled, []
+        self._park_shed(spilled)
+
+    def _park_shed(self, events: list[PendingEvent]) -> None:
+        events = _live(events)
+        if not events:
+            return
+        parking = Parking("throttled", "throttled", SHED_ERROR, None, 0, None, 0.0)
+        for owner, group in _by_owner(events):
+            owner.on_parked(group, parking)
 
     def flush(self) -> None:
         """Every lane sends what it holds without lingering (rebalance, shutdown)."""

@@ -14,6 +14,9 @@ Invariants (enforced here and tested in ``tests/test_pipeline.py``):
     without committing the affected offsets.
 (e) Memory is bounded: above ``max_inflight_messages`` unfinished messages every partition is
     paused (the consumer keeps polling, so it stays in the group) until half have finished.
+    Paused that way for ``shed_after_s`` without a break, every lane is held to its fair share
+    of the bound (``Sender.shed``): the events a slow lane holds beyond it are parked, so one
+    destination slowed by its own rate limit cannot keep the others waiting.
 (f) A revoked partition's work is drained (lanes flushed, deliveries awaited) for at most
     ``drain_timeout_s``; what finished is committed. What did not finish is dropped at once:
     it sends nothing more, dead-letters nothing, and its messages leave the in-flight count;
@@ -44,6 +47,9 @@ from worker.observability.metrics import Metrics
 from worker.pipeline.parker import Parker, dead_letter, give_up_reason
 
 DRAIN_POLL_S = 0.02
+# How long the in-flight bound may keep the source paused before slow lanes are held to
+# their share: far longer than a healthy backlog drain needs to free half the bound.
+SHED_AFTER_S = 10.0
 
 
 class Pipeline:
@@ -63,6 +69,7 @@ class Pipeline:
         max_inflight_messages: int,
         drain_timeout_s: float,
         parker: Parker | None = None,
+        shed_after_s: float | None = None,
     ) -> None:
         self._mapper = mapper
         self._sender = sender
@@ -76,6 +83,8 @@ class Pipeline:
         self._max_inflight = max_inflight_messages
         self._resume_below = max_inflight_messages // 2
         self._drain_timeout_s = drain_timeout_s
+        self._shed_after_s = shed_after_s
+        self._shed_timer: asyncio.TimerHandle | None = None
         # Unfinished messages by partition and offset: what a revoke or loss drops.
         self._open: dict[TopicPartitionKey, dict[int, InflightMessage]] = {}
         self._inflight = 0
@@ -256,6 +265,24 @@ class Pipeline:
     def _set_paused(self, paused: bool) -> None:
         self._pause.paused = paused
         self._log.info("backpressure " + ("on" if paused else "off"), inflight=self._inflight)
+        if self._shed_timer is not None:
+            self._shed_timer.cancel()
+            self._shed_timer = None
+        if paused and self._shed_after_s is not None:
+            loop = asyncio.get_running_loop()
+            self._shed_timer = loop.call_later(self._shed_after_s, self._shed_if_still_paused)
+
+    def _shed_if_still_paused(self) -> None:
+        """Paused for `shed_after_s` without a break: hold each lane to its fair share of the
+        bound (invariant e); look again after as long while still paused."""
+        self._shed_timer = None
+        if not self._pause.paused or self._shed_after_s is None:
+            return
+        lanes = self._sender.lane_count
+        if lanes >= 2:  # one lane alone is plain backpressure: nobody else is waiting
+            self._sender.shed(max(1, self._max_inflight // lanes))
+        loop = asyncio.get_running_loop()
+        self._shed_timer = loop.call_later(self._shed_after_s, self._shed_if_still_paused)
 
     def _count_skip(self, outcome: EventOutcome) -> None:
         if outcome.skipped is not None:
