@@ -127,6 +127,43 @@ def test_a_troubled_destination_does_not_slow_another(setup: Any, fault: dict[st
     assert metric_value(text, "tiktok_worker_dead_letters_total") == 0
 
 
+def test_a_slow_destination_is_held_to_its_share_of_the_inflight_bound(setup: Any) -> None:
+    # Both destinations take every event; shop-a answers after 1 s, one request of 50 events
+    # at a time (50 events/s), far behind its input. Without a fair share its events would
+    # hold the in-flight bound (200 messages, overshot by the few consumed batches of 2,000
+    # handed over before the pause takes effect) and shop-b would wait for shop-a to work off
+    # each overshoot at 50 events/s: 10,000 events take it well over the 120 s allowed
+    # (measured: the wait times out). Held to its share
+    # once the bound has kept the source paused for 10 s, shop-a's newest events are parked
+    # and shop-b gets everything while shop-a is still far behind.
+    s: Setup = setup()
+    s.fake.fault(pixel=PIXEL_A, kind="slow", delay_s=1.0)
+    _pages, tracks = split_events(0, 10_000, "share")
+    s.produce(tracks)
+    both = [{k: v for k, v in shop.items() if k != "when"} for shop in shops()]
+    worker = s.start_worker(
+        destinations=both,
+        kafka={"max_inflight_messages": 200},
+        tiktok={
+            "lane_concurrency": 1,
+            "max_batch_events": 50,
+            "retry": {"initial_backoff_s": 0.5, "max_backoff_s": 2, "deadline_s": 600},
+        },
+    )
+    wanted = {e["messageId"] for e in tracks}
+    assert wait_until(lambda: s.accepted(PIXEL_B) >= wanted, 120, 0.5), worker.log_tail()
+    assert len(s.accepted(PIXEL_A)) < len(wanted) - 5000
+    labels = {"destination": "shop-a", "reason": "throttled"}
+    assert metric_value(worker.metrics(), "tiktok_worker_events_parked_total", labels) > 0
+    # Once shop-a is fast again its parked events arrive from the retry topic: none lost.
+    s.fake.clear_faults()
+    assert wait_until(lambda: s.accepted(PIXEL_A) >= wanted, 120, 0.5), worker.log_tail()
+    b_ids = Counter(e["event_id"] for e in s.fake.events() if e["pixel"] == PIXEL_B)
+    assert max(b_ids.values()) == 1
+    assert metric_value(worker.metrics(), "tiktok_worker_dead_letters_total") == 0
+    assert worker.terminate() == 0
+
+
 # -- batches fill while a lane waits for its slot -----------------------------------------------
 
 
