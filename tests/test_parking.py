@@ -606,6 +606,7 @@ async def test_a_down_destinations_own_partition_is_left_unread_until_it_may_be_
     rig.pipeline.on_messages(kafka([source_message(0, order_events(1, "a")[0])]))
     circuit = "tiktok_worker_destination_circuit_state"
     await eventually(lambda: rig.sample(circuit, destination="shop-a") == 2)
+    await eventually(lambda: len(rig.parked()) == 1)  # the source event that failed
     requests = rig.fake.state.requests_total
     parked_before = len(rig.parked())
     # shop-a alone is parked in partition 0 (of 4): its records are neither begun nor parked
