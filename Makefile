@@ -1,7 +1,10 @@
 # tiktok-conversions-worker — every target a newcomer needs. `make demo` and `make test` on a
 # fresh machine install everything first (`make setup` is idempotent and fast when cached).
 SHELL := /bin/bash
-PYTHON ?= python3
+# The interpreter .venv is built from: Debian bookworm's python3.11 package, the same build the
+# image runs and the bench measures (issue 18; Debian builds it with PGO and LTO). Installed by
+# scripts/provision-python when missing; `make setup PYTHON=/path/to/python3.11` uses another.
+PYTHON ?= /usr/bin/python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
@@ -13,9 +16,11 @@ setup: $(VENV)/.installed provision
 # Dependencies come from the lock file, every one pinned and hash-checked; the worker itself is
 # installed editable on top, without resolving anything. The repository root goes on the venv's
 # path (devtools.pth), so the developer tooling that is kept out of the wheel (devkit/, bench/,
-# tests/) imports the same way from every process.
-$(VENV)/.installed: pyproject.toml requirements-dev.lock Makefile
-	$(PYTHON) -m venv $(VENV)
+# tests/) imports the same way from every process. --clear: a .venv made from another
+# interpreter is rebuilt, not patched.
+$(VENV)/.installed: pyproject.toml requirements-dev.lock Makefile scripts/provision-python
+	./scripts/provision-python $(PYTHON)
+	$(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q --require-hashes -r requirements-dev.lock
 	$(BIN)/pip install -q --no-deps -e .

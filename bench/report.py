@@ -321,7 +321,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"{_fmt(dig(r, 'e2e_1_process', 'others_cores', 'median'))} of the 2 cores during the "
         "1-process end-to-end runs."
     )
-    # The image runs a PGO+LTO build (docs/benchmarks.md); say which build was measured.
+    # The image runs Debian's python3.11 (docs/benchmarks.md); say which build was measured.
     header += f" Interpreter build: {m.get('python_build', 'not recorded')}."
     ratios = [
         "| ratio of medians | value | target |",
