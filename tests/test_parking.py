@@ -11,6 +11,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, cast
 
 import msgspec
@@ -25,6 +26,7 @@ from tests.test_pipeline import config_for, order_events
 from worker.core.vocabulary import DeadLetterReason
 from worker.delivery.client import TikTokClient
 from worker.delivery.factory import build_routes, parking_policy
+from worker.delivery.inflight import Parking, PendingEvent
 from worker.delivery.ratelimit import build_rate_limiter
 from worker.delivery.sender import LanePolicy, RetryPolicy, Sender
 from worker.errors import FatalLatch
@@ -895,6 +897,39 @@ def test_in_memory_retrying_is_capped_at_the_deadline() -> None:
     policy = parking_policy(config)
     assert policy.in_memory_s == 5
     assert (policy.circuit.failure_threshold, policy.circuit.open_s) == (5, 2)
+
+
+def test_a_parked_batch_shares_one_due_time_so_its_headers_are_encoded_once() -> None:
+    written: list[Parked] = []
+
+    class Retry:
+        def park(self, *, value: Any, key: Any, parked: Parked, on_written: Any) -> None:
+            written.append(parked)
+
+    draws = iter([0.2, 0.9])
+    parker = Parker(
+        retry=cast(Any, Retry()),
+        dead_letters=cast(Any, None),
+        rules=ParkingRules(deadline_s=100, initial_backoff_s=1, max_backoff_s=60),
+        log=get_logger("test"),
+        clock=lambda: 1000.0,
+        random=lambda: next(draws),
+    )
+
+    def event(offset: int) -> PendingEvent:
+        message = SimpleNamespace(
+            dropped=False, parked=None, key=None, topic=SOURCE, partition=0, offset=offset,
+            timestamp_ms=None, finish_one=lambda: None,
+        )  # fmt: skip
+        outcome = SimpleNamespace(raw=b"{}", index=0, multi=False)
+        mapped = SimpleNamespace(destination="shop-a", subscription=None)
+        return cast(PendingEvent, SimpleNamespace(message=message, outcome=outcome, mapped=mapped))
+
+    parking = Parking("retryable", "retryable", "HTTP 503", None, 1, 990.0, 10.0)
+    parker.park_all([event(o) for o in range(3)], parking)
+    parker.park_all([event(o) for o in range(3, 5)], parking)
+    assert [p.due_at for p in written] == [1011.0] * 3 + [1014.5] * 2  # one draw per batch
+    assert written[0].headers()[:10] == written[2].headers()[:10]
 
 
 def test_due_times_spread_over_half_a_pause_and_never_past_the_deadline() -> None:

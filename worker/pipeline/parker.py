@@ -155,22 +155,34 @@ class Parker:
     def rules(self) -> ParkingRules:
         return self._rules
 
-    def _due(self, now: float, pause: float, first_failed_at: float) -> float:
+    def _due(
+        self, now: float, pause: float, first_failed_at: float, spread: float | None = None
+    ) -> float:
         """`now + pause` stretched by up to `DUE_SPREAD` of the pause, never past the deadline:
         events parked during one circuit pause would otherwise all come due at the instant it
         ends, and the retry intake would re-park or map thousands at once while the other
-        destinations wait for the CPU."""
-        due = now + pause * (1.0 + DUE_SPREAD * self._random())
+        destinations wait for the CPU. `spread` (a random fraction) is drawn once per batch:
+        batches are spread, and the records of one batch keep sharing their header encoding."""
+        fraction = self._random() if spread is None else spread
+        due = now + pause * (1.0 + DUE_SPREAD * fraction)
         return min(due, first_failed_at + self._rules.deadline_s - 0.001)
 
     def park_all(self, events: Sequence[PendingEvent], parking: Parking) -> None:
-        """Park a failed batch: one clock reading, so its records share their times (and the
-        encoding of the headers they share)."""
+        """Park a failed batch: one clock reading and one spread, so its records share their
+        times (and the encoding of the headers they share)."""
         now = self._clock()
+        spread = self._random()
         for event in events:
-            self.park(event, parking, now=now)
+            self.park(event, parking, now=now, spread=spread)
 
-    def park(self, event: PendingEvent, parking: Parking, *, now: float | None = None) -> None:
+    def park(
+        self,
+        event: PendingEvent,
+        parking: Parking,
+        *,
+        now: float | None = None,
+        spread: float | None = None,
+    ) -> None:
         message = event.message
         if message.dropped:
             return
@@ -198,7 +210,7 @@ class Parker:
                 attempts=attempts,
             )
             return
-        due = self._due(now, pause, first)
+        due = self._due(now, pause, first, spread)
         source = provenance(message, event.outcome)
         parked = Parked(
             destination=destination,
