@@ -364,6 +364,8 @@ def test_partner_name_null_omits_the_key() -> None:
         pytest.param("/relative?ttclid=U", "F", "F", id="relative-url-ignored"),
         pytest.param("https://s.example/?ttclid=a%20b+c", None, "a b c", id="percent-and-plus"),
         pytest.param("https://s.example/#x?ttclid=U", "F", "F", id="fragment-not-query"),
+        pytest.param("https://s.example/?tt%63lid=U", "F", "U", id="percent-encoded-name"),
+        pytest.param("https://s.example/?utm_source=x&a=1", "F", "F", id="other-params-only"),
         pytest.param(None, None, None, id="nothing"),
     ],
 )

@@ -160,8 +160,8 @@ def url_ttclid(url: str) -> str | None:
 
     A relative or invalid URL is ignored, as Segment's `new URL(...)` ignores it; the query
     is decoded like URLSearchParams (`+` is a space, percent-escapes are UTF-8)."""
-    if "?" not in url:
-        return None
+    if "?" not in url or ("ttclid" not in url and "%" not in url):
+        return None  # no query, or no way to spell the name (it could be percent-encoded)
     m = _SCHEME_RE.match(url)
     if m is None:
         return None
