@@ -644,6 +644,28 @@ async def test_a_down_destinations_own_partition_is_left_unread_until_it_may_be_
     assert rig.dead() == []
 
 
+async def test_a_record_near_its_deadline_is_not_held_but_dead_lettered_on_time(
+    rig_factory: Any,
+) -> None:
+    # Its deadline (5 s after its first failure, 4.5 s ago) falls within the circuit's longest
+    # pause (30 s, up to 120 s): holding the partition would dead-letter it a pause late, so it
+    # is read as usual and dead-lettered at its deadline.
+    holder = RecordingHolder()
+    rig: Rig = await rig_factory(failure_threshold=1, open_s=30, deadline_s=5, holder=holder)
+    rig.fake.add_fault(FaultSpec(kind="http_503", pixel=PIXEL_A))
+    rig.pipeline.on_messages(kafka([source_message(0, order_events(1, "a")[0])]))
+    circuit = "tiktok_worker_destination_circuit_state"
+    await eventually(lambda: rig.sample(circuit, destination="shop-a") == 2)
+    now = time.time()
+    record = Record(RETRY, b"{}", b"k", _text(_parked("shop-a", first=now - 4.5, due=now)), 0)
+    rig.intake.on_messages(kafka([Message(record, 5)]))
+    # (The source event itself was dead-lettered at once: a 30 s pause is past its deadline.)
+    await eventually(lambda: rig.retry_ledger.pending() == {(RETRY, 0): 6}, within_s=3)
+    letters = [d for d in rig.dead() if d.headers["dlq.original.offset"] == "41"]
+    assert [d.headers["dlq.reason"] for d in letters] == ["retries_exhausted"]
+    assert holder.holds == []
+
+
 async def test_a_rewind_that_did_not_take_effect_stops_the_worker_without_committing_past(
     rig_factory: Any,
 ) -> None:

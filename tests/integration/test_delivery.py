@@ -248,7 +248,7 @@ def test_failing_pixel_does_not_hold_up_another(scenario: Any) -> None:
             >= len(expected)
         ),
         60,
-    )
+    ), worker.log_tail()
     assert worker.terminate() == 0
     reasons = Counter(headers_of(m)["dlq.reason"] for m in s.dead_letters())
     assert reasons == Counter({"auth_error": len(expected)})

@@ -115,6 +115,11 @@ class Circuit:
             self._open_until = self._clock()
             self._set(CircuitState.OPEN)
 
+    @property
+    def longest_pause_s(self) -> float:
+        """The longest it ever stays open (`max_open_s`)."""
+        return self._policy.max_open_s
+
     def retry_in(self) -> float:
         """Seconds until this destination may be tried again (0 when closed)."""
         now = self._clock()

@@ -15,7 +15,8 @@ For each parked record (`worker.kafka.parking.Parked`):
 - its destination's circuit is open (or half-open with its probe out) and its partition holds
   no other destination's records (`worker.kafka.parking.RetryLayout`): the partition is left
   unread from this record on (the consumer pauses it and seeks back to it) until the circuit
-  may be tried again or closes. Nothing from that offset on has begun, so the commit stops
+  may be tried again or closes (a record within `max_open_s` of its deadline is read as usual,
+  so it is dead-lettered on time). Nothing from that offset on has begun, so the commit stops
   there: the backlog waits in Kafka, not here, and is not read and parked again every pause;
 - due while its destination's circuit is open on a shared partition: parked again as it is
   (not mapped, no request) with a due time after the circuit's pause, so it never waits here
@@ -138,6 +139,7 @@ class RetryIntake(Pipeline):
         self._rewinding: set[TopicPartitionKey] = set()
         self._hold_futures: dict[TopicPartitionKey, asyncio.Future[bool]] = {}
         self._holds: dict[TopicPartitionKey, str] = {}
+        self._hold_deadlines: dict[TopicPartitionKey, float] = {}
         self._release_timers: dict[TopicPartitionKey, asyncio.TimerHandle] = {}
         self._rewound_to: dict[TopicPartitionKey, int] = {}
         sender.watch_circuits(self._circuit_changed)
@@ -171,7 +173,7 @@ class RetryIntake(Pipeline):
         verdict = self._verdict(key, parked) if parked is not None else _READ
         if verdict is _HOLD:
             assert parked is not None
-            self._hold(key, offset, parked.destination)
+            self._hold(key, offset, parked.destination, parked.first_failed_at + self._deadline_s)
             return
         self._ledger.begin(key, offset)
         _ts_type, timestamp_ms = msg.timestamp()
@@ -245,19 +247,29 @@ class RetryIntake(Pipeline):
         circuit = self._sender.circuit(destination)
         if circuit is None or circuit.state is CircuitState.CLOSED:
             return _READ
-        if self._clock() >= parked.first_failed_at + self._deadline_s:
-            return _READ  # past its deadline: dead-lettered now, whatever the circuit says
-        if circuit.retry_in() <= 0 and self._probe_events.get(destination, 0) < self._probe_limit:
+        retry_in = circuit.retry_in()
+        if parked.first_failed_at + self._deadline_s <= self._clock() + max(
+            retry_in, circuit.longest_pause_s
+        ):
+            # It may run out before the destination is tried again: read as usual (held in
+            # memory until due), so it is dead-lettered at its deadline, not a pause later.
+            return _READ
+        if retry_in <= 0 and self._probe_events.get(destination, 0) < self._probe_limit:
             return _PROBE
         return _HOLD
 
-    def _hold(self, key: TopicPartitionKey, offset: int, destination: str) -> None:
+    def _hold(
+        self, key: TopicPartitionKey, offset: int, destination: str, deadline_at: float
+    ) -> None:
         """Leave partition `key` unread from `offset` on until the destination may be tried
-        again (or its circuit closes). Nothing from `offset` on has begun, so the commit stops
-        at `offset`: the records stay in Kafka, not in memory, and cost nothing meanwhile."""
+        again (or its circuit closes), or the record at `offset` reaches its deadline
+        (`deadline_at`, wall time: it is then dead-lettered on time, not a pause later).
+        Nothing from `offset` on has begun, so the commit stops at `offset`: the records stay
+        in Kafka, not in memory, and cost nothing meanwhile."""
         assert self._holder is not None
         self._rewinding.add(key)
         self._holds[key] = destination
+        self._hold_deadlines[key] = deadline_at
         future = self._holder.hold(key, offset)
         self._hold_futures[key] = future
         future.add_done_callback(lambda done: self._hold_applied(key, offset, done))
@@ -291,12 +303,16 @@ class RetryIntake(Pipeline):
         # No pause left (the probe is due, or out with its events): the circuit's change
         # releases it; the timer only makes sure it is never held for good.
         delay = wait + 0.01 if wait > 0 else HOLD_FALLBACK_S
+        deadline_at = self._hold_deadlines.get(key)
+        if deadline_at is not None:
+            delay = min(delay, max(0.01, deadline_at - self._clock() + 0.01))
         loop = asyncio.get_running_loop()
         self._release_timers[key] = loop.call_later(delay, self._release, key)
 
     def _release(self, key: TopicPartitionKey) -> None:
         if self._holds.pop(key, None) is None:
             return
+        self._hold_deadlines.pop(key, None)
         timer = self._release_timers.pop(key, None)
         if timer is not None:
             timer.cancel()
@@ -310,6 +326,7 @@ class RetryIntake(Pipeline):
             self._rewound_to.pop(key, None)
             self._hold_futures.pop(key, None)
             self._holds.pop(key, None)
+            self._hold_deadlines.pop(key, None)
             timer = self._release_timers.pop(key, None)
             if timer is not None:
                 timer.cancel()
