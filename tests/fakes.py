@@ -180,6 +180,9 @@ class FakeKafkaConsumer:
         self.commits: list[list[tuple[str, int, int]]] = []
         self.paused: set[TopicPartitionKey] = set()
         self.seeks: list[tuple[str, int, int]] = []
+        # Like librdkafka, a partition's pause outlives its revoke: `reassign` (from any
+        # thread) revokes and assigns these again inside the next consume().
+        self.reassign: list[TopicPartition] = []
         self.queued: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._callbacks: dict[str, Callable[..., None]] = {}
         self._assigned = False
@@ -203,6 +206,10 @@ class FakeKafkaConsumer:
         if not self._assigned:
             self._assigned = True
             self._callbacks["on_assign"](self, self.partitions)
+        if self.reassign:  # a revoke and a new assignment of the same partitions
+            again, self.reassign = self.reassign, []
+            self._callbacks["on_revoke"](self, again)
+            self._callbacks["on_assign"](self, again)
         self.gate.wait()
         batch: list[Any] = []
         while len(batch) < num_messages:

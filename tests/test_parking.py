@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import msgspec
 import pytest
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from devkit.fake_tiktok.server import FakeTikTok, FaultSpec
 from devkit.sample_events import encode
@@ -700,6 +700,26 @@ async def test_the_consumer_holds_a_partition_apart_from_the_pause_switch() -> N
         pause.paused = False
         assert await fakes_eventually(lambda: fake.paused == {("segment", 1)})
         thread.release(("segment", 1))
+        assert await fakes_eventually(lambda: fake.paused == set())
+    finally:
+        await stop(thread, fake)
+
+
+async def test_a_partition_paused_when_revoked_is_read_again_when_assigned_again() -> None:
+    # librdkafka keeps the pause of a partition revoked and assigned again to the same
+    # consumer; the consumer thread had forgotten it, so it was never resumed (a held retry
+    # partition, or a source partition paused by backpressure, stayed unread for good).
+    pause = PauseSwitch()
+    thread, fake, _sink = consumer_thread(Metrics(), pause=pause)
+    thread.start()
+    try:
+        assert await fakes_eventually(lambda: len(thread.assignment()) == 2)
+        assert await asyncio.wait_for(thread.hold(("segment", 1), 7), 5) is True
+        pause.paused = True
+        assert await fakes_eventually(lambda: fake.paused == {("segment", 0), ("segment", 1)})
+        fake.reassign = [TopicPartition("segment", 0), TopicPartition("segment", 1)]
+        assert await fakes_eventually(lambda: not fake.reassign)
+        pause.paused = False
         assert await fakes_eventually(lambda: fake.paused == set())
     finally:
         await stop(thread, fake)

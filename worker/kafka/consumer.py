@@ -104,6 +104,7 @@ class ConsumerThread:
         self._paused: set[TopicPartitionKey] = set()
         # Partitions the sink asked to leave unread (`hold`), and holds not yet applied.
         self._held: set[TopicPartitionKey] = set()
+        self._fresh: set[TopicPartitionKey] = set()  # assigned since the last `_apply_pause`
         self._holds_pending: dict[TopicPartitionKey, tuple[int, asyncio.Future[bool]]] = {}
         self._assigned: set[TopicPartitionKey] = set()
         self._on_share = on_share
@@ -237,14 +238,21 @@ class ConsumerThread:
             request()
 
     def _apply_pause(self) -> None:
-        """Pause every partition while the switch is on, and the held ones always."""
+        """Pause every partition while the switch is on, and the held ones always.
+
+        librdkafka keeps a partition's pause across a revoke and a new assignment to the same
+        consumer, while this thread forgets it at the revoke: a newly assigned partition is
+        therefore resumed here (once it is assigned: not from the callback) unless it is
+        wanted paused, or it would never be read again."""
         want = self._assigned if self._pause.paused else self._held & self._assigned
         todo = want - self._paused
         if todo:
             self._consumer.pause([TopicPartition(t, p) for t, p in todo])
         done = (self._paused - want) & self._assigned
-        if done:
-            self._consumer.resume([TopicPartition(t, p) for t, p in done])
+        fresh = (self._fresh & self._assigned) - want - self._paused
+        self._fresh.clear()
+        if done or fresh:
+            self._consumer.resume([TopicPartition(t, p) for t, p in done | fresh])
         self._paused = set(want)
         self._show()
 
@@ -290,6 +298,7 @@ class ConsumerThread:
         keys = [(tp.topic, tp.partition) for tp in partitions]
         self._drop_holds(keys)  # asked in an earlier generation (after a loss)
         self._assigned.update(keys)
+        self._fresh.update(keys)
         self._metrics.rebalances.labels(kind=RebalanceKind.ASSIGN).inc()
         self._show()
         self._log.info("partitions assigned", partitions=_fmt(keys))
