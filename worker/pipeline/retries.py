@@ -131,15 +131,13 @@ class RetryIntake(Pipeline):
         # Parked events handed to a lane since its circuit last changed, while not closed.
         self._probe_events: dict[str, int] = {}
         self._probe_limit = probe_events
-        # Partitions left unread while their one destination is down (`_hold`): asked and
-        # not yet applied by the consumer (their records are ignored), held (by destination),
-        # and the offset each must be read from again.
+        # Partitions left unread while their one destination is down (`_hold`): the holds
+        # not yet applied by the consumer (their records are ignored), the holds (destination
+        # and the deadline of the record held at), and the offset each must be read from again.
         self._layout = layout
         self._holder: PartitionHolder | None = None
-        self._rewinding: set[TopicPartitionKey] = set()
         self._hold_futures: dict[TopicPartitionKey, asyncio.Future[bool]] = {}
-        self._holds: dict[TopicPartitionKey, str] = {}
-        self._hold_deadlines: dict[TopicPartitionKey, float] = {}
+        self._holds: dict[TopicPartitionKey, tuple[str, float]] = {}
         self._release_timers: dict[TopicPartitionKey, asyncio.TimerHandle] = {}
         self._rewound_to: dict[TopicPartitionKey, int] = {}
         sender.watch_circuits(self._circuit_changed)
@@ -152,7 +150,7 @@ class RetryIntake(Pipeline):
     # -- per record ----------------------------------------------------------------------------
 
     def _process(self, msg: Message, key: TopicPartitionKey, offset: int) -> None:
-        if key in self._rewinding or key in self._holds:
+        if key in self._hold_futures or key in self._holds:
             return  # read before its partition was held: read again when it is released
         expected = self._rewound_to.pop(key, None)
         if expected is not None and offset != expected:
@@ -267,9 +265,7 @@ class RetryIntake(Pipeline):
         Nothing from `offset` on has begun, so the commit stops at `offset`: the records stay
         in Kafka, not in memory, and cost nothing meanwhile."""
         assert self._holder is not None
-        self._rewinding.add(key)
-        self._holds[key] = destination
-        self._hold_deadlines[key] = deadline_at
+        self._holds[key] = (destination, deadline_at)
         future = self._holder.hold(key, offset)
         self._hold_futures[key] = future
         future.add_done_callback(lambda done: self._hold_applied(key, offset, done))
@@ -282,7 +278,6 @@ class RetryIntake(Pipeline):
         if self._hold_futures.get(key) is not future:
             return  # dropped meanwhile (revoke, loss, shutdown)
         del self._hold_futures[key]
-        self._rewinding.discard(key)
         if future.cancelled():
             return
         error = future.exception()
@@ -303,16 +298,15 @@ class RetryIntake(Pipeline):
         # No pause left (the probe is due, or out with its events): the circuit's change
         # releases it; the timer only makes sure it is never held for good.
         delay = wait + 0.01 if wait > 0 else HOLD_FALLBACK_S
-        deadline_at = self._hold_deadlines.get(key)
-        if deadline_at is not None:
-            delay = min(delay, max(0.01, deadline_at - self._clock() + 0.01))
+        held = self._holds.get(key)
+        if held is not None:
+            delay = min(delay, max(0.01, held[1] - self._clock() + 0.01))
         loop = asyncio.get_running_loop()
         self._release_timers[key] = loop.call_later(delay, self._release, key)
 
     def _release(self, key: TopicPartitionKey) -> None:
         if self._holds.pop(key, None) is None:
             return
-        self._hold_deadlines.pop(key, None)
         timer = self._release_timers.pop(key, None)
         if timer is not None:
             timer.cancel()
@@ -322,11 +316,9 @@ class RetryIntake(Pipeline):
     def _forget_holds(self, partitions: Sequence[TopicPartitionKey]) -> None:
         """The consumer forgets its holds of revoked or lost partitions; so does the intake."""
         for key in partitions:
-            self._rewinding.discard(key)
             self._rewound_to.pop(key, None)
             self._hold_futures.pop(key, None)
             self._holds.pop(key, None)
-            self._hold_deadlines.pop(key, None)
             timer = self._release_timers.pop(key, None)
             if timer is not None:
                 timer.cancel()
@@ -371,7 +363,7 @@ class RetryIntake(Pipeline):
         here need not wait for their due times (those were set while it was down): they go to
         its lane at once. Still down: its held partition waits for the new pause."""
         self._probe_events.pop(destination, None)
-        held = [key for key, owner in self._holds.items() if owner == destination]
+        held = [key for key, (owner, _deadline) in self._holds.items() if owner == destination]
         for key in held:
             if state is CircuitState.CLOSED:
                 self._release(key)
@@ -451,7 +443,7 @@ class RetryIntake(Pipeline):
 
     async def close(self) -> None:
         """Cancel every timer (shutdown after the consumer closed)."""
-        self._forget_holds(list(self._holds) + list(self._rewinding))
+        self._forget_holds(list(self._holds) + list(self._hold_futures))
         self._metrics.parked_waiting.dec(len(self._held))
         self._held.clear()
         self._values.clear()
