@@ -191,13 +191,7 @@ class Lane:
             batch.append(event)
         if queue:
             self.first_at = time.monotonic()  # the rest lingers afresh (or goes next if full)
-            if len(queue) < self.max_events and self.nbytes < self.max_bytes:
-                self.full.clear()
-        else:
-            self.wake.clear()
-            self.full.clear()
-            self.flushing = False
-            self.nbytes = 0
+        if self._after_taking():
             self.cap = None  # caught up
         return batch
 
@@ -211,15 +205,22 @@ class Lane:
             self.nbytes -= len(event.mapped.payload) + 1
             if not event.message.dropped:
                 taken.append(event)
-        if not queue:
-            self.wake.clear()
-            self.full.clear()
-            self.flushing = False
-            self.nbytes = 0
-        elif len(queue) < self.max_events and self.nbytes < self.max_bytes and not self.flushing:
-            self.full.clear()
+        self._after_taking()
         taken.reverse()
         return taken
+
+    def _after_taking(self) -> bool:
+        """The flags once events left the queue (`seal`, `take_newest`): no longer full below
+        both limits, all clear once empty. True when the queue is empty."""
+        if self.queue:
+            if len(self.queue) < self.max_events and self.nbytes < self.max_bytes:
+                self.full.clear()
+            return False
+        self.wake.clear()
+        self.full.clear()
+        self.flushing = False
+        self.nbytes = 0
+        return True
 
     def purge(self) -> int:
         """Forget queued events of dropped messages; returns how many."""
