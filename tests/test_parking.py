@@ -185,6 +185,16 @@ class Rig:
         value = self.metrics.registry.get_sample_value(name, labels)
         return 0.0 if value is None else value
 
+    def circuit_state(self, destination: str) -> float:
+        return self.sample("tiktok_worker_destination_circuit_state", destination=destination)
+
+    async def open_circuit_a(self) -> None:
+        """shop-a answers 503 from now on; one source event (offset 0) opens its circuit
+        (with `failure_threshold=1`)."""
+        self.fake.add_fault(FaultSpec(kind="http_503", pixel=PIXEL_A))
+        self.pipeline.on_messages(kafka([source_message(0, order_events(1, "a")[0])]))
+        await eventually(lambda: self.circuit_state("shop-a") == 2)
+
     async def feed_back_until(self, done: Callable[[], bool], rounds: int = 50) -> None:
         """Hand the parked records back, new ones each round, until `done()` (a record still
         parked again because its circuit is open comes back in a later round)."""
@@ -454,16 +464,13 @@ async def test_held_records_go_at_once_when_their_destination_recovers(rig_facto
     now = time.time()
     parked = _parked("shop-a", first=now - 1, due=now + 60)  # due long after the test ends
     rig.retry.records.append(Record(RETRY, encode(held), None, _text(parked), 0))
-    rig.fake.add_fault(FaultSpec(kind="http_503", pixel=PIXEL_A))
-    rig.pipeline.on_messages(kafka([source_message(0, order_events(1, "a")[0])]))
-    circuit = "tiktok_worker_destination_circuit_state"
-    await eventually(lambda: rig.sample(circuit, destination="shop-a") == 2)
+    await rig.open_circuit_a()
     rig.feed_back()
     await eventually(lambda: rig.intake.waiting >= 1)
     rig.fake.clear_faults()
     await asyncio.sleep(0.3)  # past open_s: the next batch is the probe
     rig.pipeline.on_messages(kafka([source_message(1, order_events(1, "b")[0])]))
-    await eventually(lambda: rig.sample(circuit, destination="shop-a") == 0)
+    await eventually(lambda: rig.circuit_state("shop-a") == 0)
     await eventually(lambda: held["messageId"] in rig.pixels(PIXEL_A), within_s=5)
     assert rig.pixels(PIXEL_A).count(held["messageId"]) == 1
 
@@ -472,10 +479,7 @@ async def test_a_record_due_while_its_circuit_is_open_is_parked_again_as_it_is(
     rig_factory: Any,
 ) -> None:
     rig: Rig = await rig_factory(failure_threshold=1, open_s=5)
-    rig.fake.add_fault(FaultSpec(kind="http_503", pixel=PIXEL_A))
-    rig.pipeline.on_messages(kafka([source_message(0, order_events(1, "a")[0])]))
-    circuit = "tiktok_worker_destination_circuit_state"
-    await eventually(lambda: rig.sample(circuit, destination="shop-a") == 2)
+    await rig.open_circuit_a()
     requests = rig.fake.state.requests_total
     before = len(rig.parked())
     now = time.time()
@@ -503,10 +507,7 @@ async def test_when_the_probe_is_due_one_requests_worth_goes_to_the_lane(
     rig_factory: Any,
 ) -> None:
     rig: Rig = await rig_factory(failure_threshold=1, open_s=0.3, probe_events=3)
-    rig.fake.add_fault(FaultSpec(kind="http_503", pixel=PIXEL_A))
-    rig.pipeline.on_messages(kafka([source_message(0, order_events(1, "a")[0])]))
-    circuit = "tiktok_worker_destination_circuit_state"
-    await eventually(lambda: rig.sample(circuit, destination="shop-a") == 2)
+    await rig.open_circuit_a()
     await asyncio.sleep(0.35)  # the pause is over: the next request is the probe
     before = len(rig.parked())
     now = time.time()
@@ -604,10 +605,7 @@ async def test_a_down_destinations_own_partition_is_left_unread_until_it_may_be_
     holder = RecordingHolder()
     rig: Rig = await rig_factory(failure_threshold=1, open_s=0.5, probe_events=3, holder=holder)
     rig.intake.on_assigned([(RETRY, 1)])
-    rig.fake.add_fault(FaultSpec(kind="http_503", pixel=PIXEL_A))
-    rig.pipeline.on_messages(kafka([source_message(0, order_events(1, "a")[0])]))
-    circuit = "tiktok_worker_destination_circuit_state"
-    await eventually(lambda: rig.sample(circuit, destination="shop-a") == 2)
+    await rig.open_circuit_a()
     await eventually(lambda: len(rig.parked()) == 1)  # the source event that failed
     requests = rig.fake.state.requests_total
     parked_before = len(rig.parked())
@@ -632,7 +630,7 @@ async def test_a_down_destinations_own_partition_is_left_unread_until_it_may_be_
     rig.intake.on_messages(kafka([parked_record(o) for o in range(5, 12)]))
     assert holder.holds[-1] == ((RETRY, 0), 8)
     holder.futures[-1].set_result(True)
-    await eventually(lambda: rig.sample(circuit, destination="shop-a") == 0)
+    await eventually(lambda: rig.circuit_state("shop-a") == 0)
     assert len(rig.pixels(PIXEL_A)) >= 3
     # The circuit closed: released at once, and the rest is delivered.
     await eventually(lambda: holder.releases == [(RETRY, 0)] * 2)
@@ -652,10 +650,7 @@ async def test_a_record_near_its_deadline_is_not_held_but_dead_lettered_on_time(
     # is read as usual and dead-lettered at its deadline.
     holder = RecordingHolder()
     rig: Rig = await rig_factory(failure_threshold=1, open_s=30, deadline_s=5, holder=holder)
-    rig.fake.add_fault(FaultSpec(kind="http_503", pixel=PIXEL_A))
-    rig.pipeline.on_messages(kafka([source_message(0, order_events(1, "a")[0])]))
-    circuit = "tiktok_worker_destination_circuit_state"
-    await eventually(lambda: rig.sample(circuit, destination="shop-a") == 2)
+    await rig.open_circuit_a()
     now = time.time()
     record = Record(RETRY, b"{}", b"k", _text(_parked("shop-a", first=now - 4.5, due=now)), 0)
     rig.intake.on_messages(kafka([Message(record, 5)]))
@@ -671,10 +666,7 @@ async def test_a_rewind_that_did_not_take_effect_stops_the_worker_without_commit
 ) -> None:
     holder = RecordingHolder()
     rig: Rig = await rig_factory(failure_threshold=1, open_s=0.2, holder=holder)
-    rig.fake.add_fault(FaultSpec(kind="http_503", pixel=PIXEL_A))
-    rig.pipeline.on_messages(kafka([source_message(0, order_events(1, "a")[0])]))
-    circuit = "tiktok_worker_destination_circuit_state"
-    await eventually(lambda: rig.sample(circuit, destination="shop-a") == 2)
+    await rig.open_circuit_a()
     rig.intake.on_messages(kafka([parked_record(o) for o in range(5, 8)]))
     holder.futures[0].set_result(True)
     await eventually(lambda: holder.releases == [(RETRY, 0)], within_s=2)
