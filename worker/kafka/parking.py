@@ -135,7 +135,7 @@ class RetryLayout:
         holders: dict[int, list[str]] = {}
         for name, partition in self._by_destination.items():
             holders.setdefault(partition, []).append(name)
-        self._owner = {p: names[0] for p, names in holders.items() if len(names) == 1}
+        self._owner = {p: only for p, (only, *others) in holders.items() if not others}
 
     def partition(self, destination: str) -> int:
         found = self._by_destination.get(destination)
