@@ -36,9 +36,11 @@ from worker.kafka.offsets import OffsetLedger
 from worker.kafka.parking import (
     PROBE_HEADER,
     Parked,
+    RetryLayout,
     RetryProducer,
     iso,
     parse_iso,
+    partition_for,
 )
 from worker.kafka.settings import TopicPartitionKey
 from worker.mapping.mapper import Mapper
@@ -964,6 +966,16 @@ def test_a_parked_batch_shares_one_due_time_so_its_headers_are_encoded_once() ->
     parker.park_all([event(o) for o in range(3, 5)], parking)
     assert [p.due_at for p in written] == [1011.0] * 3 + [1014.5] * 2  # one draw per batch
     assert written[0].headers()[:10] == written[2].headers()[:10]
+
+
+def test_the_retry_layout_gives_each_destination_its_own_partition_when_there_are_enough() -> None:
+    own = RetryLayout(["shop-b", "shop-a", "shop-c"], 4)
+    assert [own.partition(d) for d in ("shop-a", "shop-b", "shop-c")] == [0, 1, 2]
+    assert [own.sole_destination(p) for p in range(4)] == ["shop-a", "shop-b", "shop-c", None]
+    shared = RetryLayout(["shop-b", "shop-a", "shop-c"], 2)
+    assert [shared.partition(d) for d in ("shop-a", "shop-b", "shop-c")] == [0, 1, 0]
+    assert [shared.sole_destination(p) for p in range(2)] == [None, "shop-b"]
+    assert own.partition("gone-shop") == partition_for("gone-shop", 4)  # not configured
 
 
 def test_due_times_spread_over_half_a_pause_and_never_past_the_deadline() -> None:
