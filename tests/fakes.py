@@ -248,9 +248,10 @@ class RecordingSink:
         self.assigned: list[TopicPartitionKey] = []
         self.revoked: list[TopicPartitionKey] = []
         self.fatal: list[BaseException] = []
+        self.messages: list[Any] = []
 
     def on_messages(self, messages: Sequence[Any]) -> None:
-        pass
+        self.messages.extend(messages)
 
     def on_assigned(self, partitions: Sequence[TopicPartitionKey]) -> None:
         self.assigned.extend(partitions)
@@ -272,8 +273,10 @@ def consumer_thread(
     metrics: Metrics,
     partitions: Sequence[TopicPartitionKey] = (("segment", 0), ("segment", 1)),
     pause: PauseSwitch | None = None,
+    soft_pause_s: float = 0.0,
 ) -> tuple[ConsumerThread, FakeKafkaConsumer, RecordingSink]:
-    """A ConsumerThread on the running loop over a fake consumer (not started)."""
+    """A ConsumerThread on the running loop over a fake consumer (not started). The pause
+    switch pauses the fake at once unless `soft_pause_s` says otherwise."""
     made: list[FakeKafkaConsumer] = []
 
     def factory(config: dict[str, Any]) -> FakeKafkaConsumer:
@@ -290,6 +293,7 @@ def consumer_thread(
         log=get_logger("test"),
         drain_timeout_s=1,
         pause=pause if pause is not None else PauseSwitch(),
+        soft_pause_s=soft_pause_s,
         consumer_factory=factory,
     )
     return thread, made[0], sink

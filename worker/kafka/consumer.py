@@ -33,19 +33,44 @@ CONSUME_TIMEOUT_S: Final = 0.1
 # this many batches (memory bound), while still overlapping consume and processing.
 MAX_UNPROCESSED_BATCHES: Final = 2
 HANDOFF_WAIT_S: Final = 0.05
+# How long the pipeline's pause is kept by not reading before librdkafka is told to pause.
+# librdkafka's broker thread notices a resume only at its next wake-up, up to 1 s after the
+# pause began (measured: 670-700 ms from a resume 0.3 s into a pause to the next fetch), which
+# a backlog drain that pauses several times a second pays every time. Not reading costs
+# nothing: librdkafka stops fetching by itself once its bounded pre-fetch queue is full. But
+# rebalance callbacks are served only from consume(), so a longer pause is handed to
+# librdkafka, which lets the thread keep polling and serve them.
+SOFT_PAUSE_S: Final = 2.0
 
 
 class PauseSwitch:
     """Backpressure, decided on the event loop and applied by the consumer thread.
 
-    Built before both, so neither needs the other to exist first. A plain attribute: a bool
-    store is atomic, and the thread reads it once per loop.
+    Built before both, so neither needs the other to exist first. `paused` is set on the
+    event loop; the thread reads it once per loop and, while it is on, waits for it to go off
+    (`wait_resumed`) so that reading starts again at once.
     """
 
-    __slots__ = ("paused",)
+    __slots__ = ("_flowing",)
 
     def __init__(self) -> None:
-        self.paused = False
+        self._flowing = threading.Event()
+        self._flowing.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._flowing.is_set()
+
+    @paused.setter
+    def paused(self, value: bool) -> None:
+        if value:
+            self._flowing.clear()
+        else:
+            self._flowing.set()
+
+    def wait_resumed(self, timeout: float) -> bool:
+        """Block (on the consumer thread) until the pause is off or `timeout` passes."""
+        return self._flowing.wait(timeout)
 
 
 class ConsumerSink(Protocol):
@@ -79,6 +104,7 @@ class ConsumerThread:
         drain_timeout_s: float,
         pause: PauseSwitch,
         batch_size: int = 2000,
+        soft_pause_s: float = SOFT_PAUSE_S,
         source_gauges: bool = True,
         consumer_factory: Callable[[dict[str, Any]], Any] = Consumer,
         on_share: Callable[[int, int], None] | None = None,
@@ -101,6 +127,9 @@ class ConsumerThread:
         self._handoff = threading.BoundedSemaphore(MAX_UNPROCESSED_BATCHES)
         self._stop = threading.Event()
         self._pause = pause
+        self._soft_pause_s = soft_pause_s
+        self._paused_since: float | None = None  # when the thread first saw the pause on
+        self._reading_stopped = False  # the pause is kept by not reading (see SOFT_PAUSE_S)
         self._paused: set[TopicPartitionKey] = set()
         # Partitions the sink asked to leave unread (`hold`), and holds not yet applied.
         self._held: set[TopicPartitionKey] = set()
@@ -201,6 +230,10 @@ class ConsumerThread:
                 if not self._handoff.acquire(timeout=HANDOFF_WAIT_S):
                     continue  # the pipeline is behind: wait for it before fetching more
                 self._apply_pause()
+                if self._reading_stopped:
+                    self._handoff.release()
+                    self._pause.wait_resumed(HANDOFF_WAIT_S)
+                    continue
                 # consume(n, timeout) waits the whole timeout unless n messages are ready, so
                 # wait for the first message only, then take whatever else is already queued.
                 messages = self._consumer.consume(1, CONSUME_TIMEOUT_S)
@@ -238,13 +271,16 @@ class ConsumerThread:
             request()
 
     def _apply_pause(self) -> None:
-        """Pause every partition while the switch is on, and the held ones always.
+        """Pause every partition while the switch has been on for `soft_pause_s` (until then
+        the thread only stops reading), and the held ones always.
 
         librdkafka keeps a partition's pause across a revoke and a new assignment to the same
         consumer, while this thread forgets it at the revoke: a newly assigned partition is
         therefore resumed here (once it is assigned: not from the callback) unless it is
         wanted paused, or it would never be read again."""
-        want = self._assigned if self._pause.paused else self._held & self._assigned
+        handed_over = self._pause_handed_over()
+        self._reading_stopped = self._pause.paused and not handed_over
+        want = self._assigned if handed_over else self._held & self._assigned
         todo = want - self._paused
         if todo:
             self._consumer.pause([TopicPartition(t, p) for t, p in todo])
@@ -255,6 +291,17 @@ class ConsumerThread:
             self._consumer.resume([TopicPartition(t, p) for t, p in done | fresh])
         self._paused = set(want)
         self._show()
+
+    def _pause_handed_over(self) -> bool:
+        """Whether the pipeline's pause is on and has lasted long enough to pause in
+        librdkafka (called once per loop: it also notes when the pause began and ended)."""
+        if not self._pause.paused:
+            self._paused_since = None
+            return False
+        now = time.monotonic()
+        if self._paused_since is None:
+            self._paused_since = now
+        return now - self._paused_since >= self._soft_pause_s
 
     def _apply_holds(self) -> None:
         """Pause, then seek back, each partition whose hold was asked for. A hold asked before
@@ -394,7 +441,11 @@ class ConsumerThread:
             return
         for name, gauge, count in (
             ("assigned", self._metrics.assigned_partitions, len(self._assigned)),
-            ("paused", self._metrics.paused_partitions, len(self._paused)),
+            (
+                "paused",
+                self._metrics.paused_partitions,
+                len(self._assigned) if self._reading_stopped else len(self._paused),
+            ),
         ):
             delta = count - self._shown[name]
             if delta:

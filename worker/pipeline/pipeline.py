@@ -13,7 +13,9 @@ Invariants (enforced here and tested in ``tests/test_pipeline.py``):
     a reason. But if the dead-letter topic itself cannot be written, the worker stops (fatal)
     without committing the affected offsets.
 (e) Memory is bounded: above ``max_inflight_messages`` unfinished messages every partition is
-    paused (the consumer keeps polling, so it stays in the group) until half have finished.
+    paused until half have finished: first by not reading (librdkafka's pre-fetch queue is
+    bounded), then, once the pause has lasted ``SOFT_PAUSE_S``, in librdkafka, so that the
+    consumer keeps polling and stays in the group (``worker.kafka.consumer``).
     Paused that way for ``shed_after_s`` without a break, every lane is held to its fair share
     of the bound (``Sender.shed``): the events a slow lane holds beyond it are parked, so one
     destination slowed by its own rate limit cannot keep the others waiting.
