@@ -249,9 +249,11 @@ class RecordingSink:
         self.revoked: list[TopicPartitionKey] = []
         self.fatal: list[BaseException] = []
         self.messages: list[Any] = []
+        self.calls: list[str] = []  # "messages", "revoked", "lost": in the order they came
 
     def on_messages(self, messages: Sequence[Any]) -> None:
         self.messages.extend(messages)
+        self.calls.append("messages")
 
     def on_assigned(self, partitions: Sequence[TopicPartitionKey]) -> None:
         self.assigned.extend(partitions)
@@ -260,10 +262,11 @@ class RecordingSink:
         self, partitions: Sequence[TopicPartitionKey]
     ) -> dict[TopicPartitionKey, int]:
         self.revoked.extend(partitions)
+        self.calls.append("revoked")
         return {}
 
     def on_lost(self, partitions: Sequence[TopicPartitionKey]) -> None:
-        pass
+        self.calls.append("lost")
 
     def on_fatal(self, error: BaseException) -> None:
         self.fatal.append(error)
@@ -274,6 +277,8 @@ def consumer_thread(
     partitions: Sequence[TopicPartitionKey] = (("segment", 0), ("segment", 1)),
     pause: PauseSwitch | None = None,
     soft_pause_s: float = 0.0,
+    defer_while: Callable[[], bool] | None = None,
+    batch_size: int = 2000,
 ) -> tuple[ConsumerThread, FakeKafkaConsumer, RecordingSink]:
     """A ConsumerThread on the running loop over a fake consumer (not started). The pause
     switch pauses the fake at once unless `soft_pause_s` says otherwise."""
@@ -294,6 +299,8 @@ def consumer_thread(
         drain_timeout_s=1,
         pause=pause if pause is not None else PauseSwitch(),
         soft_pause_s=soft_pause_s,
+        defer_while=defer_while,
+        batch_size=batch_size,
         consumer_factory=factory,
     )
     return thread, made[0], sink

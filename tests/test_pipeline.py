@@ -204,6 +204,26 @@ async def test_inflight_gauge_falls_to_zero_when_the_input_stops(rig_factory: An
     assert rig.sample("tiktok_worker_inflight_messages") == 0
 
 
+async def test_requests_ready_while_a_whole_batch_waits_for_a_free_permit(
+    rig_factory: Any,
+) -> None:
+    # The source consumer holds consumed batches back while this is true (ConsumerThread's
+    # defer_while), so it must turn false once the request is out or no permit is free.
+    rig: Rig = await rig_factory(max_batch_events=2, lane_concurrency=1, batch_linger_ms=10_000)
+    rig.fake.add_fault(FaultSpec(kind="slow", delay_s=0.5, count=1))
+    assert not rig.sender.requests_ready()
+    rig.pipeline.on_messages(messages(order_events(1)))
+    assert not rig.sender.requests_ready()  # half a batch: it lingers
+    rig.pipeline.on_messages(messages(order_events(1, "n"), start=1))
+    assert rig.sender.requests_ready()  # a whole batch and a free permit
+    assert await eventually(lambda: rig.sender.on_wire == 1, within_s=2)
+    assert not rig.sender.requests_ready()  # sent
+    rig.pipeline.on_messages(messages(order_events(2, "o"), start=2))
+    assert not rig.sender.requests_ready()  # a whole batch, but the only permit is taken
+    await rig.settle()
+    assert len(rig.fake.events) == 4
+
+
 async def test_out_of_order_completion_commits_the_contiguous_prefix(rig_factory: Any) -> None:
     rig: Rig = await rig_factory(max_batch_events=1)
     events = order_events(3)

@@ -157,6 +157,7 @@ async def run_worker(config: Config, *, log: Logger, metrics: Metrics | None = N
             log=log,
             drain_timeout_s=kafka.drain_timeout_s,
             pause=pause,
+            defer_while=delivery.sender.requests_ready,
             on_share=delivery.limiter.set_share,
         )
         retry_consumer = ConsumerThread(

@@ -170,6 +170,7 @@ class Sender:
         self._gate = asyncio.Event()
         self._gate.set()
         self.on_wire = 0
+        self._starting = 0  # batches sealed whose delivery task has not run yet
         self._spilled: list[PendingEvent] = []
 
     # -- the face ----------------------------------------------------------------------------
@@ -184,6 +185,16 @@ class Sender:
             self._spill(lane, event)
             return
         lane.add(event)
+
+    def requests_ready(self) -> bool:
+        """Whether a request could start now and has not yet: a batch sealed but its task not
+        yet run, or a lane with a whole batch waiting and a permit free. The source consumer
+        holds consumed batches back while this is true (`ConsumerThread`, `defer_while`)."""
+        if self._starting:
+            return True
+        return any(
+            lane.full.is_set() and not lane.permits.locked() for lane in self._lanes.values()
+        )
 
     @property
     def lane_count(self) -> int:
@@ -329,6 +340,7 @@ class Sender:
                 continue
             lane.active_events += len(batch)
             self._gauge(lane)
+            self._starting += 1
             spawn(
                 self._tasks,
                 self._deliver_batch(lane, batch),
@@ -366,6 +378,7 @@ class Sender:
     async def _deliver_batch(self, lane: Lane, batch: list[PendingEvent]) -> None:
         # Each batch has its own task, hence its own context: every log line of its attempts,
         # halves and dead letters carries the same batch_id.
+        self._starting -= 1
         structlog.contextvars.bind_contextvars(batch_id=next(self._batch_ids))
         deadline = asyncio.get_running_loop().time() + self._retry.deadline_s
         try:

@@ -2,10 +2,11 @@
 
 Every ``confluent_kafka.Consumer`` call (consume, pause, resume, commit, close) happens on this
 thread; the asyncio pipeline talks to it only through thread-safe requests. Batches of
-messages are handed to the event loop with ``call_soon_threadsafe``; rebalance callbacks run
-here, inside ``consume()``, and block on the pipeline's drain coroutine (bounded by a timeout)
-before committing what the revoked partitions finished. The drain must never wait on this
-thread, or the two would deadlock.
+messages are handed to the event loop with ``call_soon_threadsafe`` and reach the pipeline in
+consumed order, one per loop turn, after the sender's requests that are ready to start
+(``MAX_DEFERRALS``). Rebalance callbacks run here, inside ``consume()``, and block on the
+pipeline's drain coroutine (bounded by a timeout) before committing what the revoked partitions
+finished. The drain must never wait on this thread, or the two would deadlock.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, Final, Protocol
@@ -41,6 +43,12 @@ HANDOFF_WAIT_S: Final = 0.05
 # rebalance callbacks are served only from consume(), so a longer pause is handed to
 # librdkafka, which lets the thread keep polling and serve them.
 SOFT_PAUSE_S: Final = 2.0
+# How many event-loop turns a consumed batch may wait while `defer_while` says requests are
+# ready to start. The loop runs one consumed batch (tens of ms of mapping) per turn, and a
+# request needs several turns to reach the wire (lane wake-up, slot, task start, write): without
+# this, a backlog drain maps batch after batch while sealed requests wait, so the worker
+# alternates between mapping and sending and the API sees bursts.
+MAX_DEFERRALS: Final = 16
 
 
 class PauseSwitch:
@@ -105,13 +113,16 @@ class ConsumerThread:
         pause: PauseSwitch,
         batch_size: int = 2000,
         soft_pause_s: float = SOFT_PAUSE_S,
+        defer_while: Callable[[], bool] | None = None,
         source_gauges: bool = True,
         consumer_factory: Callable[[dict[str, Any]], Any] = Consumer,
         on_share: Callable[[int, int], None] | None = None,
     ) -> None:
         """`on_share(assigned, total)` runs on the event loop after every assignment change:
         how many partitions of the subscribed topics this consumer holds, of how many in all
-        (the rate limiter's fallback share)."""
+        (the rate limiter's fallback share). While `defer_while()` is true a consumed batch waits
+        for the event loop's next turn (at most `MAX_DEFERRALS` turns): the sender's requests
+        ready to start go first."""
         self._topics = list(topics)
         self._loop = loop
         self._sink = sink
@@ -128,6 +139,9 @@ class ConsumerThread:
         self._stop = threading.Event()
         self._pause = pause
         self._soft_pause_s = soft_pause_s
+        self._defer_while = defer_while
+        self._handed: deque[Sequence[Message]] = deque()  # on the event loop, not yet processed
+        self._handing_over = False  # a `_hand_over` is scheduled
         self._paused_since: float | None = None  # when the thread first saw the pause on
         self._reading_stopped = False  # the pause is kept by not reading (see SOFT_PAUSE_S)
         self._paused: set[TopicPartitionKey] = set()
@@ -201,11 +215,48 @@ class ConsumerThread:
         self._requests.put(lambda: self._held.discard(key))
 
     def _deliver(self, messages: Sequence[Message]) -> None:
-        """On the event loop: hand a batch to the pipeline, then let the thread fetch more."""
+        """On the event loop: queue a consumed batch for the pipeline, in consumed order."""
+        self._handed.append(messages)
+        if not self._handing_over:
+            self._hand_over(0)
+
+    def _hand_over(self, deferred: int) -> None:
+        """Give the oldest queued batch to the pipeline, one per event-loop turn, unless the
+        sender has requests ready to start (then wait a turn, at most `MAX_DEFERRALS` times)."""
+        self._handing_over = False
+        if not self._handed:  # `_hand_over_all` came first
+            return
+        if deferred < MAX_DEFERRALS and self._defer_while is not None and self._defer_while():
+            self._handing_over = True
+            self._loop.call_soon(self._hand_over, deferred + 1)
+            return
+        self._process_oldest()
+        if self._handed:
+            self._handing_over = True
+            self._loop.call_soon(self._hand_over, 0)
+
+    def _hand_over_all(self) -> None:
+        """Give every queued batch to the pipeline now: a revoke or a loss is handled only after
+        the batches consumed before it, as it would be without the deferral."""
+        while self._handed:
+            self._process_oldest()
+
+    def _process_oldest(self) -> None:
+        messages = self._handed.popleft()
         try:
             self._sink.on_messages(messages)
         finally:
-            self._handoff.release()
+            self._handoff.release()  # the thread may fetch another batch
+
+    async def _revoked_in_order(
+        self, partitions: Sequence[TopicPartitionKey]
+    ) -> dict[TopicPartitionKey, int]:
+        self._hand_over_all()
+        return await self._sink.on_revoked(partitions)
+
+    def _lost_in_order(self, partitions: Sequence[TopicPartitionKey]) -> None:
+        self._hand_over_all()
+        self._sink.on_lost(partitions)
 
     # -- the thread --------------------------------------------------------------------------
 
@@ -356,7 +407,7 @@ class ConsumerThread:
         keys = [(tp.topic, tp.partition) for tp in partitions]
         self._metrics.rebalances.labels(kind=RebalanceKind.REVOKE).inc()
         try:
-            offsets = self._await_on_loop(self._sink.on_revoked(keys), self._drain_timeout_s + 5)
+            offsets = self._await_on_loop(self._revoked_in_order(keys), self._drain_timeout_s + 5)
             self._commit(offsets)
             self._log.info("partitions revoked", partitions=_fmt(keys), committed=len(offsets))
         except Exception as exc:  # the next owner re-reads from the last commit: at-least-once
@@ -368,7 +419,7 @@ class ConsumerThread:
         keys = [(tp.topic, tp.partition) for tp in partitions]
         self._metrics.rebalances.labels(kind=RebalanceKind.LOST).inc()
         self._log.warning("partitions lost", partitions=_fmt(keys))
-        self._call_on_loop(self._sink.on_lost, keys)
+        self._call_on_loop(self._lost_in_order, keys)
         self._forget(keys)
 
     def _forget(self, keys: Sequence[TopicPartitionKey]) -> None:
