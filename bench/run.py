@@ -251,6 +251,16 @@ class Bench:
             "events_per_request": summary([r["events_per_request"] for r in runs], 1),
             "worker_main_thread_busy": summary([r["worker_main_thread_busy"] for r in runs], 2),
             "others_cores": summary([r["window_cores"]["others"] for r in runs], 2),
+            "worker_cores": summary([r["window_cores"]["worker"] for r in runs], 2),
+            "fake_cores": summary([r["window_cores"]["fake"] for r in runs], 2),
+            # Worker(s), fake TikTok and broker together: what the run took of the 2 cores.
+            "run_cores": summary(
+                [
+                    sum(r["window_cores"].get(k, 0.0) for k in ("worker", "fake", "kafka"))
+                    for r in runs
+                ],
+                2,
+            ),
             "config": WorkerSpec(processes=runs[0]["processes"]).describe() if runs else None,
             "runs": runs,
         }
