@@ -57,6 +57,8 @@ class WorkerSpec:
     rate_limit: Mapping[str, Any] | None = None
     kafka: Mapping[str, Any] | None = None
     log_level: str = "warning"
+    # None: the one bench destination; else these (each receives every mapped event).
+    destinations: Sequence[Mapping[str, Any]] | None = None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -65,6 +67,7 @@ class WorkerSpec:
             "rate_limit": {**THROUGHPUT_RATE_LIMIT, **(self.rate_limit or {})},
             "kafka": dict(self.kafka or {}),
             "log_level": self.log_level,
+            "destinations": [d["name"] for d in self.destinations] if self.destinations else 1,
         }
 
 
@@ -83,6 +86,7 @@ def start_workers(
             dlq_topic=DLQ_TOPIC,
             base_url=env.fake.url,
             group_id=group,
+            destinations=spec.destinations,
             redis_url=env.redis.url if rate_limit["backend"] == "redis" else None,
             tiktok={**PRODUCT_TIKTOK, **(spec.tiktok or {})},
             rate_limit=rate_limit,
@@ -203,6 +207,7 @@ def run_e2e(
     worker_cpu = cpu_whole["cpu_s"]["worker"]
     result.update(
         processes=spec.processes,
+        spec=spec.describe(),
         accepted_events=accepted,
         partition_revokes=revokes,
         cpu_s=cpu_whole["cpu_s"],

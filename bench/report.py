@@ -14,6 +14,7 @@ TARGETS: dict[str, float] = {
     "e2e_over_raw": 0.5,
     "decode_map_over_decode": 0.35,
     "two_over_one_process": 1.8,
+    "two_destinations_over_one": 0.7,
     "events_per_request": 500,
     "ratelimit_utilisation": 0.95,
     "peak_rss_mb": 200,
@@ -55,6 +56,9 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
         ),
         "e2e_over_baseline": _ratio(e2e, base),
         "decode_map_over_decode": _ratio(decode_map, decode),
+        "two_destinations_over_one": _ratio(
+            dig(results, "e2e_1_process_2_destinations", "events_per_s", "median"), e2e
+        ),
     }
     run_cores = dig(results, "e2e_1_process", "run_cores", "median")
     cores = dig(results, "machine", "cpu_count")
@@ -154,6 +158,11 @@ def markdown(results: dict[str, Any]) -> str:
     )
     table.add(
         "4 end to end, 2 worker processes", dig(r, "e2e_2_processes", "events_per_s"), "events/s"
+    )
+    table.add(
+        "4 end to end, 1 worker process, 2 destinations (every event to both), Segment events",
+        dig(r, "e2e_1_process_2_destinations", "events_per_s"),
+        "events/s",
     )
     table.add(
         "4 end to end, 1 process, Redis rate limiter",
@@ -341,6 +350,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{_fmt(d.get('e2e_over_raw'))} | >= {t['e2e_over_raw']} |",
         "| (3) / (2): decode + map over decode only | "
         f"{_fmt(d.get('decode_map_over_decode'))} | >= {t['decode_map_over_decode']} |",
+        "| (4) with 2 destinations / (4) with 1, Segment events/s | "
+        f"{_fmt(d.get('two_destinations_over_one'))} | >= {t['two_destinations_over_one']} |",
         "| (4) per worker CPU-s / (2) decode per CPU-s | "
         f"{_fmt(d.get('e2e_per_cpu_over_decode'))} | >= {t['e2e_over_decode']} |",
         "| (4) wall clock / (2) decode per CPU-s | "

@@ -53,7 +53,7 @@ from bench.parking import run_parking
 from bench.profile import summarise
 from bench.raw_consume import raw_consume
 from bench.report import TARGETS, derive, markdown
-from devkit.harness import worker_config, write_config
+from devkit.harness import destination, worker_config, write_config
 from worker.config import load_config
 from worker.mapping.mapper import Mapper
 from worker.mapping.segment import decode_event
@@ -61,6 +61,13 @@ from worker.mapping.segment import decode_event
 ROOT = Path(__file__).resolve().parents[1]
 
 PARTITIONS = 4
+# Issue 18: every event to two destinations (two pixels of the same presets), one process.
+TWO_DESTINATIONS = WorkerSpec(
+    destinations=[
+        destination(),
+        destination("web-shop-eu", pixel="BU35TSQHT2A1QT375OMG", token="token-2"),
+    ]
+)
 SECTIONS = (
     "mapping",
     "throughput",
@@ -206,6 +213,7 @@ class Bench:
         raw: list[dict[str, Any]] = []
         one: list[dict[str, Any]] = []
         two: list[dict[str, Any]] = []
+        two_destinations: list[dict[str, Any]] = []
         n = len(self.events)
         for i in range(self.cfg["runs"]):
             log(f"round {i + 1}: raw consume")
@@ -216,6 +224,10 @@ class Bench:
             one.append(self._e2e(WorkerSpec(processes=1), f"e2e1-{i}"))
             log(f"round {i + 1}: end to end, 2 worker processes")
             two.append(self._e2e(WorkerSpec(processes=2), f"e2e2-{i}"))
+            log(f"round {i + 1}: end to end, 1 worker process, 2 destinations")
+            two_destinations.append(
+                self._e2e(TWO_DESTINATIONS, f"e2e1d2-{i}", expected_events=2 * self.expected)
+            )
             log(
                 f"round {i + 1}: raw {raw[-1]['events_per_s']}/s, 1 proc "
                 f"{one[-1]['events_per_s']}/s, 2 proc {two[-1]['events_per_s']}/s"
@@ -227,16 +239,12 @@ class Bench:
         }
         self.results["e2e_1_process"] = self._e2e_summary(one)
         self.results["e2e_2_processes"] = self._e2e_summary(two)
+        self.results["e2e_1_process_2_destinations"] = self._e2e_summary(two_destinations)
 
     def _e2e(self, spec: WorkerSpec, name: str, **kwargs: Any) -> dict[str, Any]:
+        kwargs.setdefault("expected_events", self.expected)
         return run_e2e(
-            self.env,
-            topic=self.topic,
-            messages=len(self.events),
-            expected_events=self.expected,
-            spec=spec,
-            name=name,
-            **kwargs,
+            self.env, topic=self.topic, messages=len(self.events), spec=spec, name=name, **kwargs
         )
 
     @staticmethod
@@ -261,7 +269,7 @@ class Bench:
                 ],
                 2,
             ),
-            "config": WorkerSpec(processes=runs[0]["processes"]).describe() if runs else None,
+            "config": runs[0]["spec"] if runs else None,
             "runs": runs,
         }
 
