@@ -391,6 +391,40 @@ async def test_after_a_stall_late_slots_are_not_followed_by_early_ones() -> None
     assert limiter.late_slots_paid == 0
 
 
+async def test_one_late_wake_up_after_a_pause_in_demand_is_not_handed_on() -> None:
+    """With the Redis limiter one worker sent a request about every 100 ms at a budget of
+    100,000/s. A lane asks for its next slot as soon as its request is out, and the store's
+    slot is a little ahead, so each request sleeps briefly. After a pause in demand (a batch
+    lingering 0.2 s) one such sleep woke late behind a consumed batch; the release was then
+    paced by the whole gap since the previous slot, and each request's delay widened the next
+    gap as much. Slots asked for far apart are paced by the schedule's interval at most.
+    """
+    vt = VirtualTime(start=0.0)
+
+    class StoreLimiter(LocalRateLimiter):
+        async def _reserve_shared(self, key: str) -> tuple[float, float]:
+            return 0.0002, self._gcra.interval  # the store's slot: a little ahead
+
+    limiter = StoreLimiter(
+        qps=100_000, headroom=DEFAULT_HEADROOM, metrics=Metrics(), clock=vt.clock, sleep=vt.sleep
+    )
+    releases: list[float] = []
+    late = iter([0.03])  # the slot sleep after the pause wakes 30 ms late
+
+    async def one_lane() -> None:
+        await limiter.acquire("k")
+        releases.append(vt.now)
+        await vt.sleep(0.2)  # the next batch lingers
+        vt.overshoot = lambda _d: next(late, 0.0)
+        for _ in range(10):  # then batches are full: one request right after the other
+            await limiter.acquire("k")
+            releases.append(vt.now)
+
+    await vt.run(one_lane())
+    assert releases[1] == pytest.approx(0.2302, abs=0.001)  # the late one
+    assert releases[-1] - releases[1] < 0.01  # 10 slots at 100,000/s, not 10 x 0.2 s
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     rate=st.integers(min_value=2, max_value=50),
