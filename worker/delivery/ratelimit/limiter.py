@@ -231,11 +231,11 @@ class _Limiter:
         Shaping: a process that wakes late (CPU starvation, a busy event loop, a GC pause)
         would release its overdue slots at once and the following ones on time, packing more
         than a second's worth into the second after the stall. Instead this process releases
-        its slots of a key in slot order, each at least `(1 - c)` times the slot gap after
-        the previous release, with `c = (headroom - 0.02) / (1 - headroom)`: after a stall
-        the requests run late and catch up at the rate the headroom leaves spare, so a late
-        slot is never followed by an early one and the arrival rate stays within `qps` at
-        every time scale.
+        its slots of a key in slot order, each at least `(1 - c)` times the slot gap (at
+        most the schedule's interval) after the previous release, with
+        `c = (headroom - 0.02) / (1 - headroom)`: after a stall the requests run late and
+        catch up at the rate the headroom leaves spare, so a late slot is never followed by an
+        early one and the arrival rate stays within `qps` at every time scale.
         Lateness costs latency, not budget.
 
         Payment: when the release would be more than `late_tolerance_s` (default 0.25 s)
@@ -291,10 +291,10 @@ class _Limiter:
                 # block, may only have gone out now.
                 prev_release = now
             # Pacing spreads slots that queued back to back; slots further apart than the
-            # schedule's interval were asked for that far apart (no queue), and pacing them by
-            # their own gap would hand each request's delay on to the next: with a busy event
-            # loop (every Redis answer read late) one worker sent a request about every
-            # 100 ms at a budget of 100,000/s.
+            # schedule's interval were asked for that far apart (no queue). A lane asks for its
+            # next slot once its request is out, so pacing by the whole gap handed each
+            # request's delay on to the next: with Redis, after one late wake-up, one worker
+            # sent a request about every 100 ms at a budget of 100,000/s.
             gap = min(slot - prev_slot, interval)
             if 0 <= gap < 1.0:  # a window of 1 s can hold both
                 release = max(now, prev_release + (1.0 - self._catch_up) * gap)
